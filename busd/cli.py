@@ -1,0 +1,296 @@
+"""The ``busd`` command line (contract §8). Errors are one line; exit codes are named."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import duckdb
+import msgspec
+import typer
+
+from busd import __version__, config, log
+from busd import events as ev
+from busd.errors import BusdError, CatalogLocked, ConfigError, ExitCode, InvalidEvent
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="busd: the artifact bus. NATS JetStream in, DuckDB catalog and "
+                       "Parquet exports out.")
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Path to busd.toml.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def fail(message: str, code: ExitCode) -> None:
+    typer.echo(f"busd: {message}", err=True)
+    raise typer.Exit(int(code))
+
+
+def guarded(fn: F) -> F:
+    """Turn busd errors into one line on stderr and the contract's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CatalogLocked as exc:
+            fail(str(exc), ExitCode.RUNTIME)
+        except BusdError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", ExitCode.RUNTIME)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def settings(path: str | None, **overrides: Any) -> config.Settings:
+    s = config.load(path, overrides=overrides or None)
+    log.configure(s.log_format)
+    return s
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Show the version.")] = False
+          ) -> None:
+    if version:
+        typer.echo(f"busd {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+@guarded
+def serve(
+    config_path: ConfigOpt = None,
+    drain: Annotated[bool, typer.Option(help="Return once the stream is fully consumed.")] = False,
+) -> None:
+    """Run the daemon (embedded nats-server when nats.url is empty)."""
+    from busd.consumer import serve as run_serve
+
+    s = settings(config_path)
+    asyncio.run(run_serve(s, drain=drain))
+
+
+@app.command()
+@guarded
+def init(config_path: ConfigOpt = None) -> None:
+    """Create or update the stream and consumer and migrate the catalog; idempotent."""
+    from busd import source
+    from busd.catalog import Catalog
+    from busd.embedded import EmbeddedServer
+    from busd.producer import nats_url
+
+    s = settings(config_path)
+    catalog = Catalog(s.catalog_path)
+    version = catalog.schema_version()
+    catalog.close()
+
+    async def go() -> list[str]:
+        embedded = None
+        url = nats_url(s)
+        if not s.nats.url:
+            host, port = config.parse_hostport(s.nats.embedded_listen, "nats.embedded_listen")
+            embedded = EmbeddedServer(host, port, s.data_path / "nats")
+            url = embedded.start()
+        try:
+            nc = await source.connect(s.nats, url, reconnect=False)
+            try:
+                problems = await source.ensure_stream(nc, s)
+                await source.ensure_consumer(nc, s)
+            finally:
+                await nc.close()
+        finally:
+            if embedded is not None:
+                embedded.stop()
+        return problems
+
+    problems = asyncio.run(go())
+    typer.echo(f"stream {s.nats.stream}, consumer {s.nats.consumer}, "
+               f"catalog schema version {version}: ok")
+    for problem in problems:
+        typer.echo(f"warning: stream {s.nats.stream}: {problem}", err=True)
+
+
+@app.command()
+@guarded
+def submit(
+    files: Annotated[list[str], typer.Argument(help="NAME=PATH of each Parquet artifact.")],
+    run_id: Annotated[str, typer.Option("--run-id", help="The run's id.")],
+    kind: Annotated[str, typer.Option("--kind", help="The run's kind.")],
+    producer: Annotated[str, typer.Option("--producer", help="Producer name.")] = "busd.submit",
+    status: Annotated[str, typer.Option("--status")] = "succeeded",
+    event_id: Annotated[str | None, typer.Option("--event-id")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="Run params as JSON.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Block until committed.")] = False,
+    timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 60.0,
+    config_path: ConfigOpt = None,
+) -> None:
+    """Publish one artifact event for files a job wrote (exit 3 if rejected with --wait)."""
+    from busd.producer import build_event, submit_sync
+
+    s = settings(config_path)
+    mapping: dict[str, str] = {}
+    for item in files:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"argument {item!r}: expected NAME=PATH")
+        mapping[name] = path
+    parsed = None
+    if params is not None:
+        try:
+            parsed = json.loads(params)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--params: not JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise ConfigError("--params: must be a JSON object")
+    event = build_event(run_id, kind, mapping, producer=producer, status=status,
+                        params=parsed, event_id=event_id)
+    result = submit_sync(s, event, wait=wait, timeout_s=timeout_s, producer=producer)
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+@guarded
+def status(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Stream, consumer, lag, last commit and export freshness."""
+    from busd import source
+    from busd.exports import read_manifest
+    from busd.producer import nats_url
+
+    s = settings(config_path)
+    manifest = read_manifest(s.exports_path)
+
+    async def go() -> dict[str, Any]:
+        out: dict[str, Any] = {"nats": {"url": nats_url(s), "connected": False}}
+        try:
+            nc = await source.connect(s.nats, nats_url(s), reconnect=False)
+        except BusdError as exc:
+            out["nats"]["error"] = str(exc)
+            return out
+        try:
+            js = nc.jetstream()
+            out["nats"]["connected"] = True
+            si = await js.stream_info(s.nats.stream)
+            out["stream"] = {"name": s.nats.stream, "messages": si.state.messages,
+                             "bytes": si.state.bytes, "first_seq": si.state.first_seq,
+                             "last_seq": si.state.last_seq,
+                             "problems": source.broken_promises(si, s)}
+            ci = await js.consumer_info(s.nats.stream, s.nats.consumer)
+            out["consumer"] = {"name": s.nats.consumer, "pending": ci.num_pending,
+                               "ack_pending": ci.num_ack_pending,
+                               "redelivered": ci.num_redelivered,
+                               "delivered_seq": ci.delivered.stream_seq if ci.delivered else None,
+                               "ack_floor_seq": ci.ack_floor.stream_seq if ci.ack_floor else None}
+        except Exception as exc:  # noqa: BLE001 - report what is missing, do not crash
+            out["error"] = str(exc) or type(exc).__name__
+        finally:
+            await nc.close()
+        return out
+
+    out = asyncio.run(go())
+    now = dt.datetime.now(dt.UTC)
+    out["catalog_seq"] = manifest.catalog_seq
+    out["exports"] = {
+        name: {"rows": e.rows, "catalog_seq": e.catalog_seq,
+               "refreshed_at": e.refreshed_at.isoformat(),
+               "age_s": round((now - e.refreshed_at).total_seconds(), 1)}
+        for name, e in manifest.exports.items()}
+    if as_json:
+        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    for key, value in out.items():
+        typer.echo(f"{key}: {json.dumps(value, default=str)}")
+
+
+@app.command()
+@guarded
+def query(
+    sql: Annotated[str, typer.Argument(help="SQL over the exports (tables named after them).")],
+    config_path: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+) -> None:
+    """Read-only SQL over the golden exports; never opens (or locks) the catalog."""
+    from busd.exports import quote_ident
+
+    s = settings(config_path)
+    folder = s.exports_path
+    con = duckdb.connect(":memory:")
+    for file in sorted(folder.glob("*.parquet")):
+        path = str(file).replace("'", "''")
+        con.execute(f"CREATE VIEW {quote_ident(file.stem)} AS SELECT * FROM read_parquet('{path}')")
+    con.execute(f"SET allowed_directories = ['{str(folder).replace(chr(39), chr(39) * 2)}/']")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    try:
+        cur = con.execute(sql)
+    except duckdb.Error as exc:
+        raise ConfigError(f"query: {str(exc).splitlines()[0]}") from None
+    names = [d[0] for d in cur.description or []]
+    rows = cur.fetchall()
+    if as_json:
+        typer.echo(json.dumps([dict(zip(names, r, strict=True)) for r in rows], default=str))
+    elif as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(names)
+        writer.writerows(rows)
+    else:
+        typer.echo("\t".join(names))
+        for r in rows:
+            typer.echo("\t".join("" if v is None else str(v) for v in r))
+
+
+@app.command()
+def schema() -> None:
+    """Print the artifact event JSON Schema."""
+    typer.echo(ev.json_schema_text(), nl=False)
+
+
+@app.command()
+@guarded
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Event JSON files.")],
+    subject: Annotated[str | None, typer.Option(help="Check the producer against it.")] = None,
+    config_path: ConfigOpt = None,
+    files_too: Annotated[bool, typer.Option("--files/--no-files",
+                                            help="Also check the files named.")] = True,
+) -> None:
+    """Check event files offline with the reasons busd would give (exit 3 if any is bad)."""
+    from busd.validate import check_event
+
+    s = settings(config_path)
+    bad = 0
+    for path in files:
+        try:
+            payload = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        try:
+            event = ev.decode(payload)
+            if subject:
+                ev.resolve_identity(event, subject, None, ev.payload_sha256(payload))
+            if files_too:
+                check_event(event, s.roots, s.verify.checksum)
+        except InvalidEvent as exc:
+            bad += 1
+            typer.echo(f"{path}: rejected: {exc.reason.value}: {exc.detail}")
+            continue
+        typer.echo(f"{path}: ok")
+    if bad:
+        raise typer.Exit(int(ExitCode.REJECTED))
+
+
+def main() -> None:
+    try:
+        app()
+    except msgspec.ValidationError as exc:  # pragma: no cover - defensive
+        typer.echo(f"busd: {exc}", err=True)
+        sys.exit(int(ExitCode.USAGE))

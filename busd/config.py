@@ -1,0 +1,261 @@
+"""Settings: built once from TOML < environment < flags, frozen, passed explicitly.
+
+This is the only module that reads ``os.environ`` for configuration. Unknown or misspelt keys
+are errors that name the key, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from busd.errors import ConfigError
+
+_IDENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    url: str = ""
+    embedded_listen: str = "127.0.0.1:4222"
+    stream: str = "ARTIFACTS"
+    subjects: tuple[str, ...] = ("artifacts.>",)
+    consumer: str = "busd"
+    creds: str = ""
+    nkey_seed: str = ""
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    connect_timeout_s: float = 5.0
+
+
+class ConsumerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    batch_max: int = 500
+    batch_wait_ms: int = 200
+    ack_wait_s: float = 60.0
+    max_deliver: int = 10
+    max_ack_pending: int = 20_000
+    stall_s: float = 120.0
+    shutdown_grace_s: float = 30.0
+
+
+class VerifySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    checksum: Literal["always", "if_given", "never"] = "if_given"
+    file_wait_s: float = 60.0
+    threads: int = 4
+
+
+class MetricsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    listen: str = "127.0.0.1:9464"
+
+
+class ExportSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    sql: str
+    depends_on: tuple[str, ...] = ()
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    data_dir: str = "data"
+    artifact_roots: tuple[str, ...] = ("data",)
+    nats: NatsSettings = NatsSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
+    verify: VerifySettings = VerifySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    exports: tuple[ExportSettings, ...] = ()
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).absolute()
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.data_path / "catalog.duckdb"
+
+    @property
+    def exports_path(self) -> Path:
+        return self.data_path / "exports"
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """Artifact roots, absolute and resolved (symlinks followed)."""
+        return tuple(Path(r).resolve() for r in self.artifact_roots)
+
+
+_SECTIONS = {"nats": NatsSettings, "consumer": ConsumerSettings, "verify": VerifySettings,
+             "metrics": MetricsSettings}
+_TOP_LEVEL = ("data_dir", "artifact_roots", "log_format")
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """``BUSD_<SECTION>_<KEY>`` and ``BUSD_<KEY>`` for top-level keys, as a nested dict."""
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith("BUSD_") or name == "BUSD_CONFIG" or name.startswith("BUSD_TEST_"):
+            continue
+        rest = name[len("BUSD_"):].lower()
+        for section, struct in _SECTIONS.items():
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1:]
+                if key not in struct.__struct_fields__:
+                    raise ConfigError(f"environment variable {name}: unknown key {section}.{key}")
+                out.setdefault(section, {})[key] = _env_value(raw)
+                break
+        else:
+            if rest not in _TOP_LEVEL:
+                raise ConfigError(f"environment variable {name}: unknown key {rest}")
+            out[rest] = _env_value(raw)
+    return out
+
+
+def _env_value(raw: str) -> Any:
+    """Environment values are strings; a JSON list or a comma-separated list stays a list."""
+    text = raw.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return raw
+    if "," in text and "://" not in text and " " not in text:
+        return [part for part in text.split(",") if part]
+    return raw
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _key_from_error(message: str) -> str:
+    found = re.search(r"at `\$\.?([^`]*)`", message)
+    if not found:
+        return ""
+    return re.sub(r"\[(\d+)\]", r"[\1]", found.group(1))
+
+
+def find_config(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    """``--config``, then ``$BUSD_CONFIG``, then ``./busd.toml``; None runs on the defaults."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"--config {explicit}: no such file")
+        return path
+    if env.get("BUSD_CONFIG"):
+        path = Path(env["BUSD_CONFIG"])
+        if not path.is_file():
+            raise ConfigError(f"BUSD_CONFIG={path}: no such file")
+        return path
+    local = Path("busd.toml")
+    return local if local.is_file() else None
+
+
+def load(
+    explicit: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the frozen settings; every failure is a :class:`ConfigError` naming the key."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    path = find_config(explicit, env)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    data = _merge(data, _env_overrides(env))
+    if overrides:
+        data = _merge(data, overrides)
+    where = f"{path}: " if path else ""
+    try:
+        settings = msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        key = _key_from_error(text)
+        if "unknown field" in text.lower():
+            field = re.search(r"`([^`]+)`", text)
+            name = field.group(1) if field else "?"
+            prefix = f"{key}." if key else ""
+            raise ConfigError(f"{where}unknown key {prefix}{name}") from None
+        raise ConfigError(f"{where}bad value for {key or 'config'}: {text.split(' - at')[0]}") from None
+    _check(settings, where)
+    return settings
+
+
+def _check(s: Settings, where: str) -> None:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{where}bad value for {key}: {why}")
+
+    if not s.data_dir:
+        raise bad("data_dir", "must not be empty")
+    if not s.artifact_roots:
+        raise bad("artifact_roots", "needs at least one root")
+    c = s.consumer
+    if not 1 <= c.batch_max <= 10_000:
+        raise bad("consumer.batch_max", "must be between 1 and 10000")
+    if not 1 <= c.batch_wait_ms <= 60_000:
+        raise bad("consumer.batch_wait_ms", "must be between 1 and 60000")
+    if c.ack_wait_s < 1:
+        raise bad("consumer.ack_wait_s", "must be at least 1")
+    if not 3 <= c.max_deliver <= 100:
+        raise bad("consumer.max_deliver", "must be between 3 and 100")
+    if c.max_ack_pending < c.batch_max:
+        raise bad("consumer.max_ack_pending", "must be at least consumer.batch_max")
+    if c.stall_s <= 0:
+        raise bad("consumer.stall_s", "must be positive")
+    if c.shutdown_grace_s <= 0:
+        raise bad("consumer.shutdown_grace_s", "must be positive")
+    if s.verify.file_wait_s < 0:
+        raise bad("verify.file_wait_s", "must not be negative")
+    if not 1 <= s.verify.threads <= 64:
+        raise bad("verify.threads", "must be between 1 and 64")
+    if s.metrics.listen:
+        parse_hostport(s.metrics.listen, "metrics.listen")
+    parse_hostport(s.nats.embedded_listen, "nats.embedded_listen")
+    if not _IDENT.match(s.nats.stream):
+        raise bad("nats.stream", "letters, digits, _ and - only")
+    if not _IDENT.match(s.nats.consumer):
+        raise bad("nats.consumer", "letters, digits, _ and - only")
+    if not s.nats.subjects:
+        raise bad("nats.subjects", "needs at least one subject")
+    if s.nats.url:
+        for url in s.nats.url.split(","):
+            if not re.match(r"^(nats|tls|ws|wss)://[^\s/]+$", url.strip()):
+                raise bad("nats.url", f"{url.strip()!r} is not a nats:// URL")
+    names: set[str] = set()
+    for i, export in enumerate(s.exports):
+        if not _IDENT.match(export.name) or export.name.startswith("_"):
+            raise bad(f"exports[{i}].name", f"{export.name!r}: letters, digits, _ and - only")
+        if export.name in names or export.name in ("runs", "artifacts"):
+            raise bad(f"exports[{i}].name", f"{export.name!r} is used twice or reserved")
+        names.add(export.name)
+        if not export.sql.strip():
+            raise bad(f"exports[{i}].sql", "must not be empty")
+
+
+def parse_hostport(text: str, key: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); a ConfigError naming ``key`` otherwise."""
+    match = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    if not match:
+        raise ConfigError(f"bad value for {key}: {text!r} is not host:port")
+    port = int(match.group(2))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"bad value for {key}: port {port} out of range")
+    return match.group(1), port

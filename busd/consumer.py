@@ -1,0 +1,612 @@
+"""The daemon: fetch → decode → validate → commit → export → settle, in batches.
+
+This module orchestrates; the stages it calls (events, validate, catalog, exports) never call
+each other. Settlement is decided in one place, :func:`settlement`. Nothing is acked before the
+catalog commit *and* the export refresh covering it are durable; rejections are terminated once
+their rejection row is committed. A transient failure keeps the messages in hand (and tells
+the server they are in progress) rather than nak'ing them, so it never eats into max_deliver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import functools
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import anyio
+import msgspec
+
+from busd import events as ev
+from busd import log, source
+from busd.catalog import Batch, Catalog
+from busd.config import Settings, parse_hostport
+from busd.embedded import EmbeddedServer
+from busd.errors import (
+    ConsumerGone,
+    FatalStorageError,
+    FileNotYetThere,
+    InvalidEvent,
+    Outcome,
+    Reason,
+    Stalled,
+    StorageError,
+)
+from busd.exports import Exporter, manifest_rows
+from busd.metrics import Metrics, MetricsServer
+from busd.sdnotify import SdNotifier
+from busd.validate import CheckedArtifact, check_event
+
+T = TypeVar("T")
+Action = Literal["ack", "term", "nak", "progress"]
+
+OUTCOME_SUBJECT = "busd.api.{consumer}.outcome"
+
+
+def settlement(outcome: Outcome | None) -> Action:
+    """The one decision point: committed and duplicate are acked, rejected terminated, and a
+    message with no outcome yet (a file still missing) is nak'ed with a delay."""
+    if outcome is None:
+        return "nak"
+    if outcome is Outcome.REJECTED:
+        return "term"
+    return "ack"
+
+
+def wire_body(action: Action, delay_s: float = 0.0) -> bytes:
+    if action == "ack":
+        return source.ACK
+    if action == "term":
+        return source.TERM
+    if action == "progress":
+        return source.PROGRESS
+    return source.nak_body(delay_s)
+
+
+@dataclass(slots=True)
+class Decided:
+    """A delivery with its outcome (or none yet, with a nak delay)."""
+
+    d: source.Delivery
+    outcome: Outcome | None
+    reason: Reason | None = None
+    detail: str = ""
+    event_id: str | None = None
+    producer: str = ""
+    run_id: str | None = None
+    payload_hash: str = ""
+    n_artifacts: int = 0
+    nak_delay_s: float = 0.0
+
+
+@dataclass(slots=True)
+class Waiting:
+    """A committed delivery waiting for the export refresh that covers it."""
+
+    d: source.Delivery
+    generation: int
+    since: float
+
+
+@dataclass
+class Stats:
+    outcomes: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    exports: int = 0
+
+
+class Daemon:
+    """``busd serve``: one durable pull consumer feeding one catalog writer."""
+
+    def __init__(self, settings: Settings, *, drain: bool = False,
+                 metrics: Metrics | None = None) -> None:
+        self.s = settings
+        self.drain = drain
+        self.metrics = metrics or Metrics()
+        self.log = log.get()
+        self.notify = SdNotifier()
+        self.stats = Stats()
+        self.stopping = False
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="busd-writer")
+        self._export_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="busd-export")
+        self._validate_limit = anyio.CapacityLimiter(settings.verify.threads)
+        self.catalog: Catalog | None = None
+        self.exporter: Exporter | None = None
+        self.embedded: EmbeddedServer | None = None
+        self.nc: Any = None
+        self.src: source.PullSource | None = None
+        self.settler: source.Settler | None = None
+        self.metrics_server: MetricsServer | None = None
+        self._waiting: list[Waiting] = []
+        self._waiting_seqs: set[int] = set()
+        self._generation = 0
+        self._touched: set[str] = set()
+        self._export_wanted = asyncio.Event()
+        self._export_idle = asyncio.Event()
+        self._last_progress = time.monotonic()
+        self._backlog = 0
+        self._fatal: BaseException | None = None
+
+    # ---- threads -------------------------------------------------------------------------
+    async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._writer.submit(fn, *args))
+
+    async def _on_exporter(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._export_pool.submit(fn, *args))
+
+    # ---- start and stop ------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.s
+        if s.metrics.listen:
+            host, port = parse_hostport(s.metrics.listen, "metrics.listen")
+            self.metrics_server = MetricsServer(self.metrics, host, port)
+            self.metrics_server.start()
+        self.catalog = await self._on_writer(Catalog, s.catalog_path)
+        self.exporter = await self._on_writer(
+            Exporter, self.catalog.cursor(), s.exports_path, s.exports)
+        await self._on_exporter(self.exporter.check)
+        self.metrics.watch_exports(list(self.exporter.exports))
+        url = s.nats.url
+        if not url:
+            host, port = parse_hostport(s.nats.embedded_listen, "nats.embedded_listen")
+            self.embedded = EmbeddedServer(host, port, s.data_path / "nats")
+            url = await anyio.to_thread.run_sync(self.embedded.start)
+            self.log.info("embedded nats-server started", url=url)
+        self.nc = await source.connect(s.nats, url, on_state=self._on_nats_state)
+        for problem in await source.ensure_stream(self.nc, s):
+            self.log.warning("stream breaks a promise", stream=s.nats.stream, problem=problem)
+        await source.ensure_consumer(self.nc, s)
+        seq = await self._on_writer(self.catalog.catalog_seq)
+        self.metrics.catalog_seq.set(seq)
+        stale = await self._on_exporter(self.exporter.stale, seq)
+        if stale:
+            self.log.info("refreshing exports older than the catalog", exports=stale)
+            await self._refresh(stale)
+        self.src = source.PullSource(self.nc, s.nats.stream, s.nats.consumer)
+        await self.src.start()
+        self.settler = source.Settler(self.nc)
+        await self.nc.subscribe(OUTCOME_SUBJECT.format(consumer=s.nats.consumer),
+                                cb=self._answer_outcome)
+        self.metrics.ready.set(1)
+        self.notify.ready()
+        self.log.info("busd ready", stream=s.nats.stream, consumer=s.nats.consumer,
+                      catalog=str(s.catalog_path), catalog_seq=seq)
+
+    def _on_nats_state(self, connected: bool) -> None:
+        self.metrics.nats_connected.set(1 if connected else 0)
+        if self.catalog is not None:
+            self.metrics.ready.set(1 if connected else 0)
+        self.log.info("nats connected" if connected else "nats disconnected")
+
+    async def close(self) -> None:
+        self.metrics.ready.set(0)
+        if self.src is not None:
+            leftovers = self.src.take_buffered()
+            await self.src.stop()
+            await self._send([(d.reply, source.nak_body(0)) for d in leftovers])
+        if self.nc is not None:
+            try:
+                await self.nc.drain()
+            except Exception:  # noqa: BLE001 - closing anyway
+                await self.nc.close()
+        if self.catalog is not None:
+            await self._on_writer(self.catalog.close)
+        self._writer.shutdown()
+        self._export_pool.shutdown()
+        if self.embedded is not None:
+            await anyio.to_thread.run_sync(self.embedded.stop)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+
+    # ---- the main loop -------------------------------------------------------------------
+    async def run(self) -> Stats:
+        """Serve until SIGTERM/SIGINT (or, in drain mode, until the stream is empty)."""
+        try:
+            await self.start()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._signals, tg.cancel_scope)
+                tg.start_soon(self._export_loop)
+                tg.start_soon(self._housekeeping)
+                await self._fetch_loop()
+                await self._finish()
+                tg.cancel_scope.cancel()
+        finally:
+            self.notify.stopping()
+            with anyio.CancelScope(shield=True):
+                await self.close()
+        if self._fatal is not None:
+            raise self._fatal
+        self.log.info("busd stopped", batches=self.stats.batches, exports=self.stats.exports,
+                      **dict(self.stats.outcomes))
+        return self.stats
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+            async for signum in received:
+                self.log.info("stopping", signal=signal.Signals(signum).name)
+                self.stopping = True
+                self.notify.stopping()
+                return
+
+    async def _fetch_loop(self) -> None:
+        assert self.src is not None
+        c = self.s.consumer
+        while not self.stopping:
+            batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
+                                         prefetch=not self.stopping)
+            if batch:
+                await self._handle(batch)
+                self.stats.batches += 1
+                self.notify.watchdog()
+            else:
+                if not self._waiting:
+                    self.notify.watchdog()
+                if self.drain and await self._drained():
+                    return
+            if self._fatal is not None:
+                return
+
+    async def _drained(self) -> bool:
+        if self._waiting or self._touched:
+            return False
+        pending, ack_pending = await source.consumer_state(self.nc, self.s)
+        return pending == 0 and ack_pending == 0
+
+    async def _finish(self) -> None:
+        """Shutdown: export and settle everything committed, within the grace period."""
+        with anyio.move_on_after(self.s.consumer.shutdown_grace_s):
+            while (self._waiting or self._touched) and self._fatal is None:
+                self._export_wanted.set()
+                self._export_idle.clear()
+                await self._export_idle.wait()
+
+    # ---- one batch -----------------------------------------------------------------------
+    async def _handle(self, batch: Sequence[source.Delivery]) -> None:
+        assert self.catalog is not None
+        known = await self._on_writer(self.catalog.known, [d.seq for d in batch])
+        decided: list[Decided] = []
+        fresh: list[Decided] = []
+        events: dict[int, ev.ArtifactEvent] = {}
+        for d in batch:
+            if d.seq in known:
+                k = known[d.seq]
+                decided.append(Decided(d, Outcome(k.outcome), None if k.reason is None
+                                       else Reason(k.reason), "already recorded"))
+                continue
+            item, event = self._decode(d)
+            decided.append(item)
+            if event is not None:
+                fresh.append(item)
+                events[id(item)] = event
+        committed = await self._on_writer(
+            self.catalog.committed_ids, [f.event_id for f in fresh if f.event_id])
+        to_check = [f for f in fresh if f.event_id not in committed]
+        checked = await self._validate([(f, events[id(f)]) for f in to_check])
+        rows = Batch()
+        now = dt.datetime.now(dt.UTC)
+        seen: dict[str, str] = dict(committed)
+        touched: set[str] = set()
+        for item in sorted(fresh, key=lambda x: x.d.seq):
+            event = events[id(item)]
+            assert item.event_id is not None
+            if item.event_id in seen:
+                if seen[item.event_id] == item.payload_hash:
+                    item.outcome = Outcome.DUPLICATE
+                else:
+                    self._reject(item, Reason.EVENT_ID_CONFLICT,
+                                 f"event_id {item.event_id!r} was committed with another payload")
+                continue
+            result = checked.get(id(item))
+            if isinstance(result, FileNotYetThere):
+                self._missing(item, result)
+                continue
+            if isinstance(result, InvalidEvent):
+                self._reject(item, result.reason, result.detail)
+                continue
+            assert result is not None
+            item.outcome = Outcome.COMMITTED
+            seen[item.event_id] = item.payload_hash
+            self._rows_for(rows, item, event, result, now)
+            touched.update(a.name for a in result)
+        for item in decided:
+            if item.outcome is not None and item.d.seq not in known:
+                self._event_rows(rows, item, now)
+        if rows:
+            await self._commit(rows, batch)
+        await self._settle_batch(decided, known, touched)
+
+    def _decode(self, d: source.Delivery) -> tuple[Decided, ev.ArtifactEvent | None]:
+        payload_hash = ev.payload_sha256(d.data)
+        item = Decided(d, None, event_id=d.msg_id or payload_hash,
+                       producer=ev.producer_of(d.subject), payload_hash=payload_hash)
+        if d.delivered >= self.s.consumer.max_deliver - 1:
+            self._reject(item, Reason.POISON,
+                         f"delivered {d.delivered} times without reaching an outcome")
+            return item, None
+        try:
+            event = ev.decode(d.data)
+            item.event_id, item.producer = ev.resolve_identity(event, d.subject, d.msg_id,
+                                                               payload_hash)
+        except InvalidEvent as exc:
+            self._reject(item, exc.reason, exc.detail)
+            return item, None
+        item.run_id = event.run.run_id
+        item.n_artifacts = len(event.artifacts)
+        return item, event
+
+    @staticmethod
+    def _reject(item: Decided, reason: Reason, detail: str) -> None:
+        item.outcome = Outcome.REJECTED
+        item.reason = reason
+        item.detail = detail
+
+    def _missing(self, item: Decided, exc: FileNotYetThere) -> None:
+        """Retry a missing file with backoff until ``verify.file_wait_s``, then reject it."""
+        waited_s = max(0.0, time.time() - item.d.published_ns / 1e9)
+        remaining_s = self.s.verify.file_wait_s - waited_s
+        # keep two deliveries in reserve so a slow file never turns into `poison`
+        tries_left = self.s.consumer.max_deliver - 3 - item.d.delivered
+        if remaining_s <= 0 or tries_left <= 0:
+            self._reject(item, Reason.FILE_MISSING,
+                         f"{exc.detail} (waited {waited_s:.0f}s)")
+            return
+        item.nak_delay_s = min(remaining_s, max(2.0 ** (item.d.delivered - 1),
+                                                remaining_s / tries_left))
+
+    async def _validate(
+        self, items: Sequence[tuple[Decided, ev.ArtifactEvent]]
+    ) -> dict[int, list[CheckedArtifact] | InvalidEvent]:
+        """Check files on worker threads, in chunks (pyarrow and hashlib release the GIL)."""
+        results: dict[int, list[CheckedArtifact] | InvalidEvent] = {}
+        if not items:
+            return results
+        roots, policy = self.s.roots, self.s.verify.checksum
+
+        def check_chunk(chunk: Sequence[tuple[Decided, ev.ArtifactEvent]]) -> None:
+            for item, event in chunk:
+                try:
+                    results[id(item)] = check_event(event, roots, policy)
+                except InvalidEvent as exc:
+                    results[id(item)] = exc
+
+        n = min(self.s.verify.threads, len(items))
+        chunks = [items[i::n] for i in range(n)]
+        async with anyio.create_task_group() as tg:
+            for chunk in chunks:
+                tg.start_soon(functools.partial(anyio.to_thread.run_sync, check_chunk, chunk,
+                                                limiter=self._validate_limit))
+        return results
+
+    @staticmethod
+    def _rows_for(rows: Batch, item: Decided, event: ev.ArtifactEvent,
+                  checked: Sequence[CheckedArtifact], now: dt.datetime) -> None:
+        d, run = item.d, event.run
+        published = d.published_at
+        for a in checked:
+            rows.artifacts.append((run.run_id, a.name, a.path, a.format, a.rows, a.bytes,
+                                   a.sha256, a.columns, a.schema_hash, a.meta, item.event_id,
+                                   d.seq, published, now))
+        params = None if run.params is None else msgspec.json.encode(run.params).decode()
+        rows.runs.append((run.run_id, run.kind, item.producer, run.status, run.started_at,
+                          run.finished_at, params, run.code_version, run.parent_run_id, d.seq,
+                          published, item.event_id))
+
+    @staticmethod
+    def _event_rows(rows: Batch, item: Decided, now: dt.datetime) -> None:
+        d = item.d
+        assert item.outcome is not None
+        reason = item.reason.value if item.reason else None
+        rows.events.append((d.seq, item.event_id, item.payload_hash, d.subject, item.producer,
+                            item.run_id, item.outcome.value, reason, item.n_artifacts,
+                            d.published_at, now))
+        if item.outcome is Outcome.REJECTED:
+            rows.rejections.append((d.seq, d.subject, item.event_id, reason, item.detail,
+                                    d.data, d.delivered, d.published_at, now))
+
+    async def _commit(self, rows: Batch, batch: Sequence[source.Delivery]) -> None:
+        """One catalog transaction; a transient failure is retried with the batch in hand."""
+        assert self.catalog is not None
+        delay_s = 0.5
+        while True:
+            started = time.perf_counter()
+            try:
+                await self._on_writer(self.catalog.commit, rows, dt.datetime.now(dt.UTC))
+                break
+            except FatalStorageError:
+                raise
+            except StorageError as exc:
+                self.log.error("catalog commit failed; retrying", error=str(exc),
+                               retry_in_s=delay_s)
+                await self._progress([d.reply for d in batch] +
+                                     [w.d.reply for w in self._waiting])
+                await anyio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 10.0)
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.catalog_seq.set(max(self.metrics.catalog_seq._value.get(),
+                                         max(r[0] for r in rows.events)))
+
+    async def _settle_batch(self, decided: Sequence[Decided], known: dict[int, Any],
+                            touched: set[str]) -> None:
+        now_items: list[tuple[str, bytes]] = []
+        generation = self._generation + 1
+        waits = False
+        for item in decided:
+            action = settlement(item.outcome)
+            fresh = item.d.seq not in known
+            if item.outcome is not None and fresh:
+                self.stats.outcomes[item.outcome.value] += 1
+                self.metrics.events.labels(outcome=item.outcome.value).inc()
+                if item.reason is not None:
+                    self.metrics.rejections.labels(reason=item.reason.value).inc()
+                self._log_outcome(item)
+            if action == "ack":
+                # committed (or duplicate) — acked only after the export that covers it
+                self._waiting.append(Waiting(item.d, generation, time.monotonic()))
+                self._waiting_seqs.add(item.d.seq)
+                waits = True
+            else:
+                now_items.append((item.d.reply, wire_body(action, item.nak_delay_s)))
+                if action == "nak":
+                    self.log.info("file missing; retrying later", seq=item.d.seq,
+                                  event_id=item.event_id, delay_s=round(item.nak_delay_s, 1))
+        if waits:
+            self._generation = generation
+            self._touched.update(touched)
+            self._touched.add("")  # runs and artifacts are always refreshed
+            self._export_wanted.set()
+        await self._send(now_items)
+        if now_items:
+            self._last_progress = time.monotonic()
+
+    def _log_outcome(self, item: Decided) -> None:
+        fields = {"seq": item.d.seq, "event_id": item.event_id, "subject": item.d.subject,
+                  "outcome": item.outcome.value if item.outcome else None}
+        if item.outcome is Outcome.REJECTED:
+            self.log.warning("event rejected", reason=item.reason.value if item.reason else None,
+                             detail=item.detail, **fields)
+        elif item.outcome is Outcome.DUPLICATE:
+            self.log.info("duplicate event", **fields)
+        else:
+            self.log.info("event committed", run_id=item.run_id, artifacts=item.n_artifacts,
+                          **fields)
+
+    async def _send(self, items: Sequence[tuple[str, bytes]]) -> None:
+        if not items or self.settler is None:
+            return
+        try:
+            await self.settler.send(items)
+        except Exception as exc:  # noqa: BLE001 - NATS down: the server redelivers
+            self.log.warning("could not settle messages; they will be redelivered",
+                             count=len(items), error=str(exc) or type(exc).__name__)
+
+    async def _progress(self, replies: Sequence[str]) -> None:
+        await self._send([(r, source.PROGRESS) for r in replies])
+
+    # ---- exports -------------------------------------------------------------------------
+    async def _export_loop(self) -> None:
+        delay_s = 0.5
+        while True:
+            if not self._export_wanted.is_set():
+                self._export_idle.set()
+            await self._export_wanted.wait()
+            self._export_wanted.clear()
+            assert self.exporter is not None
+            generation = self._generation
+            touched, self._touched = self._touched, set()
+            names = self.exporter.due(touched)
+            try:
+                await self._refresh(names)
+            except StorageError as exc:
+                self.log.error("export refresh failed; acks wait", error=str(exc),
+                               retry_in_s=delay_s)
+                self._touched |= touched
+                await anyio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 30.0)
+                self._export_wanted.set()
+                continue
+            except FatalStorageError as exc:
+                self._fatal = exc
+                self.stopping = True
+                self._export_idle.set()
+                return
+            delay_s = 0.5
+            await self._ack_through(generation)
+
+    async def _refresh(self, names: Sequence[str]) -> None:
+        assert self.exporter is not None and self.catalog is not None
+        try:
+            results, seq = await self._on_exporter(self.exporter.refresh, names)
+        except StorageError:
+            for name in names:
+                self.metrics.export_failures.labels(export=name).inc()
+            raise
+        self.stats.exports += 1
+        stamp = time.time()
+        for r in results:
+            self.metrics.export_seconds.labels(export=r.name).observe(r.duration_s)
+            self.metrics.export_last_success.labels(export=r.name).set(stamp)
+        try:
+            await self._on_writer(self.catalog.record_exports, manifest_rows(results))
+        except StorageError as exc:
+            self.log.warning("could not record exports_d", error=str(exc))
+
+    async def _ack_through(self, generation: int) -> None:
+        done = [w for w in self._waiting if w.generation <= generation]
+        if not done:
+            return
+        self._waiting = [w for w in self._waiting if w.generation > generation]
+        await self._send([(w.d.reply, source.ACK) for w in done])
+        now = time.time()
+        for w in done:
+            self._waiting_seqs.discard(w.d.seq)
+            self.metrics.event_latency.observe(max(0.0, now - w.d.published_ns / 1e9))
+        self._last_progress = time.monotonic()
+
+    # ---- housekeeping: lag, in-progress, stall -------------------------------------------
+    async def _housekeeping(self) -> None:
+        ack_wait_s = self.s.consumer.ack_wait_s
+        while True:
+            await anyio.sleep(1.0)
+            try:
+                pending, ack_pending = await source.consumer_state(self.nc, self.s)
+                self._backlog = pending + ack_pending
+                self.metrics.pending.set(pending)
+                self.metrics.ack_pending.set(ack_pending)
+            except Exception as exc:  # noqa: BLE001 - NATS down or consumer gone
+                if "not found" in str(exc).lower():
+                    self.log.error("the durable consumer is gone; recreating it")
+                    try:
+                        await source.ensure_consumer(self.nc, self.s)
+                    except Exception as exc2:  # noqa: BLE001
+                        self._fatal = ConsumerGone(f"cannot recreate the consumer: {exc2}")
+                        self.stopping = True
+                        return
+            now = time.monotonic()
+            old = [w for w in self._waiting if now - w.since > ack_wait_s / 3]
+            for w in old:
+                w.since = now
+            await self._progress([w.d.reply for w in old])
+            if self._backlog == 0 and not self._waiting:
+                self._last_progress = now
+            elif now - self._last_progress > self.s.consumer.stall_s:
+                self._fatal = Stalled(
+                    f"no progress for {self.s.consumer.stall_s:.0f}s with {self._backlog} "
+                    "messages waiting")
+                self.stopping = True
+                return
+
+    # ---- outcome queries (busd submit --wait) --------------------------------------------
+    async def _answer_outcome(self, msg: Any) -> None:
+        assert self.catalog is not None
+        try:
+            seq = int(msg.data)
+        except ValueError:
+            await msg.respond(b'{"error":"send a stream sequence"}')
+            return
+        if seq in self._waiting_seqs:
+            answer: dict[str, Any] = {"seq": seq, "state": "pending"}
+        else:
+            answer = await self._on_writer(outcome_of, self.catalog, seq)
+        await msg.respond(msgspec.json.encode(answer))
+
+
+def outcome_of(catalog: Catalog, seq: int) -> dict[str, Any]:
+    row = catalog.con.execute(
+        "SELECT e.outcome, e.reason, r.detail, e.event_id FROM catalog.events_f e "
+        "LEFT JOIN catalog.rejections_f r USING (seq) WHERE e.seq = ?", [seq]).fetchone()
+    if row is None:
+        return {"seq": seq, "state": "pending"}
+    return {"seq": seq, "state": "done", "outcome": row[0], "reason": row[1], "detail": row[2],
+            "event_id": row[3]}
+
+
+async def serve(settings: Settings, *, drain: bool = False) -> Stats:
+    return await Daemon(settings, drain=drain).run()

@@ -1,0 +1,170 @@
+"""The artifact event, schema version 1 (contract §3): types, decoding and the JSON Schema.
+
+``decode`` turns raw message bytes into an :class:`ArtifactEvent` or raises
+:class:`~busd.errors.InvalidEvent` with one of the closed-set reasons. Decoding runs on the
+caller's thread; the nesting depth is bounded *before* msgspec sees the bytes (msgspec#1033).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from typing import Annotated, Any
+
+import msgspec
+
+from busd.errors import InvalidEvent, Reason
+
+SCHEMA_VERSION = 1
+MAX_PAYLOAD_BYTES = 1024 * 1024
+MAX_ARTIFACTS = 1000
+MAX_DEPTH = 64
+IDENT_PATTERN = r"^[A-Za-z0-9._:/-]{1,200}$"
+
+Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=IDENT_PATTERN)]
+Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+PathText = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+Short = Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class Artifact(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One file a job wrote. ``rows``, ``bytes`` and ``sha256`` are checked when given."""
+
+    name: Ident
+    path: PathText
+    rows: Count | None = None
+    bytes: Count | None = None
+    sha256: Sha256Hex | None = None
+    meta: dict[str, Any] | None = None
+
+
+class Run(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The job that produced the artifacts."""
+
+    run_id: Ident
+    kind: Ident
+    status: Short | None = None
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    params: dict[str, Any] | None = None
+    code_version: Short | None = None
+    parent_run_id: Ident | None = None
+
+
+class ArtifactEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One finished job: its run and the 1–1000 artifacts it wrote."""
+
+    schema_version: int
+    run: Run
+    artifacts: Annotated[list[Artifact], msgspec.Meta(min_length=1, max_length=MAX_ARTIFACTS)]
+    event_id: Ident | None = None
+    producer: Ident | None = None
+
+
+_decoder = msgspec.json.Decoder(ArtifactEvent)
+_loose = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def nesting_depth_exceeds(payload: bytes, limit: int = MAX_DEPTH) -> bool:
+    """True when JSON ``payload`` nests deeper than ``limit`` (strings are skipped)."""
+    if payload.count(b"[") + payload.count(b"{") <= limit:
+        return False
+    depth = 0
+    for match in _TOKENS.finditer(payload):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
+def decode(payload: bytes) -> ArtifactEvent:
+    """Decode and check one event; raise InvalidEvent with the reason on any violation."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise InvalidEvent(Reason.TOO_LARGE, f"payload of {len(payload)} bytes is over 1 MiB")
+    if nesting_depth_exceeds(payload):
+        raise InvalidEvent(Reason.TOO_LARGE, f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        event = _decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise _explain(payload, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(Reason.MALFORMED, f"not a JSON object: {exc}") from None
+    if event.schema_version != SCHEMA_VERSION:
+        raise InvalidEvent(Reason.UNSUPPORTED_VERSION,
+                           f"schema_version {event.schema_version} (busd reads {SCHEMA_VERSION})")
+    seen: set[str] = set()
+    for artifact in event.artifacts:
+        if artifact.name in seen:
+            raise InvalidEvent(Reason.SCHEMA, f"artifact name {artifact.name!r} appears twice")
+        seen.add(artifact.name)
+    return event
+
+
+def _explain(payload: bytes, message: str) -> InvalidEvent:
+    """Pick the reason for a payload that is JSON but not a valid event (the slow path)."""
+    try:
+        loose = _loose.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
+        return InvalidEvent(Reason.MALFORMED, "not a JSON object")
+    if not isinstance(loose, dict):
+        return InvalidEvent(Reason.MALFORMED, f"not a JSON object but {type(loose).__name__}")
+    version = loose.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
+        return InvalidEvent(Reason.UNSUPPORTED_VERSION,
+                            f"schema_version {version} (busd reads {SCHEMA_VERSION})")
+    artifacts = loose.get("artifacts")
+    if isinstance(artifacts, list) and len(artifacts) > MAX_ARTIFACTS:
+        return InvalidEvent(Reason.TOO_LARGE,
+                            f"{len(artifacts)} artifacts (at most {MAX_ARTIFACTS})")
+    return InvalidEvent(Reason.SCHEMA, message.replace("Object contains unknown field",
+                                                       "unknown field"))
+
+
+def payload_sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def producer_of(subject: str) -> str:
+    """``artifacts.lab.simulation`` → ``lab.simulation``: everything after the first token."""
+    _, _, rest = subject.partition(".")
+    return rest
+
+
+def resolve_identity(
+    event: ArtifactEvent, subject: str, msg_id: str | None, payload_hash: str
+) -> tuple[str, str]:
+    """Return (event_id, producer) for an event, checking the producer against the subject."""
+    producer = producer_of(subject)
+    if event.producer is not None and event.producer != producer:
+        raise InvalidEvent(Reason.PRODUCER_MISMATCH,
+                           f"event says producer {event.producer!r}, subject {subject!r} "
+                           f"says {producer!r}")
+    event_id = event.event_id or msg_id or payload_hash
+    return event_id, producer
+
+
+def encode(event: ArtifactEvent) -> bytes:
+    return _encoder.encode(event)
+
+
+def json_schema() -> dict[str, Any]:
+    """The published JSON Schema of the event, generated from the types above."""
+    schema: dict[str, Any] = msgspec.json.schema(ArtifactEvent)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://busd.dev/schemas/artifact-event.v1.schema.json",
+        "title": "busd artifact event, schema version 1",
+        **schema,
+    }
+
+
+def json_schema_text() -> str:
+    return msgspec.json.format(msgspec.json.encode(json_schema()), indent=2).decode() + "\n"

@@ -1,0 +1,241 @@
+"""Golden exports (contract §6): Parquet files readers use instead of the DuckDB file.
+
+Each file is written to a temporary name in the same folder, fsynced, renamed over the old
+one, and the folder fsynced: a reader sees the old file or the new one, never a partial one.
+``_manifest.json`` is written last. A refresh runs on its own DuckDB cursor inside one
+read transaction, so it sees one snapshot of the catalog while the writer keeps committing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import msgspec
+
+from busd.config import ExportSettings
+from busd.errors import ConfigError, FatalStorageError, StorageError
+
+MANIFEST = "_manifest.json"
+BUILTIN: tuple[ExportSettings, ...] = (
+    ExportSettings(name="runs", sql="SELECT * FROM catalog.runs_d ORDER BY run_id"),
+    ExportSettings(name="artifacts",
+                   sql="SELECT * FROM catalog.artifacts_f ORDER BY run_id, name"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    name: str
+    path: str
+    rows: int
+    bytes: int
+    catalog_seq: int
+    refreshed_at: dt.datetime
+    duration_s: float
+
+
+class ManifestEntry(msgspec.Struct):
+    file: str
+    rows: int
+    bytes: int
+    catalog_seq: int
+    refreshed_at: dt.datetime
+    duration_ms: float = 0.0
+
+
+class Manifest(msgspec.Struct):
+    catalog_seq: int = 0
+    written_at: dt.datetime | None = None
+    exports: dict[str, ManifestEntry] = msgspec.field(default_factory=dict)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_replace(tmp: Path, final: Path) -> None:
+    """fsync ``tmp``, rename it over ``final``, fsync the folder. A failed fsync is fatal."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        # After a failed fsync the page cache can no longer be trusted (fsyncgate): exit.
+        raise FatalStorageError(f"fsync of {tmp} failed: {exc.strerror}") from exc
+    os.replace(tmp, final)
+    try:
+        fsync_dir(final.parent)
+    except OSError as exc:
+        raise FatalStorageError(f"fsync of {final.parent} failed: {exc.strerror}") from exc
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+    durable_replace(tmp, path)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    try:
+        return msgspec.json.decode((folder / MANIFEST).read_bytes(), type=Manifest)
+    except (OSError, msgspec.DecodeError):
+        return Manifest()
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def data_names(sql: str) -> set[str]:
+    """Artifact names an export's SQL reads as ``data."<name>"`` or ``data.name``."""
+    found = re.findall(r'\bdata\s*\.\s*(?:"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_]*))', sql)
+    return {(quoted.replace('""', '"') if quoted else bare) for quoted, bare in found}
+
+
+class Exporter:
+    """Refreshes exports from a cursor of the catalog's database (its own thread)."""
+
+    def __init__(self, cursor: duckdb.DuckDBPyConnection, folder: Path,
+                 configured: Sequence[ExportSettings]) -> None:
+        self.cur = cursor
+        self.folder = folder
+        self.exports = {e.name: e for e in (*BUILTIN, *configured)}
+        folder.mkdir(parents=True, exist_ok=True)
+        self.cur.execute("ATTACH IF NOT EXISTS ':memory:' AS data")
+        self.remove_leftovers()
+
+    def remove_leftovers(self) -> None:
+        """Temporary files of a refresh that was killed half-way are never read: remove them."""
+        for leftover in self.folder.glob(".*.tmp-*"):
+            leftover.unlink(missing_ok=True)
+
+    def due(self, touched: Iterable[str]) -> list[str]:
+        """Export names a batch touching these artifact names makes stale (built-ins always)."""
+        names = set(touched)
+        return [n for n, e in self.exports.items()
+                if n in ("runs", "artifacts") or names & set(e.depends_on)]
+
+    def stale(self, catalog_seq: int) -> list[str]:
+        """Exports older than the catalog, or missing: refreshed at start, before any ack."""
+        manifest = read_manifest(self.folder)
+        out = []
+        for name in self.exports:
+            entry = manifest.exports.get(name)
+            if (entry is None or entry.catalog_seq < catalog_seq
+                    or not (self.folder / entry.file).exists()):
+                out.append(name)
+        return out
+
+    def check(self) -> None:
+        """Bind every configured export's SQL once (LIMIT 0): a broken one is a config error."""
+        for name, export in self.exports.items():
+            self._define_views(data_names(export.sql))
+            try:
+                self.cur.execute(f"SELECT * FROM ({export.sql}) LIMIT 0")
+            except duckdb.Error as exc:
+                first = str(exc).splitlines()[0]
+                raise ConfigError(f"bad value for exports.{name}.sql: {first}") from None
+
+    def _define_views(self, names: Iterable[str]) -> None:
+        """``data."<name>"``: the union by column name of the current files, plus run_id."""
+        for name in names:
+            files = self.cur.execute(
+                "SELECT run_id, path FROM catalog.artifacts_f WHERE name = ? ORDER BY run_id",
+                [name]).fetchall()
+            view = f"data.main.{quote_ident(name)}"
+            if not files:
+                self.cur.execute(f"CREATE OR REPLACE VIEW {view} AS "
+                                 "SELECT NULL::VARCHAR AS run_id WHERE false")
+                continue
+            paths = ", ".join(_sql_str(p) for _, p in files)
+            mapping = ", ".join(f"({_sql_str(p)}, {_sql_str(r)})" for r, p in files)
+            self.cur.execute(
+                f"CREATE OR REPLACE VIEW {view} AS "
+                f"SELECT f.* EXCLUDE (filename), m.run_id FROM read_parquet([{paths}], "
+                f"union_by_name = true, filename = true) AS f "
+                f"JOIN (VALUES {mapping}) AS m(path, run_id) ON f.filename = m.path")
+
+    def refresh(self, names: Sequence[str]) -> tuple[list[ExportResult], int]:
+        """Rewrite these exports from one snapshot; then the manifest. Returns (results, seq)."""
+        results: list[ExportResult] = []
+        cur = self.cur
+        cur.execute("BEGIN")
+        try:
+            row = cur.execute("SELECT coalesce(max(seq), 0) FROM catalog.events_f").fetchone()
+            catalog_seq = int(row[0]) if row else 0
+            for name in names:
+                results.append(self._refresh_one(self.exports[name], catalog_seq))
+        except duckdb.Error as exc:
+            raise StorageError(f"export refresh failed: {str(exc).splitlines()[0]}") from exc
+        except FatalStorageError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"export refresh failed: {exc}") from exc
+        finally:
+            try:
+                cur.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+        self._write_manifest(results, catalog_seq)
+        return results, catalog_seq
+
+    def _refresh_one(self, export: ExportSettings, catalog_seq: int) -> ExportResult:
+        started = time.perf_counter()
+        self._define_views(data_names(export.sql))
+        final = self.folder / f"{export.name}.parquet"
+        tmp = self.folder / f".{export.name}.parquet.tmp-{os.getpid()}"
+        try:
+            self.cur.execute(
+                f"COPY ({export.sql}) TO {_sql_str(str(tmp))} "
+                "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)")
+            row = self.cur.execute(
+                f"SELECT count(*) FROM read_parquet({_sql_str(str(tmp))})").fetchone()
+            rows = int(row[0]) if row else 0
+        except duckdb.Error:
+            tmp.unlink(missing_ok=True)
+            raise
+        size = tmp.stat().st_size
+        durable_replace(tmp, final)
+        return ExportResult(export.name, final.name, rows, size, catalog_seq,
+                            dt.datetime.now(dt.UTC), time.perf_counter() - started)
+
+    def _write_manifest(self, results: Sequence[ExportResult], catalog_seq: int) -> None:
+        manifest = read_manifest(self.folder)
+        for r in results:
+            manifest.exports[r.name] = ManifestEntry(r.path, r.rows, r.bytes, r.catalog_seq,
+                                                     r.refreshed_at, round(r.duration_s * 1000, 3))
+        for gone in set(manifest.exports) - set(self.exports):
+            del manifest.exports[gone]
+        manifest.catalog_seq = min((e.catalog_seq for e in manifest.exports.values()),
+                                   default=catalog_seq)
+        manifest.written_at = dt.datetime.now(dt.UTC)
+        data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
+        write_bytes_atomic(self.folder / MANIFEST, data)
+
+
+def manifest_rows(results: Sequence[ExportResult]) -> list[tuple[Any, ...]]:
+    return [(r.name, r.path, r.rows, r.bytes, r.catalog_seq, r.refreshed_at,
+             round(r.duration_s * 1000, 3)) for r in results]

@@ -1,0 +1,156 @@
+"""Producer tools: build an artifact event from files and publish it (``busd submit``).
+
+``ArtifactBus`` publishes with ``Nats-Msg-Id`` = the event id and waits for the PubAck (the
+event is stored), and can wait until busd committed and exported it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pyarrow.parquet as pq
+
+from busd import events as ev
+from busd import source
+from busd.config import NatsSettings, Settings, parse_hostport
+from busd.errors import BusdError, ConfigError, Rejected, TimedOut, TransientError
+
+OUTCOME_SUBJECT = "busd.api.{consumer}.outcome"
+
+
+def describe(name: str, path: str | Path) -> ev.Artifact:
+    """An artifact entry with the file's absolute path, size, Parquet rows and SHA-256."""
+    p = Path(path).absolute()
+    try:
+        with open(p, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        size = p.stat().st_size
+    except OSError as exc:
+        raise ConfigError(f"artifact {name}: cannot read {path}: {exc.strerror}") from None
+    try:
+        rows = int(pq.read_metadata(p).num_rows)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds
+        raise ConfigError(f"artifact {name}: {path} is not a Parquet file ({exc})") from None
+    return ev.Artifact(name=name, path=str(p), rows=rows, bytes=size, sha256=digest)
+
+
+def build_event(
+    run_id: str,
+    kind: str,
+    files: Mapping[str, str | Path],
+    *,
+    producer: str | None = None,
+    status: str | None = "succeeded",
+    params: dict[str, Any] | None = None,
+    event_id: str | None = None,
+    code_version: str | None = None,
+    parent_run_id: str | None = None,
+) -> ev.ArtifactEvent:
+    """An event for one finished run; the default event id is stable for the same files."""
+    artifacts = [describe(name, path) for name, path in files.items()]
+    if event_id is None:
+        fingerprint = hashlib.sha256(
+            "".join(f"{a.name}={a.sha256};" for a in artifacts).encode()).hexdigest()[:16]
+        event_id = f"{run_id}:{fingerprint}"
+    event = ev.ArtifactEvent(
+        schema_version=ev.SCHEMA_VERSION, event_id=event_id, producer=producer,
+        run=ev.Run(run_id=run_id, kind=kind, status=status, params=params,
+                   code_version=code_version, parent_run_id=parent_run_id),
+        artifacts=artifacts,
+    )
+    try:  # the same checks busd applies, before anything is sent
+        ev.decode(ev.encode(event))
+    except BusdError as exc:
+        raise ConfigError(f"the event is not valid: {exc}") from None
+    return event
+
+
+def nats_url(s: Settings) -> str:
+    """The configured URL, or the address of the embedded server ``busd serve`` starts."""
+    if s.nats.url:
+        return s.nats.url
+    host, port = parse_hostport(s.nats.embedded_listen, "nats.embedded_listen")
+    return f"nats://[{host}]:{port}" if ":" in host else f"nats://{host}:{port}"
+
+
+class ArtifactBus:
+    """Async producer client. ``async with ArtifactBus(settings) as bus: await bus.submit(…)``."""
+
+    def __init__(self, settings: Settings, *, producer: str = "busd.submit",
+                 prefix: str = "artifacts") -> None:
+        self.s = settings
+        self.producer = producer
+        self.prefix = prefix
+        self.nc: Any = None
+
+    async def __aenter__(self) -> ArtifactBus:
+        self.nc = await source.connect(self.s.nats, nats_url(self.s), name="busd-submit",
+                                       reconnect=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.nc is not None:
+            await self.nc.close()
+
+    async def publish(self, event: ev.ArtifactEvent, *, timeout_s: float = 10.0) -> int:
+        """Publish and wait for the PubAck; return the stream sequence."""
+        producer = event.producer or self.producer
+        subject = f"{self.prefix}.{producer}"
+        payload = ev.encode(event)
+        headers = {"Nats-Msg-Id": event.event_id} if event.event_id else None
+        return await self.publish_raw(subject, payload, headers, timeout_s=timeout_s)
+
+    async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str] | None,
+                          *, timeout_s: float = 10.0) -> int:
+        try:
+            ack = await self.nc.jetstream().publish(subject, payload, headers=headers,
+                                                    timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - nats raises many kinds
+            raise TransientError(f"publish to {subject} failed: {exc or type(exc).__name__}") \
+                from None
+        return int(ack.seq)
+
+    async def wait(self, seq: int, *, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Block until busd settled sequence ``seq``; raise Rejected or TimedOut."""
+        subject = OUTCOME_SUBJECT.format(consumer=self.s.nats.consumer)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                reply = await self.nc.request(subject, str(seq).encode(), timeout=2.0)
+                answer: dict[str, Any] = msgspec.json.decode(reply.data)
+            except Exception:  # noqa: BLE001 - no busd answering yet: keep waiting
+                answer = {"state": "pending"}
+            if answer.get("state") == "done":
+                if answer.get("outcome") == "rejected":
+                    raise Rejected(f"rejected: {answer.get('reason')}: {answer.get('detail')}")
+                return answer
+            if time.monotonic() > deadline:
+                raise TimedOut(f"sequence {seq} was not settled within {timeout_s:.0f}s")
+            await asyncio.sleep(0.1)
+
+    async def submit(self, event: ev.ArtifactEvent, *, wait: bool = False,
+                     timeout_s: float = 60.0) -> dict[str, Any]:
+        seq = await self.publish(event, timeout_s=min(timeout_s, 10.0))
+        if not wait:
+            return {"seq": seq, "event_id": event.event_id, "state": "stored"}
+        return await self.wait(seq, timeout_s=timeout_s)
+
+
+def submit_sync(settings: Settings, event: ev.ArtifactEvent, *, wait: bool = False,
+                timeout_s: float = 60.0, producer: str = "busd.submit") -> dict[str, Any]:
+    """Blocking form of :meth:`ArtifactBus.submit`, for scripts."""
+
+    async def go() -> dict[str, Any]:
+        async with ArtifactBus(settings, producer=producer) as bus:
+            return await bus.submit(event, wait=wait, timeout_s=timeout_s)
+
+    return asyncio.run(go())
+
+
+__all__ = ["ArtifactBus", "NatsSettings", "build_event", "describe", "submit_sync"]

@@ -1,0 +1,312 @@
+"""The only module that talks to nats-py: connect, declare the stream and consumer, pull.
+
+The pull loop is thin on purpose (PITFALLS: nats-py's stock ``fetch`` costs 80–100 µs of CPU
+per message and raises TimeoutError on an empty stream): one pull request per batch on one
+inbox subscription, status replies parsed here, an empty batch when nothing is there. The next
+request is sent as soon as a batch is handed out, so the server fills it while busd works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from busd.config import NatsSettings, Settings
+from busd.errors import ConfigError, ConsumerGone, TransientError
+
+MAX_MSG_BYTES = 1024 * 1024
+DUPLICATE_WINDOW_S = 3600.0
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One stream message as delivered to busd."""
+
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    reply: str
+    delivered: int
+    published_ns: int
+
+    @property
+    def published_at(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.published_ns / 1e9, dt.UTC)
+
+    @property
+    def msg_id(self) -> str | None:
+        return self.headers.get("Nats-Msg-Id") if self.headers else None
+
+
+def parse_ack_subject(reply: str) -> tuple[int, int, int]:
+    """``$JS.ACK...`` → (delivered count, stream sequence, timestamp in ns), v1 or v2 form."""
+    tokens = reply.split(".")
+    base = 2 if len(tokens) == 9 else 4
+    return int(tokens[base + 2]), int(tokens[base + 3]), int(tokens[base + 5])
+
+
+def _tls_context(n: NatsSettings) -> ssl.SSLContext | None:
+    if not (n.tls_ca or n.tls_cert):
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=n.tls_ca or None)
+        if n.tls_cert:
+            ctx.load_cert_chain(n.tls_cert, n.tls_key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"bad value for nats.tls_ca/tls_cert/tls_key: {exc}") from None
+    return ctx
+
+
+async def connect(
+    n: NatsSettings,
+    url: str,
+    *,
+    name: str = "busd",
+    on_state: Callable[[bool], None] | None = None,
+    reconnect: bool = True,
+) -> Client:
+    """Connect with the configured credentials; reconnect forever when ``reconnect``."""
+
+    async def disconnected() -> None:
+        if on_state:
+            on_state(False)
+
+    async def reconnected() -> None:
+        if on_state:
+            on_state(True)
+
+    async def error(exc: Exception) -> None:
+        return None
+
+    options: dict[str, Any] = {
+        "servers": [u.strip() for u in url.split(",") if u.strip()],
+        "name": name,
+        "connect_timeout": n.connect_timeout_s,
+        "allow_reconnect": reconnect,
+        "max_reconnect_attempts": -1 if reconnect else 0,
+        "reconnect_time_wait": 0.5,
+        "disconnected_cb": disconnected,
+        "reconnected_cb": reconnected,
+        "error_cb": error,
+        "pending_size": 64 * 1024 * 1024,
+    }
+    if n.creds:
+        options["user_credentials"] = n.creds
+    if n.nkey_seed:
+        options["nkeys_seed"] = n.nkey_seed
+    if n.user:
+        options["user"] = n.user
+        options["password"] = n.password
+    if n.token:
+        options["token"] = n.token
+    tls = _tls_context(n)
+    if tls is not None:
+        options["tls"] = tls
+    try:
+        nc = await nats.connect(**options)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        raise TransientError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") \
+            from None
+    if on_state:
+        on_state(True)
+    return nc
+
+
+def stream_config(s: Settings) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=s.nats.stream,
+        subjects=list(s.nats.subjects),
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        max_age=0,
+        max_msg_size=MAX_MSG_BYTES,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        deny_delete=True,
+        deny_purge=True,
+        discard=api.DiscardPolicy.OLD,
+    )
+
+
+def backoff_s(ack_wait_s: float, max_deliver: int) -> list[float]:
+    """Redelivery delays after a crash: ack_wait, then doubling, capped at 10 minutes."""
+    return [min(ack_wait_s * 2**i, max(600.0, ack_wait_s)) for i in range(min(max_deliver - 1, 6))]
+
+
+def consumer_config(s: Settings) -> api.ConsumerConfig:
+    c = s.consumer
+    return api.ConsumerConfig(
+        durable_name=s.nats.consumer,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=c.ack_wait_s,
+        max_deliver=c.max_deliver,
+        backoff=backoff_s(c.ack_wait_s, c.max_deliver),
+        max_ack_pending=c.max_ack_pending,
+        max_waiting=512,
+    )
+
+
+def broken_promises(info: api.StreamInfo, s: Settings) -> list[str]:
+    """Settings of an existing stream that break the contract's promises (reported only)."""
+    cfg = info.config
+    problems = []
+    if cfg.retention != api.RetentionPolicy.LIMITS:
+        problems.append(f"retention is {cfg.retention}, replay needs limits")
+    if cfg.max_age:
+        problems.append(f"max_age is {cfg.max_age}s, replay needs no max age")
+    if cfg.max_msgs not in (None, -1) or cfg.max_bytes not in (None, -1):
+        problems.append("max_msgs/max_bytes limits drop history that replay needs")
+    if not cfg.deny_delete or not cfg.deny_purge:
+        problems.append("deny_delete/deny_purge are off: history can be erased")
+    if (cfg.duplicate_window or 0) < DUPLICATE_WINDOW_S:
+        problems.append(f"duplicate_window is {cfg.duplicate_window}s, expected 3600s")
+    return problems
+
+
+async def ensure_stream(nc: Client, s: Settings) -> list[str]:
+    """Create the stream if missing; return the promises an existing one breaks."""
+    js = nc.jetstream()
+    try:
+        info = await js.stream_info(s.nats.stream)
+    except NotFoundError:
+        await js.add_stream(stream_config(s))
+        return []
+    return broken_promises(info, s)
+
+
+async def ensure_consumer(nc: Client, s: Settings) -> api.ConsumerInfo:
+    """Create or update the durable pull consumer (create-or-update is idempotent)."""
+    js = nc.jetstream()
+    info: api.ConsumerInfo = await js.add_consumer(s.nats.stream, consumer_config(s))
+    return info
+
+
+class PullSource:
+    """A lean pull loop on one inbox subscription (see the module docstring)."""
+
+    def __init__(self, nc: Client, stream: str, consumer: str) -> None:
+        self.nc = nc
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self.inbox = nc.new_inbox()
+        self._sub: Any = None
+        self._buf: list[Msg] = []
+        self._token = 0
+        self._want = 0
+        self._wake = asyncio.Event()
+        self._done_token = -1
+        self._gone: str | None = None
+        self._outstanding = False
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(f"{self.inbox}.*", cb=self._on_msg,
+                                            pending_msgs_limit=1_000_000,
+                                            pending_bytes_limit=1 << 30)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers
+        if headers and "Status" in headers and not msg.data:
+            status = headers["Status"]
+            if status == "100":  # idle heartbeat or flow control
+                return
+            token = msg.subject.rsplit(".", 1)[-1]
+            description = headers.get("Description", "")
+            if status == "409" and "deleted" in description.lower():
+                self._gone = description
+            elif status == "503" or (status == "404" and "consumer" in description.lower()):
+                self._gone = f"{status} {description}".strip()
+            if token == str(self._token):
+                self._done_token = self._token
+                self._wake.set()
+            return
+        self._buf.append(msg)
+        if len(self._buf) >= self._want:
+            self._wake.set()
+
+    async def _request(self, batch: int, wait_ms: int) -> None:
+        self._token += 1
+        self._want = batch
+        self._outstanding = True
+        body = json.dumps({"batch": batch, "expires": wait_ms * 1_000_000}).encode()
+        await self.nc.publish(self.next_subject, body, reply=f"{self.inbox}.{self._token}")
+
+    async def fetch(self, batch: int, wait_ms: int, *, prefetch: bool = True) -> list[Delivery]:
+        """Up to ``batch`` messages within about ``wait_ms``; an empty list when none came."""
+        if self._gone:
+            raise ConsumerGone(f"the consumer is gone: {self._gone}")
+        if not self._outstanding and len(self._buf) < batch:
+            await self._request(batch - len(self._buf), wait_ms)
+        if len(self._buf) < batch:
+            self._wake.clear()
+            if self._done_token != self._token:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait_ms / 1000 + 2.0)
+                except TimeoutError:
+                    pass  # a lost status reply: take what came
+        self._outstanding = False
+        if self._gone:
+            raise ConsumerGone(f"the consumer is gone: {self._gone}")
+        msgs, self._buf = self._buf[:batch], self._buf[batch:]
+        if prefetch and self.nc.is_connected:
+            await self._request(batch, wait_ms)
+        return [self._delivery(m) for m in msgs]
+
+    def take_buffered(self) -> list[Delivery]:
+        """Messages delivered but not handed out (at shutdown: to be nak'ed)."""
+        msgs, self._buf = self._buf, []
+        return [self._delivery(m) for m in msgs]
+
+    @staticmethod
+    def _delivery(m: Msg) -> Delivery:
+        delivered, seq, ts = parse_ack_subject(m.reply)
+        return Delivery(seq, m.subject, m.data, m.headers, m.reply, delivered, ts)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except nats.errors.Error:
+                pass
+            self._sub = None
+
+
+class Settler:
+    """Sends acks, naks, terms and progress; the wire side of settlement (one flush a batch)."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+
+    async def send(self, items: Sequence[tuple[str, bytes]]) -> None:
+        for reply, body in items:
+            await self.nc.publish(reply, body)
+        if items:
+            await self.nc.flush(timeout=10)
+
+
+ACK = b"+ACK"
+TERM = b"+TERM"
+PROGRESS = b"+WPI"
+
+
+def nak_body(delay_s: float) -> bytes:
+    return b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode()
+
+
+async def consumer_state(nc: Client, s: Settings) -> tuple[int, int]:
+    """(num_pending, num_ack_pending) of the durable consumer."""
+    info = await nc.jetstream().consumer_info(s.nats.stream, s.nats.consumer)
+    return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+
+Publish = Callable[[str, bytes, dict[str, str] | None], Awaitable[int]]

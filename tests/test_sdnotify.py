@@ -1,0 +1,134 @@
+"""sd_notify against a real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from busd.sdnotify import SdNotifier
+
+
+class FakeSystemd:
+    """Binds the notification socket and reads what the service sends."""
+
+    def __init__(self, sock: socket.socket, address: str) -> None:
+        self.sock = sock
+        self.address = address
+
+    def receive(self) -> list[str]:
+        data = self.sock.recv(4096)
+        return data.decode("utf-8").split("\n")
+
+    def nothing_waiting(self) -> bool:
+        self.sock.setblocking(False)
+        try:
+            self.sock.recv(4096)
+        except BlockingIOError:
+            return True
+        finally:
+            self.sock.settimeout(5)
+        return False
+
+
+@pytest.fixture
+def fake_systemd() -> Iterator[FakeSystemd]:
+    # A short directory: socket paths are limited to ~108 bytes, pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="busd-notify-") as folder:
+        path = str(Path(folder) / "notify.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            sock.settimeout(5)
+            yield FakeSystemd(sock, path)
+
+
+@pytest.fixture
+def abstract_systemd() -> Iterator[FakeSystemd]:
+    name = f"busd-test-notify-{os.getpid()}-{id(object())}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(b"\0" + name.encode())
+        sock.settimeout(5)
+        yield FakeSystemd(sock, "@" + name)
+
+
+def test_sends_ready_watchdog_status_stopping(fake_systemd: FakeSystemd) -> None:
+    notifier = SdNotifier({"NOTIFY_SOCKET": fake_systemd.address})
+    assert notifier.enabled
+
+    assert notifier.ready()
+    assert fake_systemd.receive() == ["READY=1"]
+    assert notifier.watchdog()
+    assert fake_systemd.receive() == ["WATCHDOG=1"]
+    assert notifier.status("consuming: lag 0, seq 42")
+    assert fake_systemd.receive() == ["STATUS=consuming: lag 0, seq 42"]
+    assert notifier.stopping()
+    assert fake_systemd.receive() == ["STOPPING=1"]
+    assert fake_systemd.nothing_waiting()
+
+
+def test_status_stays_one_assignment(fake_systemd: FakeSystemd) -> None:
+    notifier = SdNotifier({"NOTIFY_SOCKET": fake_systemd.address})
+    notifier.status("line one\nREADY=1")
+    assert fake_systemd.receive() == ["STATUS=line one READY=1"]
+
+
+def test_several_assignments_in_one_datagram(fake_systemd: FakeSystemd) -> None:
+    notifier = SdNotifier({"NOTIFY_SOCKET": fake_systemd.address})
+    assert notifier.notify("READY=1", "STATUS=up")
+    assert fake_systemd.receive() == ["READY=1", "STATUS=up"]
+
+
+def test_abstract_namespace_socket(abstract_systemd: FakeSystemd) -> None:
+    notifier = SdNotifier({"NOTIFY_SOCKET": abstract_systemd.address})
+    assert notifier.ready()
+    assert abstract_systemd.receive() == ["READY=1"]
+
+
+def test_no_socket_is_a_no_op() -> None:
+    notifier = SdNotifier({})
+    assert not notifier.enabled
+    assert not notifier.ready()
+    assert not notifier.watchdog()
+    assert not notifier.status("x")
+    assert not notifier.stopping()
+    assert notifier.watchdog_interval_s() is None
+
+
+def test_vanished_socket_does_not_raise(tmp_path: Path) -> None:
+    notifier = SdNotifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
+    assert notifier.enabled
+    assert not notifier.ready()
+
+
+def test_reads_os_environ_when_not_given(
+    fake_systemd: FakeSystemd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", fake_systemd.address)
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    notifier = SdNotifier()
+    assert notifier.watchdog_interval_s() == 15.0
+    assert notifier.watchdog()
+    assert fake_systemd.receive() == ["WATCHDOG=1"]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"WATCHDOG_USEC": "30000000"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid() + 1)}, None),
+        ({"WATCHDOG_USEC": "1000"}, 0.0005),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "me"}, None),
+        ({"WATCHDOG_PID": str(os.getpid())}, None),
+        ({}, None),
+    ],
+)
+def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
+    assert SdNotifier(env).watchdog_interval_s() == expected
