@@ -24,7 +24,7 @@ import anyio
 import msgspec
 
 from busd import events as ev
-from busd import log, source
+from busd import faults, log, source
 from busd.catalog import Batch, Catalog
 from busd.config import Settings, parse_hostport
 from busd.embedded import EmbeddedServer
@@ -285,6 +285,7 @@ class Daemon:
             if event is not None:
                 fresh.append(item)
                 events[id(item)] = event
+        faults.hit("after_decode")
         committed = await self._on_writer(
             self.catalog.committed_ids, [f.event_id for f in fresh if f.event_id])
         to_check = [f for f in fresh if f.event_id not in committed]
@@ -320,6 +321,7 @@ class Daemon:
                 self._event_rows(rows, item, now)
         if rows:
             await self._commit(rows, batch)
+            faults.hit("after_commit")
         await self._settle_batch(decided, known, touched)
 
     def _decode(self, d: source.Delivery) -> tuple[Decided, ev.ArtifactEvent | None]:
@@ -336,6 +338,9 @@ class Daemon:
                                                                payload_hash)
         except InvalidEvent as exc:
             self._reject(item, exc.reason, exc.detail)
+            return item, None
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the stream
+            self._reject(item, Reason.MALFORMED, f"undecodable: {type(exc).__name__}: {exc}")
             return item, None
         item.run_id = event.run.run_id
         item.n_artifacts = len(event.artifacts)
@@ -375,6 +380,9 @@ class Daemon:
                     results[id(item)] = check_event(event, roots, policy)
                 except InvalidEvent as exc:
                     results[id(item)] = exc
+                except (OSError, ValueError, RuntimeError) as exc:  # odd paths, EIO, …
+                    results[id(item)] = InvalidEvent(
+                        Reason.NOT_PARQUET, f"could not be checked: {type(exc).__name__}: {exc}")
 
         n = min(self.s.verify.threads, len(items))
         chunks = [items[i::n] for i in range(n)]
@@ -543,7 +551,9 @@ class Daemon:
         if not done:
             return
         self._waiting = [w for w in self._waiting if w.generation > generation]
+        faults.hit("before_ack")
         await self._send([(w.d.reply, source.ACK) for w in done])
+        faults.hit("after_ack")
         now = time.time()
         for w in done:
             self._waiting_seqs.discard(w.d.seq)

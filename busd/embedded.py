@@ -70,6 +70,7 @@ class EmbeddedServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log: list[str] = []
         self._ready = threading.Event()
+        self._reader = threading.Thread()
 
     @property
     def url(self) -> str:
@@ -85,7 +86,9 @@ class EmbeddedServer:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-        threading.Thread(target=self._read_log, name="nats-server-log", daemon=True).start()
+        self._reader = threading.Thread(target=self._read_log, name="nats-server-log",
+                                        daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + timeout_s
         while not self._ready.wait(0.05):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -107,19 +110,23 @@ class EmbeddedServer:
                 self._ready.set()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        self._end(signal.SIGTERM, timeout_s)
 
     def kill(self) -> None:
         """SIGKILL, for fault tests."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
+        self._end(signal.SIGKILL, 10.0)
+
+    def _end(self, signum: int, timeout_s: float) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signum)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._reader.join(5)
+        if proc.stderr is not None:
+            proc.stderr.close()

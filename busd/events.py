@@ -95,7 +95,7 @@ def decode(payload: bytes) -> ArtifactEvent:
         event = _decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise _explain(payload, str(exc)) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:  # incl. bad UTF-8
         raise InvalidEvent(Reason.MALFORMED, f"not a JSON object: {exc}") from None
     if event.schema_version != SCHEMA_VERSION:
         raise InvalidEvent(Reason.UNSUPPORTED_VERSION,
@@ -112,8 +112,8 @@ def _explain(payload: bytes, message: str) -> InvalidEvent:
     """Pick the reason for a payload that is JSON but not a valid event (the slow path)."""
     try:
         loose = _loose.decode(payload)
-    except (msgspec.DecodeError, RecursionError):
-        return InvalidEvent(Reason.MALFORMED, "not a JSON object")
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        return InvalidEvent(Reason.MALFORMED, f"not a JSON object: {exc}")
     if not isinstance(loose, dict):
         return InvalidEvent(Reason.MALFORMED, f"not a JSON object but {type(loose).__name__}")
     version = loose.get("schema_version")

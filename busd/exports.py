@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import msgspec
 
+from busd import faults
 from busd.config import ExportSettings
 from busd.errors import ConfigError, FatalStorageError, StorageError
 
@@ -218,7 +219,9 @@ class Exporter:
             tmp.unlink(missing_ok=True)
             raise
         size = tmp.stat().st_size
+        faults.hit("during_export")
         durable_replace(tmp, final)
+        faults.hit("after_rename")
         return ExportResult(export.name, final.name, rows, size, catalog_seq,
                             dt.datetime.now(dt.UTC), time.perf_counter() - started)
 

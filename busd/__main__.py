@@ -1,0 +1,3 @@
+from busd.cli import main
+
+main()

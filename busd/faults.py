@@ -1,0 +1,33 @@
+"""A test-only fault hook: ``BUSD_TEST_FAULT=<point>`` makes busd SIGKILL itself at that point.
+
+Points: ``after_decode``, ``after_commit``, ``during_export``, ``after_rename``,
+``before_ack``, ``after_ack``. ``BUSD_TEST_FAULT_SKIP=N`` lets the point pass N times first.
+Fault tests use it to crash a real process at a named moment; it costs one comparison when
+unset.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = ("after_decode", "after_commit", "during_export", "after_rename", "before_ack",
+          "after_ack")
+
+_armed: str | None = None
+_skip = 0
+_loaded = False
+
+
+def hit(point: str) -> None:
+    global _armed, _skip, _loaded
+    if not _loaded:
+        _armed = os.environ.get("BUSD_TEST_FAULT") or None
+        _skip = int(os.environ.get("BUSD_TEST_FAULT_SKIP", "0") or 0)
+        _loaded = True
+    if _armed != point:
+        return
+    if _skip > 0:
+        _skip -= 1
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
