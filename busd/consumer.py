@@ -289,6 +289,8 @@ class Daemon:
         committed = await self._on_writer(
             self.catalog.committed_ids, [f.event_id for f in fresh if f.event_id])
         to_check = [f for f in fresh if f.event_id not in committed]
+        if to_check:
+            faults.hit("during_validate")
         checked = await self._validate([(f, events[id(f)]) for f in to_check])
         rows = Batch()
         now = dt.datetime.now(dt.UTC)

@@ -1,6 +1,6 @@
 """A test-only fault hook: ``BUSD_TEST_FAULT=<point>`` makes busd SIGKILL itself at that point.
 
-Points: ``after_decode``, ``after_commit``, ``during_export``, ``after_rename``,
+Points: ``after_decode``, ``during_validate``, ``after_commit``, ``during_export``, ``after_rename``,
 ``before_ack``, ``after_ack``. ``BUSD_TEST_FAULT_SKIP=N`` lets the point pass N times first.
 Fault tests use it to crash a real process at a named moment; it costs one comparison when
 unset.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("after_decode", "after_commit", "during_export", "after_rename", "before_ack",
+POINTS = ("after_decode", "during_validate", "after_commit", "during_export", "after_rename", "before_ack",
           "after_ack")
 
 _armed: str | None = None

@@ -206,10 +206,19 @@ class Bus:
                               text=True, timeout=timeout, input=None if input is None
                               else input.decode())
 
-    def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def spawn(self, *args: str, env: dict[str, str] | None = None,
+              log: str = "serve.log") -> subprocess.Popen[str]:
+        """Start busd as a real process; its output goes to ``root/log`` (never a pipe that
+        could fill up and block it)."""
         full_env = {**os.environ, **(env or {})}
-        return subprocess.Popen([*BUSD, *args], cwd=self.root, env=full_env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with open(self.root / log, "a") as out:
+            return subprocess.Popen([*BUSD, *args], cwd=self.root, env=full_env, text=True,
+                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT)
+
+    def log(self, name: str = "serve.log") -> str:
+        path = self.root / name
+        return path.read_text() if path.exists() else ""
 
 
 @pytest.fixture

