@@ -8,6 +8,7 @@ sequence wins whatever order redeliveries arrive in. Only the writer thread touc
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,12 @@ RUN_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
 )
 
 
+_ARTIFACT_WINNERS = ("path", "format", "rows", "bytes", "sha256", "columns", "schema_hash", "meta",
+                     "event_id", "published_at", "committed_at")
+_RUN_WINNERS = ("kind", "producer", "status", "started_at", "finished_at", "params",
+                "code_version", "parent_run_id", "last_published_at", "event_id")
+
+
 @dataclass
 class Batch:
     """Rows of one batch, column-ordered as the ``*_COLUMNS`` tuples above."""
@@ -97,19 +104,20 @@ class Known:
     reason: str | None
 
 
-def to_arrow(rows: Sequence[tuple[Any, ...]], columns: Sequence[tuple[str, pa.DataType]]) -> pa.Table:
+def to_arrow(
+    rows: Sequence[tuple[Any, ...]], columns: Sequence[tuple[str, pa.DataType]]
+) -> pa.Table:
     cols = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
     return pa.table({name: pa.array(values, type=typ)
                      for (name, typ), values in zip(columns, cols, strict=True)})
 
 
-def _upsert(table: str, key: str, winner_cols: Sequence[str], extra: str = "") -> str:
-    """ON CONFLICT clause where each column takes the value from the higher ``seq``."""
-    sets = ", ".join(
-        f"{c} = CASE WHEN EXCLUDED.last_seq > {table}.last_seq THEN EXCLUDED.{c} ELSE {table}.{c} END"
-        for c in winner_cols
-    )
-    return f"ON CONFLICT ({key}) DO UPDATE SET {sets}{extra}"
+def _from_higher_seq(table: str, seq_col: str, columns: Sequence[str]) -> str:
+    """SET items where each column keeps the value of the row with the higher sequence."""
+    return ", ".join(
+        f"{c} = CASE WHEN EXCLUDED.{seq_col} > {table}.{seq_col} "
+        f"THEN EXCLUDED.{c} ELSE {table}.{c} END"
+        for c in columns)
 
 
 def _sql_path(path: Path) -> str:
@@ -233,14 +241,9 @@ class Catalog:
                 FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)
                 GROUP BY run_id, name
                 ON CONFLICT (run_id, name) DO UPDATE SET
-                  {', '.join(f"{c} = CASE WHEN EXCLUDED.seq > artifacts_f.seq THEN EXCLUDED.{c} ELSE artifacts_f.{c} END"
-                             for c in ('path', 'format', 'rows', 'bytes', 'sha256', 'columns',
-                                       'schema_hash', 'meta', 'event_id', 'published_at',
-                                       'committed_at'))},
+                  {_from_higher_seq("artifacts_f", "seq", _ARTIFACT_WINNERS)},
                   seq = greatest(EXCLUDED.seq, artifacts_f.seq),
                   version = artifacts_f.version + EXCLUDED.version""", [committed_at])
-            winners = ("kind", "producer", "status", "started_at", "finished_at", "params",
-                       "code_version", "parent_run_id", "last_published_at", "event_id")
             con.execute(f"""
                 INSERT INTO catalog.runs_d
                 SELECT run_id, arg_max(kind, seq), arg_max(producer, seq), arg_max(status, seq),
@@ -250,11 +253,12 @@ class Catalog:
                        arg_max(published_at, seq), arg_max(event_id, seq)
                 FROM stage_runs WHERE seq IN (SELECT seq FROM fresh)
                 GROUP BY run_id
-                {_upsert("runs_d", "run_id", winners,
-                         ", first_published_at = CASE WHEN EXCLUDED.first_seq < runs_d.first_seq "
-                         "THEN EXCLUDED.first_published_at ELSE runs_d.first_published_at END"
-                         ", first_seq = least(EXCLUDED.first_seq, runs_d.first_seq)"
-                         ", last_seq = greatest(EXCLUDED.last_seq, runs_d.last_seq)")}""")
+                ON CONFLICT (run_id) DO UPDATE SET
+                  {_from_higher_seq("runs_d", "last_seq", _RUN_WINNERS)},
+                  first_published_at = CASE WHEN EXCLUDED.first_seq < runs_d.first_seq
+                      THEN EXCLUDED.first_published_at ELSE runs_d.first_published_at END,
+                  first_seq = least(EXCLUDED.first_seq, runs_d.first_seq),
+                  last_seq = greatest(EXCLUDED.last_seq, runs_d.last_seq)""")
             con.execute("""
                 UPDATE catalog.runs_d SET n_artifacts = counts.n
                 FROM (SELECT run_id, count(*)::INTEGER AS n FROM catalog.artifacts_f
@@ -265,10 +269,8 @@ class Catalog:
         except duckdb.FatalException as exc:
             raise FatalStorageError(f"catalog: {exc}") from exc
         except duckdb.Error as exc:
-            try:
+            with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
             if "fatal" in str(exc).lower() or "invalidated" in str(exc).lower():
                 raise FatalStorageError(f"catalog: {exc}") from exc
             raise StorageError(f"catalog commit failed: {exc}") from exc

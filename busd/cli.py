@@ -189,7 +189,7 @@ def status(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
                                "redelivered": ci.num_redelivered,
                                "delivered_seq": ci.delivered.stream_seq if ci.delivered else None,
                                "ack_floor_seq": ci.ack_floor.stream_seq if ci.ack_floor else None}
-        except Exception as exc:  # noqa: BLE001 - report what is missing, do not crash
+        except Exception as exc:
             out["error"] = str(exc) or type(exc).__name__
         finally:
             await nc.close()

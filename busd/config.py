@@ -194,7 +194,8 @@ def load(
             name = field.group(1) if field else "?"
             prefix = f"{key}." if key else ""
             raise ConfigError(f"{where}unknown key {prefix}{name}") from None
-        raise ConfigError(f"{where}bad value for {key or 'config'}: {text.split(' - at')[0]}") from None
+        why = text.split(" - at")[0]
+        raise ConfigError(f"{where}bad value for {key or 'config'}: {why}") from None
     _check(settings, where)
     return settings
 
@@ -252,7 +253,8 @@ def _check(s: Settings, where: str) -> None:
 
 def parse_hostport(text: str, key: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` → (host, port); a ConfigError naming ``key`` otherwise."""
-    match = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    match = (re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text)
+             or re.match(r"^([^:\[\]]+):(\d+)$", text))
     if not match:
         raise ConfigError(f"bad value for {key}: {text!r} is not host:port")
     port = int(match.group(2))

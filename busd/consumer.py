@@ -194,7 +194,7 @@ class Daemon:
         if self.nc is not None:
             try:
                 await self.nc.drain()
-            except Exception:  # noqa: BLE001 - closing anyway
+            except Exception:
                 await self.nc.close()
         if self.catalog is not None:
             await self._on_writer(self.catalog.close)
@@ -341,7 +341,7 @@ class Daemon:
         except InvalidEvent as exc:
             self._reject(item, exc.reason, exc.detail)
             return item, None
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the stream
+        except Exception as exc:
             self._reject(item, Reason.MALFORMED, f"undecodable: {type(exc).__name__}: {exc}")
             return item, None
         item.run_id = event.run.run_id
@@ -493,7 +493,7 @@ class Daemon:
             return
         try:
             await self.settler.send(items)
-        except Exception as exc:  # noqa: BLE001 - NATS down: the server redelivers
+        except Exception as exc:
             self.log.warning("could not settle messages; they will be redelivered",
                              count=len(items), error=str(exc) or type(exc).__name__)
 
@@ -533,7 +533,7 @@ class Daemon:
     async def _refresh(self, names: Sequence[str]) -> None:
         assert self.exporter is not None and self.catalog is not None
         try:
-            results, seq = await self._on_exporter(self.exporter.refresh, names)
+            results, _seq = await self._on_exporter(self.exporter.refresh, names)
         except StorageError:
             for name in names:
                 self.metrics.export_failures.labels(export=name).inc()
@@ -572,12 +572,12 @@ class Daemon:
                 self._backlog = pending + ack_pending
                 self.metrics.pending.set(pending)
                 self.metrics.ack_pending.set(ack_pending)
-            except Exception as exc:  # noqa: BLE001 - NATS down or consumer gone
+            except Exception as exc:
                 if "not found" in str(exc).lower():
                     self.log.error("the durable consumer is gone; recreating it")
                     try:
                         await source.ensure_consumer(self.nc, self.s)
-                    except Exception as exc2:  # noqa: BLE001
+                    except Exception as exc2:
                         self._fatal = ConsumerGone(f"cannot recreate the consumer: {exc2}")
                         self.stopping = True
                         return

@@ -8,6 +8,7 @@ read transaction, so it sees one snapshot of the catalog while the writer keeps 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
@@ -196,10 +197,8 @@ class Exporter:
         except OSError as exc:
             raise StorageError(f"export refresh failed: {exc}") from exc
         finally:
-            try:
+            with contextlib.suppress(duckdb.Error):
                 cur.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
         self._write_manifest(results, catalog_seq)
         return results, catalog_seq
 

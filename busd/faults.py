@@ -1,9 +1,9 @@
 """A test-only fault hook: ``BUSD_TEST_FAULT=<point>`` makes busd SIGKILL itself at that point.
 
-Points: ``after_decode``, ``during_validate``, ``after_commit``, ``during_export``, ``after_rename``,
-``before_ack``, ``after_ack``. ``BUSD_TEST_FAULT_SKIP=N`` lets the point pass N times first.
-Fault tests use it to crash a real process at a named moment; it costs one comparison when
-unset.
+Points: ``after_decode``, ``during_validate``, ``after_commit``, ``during_export``,
+``after_rename``, ``before_ack``, ``after_ack``. ``BUSD_TEST_FAULT_SKIP=N`` lets the point
+pass N times first. Fault tests use it to crash a real process at a named moment; it costs
+one comparison when unset.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("after_decode", "during_validate", "after_commit", "during_export", "after_rename", "before_ack",
-          "after_ack")
+POINTS = ("after_decode", "during_validate", "after_commit", "during_export", "after_rename",
+          "before_ack", "after_ack")
 
 _armed: str | None = None
 _skip = 0

@@ -9,6 +9,7 @@ request is sent as soon as a batch is handed out, so the server fills it while b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import ssl
@@ -250,10 +251,9 @@ class PullSource:
         if len(self._buf) < batch:
             self._wake.clear()
             if self._done_token != self._token:
-                try:
+                # a lost status reply times out: take what came
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait_ms / 1000 + 2.0)
-                except TimeoutError:
-                    pass  # a lost status reply: take what came
         self._outstanding = False
         if self._gone:
             raise ConsumerGone(f"the consumer is gone: {self._gone}")
@@ -274,10 +274,8 @@ class PullSource:
 
     async def stop(self) -> None:
         if self._sub is not None:
-            try:
+            with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
-            except nats.errors.Error:
-                pass
             self._sub = None
 
 

@@ -63,7 +63,9 @@ def resolve(raw: str, roots: Sequence[Path]) -> str:
     return resolved
 
 
-def check_artifact(art: Artifact, roots: Sequence[Path], checksum: ChecksumPolicy) -> CheckedArtifact:
+def check_artifact(
+    art: Artifact, roots: Sequence[Path], checksum: ChecksumPolicy
+) -> CheckedArtifact:
     """Check one artifact's file; raise InvalidEvent (or FileNotYetThere) when it fails."""
     for _attempt in range(3):
         resolved = resolve(art.path, roots)

@@ -9,9 +9,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support import Bus, wait_for
 
 from busd import events
-from conftest import Bus, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,8 @@ def free_port() -> int:
 
 def test_schema_file_has_not_drifted() -> None:
     on_disk = (ROOT / "schemas" / "artifact-event.v1.schema.json").read_text()
-    assert on_disk == events.json_schema_text(), "run: busd schema > schemas/artifact-event.v1.schema.json"
+    regenerate = "busd schema > schemas/artifact-event.v1.schema.json"
+    assert on_disk == events.json_schema_text(), f"the schema drifted; run: {regenerate}"
 
 
 def test_schema_command_prints_it(bus: Bus) -> None:

@@ -6,9 +6,9 @@ import signal
 import threading
 
 import pytest
+from support import Bus, wait_for
 
 from busd.exports import read_manifest
-from conftest import Bus, wait_for
 
 
 def run_until_killed(bus: Bus, point: str, skip: int = 0) -> None:

