@@ -288,9 +288,18 @@ def validate(
         raise typer.Exit(int(ExitCode.REJECTED))
 
 
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (kept out of this file to keep it short)."""
+    from busd import bench
+
+    bench.register(app)
+
+
 def main() -> None:
+    _register_optional_commands()
     try:
         app()
     except msgspec.ValidationError as exc:  # pragma: no cover - defensive
         typer.echo(f"busd: {exc}", err=True)
         sys.exit(int(ExitCode.USAGE))
+
