@@ -1,15 +1,17 @@
 """The DuckDB catalog (contract §5): schema, migrations, and one transaction per batch.
 
-The catalog is a fold over the stream in sequence order. It is idempotent: a stream sequence
-already in ``events_f`` is never applied twice, and for every key the row from the highest
-sequence wins whatever order redeliveries arrive in. Only the writer thread touches
-:class:`Catalog`; everything is inserted as Arrow tables, never row by row.
+The catalog is a fold over the stream. Committed events append rows to two logs
+(``artifact_log``, ``run_log``: one row per artifact or run *per committing sequence*), and
+``artifacts_f`` and ``runs_d`` are recomputed for the keys a batch touches: the row from the
+highest sequence wins, ``version`` counts the commits of a key. Derived rows are therefore a
+pure function of the set of committed sequences — the same whatever order redeliveries arrive
+in, and the same as a replay. Only the writer thread touches :class:`Catalog`; everything is
+inserted as Arrow tables, never row by row.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,42 +47,81 @@ CREATE TABLE IF NOT EXISTS catalog.rejections_f (
 CREATE TABLE IF NOT EXISTS catalog.exports_d (
     name VARCHAR PRIMARY KEY, path VARCHAR, rows BIGINT, bytes BIGINT, catalog_seq UBIGINT,
     refreshed_at TIMESTAMPTZ, duration_ms DOUBLE);
+CREATE TABLE IF NOT EXISTS catalog.artifact_log (
+    run_id VARCHAR, name VARCHAR, seq UBIGINT, path VARCHAR, format VARCHAR, rows BIGINT,
+    bytes BIGINT, sha256 VARCHAR, columns JSON, schema_hash VARCHAR, meta JSON,
+    event_id VARCHAR, published_at TIMESTAMPTZ, committed_at TIMESTAMPTZ);
+CREATE TABLE IF NOT EXISTS catalog.run_log (
+    seq UBIGINT, run_id VARCHAR, kind VARCHAR, producer VARCHAR, status VARCHAR,
+    started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ, params JSON, code_version VARCHAR,
+    parent_run_id VARCHAR, published_at TIMESTAMPTZ, event_id VARCHAR);
 """
 
 MIGRATIONS: dict[int, str] = {1: _DDL_V1}
 
-_TS = pa.timestamp("us", tz="UTC")
+# Tables compared by `busd verify`, with the wall-clock columns a replay cannot reproduce.
+COMPARED: dict[str, tuple[str, ...]] = {
+    "runs_d": (),
+    "artifacts_f": ("committed_at",),
+    "events_f": ("committed_at",),
+    "rejections_f": ("rejected_at", "deliveries"),
+}
 
-EVENT_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+_TS = pa.timestamp("us", tz="UTC")
+Columns = tuple[tuple[str, pa.DataType], ...]
+
+EVENT_COLUMNS: Columns = (
     ("seq", pa.uint64()), ("event_id", pa.string()), ("payload_sha256", pa.string()),
     ("subject", pa.string()), ("producer", pa.string()), ("run_id", pa.string()),
     ("outcome", pa.string()), ("reason", pa.string()), ("n_artifacts", pa.int32()),
     ("published_at", _TS), ("committed_at", _TS),
 )
-REJECTION_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+REJECTION_COLUMNS: Columns = (
     ("seq", pa.uint64()), ("subject", pa.string()), ("event_id", pa.string()),
     ("reason", pa.string()), ("detail", pa.string()), ("payload", pa.binary()),
     ("deliveries", pa.int32()), ("published_at", _TS), ("rejected_at", _TS),
 )
-ARTIFACT_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
-    ("run_id", pa.string()), ("name", pa.string()), ("path", pa.string()),
+ARTIFACT_LOG_COLUMNS: Columns = (
+    ("run_id", pa.string()), ("name", pa.string()), ("seq", pa.uint64()), ("path", pa.string()),
     ("format", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()),
     ("sha256", pa.string()), ("columns", pa.string()), ("schema_hash", pa.string()),
-    ("meta", pa.string()), ("event_id", pa.string()), ("seq", pa.uint64()),
-    ("published_at", _TS), ("committed_at", _TS),
+    ("meta", pa.string()), ("event_id", pa.string()), ("published_at", _TS),
+    ("committed_at", _TS),
 )
-RUN_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
-    ("run_id", pa.string()), ("kind", pa.string()), ("producer", pa.string()),
-    ("status", pa.string()), ("started_at", _TS), ("finished_at", _TS), ("params", pa.string()),
-    ("code_version", pa.string()), ("parent_run_id", pa.string()), ("seq", pa.uint64()),
-    ("published_at", _TS), ("event_id", pa.string()),
+RUN_LOG_COLUMNS: Columns = (
+    ("seq", pa.uint64()), ("run_id", pa.string()), ("kind", pa.string()),
+    ("producer", pa.string()), ("status", pa.string()), ("started_at", _TS),
+    ("finished_at", _TS), ("params", pa.string()), ("code_version", pa.string()),
+    ("parent_run_id", pa.string()), ("published_at", _TS), ("event_id", pa.string()),
+)
+DEMOTION_COLUMNS: Columns = (
+    ("seq", pa.uint64()), ("outcome", pa.string()), ("reason", pa.string()),
+    ("detail", pa.string()), ("payload", pa.binary()),
 )
 
+_ARTIFACT_FIELDS = ("path", "format", "rows", "bytes", "sha256", "columns", "schema_hash",
+                    "meta", "event_id")
+_RUN_FIELDS = ("kind", "producer", "status", "started_at", "finished_at", "params",
+               "code_version", "parent_run_id")
 
-_ARTIFACT_WINNERS = ("path", "format", "rows", "bytes", "sha256", "columns", "schema_hash", "meta",
-                     "event_id", "published_at", "committed_at")
-_RUN_WINNERS = ("kind", "producer", "status", "started_at", "finished_at", "params",
-                "code_version", "parent_run_id", "last_published_at", "event_id")
+_DERIVE_ARTIFACTS = f"""
+    INSERT INTO catalog.artifacts_f
+    SELECT run_id, name, {', '.join(f'arg_max({c}, seq)' for c in _ARTIFACT_FIELDS)},
+           max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq)
+    FROM catalog.artifact_log WHERE (run_id, name) IN (SELECT (run_id, name) FROM touched_keys)
+    GROUP BY run_id, name"""
+
+_DERIVE_RUNS = f"""
+    INSERT INTO catalog.runs_d
+    SELECT l.run_id, {', '.join(f'arg_max(l.{c}, l.seq)' for c in _RUN_FIELDS)},
+           coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
+           arg_max(l.published_at, l.seq), arg_max(l.event_id, l.seq)
+    FROM catalog.run_log l
+    LEFT JOIN (SELECT run_id, count(*)::INTEGER AS n FROM catalog.artifacts_f
+               WHERE run_id IN (SELECT run_id FROM touched_runs) GROUP BY run_id) n
+      ON n.run_id = l.run_id
+    WHERE l.run_id IN (SELECT run_id FROM touched_runs)
+    GROUP BY l.run_id"""
 
 
 @dataclass
@@ -91,6 +132,7 @@ class Batch:
     rejections: list[tuple[Any, ...]] = field(default_factory=list)
     artifacts: list[tuple[Any, ...]] = field(default_factory=list)
     runs: list[tuple[Any, ...]] = field(default_factory=list)
+    demotions: list[tuple[Any, ...]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.events)
@@ -104,20 +146,29 @@ class Known:
     reason: str | None
 
 
-def to_arrow(
-    rows: Sequence[tuple[Any, ...]], columns: Sequence[tuple[str, pa.DataType]]
-) -> pa.Table:
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The committed sequence that holds an event_id, and its payload's hash."""
+
+    payload_hash: str
+    seq: int
+    in_batch: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Sibling:
+    """A later sequence that carried the same event_id (committed, duplicate or conflict)."""
+
+    seq: int
+    payload_hash: str
+    outcome: str
+    reason: str | None
+
+
+def to_arrow(rows: Sequence[tuple[Any, ...]], columns: Columns) -> pa.Table:
     cols = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
     return pa.table({name: pa.array(values, type=typ)
                      for (name, typ), values in zip(columns, cols, strict=True)})
-
-
-def _from_higher_seq(table: str, seq_col: str, columns: Sequence[str]) -> str:
-    """SET items where each column keeps the value of the row with the higher sequence."""
-    return ", ".join(
-        f"{c} = CASE WHEN EXCLUDED.{seq_col} > {table}.{seq_col} "
-        f"THEN EXCLUDED.{c} ELSE {table}.{c} END"
-        for c in columns)
 
 
 def _sql_path(path: Path) -> str:
@@ -148,6 +199,8 @@ class Catalog:
             self.migrate()
 
     def close(self) -> None:
+        with contextlib.suppress(duckdb.Error):
+            self.con.execute("CHECKPOINT")
         self.con.close()
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
@@ -182,8 +235,12 @@ class Catalog:
         row = self.con.execute("SELECT coalesce(max(seq), 0) FROM catalog.events_f").fetchone()
         return int(row[0]) if row else 0
 
+    def lookup(self, seqs: Sequence[int], event_ids: Iterable[str]
+               ) -> tuple[dict[int, Known], dict[str, Claim]]:
+        """Outcomes already recorded for these sequences, and who holds these event ids."""
+        return self.known(seqs), self.claims(event_ids)
+
     def known(self, seqs: Sequence[int]) -> dict[int, Known]:
-        """Outcomes already recorded for these stream sequences (a redelivery)."""
         if not seqs:
             return {}
         rows = self.con.execute(
@@ -192,79 +249,40 @@ class Catalog:
         wanted = set(seqs)
         return {int(s): Known(o, r) for s, o, r in rows if s in wanted}
 
-    def committed_ids(self, event_ids: Iterable[str]) -> dict[str, str]:
-        """event_id → payload hash, for event ids that already committed."""
+    def claims(self, event_ids: Iterable[str]) -> dict[str, Claim]:
         ids = list(set(event_ids))
         if not ids:
             return {}
         rows = self.con.execute(
-            "SELECT event_id, any_value(payload_sha256) FROM catalog.events_f "
-            "WHERE outcome = 'committed' AND event_id IN (SELECT unnest(?::VARCHAR[])) "
-            "GROUP BY event_id", [ids]).fetchall()
-        return {str(e): str(h) for e, h in rows}
+            "SELECT event_id, payload_sha256, seq FROM catalog.events_f "
+            "WHERE outcome = 'committed' AND event_id IN (SELECT unnest(?::VARCHAR[]))",
+            [ids]).fetchall()
+        return {str(e): Claim(str(h), int(s)) for e, h, s in rows}
 
-    def commit(self, batch: Batch, committed_at: dt.datetime) -> None:
+    def siblings(self, event_id: str, after_seq: int) -> list[Sibling]:
+        rows = self.con.execute(
+            "SELECT seq, payload_sha256, outcome, reason FROM catalog.events_f "
+            "WHERE event_id = ? AND seq > ? AND (outcome IN ('committed', 'duplicate') "
+            "OR reason = 'event_id_conflict') ORDER BY seq", [event_id, after_seq]).fetchall()
+        return [Sibling(int(q), str(h), str(o), r) for q, h, o, r in rows]
+
+    def commit(self, batch: Batch) -> None:
         """Apply one batch in one transaction; a sequence already applied is skipped."""
         if not batch:
             return
         con = self.con
-        events = to_arrow(batch.events, EVENT_COLUMNS)
-        rejections = to_arrow(batch.rejections, REJECTION_COLUMNS)
-        artifacts = to_arrow(batch.artifacts, ARTIFACT_COLUMNS)
-        runs = to_arrow(batch.runs, RUN_COLUMNS)
+        staged = {
+            "stage_events": to_arrow(batch.events, EVENT_COLUMNS),
+            "stage_rejections": to_arrow(batch.rejections, REJECTION_COLUMNS),
+            "stage_artifacts": to_arrow(batch.artifacts, ARTIFACT_LOG_COLUMNS),
+            "stage_runs": to_arrow(batch.runs, RUN_LOG_COLUMNS),
+            "stage_demotions": to_arrow(batch.demotions, DEMOTION_COLUMNS),
+        }
         try:
-            con.register("stage_events", events)
-            con.register("stage_rejections", rejections)
-            con.register("stage_artifacts", artifacts)
-            con.register("stage_runs", runs)
+            for name, table in staged.items():
+                con.register(name, table)
             con.execute("BEGIN")
-            # Sequences already applied (a redelivery racing its own first delivery) are
-            # dropped here, so nothing below ever counts one twice.
-            con.execute("""
-                CREATE OR REPLACE TEMP TABLE fresh AS
-                SELECT seq FROM stage_events
-                WHERE seq NOT IN (SELECT seq FROM catalog.events_f
-                                  WHERE seq BETWEEN (SELECT min(seq) FROM stage_events)
-                                                AND (SELECT max(seq) FROM stage_events))""")
-            con.execute("INSERT INTO catalog.events_f SELECT * FROM stage_events "
-                        "WHERE seq IN (SELECT seq FROM fresh)")
-            con.execute("INSERT INTO catalog.rejections_f SELECT * FROM stage_rejections "
-                        "WHERE seq IN (SELECT seq FROM fresh)")
-            con.execute(f"""
-                INSERT INTO catalog.artifacts_f
-                SELECT run_id, name,
-                       arg_max(path, seq), arg_max(format, seq), arg_max(rows, seq),
-                       arg_max(bytes, seq), arg_max(sha256, seq), arg_max(columns, seq),
-                       arg_max(schema_hash, seq), arg_max(meta, seq), arg_max(event_id, seq),
-                       max(seq) AS last_seq, count(*)::INTEGER, arg_max(published_at, seq),
-                       ?::TIMESTAMPTZ
-                FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)
-                GROUP BY run_id, name
-                ON CONFLICT (run_id, name) DO UPDATE SET
-                  {_from_higher_seq("artifacts_f", "seq", _ARTIFACT_WINNERS)},
-                  seq = greatest(EXCLUDED.seq, artifacts_f.seq),
-                  version = artifacts_f.version + EXCLUDED.version""", [committed_at])
-            con.execute(f"""
-                INSERT INTO catalog.runs_d
-                SELECT run_id, arg_max(kind, seq), arg_max(producer, seq), arg_max(status, seq),
-                       arg_max(started_at, seq), arg_max(finished_at, seq), arg_max(params, seq),
-                       arg_max(code_version, seq), arg_max(parent_run_id, seq), 0,
-                       min(seq), max(seq) AS last_seq, arg_min(published_at, seq),
-                       arg_max(published_at, seq), arg_max(event_id, seq)
-                FROM stage_runs WHERE seq IN (SELECT seq FROM fresh)
-                GROUP BY run_id
-                ON CONFLICT (run_id) DO UPDATE SET
-                  {_from_higher_seq("runs_d", "last_seq", _RUN_WINNERS)},
-                  first_published_at = CASE WHEN EXCLUDED.first_seq < runs_d.first_seq
-                      THEN EXCLUDED.first_published_at ELSE runs_d.first_published_at END,
-                  first_seq = least(EXCLUDED.first_seq, runs_d.first_seq),
-                  last_seq = greatest(EXCLUDED.last_seq, runs_d.last_seq)""")
-            con.execute("""
-                UPDATE catalog.runs_d SET n_artifacts = counts.n
-                FROM (SELECT run_id, count(*)::INTEGER AS n FROM catalog.artifacts_f
-                      WHERE run_id IN (SELECT DISTINCT run_id FROM stage_runs)
-                      GROUP BY run_id) AS counts
-                WHERE runs_d.run_id = counts.run_id""")
+            self._apply(bool(batch.demotions))
             con.execute("COMMIT")
         except duckdb.FatalException as exc:
             raise FatalStorageError(f"catalog: {exc}") from exc
@@ -275,8 +293,70 @@ class Catalog:
                 raise FatalStorageError(f"catalog: {exc}") from exc
             raise StorageError(f"catalog commit failed: {exc}") from exc
         finally:
-            for name in ("stage_events", "stage_rejections", "stage_artifacts", "stage_runs"):
+            for name in staged:
                 con.unregister(name)
+
+    def _apply(self, demotions: bool) -> None:
+        con = self.con
+        # Sequences already applied (a redelivery racing its own first delivery) are dropped
+        # here, so nothing below ever counts one twice.
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE fresh AS
+            SELECT seq FROM stage_events
+            WHERE seq NOT IN (SELECT seq FROM catalog.events_f
+                              WHERE seq BETWEEN (SELECT min(seq) FROM stage_events)
+                                            AND (SELECT max(seq) FROM stage_events))""")
+        con.execute("INSERT INTO catalog.events_f SELECT * FROM stage_events "
+                    "WHERE seq IN (SELECT seq FROM fresh)")
+        con.execute("INSERT INTO catalog.rejections_f SELECT * FROM stage_rejections "
+                    "WHERE seq IN (SELECT seq FROM fresh)")
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE touched_keys AS
+            SELECT DISTINCT run_id, name FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)
+            """)
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE touched_runs AS
+            SELECT DISTINCT run_id FROM stage_runs WHERE seq IN (SELECT seq FROM fresh)""")
+        if demotions:
+            self._demote()
+        con.execute("INSERT INTO catalog.artifact_log SELECT * FROM stage_artifacts "
+                    "WHERE seq IN (SELECT seq FROM fresh)")
+        con.execute("INSERT INTO catalog.run_log SELECT * FROM stage_runs "
+                    "WHERE seq IN (SELECT seq FROM fresh)")
+        con.execute("DELETE FROM catalog.artifacts_f WHERE (run_id, name) IN "
+                    "(SELECT (run_id, name) FROM touched_keys)")
+        con.execute(_DERIVE_ARTIFACTS)
+        con.execute("DELETE FROM catalog.runs_d WHERE run_id IN (SELECT run_id FROM touched_runs)")
+        con.execute(_DERIVE_RUNS)
+
+    def _demote(self) -> None:
+        """Later sequences that lose their event_id to an earlier one: duplicate or conflict."""
+        con = self.con
+        con.execute("""
+            INSERT INTO touched_keys SELECT DISTINCT run_id, name FROM catalog.artifact_log
+            WHERE seq IN (SELECT seq FROM stage_demotions)""")
+        con.execute("""
+            INSERT INTO touched_runs SELECT DISTINCT run_id FROM catalog.run_log
+            WHERE seq IN (SELECT seq FROM stage_demotions)""")
+        con.execute("DELETE FROM catalog.artifact_log "
+                    "WHERE seq IN (SELECT seq FROM stage_demotions)")
+        con.execute("DELETE FROM catalog.run_log WHERE seq IN (SELECT seq FROM stage_demotions)")
+        con.execute("""
+            UPDATE catalog.events_f SET outcome = d.outcome, reason = d.reason
+            FROM stage_demotions d WHERE events_f.seq = d.seq""")
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE kept_payloads AS
+            SELECT seq, payload FROM catalog.rejections_f
+            WHERE seq IN (SELECT seq FROM stage_demotions)""")
+        con.execute("DELETE FROM catalog.rejections_f "
+                    "WHERE seq IN (SELECT seq FROM stage_demotions)")
+        con.execute("""
+            INSERT INTO catalog.rejections_f
+            SELECT e.seq, e.subject, e.event_id, d.reason, d.detail,
+                   coalesce(d.payload, k.payload), 1, e.published_at, e.committed_at
+            FROM stage_demotions d JOIN catalog.events_f e USING (seq)
+            LEFT JOIN kept_payloads k USING (seq)
+            WHERE d.outcome = 'rejected'""")
 
     def record_exports(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Upsert rows of ``exports_d`` (name, path, rows, bytes, catalog_seq, at, ms)."""

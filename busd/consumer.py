@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import datetime as dt
-import functools
 import signal
 import time
 from collections import Counter
@@ -23,25 +21,21 @@ from typing import Any, Literal, TypeVar
 import anyio
 import msgspec
 
-from busd import events as ev
 from busd import faults, log, source
-from busd.catalog import Batch, Catalog
+from busd.catalog import Batch, Catalog, Claim, Known, Sibling
 from busd.config import Settings, parse_hostport
 from busd.embedded import EmbeddedServer
 from busd.errors import (
     ConsumerGone,
     FatalStorageError,
-    FileNotYetThere,
-    InvalidEvent,
     Outcome,
-    Reason,
     Stalled,
     StorageError,
 )
 from busd.exports import Exporter, manifest_rows
+from busd.fold import Decided, Folder
 from busd.metrics import Metrics, MetricsServer
 from busd.sdnotify import SdNotifier
-from busd.validate import CheckedArtifact, check_event
 
 T = TypeVar("T")
 Action = Literal["ack", "term", "nak", "progress"]
@@ -67,22 +61,6 @@ def wire_body(action: Action, delay_s: float = 0.0) -> bytes:
     if action == "progress":
         return source.PROGRESS
     return source.nak_body(delay_s)
-
-
-@dataclass(slots=True)
-class Decided:
-    """A delivery with its outcome (or none yet, with a nak delay)."""
-
-    d: source.Delivery
-    outcome: Outcome | None
-    reason: Reason | None = None
-    detail: str = ""
-    event_id: str | None = None
-    producer: str = ""
-    run_id: str | None = None
-    payload_hash: str = ""
-    n_artifacts: int = 0
-    nak_delay_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -116,8 +94,8 @@ class Daemon:
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="busd-writer")
         self._export_pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="busd-export")
-        self._validate_limit = anyio.CapacityLimiter(settings.verify.threads)
         self.catalog: Catalog | None = None
+        self.folder: Folder | None = None
         self.exporter: Exporter | None = None
         self.embedded: EmbeddedServer | None = None
         self.nc: Any = None
@@ -153,6 +131,7 @@ class Daemon:
             Exporter, self.catalog.cursor(), s.exports_path, s.exports)
         await self._on_exporter(self.exporter.check)
         self.metrics.watch_exports(list(self.exporter.exports))
+        self.folder = Folder(s, self)
         url = s.nats.url
         if not url:
             host, port = parse_hostport(s.nats.embedded_listen, "nats.embedded_listen")
@@ -269,156 +248,25 @@ class Daemon:
 
     # ---- one batch -----------------------------------------------------------------------
     async def _handle(self, batch: Sequence[source.Delivery]) -> None:
-        assert self.catalog is not None
-        known = await self._on_writer(self.catalog.known, [d.seq for d in batch])
-        decided: list[Decided] = []
-        fresh: list[Decided] = []
-        events: dict[int, ev.ArtifactEvent] = {}
-        for d in batch:
-            if d.seq in known:
-                k = known[d.seq]
-                decided.append(Decided(d, Outcome(k.outcome), None if k.reason is None
-                                       else Reason(k.reason), "already recorded"))
-                continue
-            item, event = self._decode(d)
-            decided.append(item)
-            if event is not None:
-                fresh.append(item)
-                events[id(item)] = event
-        faults.hit("after_decode")
-        committed = await self._on_writer(
-            self.catalog.committed_ids, [f.event_id for f in fresh if f.event_id])
-        to_check = [f for f in fresh if f.event_id not in committed]
-        if to_check:
-            faults.hit("during_validate")
-        checked = await self._validate([(f, events[id(f)]) for f in to_check])
-        rows = Batch()
-        now = dt.datetime.now(dt.UTC)
-        seen: dict[str, str] = dict(committed)
-        touched: set[str] = set()
-        for item in sorted(fresh, key=lambda x: x.d.seq):
-            event = events[id(item)]
-            assert item.event_id is not None
-            if item.event_id in seen:
-                if seen[item.event_id] == item.payload_hash:
-                    item.outcome = Outcome.DUPLICATE
-                else:
-                    self._reject(item, Reason.EVENT_ID_CONFLICT,
-                                 f"event_id {item.event_id!r} was committed with another payload")
-                continue
-            result = checked.get(id(item))
-            if isinstance(result, FileNotYetThere):
-                self._missing(item, result)
-                continue
-            if isinstance(result, InvalidEvent):
-                self._reject(item, result.reason, result.detail)
-                continue
-            assert result is not None
-            item.outcome = Outcome.COMMITTED
-            seen[item.event_id] = item.payload_hash
-            self._rows_for(rows, item, event, result, now)
-            touched.update(a.name for a in result)
-        for item in decided:
-            if item.outcome is not None and item.d.seq not in known:
-                self._event_rows(rows, item, now)
-        if rows:
-            await self._commit(rows, batch)
+        assert self.folder is not None
+        folded = await self.folder.fold(batch)
+        if folded.rows:
+            await self._commit(folded.rows, batch)
             faults.hit("after_commit")
-        await self._settle_batch(decided, known, touched)
+        await self._settle_batch(folded.decided, folded.touched)
 
-    def _decode(self, d: source.Delivery) -> tuple[Decided, ev.ArtifactEvent | None]:
-        payload_hash = ev.payload_sha256(d.data)
-        item = Decided(d, None, event_id=d.msg_id or payload_hash,
-                       producer=ev.producer_of(d.subject), payload_hash=payload_hash)
-        if d.delivered >= self.s.consumer.max_deliver - 1:
-            self._reject(item, Reason.POISON,
-                         f"delivered {d.delivered} times without reaching an outcome")
-            return item, None
-        try:
-            event = ev.decode(d.data)
-            item.event_id, item.producer = ev.resolve_identity(event, d.subject, d.msg_id,
-                                                               payload_hash)
-        except InvalidEvent as exc:
-            self._reject(item, exc.reason, exc.detail)
-            return item, None
-        except Exception as exc:
-            self._reject(item, Reason.MALFORMED, f"undecodable: {type(exc).__name__}: {exc}")
-            return item, None
-        item.run_id = event.run.run_id
-        item.n_artifacts = len(event.artifacts)
-        return item, event
+    # the fold's Store: catalog reads on the writer thread, payloads from the stream
+    async def lookup(self, seqs: Sequence[int], event_ids: Sequence[str]
+                     ) -> tuple[dict[int, Known], dict[str, Claim]]:
+        assert self.catalog is not None
+        return await self._on_writer(self.catalog.lookup, seqs, event_ids)
 
-    @staticmethod
-    def _reject(item: Decided, reason: Reason, detail: str) -> None:
-        item.outcome = Outcome.REJECTED
-        item.reason = reason
-        item.detail = detail
+    async def siblings(self, event_id: str, after_seq: int) -> list[Sibling]:
+        assert self.catalog is not None
+        return await self._on_writer(self.catalog.siblings, event_id, after_seq)
 
-    def _missing(self, item: Decided, exc: FileNotYetThere) -> None:
-        """Retry a missing file with backoff until ``verify.file_wait_s``, then reject it."""
-        waited_s = max(0.0, time.time() - item.d.published_ns / 1e9)
-        remaining_s = self.s.verify.file_wait_s - waited_s
-        # keep two deliveries in reserve so a slow file never turns into `poison`
-        tries_left = self.s.consumer.max_deliver - 3 - item.d.delivered
-        if remaining_s <= 0 or tries_left <= 0:
-            self._reject(item, Reason.FILE_MISSING,
-                         f"{exc.detail} (waited {waited_s:.0f}s)")
-            return
-        item.nak_delay_s = min(remaining_s, max(2.0 ** (item.d.delivered - 1),
-                                                remaining_s / tries_left))
-
-    async def _validate(
-        self, items: Sequence[tuple[Decided, ev.ArtifactEvent]]
-    ) -> dict[int, list[CheckedArtifact] | InvalidEvent]:
-        """Check files on worker threads, in chunks (pyarrow and hashlib release the GIL)."""
-        results: dict[int, list[CheckedArtifact] | InvalidEvent] = {}
-        if not items:
-            return results
-        roots, policy = self.s.roots, self.s.verify.checksum
-
-        def check_chunk(chunk: Sequence[tuple[Decided, ev.ArtifactEvent]]) -> None:
-            for item, event in chunk:
-                try:
-                    results[id(item)] = check_event(event, roots, policy)
-                except InvalidEvent as exc:
-                    results[id(item)] = exc
-                except (OSError, ValueError, RuntimeError) as exc:  # odd paths, EIO, …
-                    results[id(item)] = InvalidEvent(
-                        Reason.NOT_PARQUET, f"could not be checked: {type(exc).__name__}: {exc}")
-
-        n = min(self.s.verify.threads, len(items))
-        chunks = [items[i::n] for i in range(n)]
-        async with anyio.create_task_group() as tg:
-            for chunk in chunks:
-                tg.start_soon(functools.partial(anyio.to_thread.run_sync, check_chunk, chunk,
-                                                limiter=self._validate_limit))
-        return results
-
-    @staticmethod
-    def _rows_for(rows: Batch, item: Decided, event: ev.ArtifactEvent,
-                  checked: Sequence[CheckedArtifact], now: dt.datetime) -> None:
-        d, run = item.d, event.run
-        published = d.published_at
-        for a in checked:
-            rows.artifacts.append((run.run_id, a.name, a.path, a.format, a.rows, a.bytes,
-                                   a.sha256, a.columns, a.schema_hash, a.meta, item.event_id,
-                                   d.seq, published, now))
-        params = None if run.params is None else msgspec.json.encode(run.params).decode()
-        rows.runs.append((run.run_id, run.kind, item.producer, run.status, run.started_at,
-                          run.finished_at, params, run.code_version, run.parent_run_id, d.seq,
-                          published, item.event_id))
-
-    @staticmethod
-    def _event_rows(rows: Batch, item: Decided, now: dt.datetime) -> None:
-        d = item.d
-        assert item.outcome is not None
-        reason = item.reason.value if item.reason else None
-        rows.events.append((d.seq, item.event_id, item.payload_hash, d.subject, item.producer,
-                            item.run_id, item.outcome.value, reason, item.n_artifacts,
-                            d.published_at, now))
-        if item.outcome is Outcome.REJECTED:
-            rows.rejections.append((d.seq, d.subject, item.event_id, reason, item.detail,
-                                    d.data, d.delivered, d.published_at, now))
+    async def payload(self, seq: int) -> bytes:
+        return await source.stored_payload(self.nc, self.s.nats.stream, seq)
 
     async def _commit(self, rows: Batch, batch: Sequence[source.Delivery]) -> None:
         """One catalog transaction; a transient failure is retried with the batch in hand."""
@@ -427,7 +275,7 @@ class Daemon:
         while True:
             started = time.perf_counter()
             try:
-                await self._on_writer(self.catalog.commit, rows, dt.datetime.now(dt.UTC))
+                await self._on_writer(self.catalog.commit, rows)
                 break
             except FatalStorageError:
                 raise
@@ -443,15 +291,13 @@ class Daemon:
         self.metrics.catalog_seq.set(max(self.metrics.catalog_seq._value.get(),
                                          max(r[0] for r in rows.events)))
 
-    async def _settle_batch(self, decided: Sequence[Decided], known: dict[int, Any],
-                            touched: set[str]) -> None:
+    async def _settle_batch(self, decided: Sequence[Decided], touched: set[str]) -> None:
         now_items: list[tuple[str, bytes]] = []
         generation = self._generation + 1
         waits = False
         for item in decided:
             action = settlement(item.outcome)
-            fresh = item.d.seq not in known
-            if item.outcome is not None and fresh:
+            if item.outcome is not None and not item.known:
                 self.stats.outcomes[item.outcome.value] += 1
                 self.metrics.events.labels(outcome=item.outcome.value).inc()
                 if item.reason is not None:

@@ -308,3 +308,9 @@ async def consumer_state(nc: Client, s: Settings) -> tuple[int, int]:
 
 
 Publish = Callable[[str, bytes, dict[str, str] | None], Awaitable[int]]
+
+
+async def stored_payload(nc: Client, stream: str, seq: int) -> bytes:
+    """The payload of one stored message, read back from the stream by sequence."""
+    msg = await nc.jetstream().get_msg(stream, seq)
+    return bytes(msg.data or b"")

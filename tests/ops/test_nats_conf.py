@@ -9,6 +9,7 @@ the test's folder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -33,8 +34,8 @@ BUSD_HASH = "$2b$10$mQij1UGhrC/qtXisp1ycF.N4ds7fqnEsd.HYCWg9hZtnQFtCsZEXC"
 LAB_PASSWORD = "lab-test-password"
 SYS_PASSWORD = "sys-test-password"
 SECRETS = {
-    "BUSD_NATS_PASSWORD": f'"{BUSD_HASH}"',
-    "LAB_SIMULATION_NATS_PASSWORD": LAB_PASSWORD,
+    "NATS_BUSD_PASSWORD": f'"{BUSD_HASH}"',
+    "NATS_LAB_SIMULATION_PASSWORD": LAB_PASSWORD,
     "NATS_SYS_PASSWORD": SYS_PASSWORD,
 }
 DENIED_S = 0.5
@@ -80,29 +81,39 @@ def local_copy(tmp_path: Path, port: int, http_port: int) -> Path:
     return copy
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp_path = tmp_path_factory.mktemp("nats")
+@contextlib.contextmanager
+def running_server(tmp_path: Path) -> Iterator[Server]:
+    """nats-server on a copy of ops/nats/nats-server.conf, until the block ends."""
     port, http_port = free_port(), free_port()
     conf = local_copy(tmp_path, port, http_port)
-    log = (tmp_path / "nats.log").open("w")
-    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], env=server_env(**SECRETS),
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while "Server is ready" not in (tmp_path / "nats.log").read_text():
-            assert proc.poll() is None, (tmp_path / "nats.log").read_text()
-            assert time.monotonic() < deadline, "nats-server did not become ready"
-            time.sleep(0.05)
-        yield Server(f"nats://127.0.0.1:{port}", f"http://127.0.0.1:{http_port}")
-    finally:
-        proc.terminate()
+    log_path = tmp_path / "nats.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)],
+                                env=server_env(**SECRETS), stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            deadline = time.monotonic() + 30
+            while "Server is ready" not in log_path.read_text():
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "nats-server did not become ready"
+                time.sleep(0.05)
+            yield Server(f"nats://127.0.0.1:{port}", f"http://127.0.0.1:{http_port}")
+        finally:
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(tmp_path_factory.mktemp("nats")) as running:
+        yield running
 
 
 class Session:
@@ -309,3 +320,48 @@ def test_system_account_answers_server_requests(server: Server) -> None:
         assert json.loads(reply.data)["server"]["name"] == "busd-nats"
 
     run(server, body)
+
+
+def test_real_busd_works_within_these_permissions(tmp_path: Path) -> None:
+    """busd init / serve as user busd, `busd submit --wait` as a producer, end to end."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    fills = artifacts / "fills.parquet"
+    pq.write_table(pa.table({"x": [1, 2, 3]}), fills)
+    config = tmp_path / "busd.toml"
+    with running_server(tmp_path) as server:
+        config.write_text(
+            f'data_dir = "{tmp_path / "data"}"\n'
+            f'artifact_roots = ["{artifacts}"]\n'
+            f'[nats]\nurl = "{server.url}"\nuser = "busd"\n'
+            '[consumer]\nbatch_wait_ms = 50\n'
+            '[metrics]\nlisten = ""\n', encoding="utf-8")
+        busd_env = server_env(BUSD_NATS_PASSWORD=BUSD_PASSWORD)
+        producer_env = server_env(BUSD_NATS_USER="lab-simulation",
+                                  BUSD_NATS_PASSWORD=LAB_PASSWORD)
+        busd = [sys.executable, "-m", "busd"]
+
+        init = subprocess.run([*busd, "init", "--config", str(config)], env=busd_env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert init.returncode == 0, init.stderr
+
+        log_path = tmp_path / "serve.log"
+        with log_path.open("w") as log:
+            serve = subprocess.Popen([*busd, "serve", "--config", str(config)], env=busd_env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+            try:
+                submit = subprocess.run(
+                    [*busd, "submit", "--config", str(config), "--run-id", "perm-1",
+                     "--kind", "simulation", "--producer", "lab.simulation", "--wait",
+                     "--timeout", "60", f"fills={fills}"],
+                    env=producer_env, capture_output=True, text=True, timeout=90, check=False)
+                assert submit.returncode == 0, submit.stderr + log_path.read_text()
+                assert json.loads(submit.stdout)["outcome"] == "committed", submit.stdout
+            finally:
+                stop(serve)
+        assert serve.returncode == 0, log_path.read_text()
+        server_log = (tmp_path / "nats.log").read_text()
+        assert "Violation" not in server_log, server_log

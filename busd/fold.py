@@ -1,0 +1,262 @@
+"""The fold: a batch of deliveries → an outcome for each and the catalog rows to commit.
+
+Used by the daemon and by replay (``busd rebuild``/``verify``), so both fold the stream the
+same way. The result does not depend on delivery order: a sequence already recorded is never
+applied again, rows are derived by "highest sequence wins", and an ``event_id`` belongs to the
+*lowest* sequence that carried it validly — when a lower one arrives late (a redelivery after
+a crash), it takes the claim over and the later one is demoted to duplicate or conflict.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+import msgspec
+
+from busd import events as ev
+from busd import faults
+from busd.catalog import Batch, Claim, Known, Sibling
+from busd.config import Settings
+from busd.errors import FileNotYetThere, InvalidEvent, Outcome, Reason
+from busd.source import Delivery
+from busd.validate import CheckedArtifact, check_event
+
+
+@dataclass(slots=True)
+class Decided:
+    """A delivery with its outcome, or none yet (a file still missing: nak after a delay)."""
+
+    d: Delivery
+    outcome: Outcome | None
+    reason: Reason | None = None
+    detail: str = ""
+    event_id: str | None = None
+    producer: str = ""
+    run_id: str | None = None
+    payload_hash: str = ""
+    n_artifacts: int = 0
+    nak_delay_s: float = 0.0
+    known: bool = False  # recorded by an earlier delivery: settle again, change nothing
+
+
+@dataclass
+class Folded:
+    decided: list[Decided]
+    rows: Batch
+    touched: set[str] = field(default_factory=set)  # artifact names committed
+
+
+class Store(Protocol):
+    """What the fold reads: the catalog (on its writer thread) and stored payloads."""
+
+    async def lookup(self, seqs: Sequence[int], event_ids: Sequence[str]
+                     ) -> tuple[dict[int, Known], dict[str, Claim]]: ...
+
+    async def siblings(self, event_id: str, after_seq: int) -> list[Sibling]: ...
+
+    async def payload(self, seq: int) -> bytes: ...
+
+
+class Folder:
+    """Decides a batch."""
+
+    def __init__(self, settings: Settings, store: Store, *, replay: bool = False) -> None:
+        self.s = settings
+        self.store = store
+        self.replay = replay  # replaying history: no waiting for files, no poison
+        self.roots = settings.roots
+        self._limit = anyio.CapacityLimiter(settings.verify.threads)
+
+    async def fold(self, batch: Sequence[Delivery]) -> Folded:
+        # A sequence delivered twice in one batch (a redelivery overtaking the first) is
+        # decided once; its copies are settled the same way.
+        firsts: dict[int, Delivery] = {}
+        copies: list[Delivery] = []
+        for d in batch:
+            if d.seq in firsts:
+                copies.append(d)
+            else:
+                firsts[d.seq] = d
+        folded = await self._fold(list(firsts.values()))
+        by_seq = {item.d.seq: item for item in folded.decided}
+        for d in copies:
+            first = by_seq[d.seq]
+            folded.decided.append(Decided(d, first.outcome, first.reason, first.detail,
+                                          event_id=first.event_id, nak_delay_s=first.nak_delay_s,
+                                          known=True))
+        return folded
+
+    async def _fold(self, batch: Sequence[Delivery]) -> Folded:
+        decoded: list[tuple[Decided, ev.ArtifactEvent | None]] = [self._decode(d) for d in batch]
+        faults.hit("after_decode")
+        ids = [item.event_id for item, event in decoded if event is not None and item.event_id]
+        known, claims = await self.store.lookup([d.seq for d in batch], ids)
+        decided: list[Decided] = []
+        fresh: list[tuple[Decided, ev.ArtifactEvent]] = []
+        for item, event in decoded:
+            k = known.get(item.d.seq)
+            if k is not None:
+                decided.append(Decided(item.d, Outcome(k.outcome),
+                                       None if k.reason is None else Reason(k.reason),
+                                       "already recorded", event_id=item.event_id, known=True))
+                continue
+            decided.append(item)
+            if event is not None:
+                fresh.append((item, event))
+        # Every event's files are checked, duplicates included: an invalid event is rejected
+        # for its own reason whatever else the stream holds, which keeps the fold independent
+        # of delivery order.
+        if fresh:
+            faults.hit("during_validate")
+        checked = await self._validate(fresh)
+        now = dt.datetime.now(dt.UTC)
+        rows = Batch()
+        touched: set[str] = set()
+        for item, event in sorted(fresh, key=lambda pair: pair[0].d.seq):
+            assert item.event_id is not None
+            result = checked[id(item)]
+            if isinstance(result, FileNotYetThere):
+                self._missing(item, result)
+                continue
+            if isinstance(result, InvalidEvent):
+                reject(item, result.reason, result.detail)
+                continue
+            claim = claims.get(item.event_id)
+            if claim is not None and claim.seq < item.d.seq:
+                if claim.payload_hash == item.payload_hash:
+                    item.outcome = Outcome.DUPLICATE
+                else:
+                    reject(item, Reason.EVENT_ID_CONFLICT,
+                           conflict_detail(item.event_id, claim.seq))
+                continue
+            item.outcome = Outcome.COMMITTED
+            if claim is not None and not claim.in_batch:  # a later sequence held the claim
+                await self._demote(rows, item)
+            claims[item.event_id] = Claim(item.payload_hash, item.d.seq, in_batch=True)
+            log_rows(rows, item, event, result, now)
+            touched.update(a.name for a in result)
+        for item in decided:
+            if item.outcome is not None and not item.known:
+                event_rows(rows, item, now)
+        return Folded(decided, rows, touched)
+
+    def _decode(self, d: Delivery) -> tuple[Decided, ev.ArtifactEvent | None]:
+        payload_hash = ev.payload_sha256(d.data)
+        item = Decided(d, None, event_id=d.msg_id or payload_hash,
+                       producer=ev.producer_of(d.subject), payload_hash=payload_hash)
+        if not self.replay and d.delivered >= self.s.consumer.max_deliver - 1:
+            reject(item, Reason.POISON,
+                   f"delivered {d.delivered} times without reaching an outcome")
+            return item, None
+        try:
+            event = ev.decode(d.data)
+            item.event_id, item.producer = ev.resolve_identity(event, d.subject, d.msg_id,
+                                                               payload_hash)
+        except InvalidEvent as exc:
+            reject(item, exc.reason, exc.detail)
+            return item, None
+        except Exception as exc:
+            reject(item, Reason.MALFORMED, f"undecodable: {type(exc).__name__}: {exc}")
+            return item, None
+        item.run_id = event.run.run_id
+        item.n_artifacts = len(event.artifacts)
+        return item, event
+
+    async def _demote(self, rows: Batch, winner: Decided) -> None:
+        """A lower sequence takes an event_id over: every later sequence that carried it is
+        decided again against the new holder (duplicate if same payload, else conflict)."""
+        assert winner.event_id is not None
+        for sib in await self.store.siblings(winner.event_id, winner.d.seq):
+            if sib.payload_hash == winner.payload_hash:
+                rows.demotions.append((sib.seq, Outcome.DUPLICATE.value, None, None, None))
+                continue
+            # a payload already kept in rejections_f is reused; else read it from the stream
+            payload = None if sib.reason == Reason.EVENT_ID_CONFLICT.value \
+                else await self.store.payload(sib.seq)
+            rows.demotions.append((sib.seq, Outcome.REJECTED.value,
+                                   Reason.EVENT_ID_CONFLICT.value,
+                                   conflict_detail(winner.event_id, winner.d.seq), payload))
+
+    def _missing(self, item: Decided, exc: FileNotYetThere) -> None:
+        """Retry a missing file with backoff until ``verify.file_wait_s``, then reject it."""
+        waited_s = max(0.0, time.time() - item.d.published_ns / 1e9)
+        remaining_s = self.s.verify.file_wait_s - waited_s
+        # keep two deliveries in reserve so a slow file never turns into `poison`
+        tries_left = self.s.consumer.max_deliver - 3 - item.d.delivered
+        if self.replay or remaining_s <= 0 or tries_left <= 0:
+            reject(item, Reason.FILE_MISSING, f"{exc.detail} (waited {waited_s:.0f}s)")
+            return
+        item.nak_delay_s = min(remaining_s, max(2.0 ** (item.d.delivered - 1),
+                                                remaining_s / tries_left))
+
+    async def _validate(
+        self, items: Sequence[tuple[Decided, ev.ArtifactEvent]]
+    ) -> dict[int, list[CheckedArtifact] | InvalidEvent]:
+        """Check files on worker threads, in chunks (pyarrow and hashlib release the GIL)."""
+        results: dict[int, list[CheckedArtifact] | InvalidEvent] = {}
+        if not items:
+            return results
+        roots, policy = self.roots, self.s.verify.checksum
+
+        def check_chunk(chunk: Sequence[tuple[Decided, ev.ArtifactEvent]]) -> None:
+            for item, event in chunk:
+                try:
+                    results[id(item)] = check_event(event, roots, policy)
+                except InvalidEvent as exc:
+                    results[id(item)] = exc
+                except (OSError, ValueError, RuntimeError) as exc:  # odd paths, EIO, …
+                    results[id(item)] = InvalidEvent(
+                        Reason.NOT_PARQUET, f"could not be checked: {type(exc).__name__}: {exc}")
+
+        n = min(self.s.verify.threads, len(items))
+        if n == 1 or len(items) < 8:
+            await anyio.to_thread.run_sync(check_chunk, items, limiter=self._limit)
+            return results
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(functools.partial(anyio.to_thread.run_sync, check_chunk,
+                                                items[i::n], limiter=self._limit))
+        return results
+
+
+def conflict_detail(event_id: str, holder_seq: int) -> str:
+    """The same words whichever order the two sequences arrived in (replay compares them)."""
+    return f"event_id {event_id!r} was committed with another payload at sequence {holder_seq}"
+
+
+def reject(item: Decided, reason: Reason, detail: str) -> None:
+    item.outcome = Outcome.REJECTED
+    item.reason = reason
+    item.detail = detail
+
+
+def log_rows(rows: Batch, item: Decided, event: ev.ArtifactEvent,
+             checked: Sequence[CheckedArtifact], now: dt.datetime) -> None:
+    d, run = item.d, event.run
+    published = d.published_at
+    for a in checked:
+        rows.artifacts.append((run.run_id, a.name, d.seq, a.path, a.format, a.rows, a.bytes,
+                               a.sha256, a.columns, a.schema_hash, a.meta, item.event_id,
+                               published, now))
+    params = None if run.params is None else msgspec.json.encode(run.params).decode()
+    rows.runs.append((d.seq, run.run_id, run.kind, item.producer, run.status, run.started_at,
+                      run.finished_at, params, run.code_version, run.parent_run_id, published,
+                      item.event_id))
+
+
+def event_rows(rows: Batch, item: Decided, now: dt.datetime) -> None:
+    d = item.d
+    assert item.outcome is not None
+    reason = item.reason.value if item.reason else None
+    rows.events.append((d.seq, item.event_id, item.payload_hash, d.subject, item.producer,
+                        item.run_id, item.outcome.value, reason, item.n_artifacts,
+                        d.published_at, now))
+    if item.outcome is Outcome.REJECTED:
+        rows.rejections.append((d.seq, d.subject, item.event_id, reason, item.detail,
+                                d.data, d.delivered, d.published_at, now))
