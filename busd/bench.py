@@ -1,9 +1,315 @@
-"""``busd bench``: placeholder until the benchmark lands."""
+"""``busd bench``: how fast busd is here, next to what the transport allows and a naive peer.
+
+One run starts its own ``nats-server`` (free loopback port, temporary store, ``sync_interval:
+always``) or uses ``--nats-url``, writes one small real Parquet file per event, publishes the
+events (pipelined JetStream publishes) and measures, over that same stream content: the raw
+pull limit, a naive per-message peer, busd catching up (``serve --drain`` in a child), busd
+live behind a publisher, export refresh time on large catalogs, and (later) rebuild. Figures
+are medians of ``--runs`` runs where a run is cheap. Everything is bounded in time and cleaned
+up on exit, Ctrl-C included. The heavy imports wait until the command runs, so registering it
+costs other commands nothing.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
+
+from busd.cli import guarded
+from busd.errors import ConfigError, ExitCode
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from busd.bench_env import BenchEnv
+    from busd.bench_measure import Ctx
+
+DEFAULT_EVENTS = 50_000
+QUICK_EVENTS = 5_000
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str
+    title: str
+    measure: Callable[[Ctx], Awaitable[dict[str, Any]]]
+
+
+def sections() -> tuple[Section, ...]:
+    """The report's sections, in the order they run. Adding one is one line here."""
+    from busd import bench_live as live
+    from busd import bench_measure as m
+
+    return (
+        Section("raw", "raw limit", m.measure_raw),
+        Section("naive", "naive peer", m.measure_naive),
+        Section("catchup", "busd catch-up", m.measure_catchup),
+        Section("live", "busd live", live.measure_live),
+        Section("exports", "export refresh", live.measure_exports),
+        Section("rebuild", "busd rebuild", live.measure_rebuild),
+    )
+
+
+class Ticker:
+    """Progress lines: a new task per phase; ``tick("", n, None)`` advances the current one."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: TaskID | None = None
+
+    def __call__(self, description: str, advance: float, total: float | None) -> None:
+        if description:
+            self.finish()
+            self.task = self.progress.add_task(description, total=total)
+        elif self.task is not None and advance:
+            self.progress.advance(self.task, advance)
+
+    def finish(self) -> None:
+        if self.task is not None:
+            task = self.progress.tasks[-1]
+            self.progress.update(self.task, total=task.total or task.completed or 1,
+                                 completed=task.total or task.completed or 1)
+            self.task = None
+
+
+async def prepare(ctx: Ctx) -> dict[str, Any]:
+    """Start the server, write the Parquet pool, publish ``ctx.events`` events once."""
+    from busd import bench_env as be
+
+    env = ctx.env
+    ctx.tick("starting nats-server" if not env.nats_url else "connecting", 0, None)
+    await env.start()
+    ctx.tick(f"writing {ctx.events:,} Parquet files", 0, ctx.events)
+    started = time.perf_counter()
+    stop = threading.Event()
+    try:
+        ctx.pool = await asyncio.to_thread(be.make_pool, env.artifacts, ctx.events,
+                                           lambda n: ctx.tick("", n, None), stop)
+    except asyncio.CancelledError:
+        stop.set()  # Ctrl-C: the writer threads end at their next file
+        raise
+    files_s = time.perf_counter() - started
+    ctx.stream = env.stream("catchup")
+    await env.ensure_stream(ctx.stream)
+    ctx.tick(f"publishing {ctx.events:,} events", 0, ctx.events)
+    events = (be.event(f"run-{env.tag}-{i:08d}", f) for i, f in enumerate(ctx.pool))
+    pub = await be.publish(env.nc, ctx.stream.subject, events, window=2000,
+                           timeout_s=60 + ctx.events / 200, tick=lambda n: ctx.tick("", n, None))
+    return {"files": ctx.events, "files_seconds": round(files_s, 3),
+            "published": pub.count, "publish_seconds": round(pub.seconds, 3),
+            "publish_events_per_s": round(pub.rate, 1), "publish_window": 2000}
+
+
+async def run_bench(ctx: Ctx) -> dict[str, Any]:
+    from busd import bench_env as be
+
+    env = ctx.env
+    report: dict[str, Any] = {"date": be.today(), "machine": be.machine()}
+    try:
+        report["setup"] = await prepare(ctx)
+        report["versions"] = be.versions(env.server_version)
+        report["bench"] = {
+            "events": ctx.events, "runs": ctx.runs, "quick": ctx.quick,
+            "nats": ("embedded nats-server, loopback, JetStream sync_interval: always"
+                     if env.embedded else "user's server (--nats-url); its fsync policy "
+                     "is unknown to the bench")}
+        results: dict[str, Any] = {}
+        for section in sections():
+            try:
+                results[section.key] = await section.measure(ctx)
+            except Exception as exc:  # one failed section does not hide the others
+                results[section.key] = {"status": "failed",
+                                        "error": f"{type(exc).__name__}: {exc}"}
+        report["sections"] = results
+        report["ratios"] = ratios(results)
+        ctx.tick("done", 0, None)
+    finally:
+        await env.aclose()
+    return report
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    def rate(key: str) -> float | None:
+        section = results.get(key, {})
+        return section.get("events_per_s") if section.get("status") == "ok" else None
+
+    busd, naive, raw = rate("catchup"), rate("naive"), rate("raw")
+    return {"busd_over_naive": round(busd / naive, 2) if busd and naive else None,
+            "busd_over_raw": round(busd / raw, 3) if busd and raw else None}
+
+
+# ---- the printed table --------------------------------------------------------------------
+def _n(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _s(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _runs(values: list[float], unit: str = "") -> str:
+    return "runs: " + " / ".join(f"{v:,.0f}{unit}" if v >= 10 else f"{v:.3f}{unit}"
+                                 for v in values)
+
+
+def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    res = report.get("sections", {})
+
+    def failed(key: str, title: str) -> bool:
+        section = res.get(key, {})
+        if section.get("status") == "ok":
+            return False
+        why = section.get("error") or section.get("why") or "not run"
+        status = section.get("status", "not run").replace("_", " ")
+        out.append((title, status, why))
+        return True
+
+    if not failed("raw", "raw limit: lean pull + ack, no work"):
+        r = res["raw"]
+        out.append(("raw limit: lean pull + ack, no work", f"{_n(r['events_per_s'])} ev/s",
+                    f"{_n(r['events'])} events, batch 500; {_runs(r['runs_events_per_s'])}"))
+    if not failed("naive", "naive peer: 1 transaction per message"):
+        r = res["naive"]
+        out.append(("naive peer: loads, stat, INSERT, COMMIT, ack", f"{_n(r['events_per_s'])} "
+                    "ev/s", f"sample of {_n(r['events'])}; {_runs(r['runs_events_per_s'])}"))
+    if not failed("catchup", "busd catch-up"):
+        r = res["catchup"]
+        out.append(("busd catch-up: serve --drain, full checks", f"{_n(r['events_per_s'])} ev/s",
+                    f"{_n(r['events'])} events in {r['seconds']:.2f} s, CPU "
+                    f"{r['cpu_us_per_event']:.0f} µs/event, peak RSS {r['peak_rss_mb']:.0f} MiB, "
+                    f"{r['batches']} batches, {r['export_refreshes']} refreshes; "
+                    f"{_runs(r['runs_events_per_s'])}"))
+    if not failed("live", "busd live"):
+        for key, title in (("fixed", "busd live @ 1,000 ev/s"), ("max", "busd live @ max rate")):
+            p = res["live"][key]
+            out.append((title + ": latency p50 / p99 / max",
+                        f"{_s(p['latency_p50_s'])} / {_s(p['latency_p99_s'])} / "
+                        f"≤ {_s(p['latency_max_le_s'])}",
+                        f"{_n(p['published'])} published at {_n(p['publish_events_per_s'])} "
+                        f"ev/s in {p['publish_seconds']:.1f} s; lag 0 "
+                        f"{_s(p['lag_zero_after_stop_s'])} after the last PubAck; "
+                        f"peak lag {_n(p['peak_lag'])}"))
+        out.append(("busd live: peak RSS", f"{res['live']['peak_rss_mb']:.0f} MiB",
+                    "latency from busd_event_latency_seconds buckets (interpolated; max = "
+                    "bucket bound)"))
+    if not failed("exports", "export refresh (runs + artifacts)"):
+        for size in res["exports"]["sizes"].values():
+            ex = size["exports"]
+            out.append((f"export refresh, {_n(size['artifacts'])} artifacts",
+                        _s(size["seconds"]),
+                        f"{_n(size['runs'])} runs; runs.parquet {_s(ex['runs']['seconds'])}, "
+                        f"artifacts.parquet {_s(ex['artifacts']['seconds'])}; "
+                        f"{_runs(size['runs_seconds'], ' s')}"))
+    failed("rebuild", "busd rebuild")
+    ratio = report.get("ratios", {})
+    naive, raw = ratio.get("busd_over_naive"), ratio.get("busd_over_raw")
+    out.append(("busd / naive (catch-up)", f"{naive:.1f}×" if naive else "n/a", ""))
+    out.append(("busd / raw (catch-up)", f"{raw:.3f} ({raw:.1%})" if raw else "n/a",
+                "share of the transport's ceiling busd reaches"))
+    return out
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    v, m, b = report.get("versions", {}), report["machine"], report.get("bench", {})
+    setup = report.get("setup", {})
+    table = Table(title=f"busd bench, {report['date']}", title_justify="left",
+                  caption=" · ".join(f"{k} {val}" for k, val in v.items()), caption_justify="left")
+    table.add_column("measure", style="bold")
+    table.add_column("result", justify="right")
+    table.add_column("details", overflow="fold")
+    for row in rows(report):
+        table.add_row(*row)
+    console = Console(width=max(140, Console().width))
+    console.print(f"machine: {m['cores']} cores, {m['ram_gb']} GB RAM, {m['cpu_model']}, "
+                  f"Linux {m['kernel']}, Python {m['python']}")
+    if b:
+        console.print(f"nats: {b['nats']}")
+    if setup:
+        console.print(f"setup: {setup['files']:,} Parquet files in {setup['files_seconds']:.1f} s;"
+                      f" {setup['published']:,} events published (pipelined, window "
+                      f"{setup['publish_window']}) at {setup['publish_events_per_s']:,.0f} ev/s")
+    console.print(table)
+
+
+# ---- the command --------------------------------------------------------------------------
+def _sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends the bench as Ctrl-C does (asyncio cancels the run; cleanup follows)."""
+    signal.raise_signal(signal.SIGINT)
+
+
+@guarded
+def bench(
+    events: Annotated[int | None, typer.Option(
+        "--events", help=f"Events to pre-load (default {DEFAULT_EVENTS}).")] = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help=f"A short run ({QUICK_EVENTS} events, 3 s live phases).")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")
+                         ] = None,
+    runs: Annotated[int | None, typer.Option(
+        "--runs", help="Repeats of the cheap measurements (default 3, 1 with --quick).")
+                    ] = None,
+    nats_url: Annotated[str | None, typer.Option(
+        "--nats-url", help="Use this server instead of an embedded one.")] = None,
+) -> None:
+    """Measure busd here: raw limit, naive peer, catch-up, live latency, export refresh."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from busd.bench_env import BenchEnv
+    from busd.bench_measure import Ctx
+
+    n = events if events is not None else (QUICK_EVENTS if quick else DEFAULT_EVENTS)
+    k = runs if runs is not None else (1 if quick else 3)
+    if not 100 <= n <= 5_000_000:
+        raise ConfigError("--events: between 100 and 5000000")
+    if not 1 <= k <= 20:
+        raise ConfigError("--runs: between 1 and 20")
+    if nats_url is not None and not nats_url.startswith(("nats://", "tls://")):
+        raise ConfigError(f"--nats-url: {nats_url!r} is not a nats:// URL")
+    env: BenchEnv = BenchEnv(nats_url or None)
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=False)
+    ticker = Ticker(progress)
+    try:
+        with progress:
+            ctx = Ctx(env=env, events=n, runs=k, quick=quick, tick=ticker)
+            report = asyncio.run(run_bench(ctx))
+            ticker.finish()
+    finally:
+        env.close()
+        signal.signal(signal.SIGTERM, previous)
+    render(report)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    bad = [key for key, s in report.get("sections", {}).items() if s.get("status") == "failed"]
+    if bad:
+        typer.echo(f"busd: bench: failed: {', '.join(bad)}", err=True)
+        raise typer.Exit(int(ExitCode.RUNTIME))
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("bench")(bench)

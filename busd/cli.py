@@ -47,6 +47,10 @@ def guarded(fn: F) -> F:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", ExitCode.RUNTIME)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+            fail(f"unexpected error: {type(exc).__name__}: {exc}", ExitCode.RUNTIME)
         return None
 
     return wrapper  # type: ignore[return-value]
@@ -85,8 +89,6 @@ def init(config_path: ConfigOpt = None) -> None:
     """Create or update the stream and consumer and migrate the catalog; idempotent."""
     from busd import source
     from busd.catalog import Catalog
-    from busd.embedded import EmbeddedServer
-    from busd.producer import nats_url
 
     s = settings(config_path)
     catalog = Catalog(s.catalog_path)
@@ -94,22 +96,11 @@ def init(config_path: ConfigOpt = None) -> None:
     catalog.close()
 
     async def go() -> list[str]:
-        embedded = None
-        url = nats_url(s)
-        if not s.nats.url:
-            host, port = config.parse_hostport(s.nats.embedded_listen, "nats.embedded_listen")
-            embedded = EmbeddedServer(host, port, s.data_path / "nats")
-            url = embedded.start()
-        try:
-            nc = await source.connect(s.nats, url, reconnect=False)
-            try:
-                problems = await source.ensure_stream(nc, s)
-                await source.ensure_consumer(nc, s)
-            finally:
-                await nc.close()
-        finally:
-            if embedded is not None:
-                embedded.stop()
+        from busd.cli_admin import nats_for
+
+        async with nats_for(s) as nc:
+            problems = await source.ensure_stream(nc, s)
+            await source.ensure_consumer(nc, s)
         return problems
 
     problems = asyncio.run(go())
@@ -130,6 +121,8 @@ def submit(
     event_id: Annotated[str | None, typer.Option("--event-id")] = None,
     params: Annotated[str | None, typer.Option("--params", help="Run params as JSON.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Block until committed.")] = False,
+    outbox: Annotated[Path | None, typer.Option(
+        "--outbox", help="Keep the event in this folder when NATS is unreachable.")] = None,
     timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 60.0,
     config_path: ConfigOpt = None,
 ) -> None:
@@ -153,7 +146,8 @@ def submit(
             raise ConfigError("--params: must be a JSON object")
     event = build_event(run_id, kind, mapping, producer=producer, status=status,
                         params=parsed, event_id=event_id)
-    result = submit_sync(s, event, wait=wait, timeout_s=timeout_s, producer=producer)
+    result = submit_sync(s, event, wait=wait, timeout_s=timeout_s, producer=producer,
+                         outbox=outbox)
     typer.echo(json.dumps(result))
 
 
@@ -290,8 +284,9 @@ def validate(
 
 def _register_optional_commands() -> None:
     """Commands that live in their own modules (kept out of this file to keep it short)."""
-    from busd import bench
+    from busd import bench, cli_admin
 
+    cli_admin.register(app)
     bench.register(app)
 
 

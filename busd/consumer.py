@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import functools
 import signal
 import time
 from collections import Counter
@@ -19,9 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import anyio
-import msgspec
 
-from busd import faults, log, source
+from busd import api, faults, log, source
 from busd.catalog import Batch, Catalog, Claim, Known, Sibling
 from busd.config import Settings, parse_hostport
 from busd.embedded import EmbeddedServer
@@ -40,7 +41,6 @@ from busd.sdnotify import SdNotifier
 T = TypeVar("T")
 Action = Literal["ack", "term", "nak", "progress"]
 
-OUTCOME_SUBJECT = "busd.api.{consumer}.outcome"
 
 
 def settlement(outcome: Outcome | None) -> Action:
@@ -108,6 +108,7 @@ class Daemon:
         self._touched: set[str] = set()
         self._export_wanted = asyncio.Event()
         self._export_idle = asyncio.Event()
+        self._export_lock = asyncio.Lock()
         self._last_progress = time.monotonic()
         self._backlog = 0
         self._fatal: BaseException | None = None
@@ -151,8 +152,7 @@ class Daemon:
         self.src = source.PullSource(self.nc, s.nats.stream, s.nats.consumer)
         await self.src.start()
         self.settler = source.Settler(self.nc)
-        await self.nc.subscribe(OUTCOME_SUBJECT.format(consumer=s.nats.consumer),
-                                cb=self._answer_outcome)
+        await self.nc.subscribe(api.subject(s.nats.consumer, "*"), cb=self._answer)
         self.metrics.ready.set(1)
         self.notify.ready()
         self.log.info("busd ready", stream=s.nats.stream, consumer=s.nats.consumer,
@@ -379,7 +379,8 @@ class Daemon:
     async def _refresh(self, names: Sequence[str]) -> None:
         assert self.exporter is not None and self.catalog is not None
         try:
-            results, _seq = await self._on_exporter(self.exporter.refresh, names)
+            async with self._export_lock:  # the export loop and `busd export` share it
+                results, _seq = await self._on_exporter(self.exporter.refresh, names)
         except StorageError:
             for name in names:
                 self.metrics.export_failures.labels(export=name).inc()
@@ -441,29 +442,38 @@ class Daemon:
                 self.stopping = True
                 return
 
-    # ---- outcome queries (busd submit --wait) --------------------------------------------
-    async def _answer_outcome(self, msg: Any) -> None:
-        assert self.catalog is not None
+    # ---- the request API (busd.api.<consumer>.<verb>) -----------------------------------
+    async def _answer(self, msg: Any) -> None:
+        verb = msg.subject.rsplit(".", 1)[-1]
         try:
-            seq = int(msg.data)
-        except ValueError:
-            await msg.respond(b'{"error":"send a stream sequence"}')
-            return
-        if seq in self._waiting_seqs:
-            answer: dict[str, Any] = {"seq": seq, "state": "pending"}
-        else:
-            answer = await self._on_writer(outcome_of, self.catalog, seq)
-        await msg.respond(msgspec.json.encode(answer))
+            answer = await self._api_call(verb, api.decode(msg.data))
+        except Exception as exc:
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        with contextlib.suppress(Exception):
+            await msg.respond(api.encode(answer))
 
-
-def outcome_of(catalog: Catalog, seq: int) -> dict[str, Any]:
-    row = catalog.con.execute(
-        "SELECT e.outcome, e.reason, r.detail, e.event_id FROM catalog.events_f e "
-        "LEFT JOIN catalog.rejections_f r USING (seq) WHERE e.seq = ?", [seq]).fetchone()
-    if row is None:
-        return {"seq": seq, "state": "pending"}
-    return {"seq": seq, "state": "done", "outcome": row[0], "reason": row[1], "detail": row[2],
-            "event_id": row[3]}
+    async def _api_call(self, verb: str, args: Any) -> Any:
+        assert self.catalog is not None and self.exporter is not None
+        catalog = self.catalog
+        if verb == "outcome":
+            seq = int(args["seq"])
+            if seq in self._waiting_seqs:
+                return {"seq": seq, "state": "pending"}
+            return await self._on_writer(api.outcome_of, catalog, seq)
+        if verb == "rejections":
+            return await self._on_writer(functools.partial(api.list_rejections, catalog, **args))
+        if verb == "rejection":
+            return await self._on_writer(api.get_rejection, catalog, int(args["seq"]))
+        if verb == "poison":
+            return {str(k): v for k, v in (await self._on_writer(api.poison_of, catalog)).items()}
+        if verb == "export":
+            names = args.get("names") or list(self.exporter.exports)
+            unknown = sorted(set(names) - set(self.exporter.exports))
+            if unknown:
+                return {"error": f"no such export: {', '.join(unknown)}"}
+            await self._refresh(names)
+            return {"refreshed": names}
+        return {"error": f"unknown verb {verb!r}"}
 
 
 async def serve(settings: Settings, *, drain: bool = False) -> Stats:

@@ -152,23 +152,32 @@ class Exporter:
         return out
 
     def check(self) -> None:
-        """Bind every configured export's SQL once (LIMIT 0): a broken one is a config error."""
+        """Bind every configured export's SQL once (LIMIT 0): a broken one is a config error.
+
+        While a ``data.*`` input has no files yet its columns are unknown, so only the
+        syntax of such an export can be checked."""
         for name, export in self.exports.items():
-            self._define_views(data_names(export.sql))
+            empty = self._define_views(data_names(export.sql))
             try:
-                self.cur.execute(f"SELECT * FROM ({export.sql}) LIMIT 0")
+                if empty:
+                    self.cur.extract_statements(export.sql)
+                else:
+                    self.cur.execute(f"SELECT * FROM ({export.sql}) LIMIT 0")
             except duckdb.Error as exc:
                 first = str(exc).splitlines()[0]
                 raise ConfigError(f"bad value for exports.{name}.sql: {first}") from None
 
-    def _define_views(self, names: Iterable[str]) -> None:
-        """``data."<name>"``: the union by column name of the current files, plus run_id."""
+    def _define_views(self, names: Iterable[str]) -> list[str]:
+        """``data."<name>"``: the union by column name of the current files, plus run_id.
+        Returns the names that have no files yet."""
+        empty = []
         for name in names:
             files = self.cur.execute(
                 "SELECT run_id, path FROM catalog.artifacts_f WHERE name = ? ORDER BY run_id",
                 [name]).fetchall()
             view = f"data.main.{quote_ident(name)}"
             if not files:
+                empty.append(name)
                 self.cur.execute(f"CREATE OR REPLACE VIEW {view} AS "
                                  "SELECT NULL::VARCHAR AS run_id WHERE false")
                 continue
@@ -179,6 +188,7 @@ class Exporter:
                 f"SELECT f.* EXCLUDE (filename), m.run_id FROM read_parquet([{paths}], "
                 f"union_by_name = true, filename = true) AS f "
                 f"JOIN (VALUES {mapping}) AS m(path, run_id) ON f.filename = m.path")
+        return empty
 
     def refresh(self, names: Sequence[str]) -> tuple[list[ExportResult], int]:
         """Rewrite these exports from one snapshot; then the manifest. Returns (results, seq)."""
@@ -189,7 +199,9 @@ class Exporter:
             row = cur.execute("SELECT coalesce(max(seq), 0) FROM catalog.events_f").fetchone()
             catalog_seq = int(row[0]) if row else 0
             for name in names:
-                results.append(self._refresh_one(self.exports[name], catalog_seq))
+                result = self._refresh_one(self.exports[name], catalog_seq)
+                if result is not None:
+                    results.append(result)
         except duckdb.Error as exc:
             raise StorageError(f"export refresh failed: {str(exc).splitlines()[0]}") from exc
         except FatalStorageError:
@@ -202,9 +214,11 @@ class Exporter:
         self._write_manifest(results, catalog_seq)
         return results, catalog_seq
 
-    def _refresh_one(self, export: ExportSettings, catalog_seq: int) -> ExportResult:
+    def _refresh_one(self, export: ExportSettings, catalog_seq: int) -> ExportResult | None:
+        """Rewrite one export; None while one of its ``data.*`` inputs has no files yet."""
         started = time.perf_counter()
-        self._define_views(data_names(export.sql))
+        if self._define_views(data_names(export.sql)):
+            return None
         final = self.folder / f"{export.name}.parquet"
         tmp = self.folder / f".{export.name}.parquet.tmp-{os.getpid()}"
         try:

@@ -66,9 +66,11 @@ class Store(Protocol):
 class Folder:
     """Decides a batch."""
 
-    def __init__(self, settings: Settings, store: Store, *, replay: bool = False) -> None:
+    def __init__(self, settings: Settings, store: Store, *, replay: bool = False,
+                 quarantined: dict[int, str] | None = None) -> None:
         self.s = settings
         self.store = store
+        self.quarantined = quarantined or {}  # replay: poison decided by the live catalog
         self.replay = replay  # replaying history: no waiting for files, no poison
         self.roots = settings.roots
         self._limit = anyio.CapacityLimiter(settings.verify.threads)
@@ -154,6 +156,9 @@ class Folder:
             reject(item, Reason.POISON,
                    f"delivered {d.delivered} times without reaching an outcome")
             return item, None
+        if d.seq in self.quarantined:
+            reject(item, Reason.POISON, self.quarantined[d.seq])
+            return item, None
         try:
             event = ev.decode(d.data)
             item.event_id, item.producer = ev.resolve_identity(event, d.subject, d.msg_id,
@@ -190,7 +195,8 @@ class Folder:
         # keep two deliveries in reserve so a slow file never turns into `poison`
         tries_left = self.s.consumer.max_deliver - 3 - item.d.delivered
         if self.replay or remaining_s <= 0 or tries_left <= 0:
-            reject(item, Reason.FILE_MISSING, f"{exc.detail} (waited {waited_s:.0f}s)")
+            # no wall-clock figure in the detail: a replay must write the same words
+            reject(item, Reason.FILE_MISSING, exc.detail)
             return
         item.nak_delay_s = min(remaining_s, max(2.0 ** (item.d.delivered - 1),
                                                 remaining_s / tries_left))

@@ -16,12 +16,10 @@ from typing import Any
 import msgspec
 import pyarrow.parquet as pq
 
+from busd import api, source
 from busd import events as ev
-from busd import source
 from busd.config import NatsSettings, Settings, parse_hostport
 from busd.errors import BusdError, ConfigError, Rejected, TimedOut, TransientError
-
-OUTCOME_SUBJECT = "busd.api.{consumer}.outcome"
 
 
 def describe(name: str, path: str | Path) -> ev.Artifact:
@@ -100,8 +98,7 @@ class ArtifactBus:
 
     async def publish(self, event: ev.ArtifactEvent, *, timeout_s: float = 10.0) -> int:
         """Publish and wait for the PubAck; return the stream sequence."""
-        producer = event.producer or self.producer
-        subject = f"{self.prefix}.{producer}"
+        subject = self.subject_for(event)
         payload = ev.encode(event)
         headers = {"Nats-Msg-Id": event.event_id} if event.event_id else None
         return await self.publish_raw(subject, payload, headers, timeout_s=timeout_s)
@@ -118,11 +115,11 @@ class ArtifactBus:
 
     async def wait(self, seq: int, *, timeout_s: float = 60.0) -> dict[str, Any]:
         """Block until busd settled sequence ``seq``; raise Rejected or TimedOut."""
-        subject = OUTCOME_SUBJECT.format(consumer=self.s.nats.consumer)
+        subject = api.subject(self.s.nats.consumer, "outcome")
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                reply = await self.nc.request(subject, str(seq).encode(), timeout=2.0)
+                reply = await self.nc.request(subject, api.encode({"seq": seq}), timeout=2.0)
                 answer: dict[str, Any] = msgspec.json.decode(reply.data)
             except Exception:
                 answer = {"state": "pending"}
@@ -134,6 +131,9 @@ class ArtifactBus:
                 raise TimedOut(f"sequence {seq} was not settled within {timeout_s:.0f}s")
             await asyncio.sleep(0.1)
 
+    def subject_for(self, event: ev.ArtifactEvent) -> str:
+        return f"{self.prefix}.{event.producer or self.producer}"
+
     async def submit(self, event: ev.ArtifactEvent, *, wait: bool = False,
                      timeout_s: float = 60.0) -> dict[str, Any]:
         seq = await self.publish(event, timeout_s=min(timeout_s, 10.0))
@@ -143,14 +143,65 @@ class ArtifactBus:
 
 
 def submit_sync(settings: Settings, event: ev.ArtifactEvent, *, wait: bool = False,
-                timeout_s: float = 60.0, producer: str = "busd.submit") -> dict[str, Any]:
-    """Blocking form of :meth:`ArtifactBus.submit`, for scripts."""
+                timeout_s: float = 60.0, producer: str = "busd.submit",
+                outbox: Path | None = None) -> dict[str, Any]:
+    """Blocking form of :meth:`ArtifactBus.submit`, for scripts.
+
+    With ``outbox``, an event that cannot be stored (NATS unreachable) is written there
+    instead, to be sent later by :func:`flush_outbox`; it is never lost and never blocks the
+    producer for longer than the timeout.
+    """
 
     async def go() -> dict[str, Any]:
         async with ArtifactBus(settings, producer=producer) as bus:
             return await bus.submit(event, wait=wait, timeout_s=timeout_s)
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(asyncio.wait_for(go(), timeout_s + 5))
+    except (TransientError, TimeoutError) as exc:
+        if outbox is None:
+            if isinstance(exc, TimeoutError):
+                raise TimedOut(f"no answer from NATS within {timeout_s:.0f}s") from None
+            raise
+        bus = ArtifactBus(settings, producer=producer)
+        path = to_outbox(outbox, bus.subject_for(event), ev.encode(event),
+                         {"Nats-Msg-Id": event.event_id or ""})
+        return {"state": "outbox", "path": str(path), "event_id": event.event_id,
+                "error": str(exc) or type(exc).__name__}
 
 
 __all__ = ["ArtifactBus", "NatsSettings", "build_event", "describe", "submit_sync"]
+
+
+class OutboxEntry(msgspec.Struct):
+    """An event kept on disk while NATS was unreachable."""
+
+    subject: str
+    headers: dict[str, str]
+    payload: str
+
+
+def to_outbox(folder: Path, subject: str, payload: bytes, headers: dict[str, str]) -> Path:
+    """Write the event atomically (temp file, fsync, rename); names sort in submission order."""
+    from busd.exports import write_bytes_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in headers.get("Nats-Msg-Id", ""))
+    path = folder / f"{time.time_ns():020d}-{safe[:80] or 'event'}.json"
+    entry = OutboxEntry(subject, headers, payload.decode())
+    write_bytes_atomic(path, msgspec.json.encode(entry))
+    return path
+
+
+async def flush_outbox(bus: ArtifactBus, folder: Path) -> list[int]:
+    """Send what the outbox holds, oldest first; a file is removed only after its PubAck.
+
+    A flush killed between the PubAck and the unlink re-sends that event next time, and
+    JetStream's duplicate window (keyed by Nats-Msg-Id) drops the second copy.
+    """
+    seqs: list[int] = []
+    for path in sorted(folder.glob("*.json")):
+        entry = msgspec.json.decode(path.read_bytes(), type=OutboxEntry)
+        seqs.append(await bus.publish_raw(entry.subject, entry.payload.encode(), entry.headers))
+        path.unlink()
+    return seqs

@@ -1,0 +1,289 @@
+"""``busd bench``: busd live (a real ``busd serve`` child while a publisher runs), export
+refresh time on large catalogs, and the rebuild placeholder.
+
+Live latency (publish → ack) comes from busd's own ``busd_event_latency_seconds`` histogram,
+scraped before and after each phase: quantiles are interpolated inside buckets the way
+Prometheus' ``histogram_quantile`` does, so they are only as fine as the buckets, and the
+maximum is the upper bound of the highest bucket that filled. The lag is read from the
+consumer's info (what ``busd_consumer_pending_messages`` and the ack-pending gauge report,
+without their one-second refresh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from busd import source
+from busd.bench_env import StreamSpec, event, peak_rss_mb, publish
+from busd.bench_measure import Ctx, median
+from busd.catalog import Catalog
+from busd.config import Settings
+from busd.errors import BusdError, TimedOut
+from busd.exports import Exporter
+
+LATENCY = "busd_event_latency_seconds"
+FIXED_RATE = 1000.0
+
+
+# ---- histogram arithmetic -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Hist:
+    buckets: tuple[tuple[float, float], ...]  # (le, cumulative count), ascending, ends at +Inf
+    count: float
+    total: float
+
+    def minus(self, other: Hist) -> Hist:
+        before = dict(other.buckets)
+        return Hist(tuple((le, c - before.get(le, 0.0)) for le, c in self.buckets),
+                    self.count - other.count, self.total - other.total)
+
+    def quantile(self, q: float) -> float | None:
+        """Prometheus-style: linear inside the bucket holding the q-th observation."""
+        if self.count <= 0:
+            return None
+        rank = q * self.count
+        lower, below = 0.0, 0.0
+        for le, cum in self.buckets:
+            if cum >= rank:
+                if math.isinf(le):
+                    return lower  # beyond the last finite bucket: its bound is all we know
+                inside = cum - below
+                return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
+            lower, below = le, cum
+        return lower
+
+    def max_bound(self) -> float | None:
+        """Upper bound of the highest bucket with an observation (the max is at most this)."""
+        for le, cum in self.buckets:
+            if cum >= self.count > 0:
+                return le
+        return None
+
+
+def scrape(port: int) -> Hist:
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    buckets: dict[float, float] = {}
+    count = total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != LATENCY:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets[float(sample.labels["le"])] = float(sample.value)
+            elif sample.name.endswith("_count"):
+                count = float(sample.value)
+            elif sample.name.endswith("_sum"):
+                total = float(sample.value)
+    return Hist(tuple(sorted(buckets.items())), count, total)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            return int(r.status) == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+# ---- busd live ----------------------------------------------------------------------------
+def _events(ctx: Ctx, prefix: str) -> Iterator[tuple[str, bytes]]:
+    """Fresh runs naming the pool's files in turn (validation reads a real file each time)."""
+    for i in itertools.count():
+        yield event(f"{prefix}-{i:08d}", ctx.pool[i % len(ctx.pool)])
+
+
+async def _lag(ctx: Ctx, s: Settings) -> int:
+    pending, ack_pending = await source.consumer_state(ctx.env.nc, s)
+    return pending + ack_pending
+
+
+async def _phase(ctx: Ctx, s: Settings, stream: StreamSpec, port: int, label: str,
+                 rate: float | None, duration_s: float) -> dict[str, Any]:
+    before = await asyncio.to_thread(scrape, port)
+    peak = 0
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            await asyncio.sleep(0.25)
+            with contextlib.suppress(Exception):
+                peak = max(peak, await _lag(ctx, s))
+
+    ctx.tick(f"busd live: {label}", 0, duration_s * rate if rate else None)
+    sampler = asyncio.create_task(sample())
+    try:
+        pub = await publish(ctx.env.nc, stream.subject, _events(ctx, f"live-{ctx.env.tag}-"
+                                                               f"{label.split()[0]}"),
+                            rate=rate, duration_s=duration_s, window=4000,
+                            timeout_s=duration_s + 60, tick=lambda n: ctx.tick("", n, None))
+        drain_limit_s = 60.0 if ctx.quick else 180.0
+        ctx.tick(f"busd live: {label}, waiting for lag 0", 0, None)
+        while (lag := await _lag(ctx, s)) > 0:
+            peak = max(peak, lag)
+            if time.monotonic() - pub.stored > drain_limit_s:
+                raise TimedOut(f"{label}: lag still {lag} {drain_limit_s:.0f}s after publishing")
+            await asyncio.sleep(0.02)
+        lag_zero_s = time.monotonic() - pub.stored
+    finally:
+        sampler.cancel()
+    deadline = time.monotonic() + 10
+    while True:  # the histogram is observed just after the acks are sent
+        after = await asyncio.to_thread(scrape, port)
+        if after.count - before.count >= pub.count or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    h = after.minus(before)
+    return {
+        "target_events_per_s": rate or "max", "published": pub.count,
+        "publish_seconds": round(pub.seconds, 3), "publish_events_per_s": round(pub.rate, 1),
+        "latency_observed": int(h.count),
+        "latency_p50_s": _r(h.quantile(0.5)), "latency_p99_s": _r(h.quantile(0.99)),
+        "latency_max_le_s": h.max_bound(),
+        "latency_mean_s": _r(h.total / h.count if h.count else None),
+        "lag_zero_after_stop_s": round(lag_zero_s, 3), "peak_lag": peak,
+    }
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+async def measure_live(ctx: Ctx) -> dict[str, Any]:
+    """``busd serve`` (a child, metrics on a free port) while a publisher runs: at 1,000
+    events/s, then as fast as it can; each for ~10 s (3 s with --quick)."""
+    env = ctx.env
+    stream = env.stream("live")
+    await env.ensure_stream(stream)
+    port = free_port()
+    config_path, s = env.config("live", stream, "busd", metrics=f"127.0.0.1:{port}")
+    proc = env.spawn([sys.executable, "-m", "busd", "serve", "--config", str(config_path)],
+                     "live.log")
+    seconds = 3.0 if ctx.quick else 10.0
+    try:
+        ctx.tick("busd live: starting busd serve", 0, None)
+        deadline = time.monotonic() + 60
+        while not await asyncio.to_thread(_ready, port):
+            if proc.poll() is not None:
+                raise BusdError(f"busd serve exited {proc.returncode}: "
+                                f"{env.log_tail('live.log')}")
+            if time.monotonic() > deadline:
+                raise TimedOut("busd serve was not ready within 60s")
+            await asyncio.sleep(0.1)
+        fixed = await _phase(ctx, s, stream, port, "fixed 1,000 ev/s", FIXED_RATE, seconds)
+        fastest = await _phase(ctx, s, stream, port, "max rate", None, seconds)
+        rss = peak_rss_mb(proc.pid)
+        final = await asyncio.to_thread(scrape, port)
+    finally:
+        code = env.end(proc, 30.0)
+    return {"status": "ok", "fixed": fixed, "max": fastest, "peak_rss_mb": rss,
+            "exit_code": code, "phase_seconds": seconds,
+            "histogram_buckets_s": [le for le, _ in final.buckets if not math.isinf(le)]}
+
+
+# ---- export refresh -----------------------------------------------------------------------
+SIZES = (10_000, 100_000, 1_000_000)
+QUICK_SIZES = (10_000, 100_000)
+ARTIFACTS_PER_RUN = 2
+
+_TS = "TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(r::BIGINT)"
+_GROW_RUNS = f"""
+INSERT INTO catalog.runs_d (run_id, kind, producer, status, started_at, finished_at, params,
+    code_version, parent_run_id, n_artifacts, first_seq, last_seq, first_published_at,
+    last_published_at, event_id)
+SELECT printf('run-%08d', r), 'simulation', 'lab.simulation', 'succeeded',
+       {_TS} - INTERVAL 5 MINUTE, {_TS}, '{{"strategy":"meanrev","seed":' || r || '}}',
+       'a1b2c3d', NULL, {ARTIFACTS_PER_RUN}, r + 1, r + 1, {_TS}, {_TS},
+       printf('run-%08d:final', r)
+FROM (SELECT range AS r FROM range(?, ?))"""
+_GROW_ARTIFACTS = f"""
+INSERT INTO catalog.artifacts_f (run_id, name, path, format, rows, bytes, sha256, columns,
+    schema_hash, meta, event_id, seq, version, published_at, committed_at)
+SELECT printf('run-%08d', r), name, printf('runs/run-%08d/%s.parquet', r, name), 'parquet',
+       1000 + r % 977, 50000 + r % 7919, sha256(name || r), '[{{"name":"ts","type":"timestamp"}},'
+       || '{{"name":"qty","type":"int64"}},{{"name":"px","type":"double"}}]', 'c0ffee0123456789',
+       NULL, printf('run-%08d:final', r), r + 1, 1, {_TS}, {_TS}
+FROM (SELECT range AS r FROM range(?, ?)),
+     (SELECT unnest(['fills', 'positions', 'orders', 'pnl'][1:{ARTIFACTS_PER_RUN}]) AS name)"""
+_GROW_EVENTS = f"""
+INSERT INTO catalog.events_f SELECT r + 1, printf('run-%08d:final', r), sha256('p' || r),
+       'artifacts.lab.simulation', 'lab.simulation', printf('run-%08d', r), 'committed', NULL,
+       {ARTIFACTS_PER_RUN}, {_TS}, {_TS}
+FROM (SELECT range AS r FROM range(?, ?))"""
+
+
+def _exports_sync(ctx: Ctx) -> dict[str, Any]:
+    folder = ctx.env.root / "exports-bench"
+    catalog = Catalog(folder / "catalog.duckdb")
+    try:
+        exporter = Exporter(catalog.cursor(), folder / "exports", ())
+        out: dict[str, Any] = {}
+        runs_have = 0
+        for n in QUICK_SIZES if ctx.quick else SIZES:
+            ctx.tick(f"export refresh: building a {n:,}-artifact catalog", 0, None)
+            runs_want = n // ARTIFACTS_PER_RUN
+            started = time.perf_counter()
+            con = catalog.con
+            con.execute("BEGIN")
+            for sql in (_GROW_RUNS, _GROW_ARTIFACTS, _GROW_EVENTS):
+                con.execute(sql, [runs_have, runs_want])
+            con.execute("COMMIT")
+            build_s = time.perf_counter() - started
+            runs_have = runs_want
+            ctx.tick(f"export refresh: {n:,} artifacts", 0, ctx.runs)
+            times: list[float] = []
+            each: dict[str, list[float]] = {}
+            files: dict[str, dict[str, int]] = {}
+            for _ in range(ctx.runs):
+                started = time.perf_counter()
+                results, _seq = exporter.refresh(["runs", "artifacts"])
+                times.append(time.perf_counter() - started)
+                for r in results:
+                    each.setdefault(r.name, []).append(r.duration_s)
+                    files[r.name] = {"rows": r.rows, "bytes": r.bytes}
+                ctx.tick("", 1, None)
+            out[str(n)] = {"artifacts": n, "runs": runs_want, "seconds": round(median(times), 4),
+                           "runs_seconds": [round(t, 4) for t in times],
+                           "build_seconds": round(build_s, 3),
+                           "exports": {name: {**files[name], "seconds": round(median(v), 4)}
+                                       for name, v in each.items()}}
+        return out
+    finally:
+        catalog.close()
+
+
+async def measure_exports(ctx: Ctx) -> dict[str, Any]:
+    """``Exporter.refresh(["runs", "artifacts"])`` on catalogs of 10k, 100k and 1M artifacts
+    (two per run), built directly with INSERT … SELECT FROM range()."""
+    return {"status": "ok", "artifacts_per_run": ARTIFACTS_PER_RUN,
+            "sizes": await asyncio.to_thread(_exports_sync, ctx)}
+
+
+# ---- rebuild ------------------------------------------------------------------------------
+async def measure_rebuild(ctx: Ctx) -> dict[str, Any]:
+    """Not measured: ``busd rebuild`` does not exist yet.
+
+    When it does: write a config for ``ctx.stream`` (``ctx.env.config(...)``), run
+    ``busd rebuild --config`` as a child ``ctx.runs`` times (as ``measure_catchup`` does),
+    and return ``_summary(rates, events=ctx.events)`` from ``bench_measure``."""
+    return {"status": "not_measured", "why": "busd rebuild not implemented"}

@@ -1,0 +1,242 @@
+"""Operator commands: rebuild, verify, export, rejections, outbox (contract §8)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from busd import api, config, source
+from busd.catalog import Catalog
+from busd.cli import ConfigOpt, JsonOpt, guarded, settings
+from busd.embedded import EmbeddedServer
+from busd.errors import BusdError, CatalogLocked, ConfigError, ExitCode, TransientError
+from busd.producer import ArtifactBus, flush_outbox, nats_url
+
+
+@contextlib.asynccontextmanager
+async def nats_for(s: config.Settings, *, may_embed: bool = True) -> AsyncIterator[Any]:
+    """A connection to the configured NATS; with no ``nats.url`` and no busd serve running,
+    the embedded server is started on its store for the duration."""
+    embedded = None
+    try:
+        nc = await source.connect(s.nats, nats_url(s), reconnect=False)
+    except TransientError:
+        if s.nats.url or not may_embed:
+            raise
+        host, port = config.parse_hostport(s.nats.embedded_listen, "nats.embedded_listen")
+        embedded = EmbeddedServer(host, port, s.data_path / "nats")
+        nc = await source.connect(s.nats, embedded.start(), reconnect=False)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+async def ask_daemon(s: config.Settings, verb: str, args: dict[str, Any],
+                     timeout_s: float = 30.0) -> Any:
+    """One request to a running ``busd serve``; None when no daemon answers."""
+    try:
+        nc = await source.connect(s.nats, nats_url(s), reconnect=False)
+    except TransientError:
+        return None
+    try:
+        reply = await nc.request(api.subject(s.nats.consumer, verb), api.encode(args),
+                                 timeout=timeout_s)
+    except Exception:
+        return None
+    finally:
+        await nc.close()
+    answer = api.decode(reply.data)
+    if isinstance(answer, dict) and "error" in answer:
+        raise BusdError(f"busd serve answered: {answer['error']}")
+    return answer
+
+
+def from_catalog(s: config.Settings, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        catalog = Catalog(s.catalog_path, read_only=True)
+    except CatalogLocked:
+        raise BusdError("busd serve holds the catalog but did not answer; try again") from None
+    try:
+        return fn(catalog, *args, **kwargs)
+    finally:
+        catalog.close()
+
+
+def register(app: typer.Typer) -> None:
+    rejections = typer.Typer(help="Inspect and retry rejected events.", no_args_is_help=True)
+    outbox = typer.Typer(help="Events kept on disk while NATS was unreachable.",
+                         no_args_is_help=True)
+    app.add_typer(rejections, name="rejections")
+    app.add_typer(outbox, name="outbox")
+
+    @app.command()
+    @guarded
+    def rebuild(config_path: ConfigOpt = None) -> None:
+        """Replay the whole stream into a new catalog, refresh the exports, swap it in."""
+        from busd.replay import rebuild as run_rebuild
+
+        s = settings(config_path)
+
+        async def go() -> Any:
+            async with nats_for(s) as nc:
+                with Progress(TextColumn("replaying"), BarColumn(),
+                              TextColumn("{task.completed:,}/{task.total:,} seq"),
+                              TextColumn("{task.fields[rate]:,.0f} ev/s"),
+                              TimeRemainingColumn(), transient=True) as bar:
+                    task = bar.add_task("replay", total=0, rate=0.0)
+
+                    def progress(done: int, total: int) -> None:
+                        elapsed = bar.tasks[0].elapsed or 1e-9
+                        bar.update(task, completed=done, total=total, rate=done / elapsed)
+
+                    return await run_rebuild(s, nc, progress)
+
+        try:
+            result = asyncio.run(go())
+        except CatalogLocked:
+            raise BusdError("refusing to rebuild: a busd serve holds the catalog; stop it "
+                            "first") from None
+        typer.echo(f"rebuilt {s.catalog_path}: {result.events:,} events to sequence "
+                   f"{result.last_seq:,} in {result.seconds:.1f}s ({result.rate:,.0f} ev/s); "
+                   f"outcomes {json.dumps(result.outcomes)}")
+
+    @app.command()
+    @guarded
+    def verify(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+        """Replay into a temporary catalog and compare with the live one (exit 0 if equal)."""
+        from busd.replay import verify as run_verify
+
+        s = settings(config_path)
+
+        async def go() -> Any:
+            poison = await ask_daemon(s, "poison", {})
+            async with nats_for(s) as nc:
+                return await run_verify(
+                    s, nc, poison=None if poison is None else {int(k): v
+                                                               for k, v in poison.items()})
+
+        report = asyncio.run(go())
+        total = sum(report.counts.values())
+        if as_json:
+            typer.echo(json.dumps({
+                "against": report.against, "events": report.replay.events,
+                "last_seq": report.replay.last_seq, "differences": report.counts,
+                "examples": [{"table": d.table, "side": d.side, "row": d.row}
+                             for d in report.differences]}, default=str))
+        else:
+            typer.echo(f"replayed {report.replay.events:,} events to sequence "
+                       f"{report.replay.last_seq:,}; compared with the live {report.against}: "
+                       + ", ".join(f"{t} {n} differences" for t, n in report.counts.items()))
+            for d in report.differences:
+                typer.echo(f"  {d.table} ({d.side}): {d.row}")
+        if total:
+            raise typer.Exit(int(ExitCode.RUNTIME))
+
+    @app.command()
+    @guarded
+    def export(
+        names: Annotated[list[str] | None, typer.Argument(help="Exports (default: all).")] = None,
+        config_path: ConfigOpt = None,
+    ) -> None:
+        """Refresh exports now, through the running daemon (or directly when none runs)."""
+        s = settings(config_path)
+        answer = asyncio.run(ask_daemon(s, "export", {"names": names or []}, timeout_s=300))
+        if answer is None:
+            from busd.exports import Exporter
+
+            catalog = Catalog(s.catalog_path)
+            try:
+                exporter = Exporter(catalog.cursor(), s.exports_path, s.exports)
+                wanted = names or list(exporter.exports)
+                unknown = sorted(set(wanted) - set(exporter.exports))
+                if unknown:
+                    raise ConfigError(f"no such export: {', '.join(unknown)}")
+                exporter.refresh(wanted)
+            finally:
+                catalog.close()
+            answer = {"refreshed": wanted, "by": "busd export (no daemon running)"}
+        typer.echo(json.dumps(answer))
+
+    @rejections.command("list")
+    @guarded
+    def rejections_list(
+        reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
+        producer: Annotated[str | None, typer.Option(help="Only this producer.")] = None,
+        since: Annotated[str | None, typer.Option(help="Published at or after (ISO).")] = None,
+        limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+        config_path: ConfigOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Rejected events, oldest first."""
+        s = settings(config_path)
+        args = {"reason": reason, "producer": producer, "since": since, "limit": limit}
+        rows = asyncio.run(ask_daemon(s, "rejections", args))
+        if rows is None:
+            rows = from_catalog(s, api.list_rejections, **args)
+        if as_json:
+            typer.echo(json.dumps(rows))
+            return
+        for r in rows:
+            typer.echo(f"{r['seq']}\t{r['published_at']}\t{r['subject']}\t{r['reason']}\t"
+                       f"{r['detail']}")
+
+    @rejections.command("show")
+    @guarded
+    def rejections_show(seq: int, config_path: ConfigOpt = None) -> None:
+        """One rejection: its reason, detail and the original payload."""
+        s = settings(config_path)
+        row = asyncio.run(ask_daemon(s, "rejection", {"seq": seq}))
+        if row is None:
+            row = from_catalog(s, api.get_rejection, seq)
+        if not row:
+            raise ConfigError(f"no rejection at sequence {seq}")
+        typer.echo(json.dumps(row, indent=2))
+
+    @rejections.command("retry")
+    @guarded
+    def rejections_retry(seqs: list[int], config_path: ConfigOpt = None) -> None:
+        """Re-publish the original payloads to their original subjects (after a fix)."""
+        s = settings(config_path)
+
+        async def go() -> list[dict[str, Any]]:
+            out = []
+            async with ArtifactBus(s) as bus:
+                for seq in seqs:
+                    row = await ask_daemon(s, "rejection", {"seq": seq})
+                    if row is None:
+                        row = from_catalog(s, api.get_rejection, seq)
+                    if not row:
+                        raise ConfigError(f"no rejection at sequence {seq}")
+                    payload = (bytes.fromhex(row["payload_hex"]) if row.get("payload_hex")
+                               else row["payload"].encode())
+                    # no Nats-Msg-Id: the duplicate window must not swallow a deliberate retry
+                    new_seq = await bus.publish_raw(row["subject"], payload,
+                                                    {"Busd-Retry-Of": str(seq)})
+                    out.append({"retried": seq, "seq": new_seq, "subject": row["subject"]})
+            return out
+
+        for line in asyncio.run(go()):
+            typer.echo(json.dumps(line))
+
+    @outbox.command("flush")
+    @guarded
+    def outbox_flush(folder: Path, config_path: ConfigOpt = None) -> None:
+        """Send the events kept in FOLDER, oldest first, without doubles."""
+        s = settings(config_path)
+
+        async def go() -> list[int]:
+            async with ArtifactBus(s) as bus:
+                return await flush_outbox(bus, folder)
+
+        sent = asyncio.run(go()) if folder.is_dir() else []
+        typer.echo(json.dumps({"sent": len(sent), "seqs": sent}))

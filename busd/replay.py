@@ -1,0 +1,266 @@
+"""Replay: the stream folded again from its first sequence (``busd rebuild``, ``busd verify``).
+
+Replay reads through an ephemeral consumer with no acks (never the durable one), folds with
+the same :class:`~busd.fold.Folder` as the daemon, and commits into a fresh catalog. Messages
+the live catalog quarantined as ``poison`` stay quarantined: replaying them could crash the
+replay the same way they crashed the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from nats.js import api
+
+from busd import source
+from busd.api import poison_of
+from busd.catalog import COMPARED, Catalog, Claim, Known, Sibling
+from busd.config import Settings
+from busd.errors import BusdError, CatalogLocked
+from busd.exports import Exporter, fsync_dir, read_manifest
+from busd.fold import Folder
+
+Progress = Callable[[int, int], None]  # (sequences done, sequences in all)
+
+
+class ReplayStore:
+    """The fold's store during replay: the new catalog, and the stream for payloads."""
+
+    def __init__(self, catalog: Catalog, nc: Any, stream: str) -> None:
+        self.catalog = catalog
+        self.nc = nc
+        self.stream = stream
+
+    async def lookup(self, seqs: Sequence[int], event_ids: Sequence[str]
+                     ) -> tuple[dict[int, Known], dict[str, Claim]]:
+        return self.catalog.lookup(seqs, event_ids)
+
+    async def siblings(self, event_id: str, after_seq: int) -> list[Sibling]:
+        return self.catalog.siblings(event_id, after_seq)
+
+    async def payload(self, seq: int) -> bytes:
+        return await source.stored_payload(self.nc, self.stream, seq)
+
+
+@dataclass
+class ReplayResult:
+    events: int = 0
+    last_seq: int = 0
+    seconds: float = 0.0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+async def replay_into(
+    s: Settings, nc: Any, catalog: Catalog, *, upto_seq: int | None = None,
+    poison: dict[int, str] | None = None, progress: Progress | None = None,
+) -> ReplayResult:
+    """Fold the stream (up to ``upto_seq``, default: its last sequence now) into ``catalog``."""
+    js = nc.jetstream()
+    info = await js.stream_info(s.nats.stream)
+    first, last = int(info.state.first_seq or 0), int(info.state.last_seq or 0)
+    target = last if upto_seq is None else min(upto_seq, last)
+    result = ReplayResult()
+    started = time.perf_counter()
+    if target == 0 or first > target:
+        return result
+    name = f"busd-replay-{uuid.uuid4().hex[:12]}"
+    await js.add_consumer(s.nats.stream, api.ConsumerConfig(
+        name=name, ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
+        inactive_threshold=60.0, mem_storage=True, num_replicas=1))
+    pull = source.PullSource(nc, s.nats.stream, name)
+    await pull.start()
+    folder = Folder(s, ReplayStore(catalog, nc, s.nats.stream), replay=True,
+                    quarantined=poison or {})
+    writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="busd-replay")
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[None] | None = None
+    done = 0
+    try:
+        while done < target - first + 1:
+            batch = [d for d in await pull.fetch(1000, 500) if d.seq <= target]
+            if not batch:
+                if pull.nc.is_closed:
+                    raise BusdError("the NATS connection closed during replay")
+                continue
+            if pending is not None:
+                await pending  # commit N-1 runs while batch N is fetched and folded
+            folded = await folder.fold(batch)
+            for item in folded.decided:
+                if item.outcome is not None:
+                    result.outcomes[item.outcome.value] = \
+                        result.outcomes.get(item.outcome.value, 0) + 1
+            pending = loop.run_in_executor(writer, catalog.commit, folded.rows)
+            done = batch[-1].seq - first + 1
+            result.events += len(batch)
+            result.last_seq = batch[-1].seq
+            if progress:
+                progress(done, target - first + 1)
+            if batch[-1].seq >= target:
+                break
+        if pending is not None:
+            await pending
+    finally:
+        writer.shutdown(wait=True)
+        await pull.stop()
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(s.nats.stream, name)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+async def rebuild(s: Settings, nc: Any, progress: Progress | None = None) -> ReplayResult:
+    """Replay into a new catalog file, refresh the exports from it, swap it in atomically.
+
+    Holds the live catalog's lock throughout, so a ``busd serve`` cannot start meanwhile,
+    and refuses while one runs.
+    """
+    live = Catalog(s.catalog_path)  # raises CatalogLocked while serve runs
+    new_path = s.catalog_path.with_name(s.catalog_path.name + ".rebuild")
+    for leftover in (new_path, Path(str(new_path) + ".wal")):
+        leftover.unlink(missing_ok=True)
+    try:
+        poison = poison_of(live)
+        fresh = Catalog(new_path)
+        try:
+            result = await replay_into(s, nc, fresh, poison=poison, progress=progress)
+        finally:
+            fresh.close()
+        _fsync(new_path)
+    finally:
+        live.close()
+    wal = Path(str(s.catalog_path) + ".wal")
+    wal.unlink(missing_ok=True)  # checkpointed on close; a stale WAL must never meet the new file
+    os.replace(new_path, s.catalog_path)
+    fsync_dir(s.catalog_path.parent)
+    catalog = Catalog(s.catalog_path)
+    try:
+        exporter = Exporter(catalog.cursor(), s.exports_path, s.exports)
+        exporter.refresh(list(exporter.exports))
+    finally:
+        catalog.close()
+    return result
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Difference:
+    table: str
+    side: str  # "live only" or "replay only"
+    row: tuple[Any, ...]
+
+
+@dataclass
+class VerifyReport:
+    compared: list[str]
+    against: str  # "catalog" or "exports"
+    differences: list[Difference]
+    counts: dict[str, int]
+    replay: ReplayResult
+
+
+async def verify(s: Settings, nc: Any, *, poison: dict[int, str] | None = None,
+                 workdir: Path | None = None, limit: int = 20) -> VerifyReport:
+    """Replay into a temporary catalog and compare it with the live one.
+
+    When ``busd serve`` holds the catalog, the comparison is against its exports (runs and
+    artifacts) at the sequence their manifest names; otherwise against every catalog table.
+    """
+    tmp_dir = workdir or s.data_path
+    tmp = tmp_dir / f".verify-{uuid.uuid4().hex[:8]}.duckdb"
+    try:
+        live = Catalog(s.catalog_path, read_only=True)
+    except CatalogLocked:
+        live_open = False
+        upto = read_manifest(s.exports_path).catalog_seq
+    else:
+        live_open = True
+        upto = live.catalog_seq()
+        poison = poison_of(live) if poison is None else poison
+        live.close()
+    try:
+        replayed = Catalog(tmp)
+        try:
+            result = await replay_into(s, nc, replayed, upto_seq=upto, poison=poison)
+            if live_open:
+                report = _compare_catalogs(s.catalog_path, replayed, limit)
+            else:
+                report = _compare_exports(s, replayed, limit)
+            report.replay = result
+            return report
+        finally:
+            replayed.close()
+    finally:
+        for leftover in (tmp, Path(str(tmp) + ".wal")):
+            leftover.unlink(missing_ok=True)
+
+
+def _diff(con: duckdb.DuckDBPyConnection, table: str, left: str, right: str,
+          limit: int) -> tuple[list[Difference], int]:
+    out: list[Difference] = []
+    total = 0
+    for side, a, b in (("live only", left, right), ("replay only", right, left)):
+        rows = con.execute(f"SELECT * FROM ({a} EXCEPT ALL {b}) ORDER BY ALL").fetchall()
+        total += len(rows)
+        out.extend(Difference(table, side, tuple(r)) for r in rows[:limit])
+    return out, total
+
+
+def _select(source_sql: str, table: str) -> str:
+    wall_clock = COMPARED[table]
+    exclude = f" EXCLUDE ({', '.join(wall_clock)})" if wall_clock else ""
+    return f"SELECT *{exclude} FROM {source_sql}"
+
+
+def _compare_catalogs(live_path: Path, replayed: Catalog, limit: int) -> VerifyReport:
+    con = replayed.con
+    try:
+        con.execute(f"ATTACH '{str(live_path).replace(chr(39), chr(39) * 2)}' AS live "
+                    "(READ_ONLY)")
+    except duckdb.IOException as exc:
+        raise CatalogLocked(f"the catalog {live_path} was locked during verify: {exc}") from None
+    differences: list[Difference] = []
+    counts: dict[str, int] = {}
+    try:
+        for table in COMPARED:
+            diffs, n = _diff(con, table, _select(f"live.catalog.{table}", table),
+                             _select(f"busd.catalog.{table}", table), limit)
+            differences += diffs
+            counts[table] = n
+    finally:
+        con.execute("DETACH live")
+    return VerifyReport(list(COMPARED), "catalog", differences, counts, ReplayResult())
+
+
+def _compare_exports(s: Settings, replayed: Catalog, limit: int) -> VerifyReport:
+    con = replayed.con
+    differences: list[Difference] = []
+    counts: dict[str, int] = {}
+    for export, table in (("runs", "runs_d"), ("artifacts", "artifacts_f")):
+        path = str(s.exports_path / f"{export}.parquet").replace("'", "''")
+        diffs, n = _diff(con, table, _select(f"read_parquet('{path}')", table),
+                         _select(f"busd.catalog.{table}", table), limit)
+        differences += diffs
+        counts[table] = n
+    return VerifyReport(["runs_d", "artifacts_f"], "exports", differences, counts,
+                        ReplayResult())

@@ -1,0 +1,121 @@
+"""``busd bench``: a quick run reports every section with positive numbers, and an interrupted
+run leaves no process and no temporary folder behind. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import BUSD
+
+from busd.bench_live import Hist
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    """No BUSD_* from the caller; temporary folders under ``tmp`` so cleanup can be checked."""
+    tmp.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUSD_")}
+    return {**env, "TMPDIR": str(tmp), "COLUMNS": "160"}
+
+
+def _positive(section: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        value = section.get(key)
+        assert isinstance(value, int | float) and value > 0, (key, value, section)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+@pytest.mark.timeout(180)
+def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    tmp = tmp_path / "tmp"
+    run = subprocess.run([*BUSD, "bench", "--quick", "--json", str(out)], cwd=tmp_path,
+                         env=_env(tmp), capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    assert report["date"]
+    _positive(report["machine"], "cores", "ram_gb")
+    assert report["machine"]["cpu_model"]
+    for name in ("busd", "nats-py", "duckdb", "pyarrow", "nats-server"):
+        assert report["versions"][name] not in ("", "?"), name
+    assert report["setup"]["published"] == report["bench"]["events"] == 5000
+
+    s = report["sections"]
+    assert set(s) == {"raw", "naive", "catchup", "live", "exports", "rebuild"}
+    for key in ("raw", "naive", "catchup"):
+        assert s[key]["status"] == "ok", s[key]
+        _positive(s[key], "events_per_s", "events")
+    _positive(s["catchup"], "seconds", "peak_rss_mb", "cpu_us_per_event", "batches")
+    assert s["live"]["status"] == "ok", s["live"]
+    _positive(s["live"], "peak_rss_mb")
+    for phase in ("fixed", "max"):
+        p = s["live"][phase]
+        _positive(p, "published", "publish_events_per_s", "latency_p50_s", "latency_p99_s",
+                  "latency_max_le_s", "lag_zero_after_stop_s")
+        assert p["latency_observed"] >= p["published"], p
+    assert s["exports"]["status"] == "ok", s["exports"]
+    assert set(s["exports"]["sizes"]) == {"10000", "100000"}
+    for size in s["exports"]["sizes"].values():
+        _positive(size, "seconds", "artifacts", "runs")
+    assert s["rebuild"] == {"status": "not_measured", "why": "busd rebuild not implemented"}
+    _positive(report["ratios"], "busd_over_naive", "busd_over_raw")
+
+    assert "busd / naive" in run.stdout and "raw limit" in run.stdout
+    assert not list(tmp.iterdir()), "the temporary folder was not removed"
+
+
+@pytest.mark.timeout(120)
+def test_interrupted_bench_cleans_up(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    proc = subprocess.Popen([*BUSD, "bench", "--quick"], cwd=tmp_path, env=_env(tmp),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(tmp.glob("busd-bench-*/catchup-0.toml")):  # busd is catching up
+            assert proc.poll() is None and time.monotonic() < deadline, "never got going"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err[-2000:]
+    assert "interrupted" in err
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(tmp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_mentioning(str(tmp))
+    assert not list(tmp.iterdir()), "the temporary folder was not removed"
+
+
+def test_histogram_quantiles_interpolate_inside_buckets() -> None:
+    inf = float("inf")
+    before = Hist(((0.1, 0.0), (0.5, 0.0), (1.0, 0.0), (inf, 0.0)), 0.0, 0.0)
+    after = Hist(((0.1, 50.0), (0.5, 90.0), (1.0, 100.0), (inf, 100.0)), 100.0, 30.0)
+    h = after.minus(before)
+    assert h.quantile(0.5) == pytest.approx(0.1)
+    assert h.quantile(0.7) == pytest.approx(0.3)
+    assert h.quantile(0.99) == pytest.approx(0.95)
+    assert h.max_bound() == 1.0
+    assert Hist(((1.0, 0.0), (inf, 0.0)), 0.0, 0.0).quantile(0.5) is None
