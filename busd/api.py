@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from busd.catalog import Catalog
+from busd.catalog import Catalog, first_row
 
 SUBJECT = "busd.api.{consumer}.{verb}"
 VERBS = ("outcome", "rejections", "rejection", "export", "poison")
@@ -23,9 +23,9 @@ def subject(consumer: str, verb: str) -> str:
 
 
 def outcome_of(catalog: Catalog, seq: int) -> dict[str, Any]:
-    row = catalog.con.execute(
-        "SELECT e.outcome, e.reason, r.detail, e.event_id FROM catalog.events_f e "
-        "LEFT JOIN catalog.rejections_f r USING (seq) WHERE e.seq = ?", [seq]).fetchone()
+    row = first_row(catalog.con,
+                    "SELECT e.outcome, e.reason, r.detail, e.event_id FROM catalog.events_f e "
+                    "LEFT JOIN catalog.rejections_f r USING (seq) WHERE e.seq = ?", [seq])
     if row is None:
         return {"seq": seq, "state": "pending"}
     return {"seq": seq, "state": "done", "outcome": row[0], "reason": row[1], "detail": row[2],
@@ -63,9 +63,9 @@ def list_rejections(catalog: Catalog, *, reason: str | None = None,
 
 
 def get_rejection(catalog: Catalog, seq: int) -> dict[str, Any] | None:
-    row = catalog.con.execute(
-        "SELECT seq, subject, event_id, reason, detail, deliveries, published_at, rejected_at, "
-        "payload FROM catalog.rejections_f WHERE seq = ?", [seq]).fetchone()
+    row = first_row(catalog.con,
+                    "SELECT seq, subject, event_id, reason, detail, deliveries, published_at, "
+                    "rejected_at, payload FROM catalog.rejections_f WHERE seq = ?", [seq])
     if row is None:
         return None
     keys = ("seq", "subject", "event_id", "reason", "detail", "deliveries", "published_at",

@@ -38,11 +38,11 @@ CREATE TABLE IF NOT EXISTS catalog.artifacts_f (
     version INTEGER, published_at TIMESTAMPTZ, committed_at TIMESTAMPTZ,
     PRIMARY KEY (run_id, name));
 CREATE TABLE IF NOT EXISTS catalog.events_f (
-    seq UBIGINT PRIMARY KEY, event_id VARCHAR, payload_sha256 VARCHAR, subject VARCHAR,
+    seq UBIGINT, event_id VARCHAR, payload_sha256 VARCHAR, subject VARCHAR,
     producer VARCHAR, run_id VARCHAR, outcome VARCHAR, reason VARCHAR, n_artifacts INTEGER,
     published_at TIMESTAMPTZ, committed_at TIMESTAMPTZ);
 CREATE TABLE IF NOT EXISTS catalog.rejections_f (
-    seq UBIGINT PRIMARY KEY, subject VARCHAR, event_id VARCHAR, reason VARCHAR, detail VARCHAR,
+    seq UBIGINT, subject VARCHAR, event_id VARCHAR, reason VARCHAR, detail VARCHAR,
     payload BLOB, deliveries INTEGER, published_at TIMESTAMPTZ, rejected_at TIMESTAMPTZ);
 CREATE TABLE IF NOT EXISTS catalog.exports_d (
     name VARCHAR PRIMARY KEY, path VARCHAR, rows BIGINT, bytes BIGINT, catalog_seq UBIGINT,
@@ -94,6 +94,8 @@ RUN_LOG_COLUMNS: Columns = (
     ("finished_at", _TS), ("params", pa.string()), ("code_version", pa.string()),
     ("parent_run_id", pa.string()), ("published_at", _TS), ("event_id", pa.string()),
 )
+_MERGED_COLUMNS: Columns = (("run_id", pa.string()), ("name", pa.string()),
+                           ("version", pa.int32()))
 DEMOTION_COLUMNS: Columns = (
     ("seq", pa.uint64()), ("outcome", pa.string()), ("reason", pa.string()),
     ("detail", pa.string()), ("payload", pa.binary()),
@@ -104,11 +106,48 @@ _ARTIFACT_FIELDS = ("path", "format", "rows", "bytes", "sha256", "columns", "sch
 _RUN_FIELDS = ("kind", "producer", "status", "started_at", "finished_at", "params",
                "code_version", "parent_run_id")
 
+def _higher(table: str, seq_col: str, columns: Sequence[str]) -> str:
+    """SET items that keep, per column, the value of the row with the higher sequence."""
+    return ", ".join(f"{c} = CASE WHEN EXCLUDED.{seq_col} > {table}.{seq_col} "
+                     f"THEN EXCLUDED.{c} ELSE {table}.{c} END" for c in columns)
+
+
+# The usual path, incremental: merge the batch's rows per key into the derived tables (the
+# primary-key index finds the existing row; nothing scans the catalog).
+_MERGE_ARTIFACTS = f"""
+    INSERT INTO catalog.artifacts_f
+    SELECT run_id, name, {', '.join(f'arg_max({c}, seq)' for c in _ARTIFACT_FIELDS)},
+           max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq)
+    FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)
+    GROUP BY run_id, name
+    ON CONFLICT (run_id, name) DO UPDATE SET
+      {_higher("artifacts_f", "seq", (*_ARTIFACT_FIELDS, "published_at", "committed_at"))},
+      seq = greatest(EXCLUDED.seq, artifacts_f.seq),
+      version = artifacts_f.version + EXCLUDED.version
+    RETURNING run_id, name, version"""
+
+_MERGE_RUNS = f"""
+    INSERT INTO catalog.runs_d
+    SELECT l.run_id, {', '.join(f'arg_max(l.{c}, l.seq)' for c in _RUN_FIELDS)},
+           coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
+           arg_max(l.published_at, l.seq), arg_max(l.event_id, l.seq)
+    FROM stage_runs l LEFT JOIN new_keys n USING (run_id)
+    WHERE l.seq IN (SELECT seq FROM fresh)
+    GROUP BY l.run_id
+    ON CONFLICT (run_id) DO UPDATE SET
+      {_higher("runs_d", "last_seq", (*_RUN_FIELDS, "last_published_at", "event_id"))},
+      first_published_at = CASE WHEN EXCLUDED.first_seq < runs_d.first_seq
+          THEN EXCLUDED.first_published_at ELSE runs_d.first_published_at END,
+      first_seq = least(EXCLUDED.first_seq, runs_d.first_seq),
+      last_seq = greatest(EXCLUDED.last_seq, runs_d.last_seq),
+      n_artifacts = runs_d.n_artifacts + EXCLUDED.n_artifacts"""
+
+# After a demotion (rare): recompute the affected keys from the logs.
 _DERIVE_ARTIFACTS = f"""
     INSERT INTO catalog.artifacts_f
     SELECT run_id, name, {', '.join(f'arg_max({c}, seq)' for c in _ARTIFACT_FIELDS)},
            max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq)
-    FROM catalog.artifact_log WHERE (run_id, name) IN (SELECT (run_id, name) FROM touched_keys)
+    FROM catalog.artifact_log SEMI JOIN touched_keys USING (run_id, name)
     GROUP BY run_id, name"""
 
 _DERIVE_RUNS = f"""
@@ -171,6 +210,14 @@ def to_arrow(rows: Sequence[tuple[Any, ...]], columns: Columns) -> pa.Table:
                      for (name, typ), values in zip(columns, cols, strict=True)})
 
 
+def first_row(con: duckdb.DuckDBPyConnection, sql: str,
+              params: Sequence[Any] | None = None) -> tuple[Any, ...] | None:
+    """The first row, reading the result to its end: a result left open (``fetchone``)
+    makes DuckDB refuse the next ``register`` on that connection."""
+    rows = con.execute(sql, params or []).fetchall()
+    return tuple(rows[0]) if rows else None
+
+
 def _sql_path(path: Path) -> str:
     return str(path).replace("'", "''")
 
@@ -222,17 +269,15 @@ class Catalog:
         return self.schema_version()
 
     def schema_version(self) -> int:
-        exists = self.con.execute(
-            "SELECT count(*) FROM information_schema.tables "
-            "WHERE table_schema = 'catalog' AND table_name = 'meta'").fetchone()
+        exists = first_row(self.con, "SELECT count(*) FROM information_schema.tables "
+                           "WHERE table_schema = 'catalog' AND table_name = 'meta'")
         if not exists or not exists[0]:
             return 0
-        row = self.con.execute(
-            "SELECT value FROM catalog.meta WHERE key = 'schema_version'").fetchone()
+        row = first_row(self.con, "SELECT value FROM catalog.meta WHERE key = 'schema_version'")
         return int(row[0]) if row else 0
 
     def catalog_seq(self) -> int:
-        row = self.con.execute("SELECT coalesce(max(seq), 0) FROM catalog.events_f").fetchone()
+        row = first_row(self.con, "SELECT coalesce(max(seq), 0) FROM catalog.events_f")
         return int(row[0]) if row else 0
 
     def lookup(self, seqs: Sequence[int], event_ids: Iterable[str]
@@ -310,24 +355,39 @@ class Catalog:
                     "WHERE seq IN (SELECT seq FROM fresh)")
         con.execute("INSERT INTO catalog.rejections_f SELECT * FROM stage_rejections "
                     "WHERE seq IN (SELECT seq FROM fresh)")
-        con.execute("""
-            CREATE OR REPLACE TEMP TABLE touched_keys AS
-            SELECT DISTINCT run_id, name FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)
-            """)
-        con.execute("""
-            CREATE OR REPLACE TEMP TABLE touched_runs AS
-            SELECT DISTINCT run_id FROM stage_runs WHERE seq IN (SELECT seq FROM fresh)""")
-        if demotions:
-            self._demote()
         con.execute("INSERT INTO catalog.artifact_log SELECT * FROM stage_artifacts "
                     "WHERE seq IN (SELECT seq FROM fresh)")
         con.execute("INSERT INTO catalog.run_log SELECT * FROM stage_runs "
                     "WHERE seq IN (SELECT seq FROM fresh)")
-        con.execute("DELETE FROM catalog.artifacts_f WHERE (run_id, name) IN "
-                    "(SELECT (run_id, name) FROM touched_keys)")
-        con.execute(_DERIVE_ARTIFACTS)
-        con.execute("DELETE FROM catalog.runs_d WHERE run_id IN (SELECT run_id FROM touched_runs)")
-        con.execute(_DERIVE_RUNS)
+        if demotions:
+            con.execute("""
+                CREATE OR REPLACE TEMP TABLE touched_keys AS SELECT DISTINCT run_id, name
+                FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)""")
+            con.execute("""
+                CREATE OR REPLACE TEMP TABLE touched_runs AS SELECT DISTINCT run_id
+                FROM stage_runs WHERE seq IN (SELECT seq FROM fresh)""")
+            self._demote()
+            con.execute("DELETE FROM catalog.artifacts_f a USING touched_keys t "
+                        "WHERE a.run_id = t.run_id AND a.name = t.name")
+            con.execute(_DERIVE_ARTIFACTS)
+            con.execute("DELETE FROM catalog.runs_d "
+                        "WHERE run_id IN (SELECT run_id FROM touched_runs)")
+            con.execute(_DERIVE_RUNS)
+            return
+        # a key is new when its version is just this batch's count of it
+        merged = to_arrow(con.execute(_MERGE_ARTIFACTS).fetchall(), _MERGED_COLUMNS)
+        con.register("merged", merged)
+        try:
+            con.execute("""
+                CREATE OR REPLACE TEMP TABLE new_keys AS
+                SELECT m.run_id, count(*)::INTEGER AS n
+                FROM merged m JOIN (SELECT run_id, name, count(*) AS c FROM stage_artifacts
+                                    WHERE seq IN (SELECT seq FROM fresh)
+                                    GROUP BY run_id, name) b USING (run_id, name)
+                WHERE m.version = b.c GROUP BY m.run_id""")
+        finally:
+            con.unregister("merged")
+        con.execute(_MERGE_RUNS)
 
     def _demote(self) -> None:
         """Later sequences that lose their event_id to an earlier one: duplicate or conflict."""

@@ -49,7 +49,7 @@ def guarded(fn: F) -> F:
             fail("interrupted", ExitCode.RUNTIME)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
-        except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        except Exception as exc:
             fail(f"unexpected error: {type(exc).__name__}: {exc}", ExitCode.RUNTIME)
         return None
 

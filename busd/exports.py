@@ -22,6 +22,7 @@ import duckdb
 import msgspec
 
 from busd import faults
+from busd.catalog import first_row
 from busd.config import ExportSettings
 from busd.errors import ConfigError, FatalStorageError, StorageError
 
@@ -196,7 +197,7 @@ class Exporter:
         cur = self.cur
         cur.execute("BEGIN")
         try:
-            row = cur.execute("SELECT coalesce(max(seq), 0) FROM catalog.events_f").fetchone()
+            row = first_row(cur, "SELECT coalesce(max(seq), 0) FROM catalog.events_f")
             catalog_seq = int(row[0]) if row else 0
             for name in names:
                 result = self._refresh_one(self.exports[name], catalog_seq)
@@ -225,8 +226,7 @@ class Exporter:
             self.cur.execute(
                 f"COPY ({export.sql}) TO {_sql_str(str(tmp))} "
                 "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)")
-            row = self.cur.execute(
-                f"SELECT count(*) FROM read_parquet({_sql_str(str(tmp))})").fetchone()
+            row = first_row(self.cur, f"SELECT count(*) FROM read_parquet({_sql_str(str(tmp))})")
             rows = int(row[0]) if row else 0
         except duckdb.Error:
             tmp.unlink(missing_ok=True)

@@ -8,9 +8,10 @@ import signal
 import urllib.request
 from typing import Any
 
-from busd.exports import read_manifest
 from support import Bus, wait_for
 from test_cli import free_port
+
+from busd.exports import read_manifest
 
 TABLES = {"runs_d": "", "artifacts_f": " EXCLUDE (committed_at)",
           "events_f": " EXCLUDE (committed_at)",
