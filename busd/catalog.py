@@ -172,6 +172,7 @@ class Batch:
     artifacts: list[tuple[Any, ...]] = field(default_factory=list)
     runs: list[tuple[Any, ...]] = field(default_factory=list)
     demotions: list[tuple[Any, ...]] = field(default_factory=list)
+    exports: list[tuple[Any, ...]] = field(default_factory=list)  # exports_d rows
 
     def __bool__(self) -> bool:
         return bool(self.events)
@@ -328,6 +329,9 @@ class Catalog:
                 con.register(name, table)
             con.execute("BEGIN")
             self._apply(bool(batch.demotions))
+            if batch.exports:
+                con.executemany("INSERT OR REPLACE INTO catalog.exports_d "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?)", batch.exports)
             con.execute("COMMIT")
         except duckdb.FatalException as exc:
             raise FatalStorageError(f"catalog: {exc}") from exc

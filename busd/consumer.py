@@ -34,7 +34,7 @@ from busd.errors import (
     StorageError,
 )
 from busd.exports import Exporter, manifest_rows
-from busd.fold import Decided, Folder
+from busd.fold import Decided, Folded, Folder
 from busd.metrics import Metrics, MetricsServer
 from busd.sdnotify import SdNotifier
 
@@ -112,6 +112,8 @@ class Daemon:
         self._last_progress = time.monotonic()
         self._backlog = 0
         self._fatal: BaseException | None = None
+        self._commit_task: asyncio.Future[None] | None = None
+        self._export_rows: list[tuple[Any, ...]] = []
 
     # ---- threads -------------------------------------------------------------------------
     async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
@@ -176,6 +178,8 @@ class Daemon:
             except Exception:
                 await self.nc.close()
         if self.catalog is not None:
+            with contextlib.suppress(Exception):
+                await self._record_exports_when_idle()
             await self._on_writer(self.catalog.close)
         self._writer.shutdown()
         self._export_pool.shutdown()
@@ -217,20 +221,30 @@ class Daemon:
     async def _fetch_loop(self) -> None:
         assert self.src is not None
         c = self.s.consumer
-        while not self.stopping:
-            batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
-                                         prefetch=not self.stopping)
-            if batch:
-                await self._handle(batch)
-                self.stats.batches += 1
-                self.notify.watchdog()
-            else:
-                if not self._waiting:
+        try:
+            while not self.stopping:
+                batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
+                                             prefetch=not self.stopping)
+                if batch:
+                    await self._handle(batch)
+                    self.stats.batches += 1
                     self.notify.watchdog()
-                if self.drain and await self._drained():
+                else:
+                    await self._committed()
+                    if not self._waiting:
+                        self.notify.watchdog()
+                    if self.drain and await self._drained():
+                        return
+                if self._fatal is not None:
                     return
-            if self._fatal is not None:
-                return
+        finally:
+            await self._committed()
+
+    async def _committed(self) -> None:
+        """Wait for the batch whose commit is under way (and its settlement)."""
+        task, self._commit_task = self._commit_task, None
+        if task is not None:
+            await task
 
     async def _drained(self) -> bool:
         if self._waiting or self._touched:
@@ -248,9 +262,17 @@ class Daemon:
 
     # ---- one batch -----------------------------------------------------------------------
     async def _handle(self, batch: Sequence[source.Delivery]) -> None:
+        """Two batches in flight: this one is decoded and its files checked while the
+        previous one commits; it reads the catalog only once that commit is done."""
         assert self.folder is not None
-        folded = await self.folder.fold(batch)
+        prepared = self.folder.prepare(batch)
+        await self._committed()
+        folded = await self.folder.finish(prepared)
+        self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, batch))
+
+    async def _commit_and_settle(self, folded: Folded, batch: Sequence[source.Delivery]) -> None:
         if folded.rows:
+            folded.rows.exports, self._export_rows = self._export_rows, []
             await self._commit(folded.rows, batch)
             faults.hit("after_commit")
         await self._settle_batch(folded.decided, folded.touched)
@@ -313,6 +335,10 @@ class Daemon:
                 if action == "nak":
                     self.log.info("file missing; retrying later", seq=item.d.seq,
                                   event_id=item.event_id, delay_s=round(item.nak_delay_s, 1))
+        counts = Counter(i.outcome.value for i in decided if i.outcome and not i.known)
+        if counts:
+            self.log.info("batch", first_seq=decided[0].d.seq, last_seq=decided[-1].d.seq,
+                          **dict(counts))
         if waits:
             self._generation = generation
             self._touched.update(touched)
@@ -330,9 +356,9 @@ class Daemon:
                              detail=item.detail, **fields)
         elif item.outcome is Outcome.DUPLICATE:
             self.log.info("duplicate event", **fields)
-        else:
-            self.log.info("event committed", run_id=item.run_id, artifacts=item.n_artifacts,
-                          **fields)
+        else:  # one line per batch at info (below); each committed event at debug
+            self.log.debug("event committed", run_id=item.run_id, artifacts=item.n_artifacts,
+                           **fields)
 
     async def _send(self, items: Sequence[tuple[str, bytes]]) -> None:
         if not items or self.settler is None:
@@ -390,10 +416,17 @@ class Daemon:
         for r in results:
             self.metrics.export_seconds.labels(export=r.name).observe(r.duration_s)
             self.metrics.export_last_success.labels(export=r.name).set(stamp)
-        try:
-            await self._on_writer(self.catalog.record_exports, manifest_rows(results))
-        except StorageError as exc:
-            self.log.warning("could not record exports_d", error=str(exc))
+        # exports_d rows ride along with the next batch's transaction (one fsync fewer per
+        # refresh); housekeeping writes them on their own when the stream is idle
+        self._export_rows.extend(manifest_rows(results))
+
+    async def _record_exports_when_idle(self) -> None:
+        if self._export_rows and self._commit_task is None and self.catalog is not None:
+            rows, self._export_rows = self._export_rows, []
+            try:
+                await self._on_writer(self.catalog.record_exports, rows)
+            except StorageError as exc:
+                self.log.warning("could not record exports_d", error=str(exc))
 
     async def _ack_through(self, generation: int) -> None:
         done = [w for w in self._waiting if w.generation <= generation]
@@ -428,6 +461,7 @@ class Daemon:
                         self._fatal = ConsumerGone(f"cannot recreate the consumer: {exc2}")
                         self.stopping = True
                         return
+            await self._record_exports_when_idle()
             now = time.monotonic()
             old = [w for w in self._waiting if now - w.since > ack_wait_s / 3]
             for w in old:

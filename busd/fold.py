@@ -9,6 +9,7 @@ a crash), it takes the claim over and the later one is demoted to duplicate or c
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import time
@@ -52,6 +53,15 @@ class Folded:
     touched: set[str] = field(default_factory=set)  # artifact names committed
 
 
+@dataclass
+class Prepared:
+    """A batch decoded, its files being checked."""
+
+    decoded: list[tuple[Decided, ev.ArtifactEvent | None]]
+    copies: list[Delivery]
+    checks: asyncio.Future[dict[int, list[CheckedArtifact] | InvalidEvent]]
+
+
 class Store(Protocol):
     """What the fold reads: the catalog (on its writer thread) and stored payloads."""
 
@@ -76,6 +86,11 @@ class Folder:
         self._limit = anyio.CapacityLimiter(settings.verify.threads)
 
     async def fold(self, batch: Sequence[Delivery]) -> Folded:
+        return await self.finish(self.prepare(batch))
+
+    def prepare(self, batch: Sequence[Delivery]) -> Prepared:
+        """Decode, and start checking files on worker threads; nothing here reads the
+        catalog, so a daemon can prepare batch N+1 while batch N commits."""
         # A sequence delivered twice in one batch (a redelivery overtaking the first) is
         # decided once; its copies are settled the same way.
         firsts: dict[int, Delivery] = {}
@@ -85,20 +100,34 @@ class Folder:
                 copies.append(d)
             else:
                 firsts[d.seq] = d
-        folded = await self._fold(list(firsts.values()))
+        decoded = [self._decode(d) for d in firsts.values()]
+        faults.hit("after_decode")
+        # Every event's files are checked, duplicates included: an invalid event is rejected
+        # for its own reason whatever else the stream holds, which keeps the fold independent
+        # of delivery order.
+        candidates = [(item, event) for item, event in decoded if event is not None]
+        checks = asyncio.ensure_future(self._validate(candidates))
+        return Prepared(decoded, copies, checks)
+
+    async def finish(self, p: Prepared) -> Folded:
+        """Read the catalog, then decide; the catalog must hold every earlier batch."""
+        try:
+            folded = await self._decide(p)
+        except BaseException:
+            p.checks.cancel()
+            raise
         by_seq = {item.d.seq: item for item in folded.decided}
-        for d in copies:
+        for d in p.copies:
             first = by_seq[d.seq]
             folded.decided.append(Decided(d, first.outcome, first.reason, first.detail,
                                           event_id=first.event_id, nak_delay_s=first.nak_delay_s,
                                           known=True))
         return folded
 
-    async def _fold(self, batch: Sequence[Delivery]) -> Folded:
-        decoded: list[tuple[Decided, ev.ArtifactEvent | None]] = [self._decode(d) for d in batch]
-        faults.hit("after_decode")
+    async def _decide(self, p: Prepared) -> Folded:
+        decoded = p.decoded
         ids = [item.event_id for item, event in decoded if event is not None and item.event_id]
-        known, claims = await self.store.lookup([d.seq for d in batch], ids)
+        known, claims = await self.store.lookup([item.d.seq for item, _ in decoded], ids)
         decided: list[Decided] = []
         fresh: list[tuple[Decided, ev.ArtifactEvent]] = []
         for item, event in decoded:
@@ -111,12 +140,7 @@ class Folder:
             decided.append(item)
             if event is not None:
                 fresh.append((item, event))
-        # Every event's files are checked, duplicates included: an invalid event is rejected
-        # for its own reason whatever else the stream holds, which keeps the fold independent
-        # of delivery order.
-        if fresh:
-            faults.hit("during_validate")
-        checked = await self._validate(fresh)
+        checked = await p.checks
         now = dt.datetime.now(dt.UTC)
         rows = Batch()
         touched: set[str] = set()
@@ -208,6 +232,7 @@ class Folder:
         results: dict[int, list[CheckedArtifact] | InvalidEvent] = {}
         if not items:
             return results
+        faults.hit("during_validate")
         roots, policy = self.roots, self.s.verify.checksum
 
         def check_chunk(chunk: Sequence[tuple[Decided, ev.ArtifactEvent]]) -> None:
