@@ -343,7 +343,8 @@ class Catalog:
             raise StorageError(f"catalog commit failed: {exc}") from exc
         finally:
             for name in staged:
-                con.unregister(name)
+                with contextlib.suppress(duckdb.Error):
+                    con.unregister(name)
 
     def _apply(self, demotions: bool) -> None:
         con = self.con

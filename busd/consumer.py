@@ -223,8 +223,12 @@ class Daemon:
         c = self.s.consumer
         try:
             while not self.stopping:
-                batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
-                                             prefetch=not self.stopping)
+                try:
+                    batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
+                                                 prefetch=not self.stopping)
+                except ConsumerGone as exc:
+                    await self._recreate_consumer(str(exc))
+                    continue
                 if batch:
                     await self._handle(batch)
                     self.stats.batches += 1
@@ -239,6 +243,25 @@ class Daemon:
                     return
         finally:
             await self._committed()
+
+    async def _recreate_consumer(self, why: str) -> None:
+        """The durable consumer was deleted under busd: say so and declare it again (the
+        catalog recognises what it already holds); if the stream is gone too, exit."""
+        self.log.error("the durable consumer is gone; recreating it", reason=why)
+        delay_s, deadline = 0.2, time.monotonic() + 30
+        while True:
+            try:
+                await source.ensure_consumer(self.nc, self.s)
+                break
+            except Exception as exc:  # JetStream restarting, NATS down, or the stream gone
+                gone = "stream not found" in str(exc).lower()
+                if gone or time.monotonic() > deadline:
+                    raise ConsumerGone(
+                        f"the consumer is gone and cannot be recreated: {exc}") from None
+                await anyio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 5.0)
+        assert self.src is not None
+        self.src.reset()
 
     async def _committed(self) -> None:
         """Wait for the batch whose commit is under way (and its settlement)."""
@@ -452,13 +475,12 @@ class Daemon:
                 self._backlog = pending + ack_pending
                 self.metrics.pending.set(pending)
                 self.metrics.ack_pending.set(ack_pending)
-            except Exception as exc:
+            except Exception as exc:  # NATS down (it reconnects) or the consumer gone
                 if "not found" in str(exc).lower():
-                    self.log.error("the durable consumer is gone; recreating it")
                     try:
-                        await source.ensure_consumer(self.nc, self.s)
-                    except Exception as exc2:
-                        self._fatal = ConsumerGone(f"cannot recreate the consumer: {exc2}")
+                        await self._recreate_consumer(str(exc))
+                    except ConsumerGone as gone:
+                        self._fatal = gone
                         self.stopping = True
                         return
             await self._record_exports_when_idle()

@@ -262,6 +262,12 @@ class PullSource:
             await self._request(batch, wait_ms)
         return [self._delivery(m) for m in msgs]
 
+    def reset(self) -> None:
+        """Forget the pull request in flight (after the consumer was declared again)."""
+        self._gone = None
+        self._outstanding = False
+        self._done_token = self._token
+
     def take_buffered(self) -> list[Delivery]:
         """Messages delivered but not handed out (at shutdown: to be nak'ed)."""
         msgs, self._buf = self._buf, []

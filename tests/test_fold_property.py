@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -108,6 +109,7 @@ def stream_and_schedule(draw: st.DrawFn) -> tuple[list[Any], list[list[int]]]:
     return stream, batches
 
 
+@pytest.mark.timeout(3600)  # --long runs 2,000 examples
 @settings(deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=stream_and_schedule())
