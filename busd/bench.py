@@ -126,7 +126,7 @@ async def run_bench(ctx: Ctx) -> dict[str, Any]:
         for section in sections():
             try:
                 results[section.key] = await section.measure(ctx)
-            except Exception as exc:  # one failed section does not hide the others
+            except Exception as exc:  # noqa: BLE001 - one failed section does not hide the others
                 results[section.key] = {"status": "failed",
                                         "error": f"{type(exc).__name__}: {exc}"}
         report["sections"] = results

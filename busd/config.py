@@ -27,6 +27,7 @@ class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stream: str = "ARTIFACTS"
     subjects: tuple[str, ...] = ("artifacts.>",)
     consumer: str = "busd"
+    stream_replicas: int = 1  # 3 on a JetStream cluster
     creds: str = ""
     nkey_seed: str = ""
     user: str = ""
@@ -234,6 +235,8 @@ def _check(s: Settings, where: str) -> None:
         raise bad("nats.stream", "letters, digits, _ and - only")
     if not _IDENT.match(s.nats.consumer):
         raise bad("nats.consumer", "letters, digits, _ and - only")
+    if s.nats.stream_replicas not in (1, 3, 5):
+        raise bad("nats.stream_replicas", "must be 1, 3 or 5")
     if not s.nats.subjects:
         raise bad("nats.subjects", "needs at least one subject")
     if s.nats.url:

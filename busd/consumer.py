@@ -175,7 +175,7 @@ class Daemon:
         if self.nc is not None:
             try:
                 await self.nc.drain()
-            except Exception:
+            except Exception:  # noqa: BLE001
                 await self.nc.close()
         if self.catalog is not None:
             with contextlib.suppress(Exception):
@@ -253,7 +253,7 @@ class Daemon:
             try:
                 await source.ensure_consumer(self.nc, self.s)
                 break
-            except Exception as exc:  # JetStream restarting, NATS down, or the stream gone
+            except Exception as exc:  # noqa: BLE001 - JetStream restarting, NATS down, or the stream gone
                 gone = "stream not found" in str(exc).lower()
                 if gone or time.monotonic() > deadline:
                     raise ConsumerGone(
@@ -388,7 +388,7 @@ class Daemon:
             return
         try:
             await self.settler.send(items)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             self.log.warning("could not settle messages; they will be redelivered",
                              count=len(items), error=str(exc) or type(exc).__name__)
 
@@ -475,7 +475,7 @@ class Daemon:
                 self._backlog = pending + ack_pending
                 self.metrics.pending.set(pending)
                 self.metrics.ack_pending.set(ack_pending)
-            except Exception as exc:  # NATS down (it reconnects) or the consumer gone
+            except Exception as exc:  # noqa: BLE001 - NATS down (it reconnects) or the consumer gone
                 if "not found" in str(exc).lower():
                     try:
                         await self._recreate_consumer(str(exc))
@@ -503,7 +503,7 @@ class Daemon:
         verb = msg.subject.rsplit(".", 1)[-1]
         try:
             answer = await self._api_call(verb, api.decode(msg.data))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         with contextlib.suppress(Exception):
             await msg.respond(api.encode(answer))

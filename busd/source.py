@@ -137,6 +137,7 @@ def stream_config(s: Settings) -> api.StreamConfig:
         deny_delete=True,
         deny_purge=True,
         discard=api.DiscardPolicy.OLD,
+        num_replicas=s.nats.stream_replicas,
     )
 
 

@@ -103,9 +103,15 @@ class Bus:
     server: EmbeddedServer
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    cluster_url: str | None = None  # "nats://a,nats://b,..." when testing a cluster
+
     @property
     def url(self) -> str:
-        return self.server.url
+        return self.cluster_url or self.server.url
+
+    @property
+    def servers(self) -> list[str]:
+        return self.url.split(",")
 
     @property
     def data(self) -> Path:
@@ -160,7 +166,7 @@ class Bus:
         """Publish payloads; ``js=False`` is a plain core publish, like ``nats pub``."""
 
         async def go() -> list[int]:
-            nc = await nats.connect(self.url)
+            nc = await nats.connect(servers=self.servers)
             seqs: list[int] = []
             try:
                 for i, p in enumerate(payloads):

@@ -17,10 +17,10 @@ from typing import Any
 
 import nats
 import pytest
-
-from busd.exports import read_manifest
 from support import Bus, wait_for
 from test_cli import free_port
+
+from busd.exports import read_manifest
 
 
 class Publisher:
@@ -35,7 +35,8 @@ class Publisher:
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     async def _run(self) -> None:
-        nc = await nats.connect(self.bus.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        nc = await nats.connect(servers=self.bus.servers, max_reconnect_attempts=-1,
+                                reconnect_time_wait=0.2)
         js = nc.jetstream()
         deadline = time.monotonic() + 300
         try:
