@@ -59,6 +59,12 @@ class MetricsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:9464"
 
 
+class HaSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = False  # hot standby: a lease in a NATS KV bucket picks the active busd
+    lease_ttl_s: float = 10.0
+    bucket: str = "busd_leases"
+
+
 class ExportSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     sql: str
@@ -72,6 +78,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     consumer: ConsumerSettings = ConsumerSettings()
     verify: VerifySettings = VerifySettings()
     metrics: MetricsSettings = MetricsSettings()
+    ha: HaSettings = HaSettings()
     exports: tuple[ExportSettings, ...] = ()
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -94,7 +101,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 _SECTIONS = {"nats": NatsSettings, "consumer": ConsumerSettings, "verify": VerifySettings,
-             "metrics": MetricsSettings}
+             "metrics": MetricsSettings, "ha": HaSettings}
 _TOP_LEVEL = ("data_dir", "artifact_roots", "log_format")
 
 
@@ -235,6 +242,10 @@ def _check(s: Settings, where: str) -> None:
         raise bad("nats.stream", "letters, digits, _ and - only")
     if not _IDENT.match(s.nats.consumer):
         raise bad("nats.consumer", "letters, digits, _ and - only")
+    if s.ha.lease_ttl_s < 1:
+        raise bad("ha.lease_ttl_s", "must be at least 1")
+    if not _IDENT.match(s.ha.bucket):
+        raise bad("ha.bucket", "letters, digits, _ and - only")
     if s.nats.stream_replicas not in (1, 3, 5):
         raise bad("nats.stream_replicas", "must be 1, 3 or 5")
     if not s.nats.subjects:

@@ -37,6 +37,7 @@ from busd.exports import Exporter, manifest_rows
 from busd.fold import Decided, Folded, Folder
 from busd.metrics import Metrics, MetricsServer
 from busd.sdnotify import SdNotifier
+from busd.standby import Follower, Lease, LeaseLost
 
 T = TypeVar("T")
 Action = Literal["ack", "term", "nak", "progress"]
@@ -96,6 +97,7 @@ class Daemon:
             1, thread_name_prefix="busd-export")
         self.catalog: Catalog | None = None
         self.folder: Folder | None = None
+        self.lease: Lease | None = None
         self.exporter: Exporter | None = None
         self.embedded: EmbeddedServer | None = None
         self.nc: Any = None
@@ -144,6 +146,11 @@ class Daemon:
         self.nc = await source.connect(s.nats, url, on_state=self._on_nats_state)
         for problem in await source.ensure_stream(self.nc, s):
             self.log.warning("stream breaks a promise", stream=s.nats.stream, problem=problem)
+
+    async def _activate(self) -> None:
+        """Bind the durable consumer and start serving (after winning the lease, with HA)."""
+        s = self.s
+        assert self.catalog is not None and self.exporter is not None
         await source.ensure_consumer(self.nc, s)
         seq = await self._on_writer(self.catalog.catalog_seq)
         self.metrics.catalog_seq.set(seq)
@@ -168,6 +175,8 @@ class Daemon:
 
     async def close(self) -> None:
         self.metrics.ready.set(0)
+        if self.lease is not None and self._fatal is None and self.metrics.active._value.get():
+            await self.lease.release()
         if self.src is not None:
             leftovers = self.src.take_buffered()
             await self.src.stop()
@@ -195,10 +204,14 @@ class Daemon:
             await self.start()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._signals, tg.cancel_scope)
-                tg.start_soon(self._export_loop)
-                tg.start_soon(self._housekeeping)
-                await self._fetch_loop()
-                await self._finish()
+                if self.s.ha.enabled:
+                    await self._standby()
+                if not self.stopping:
+                    await self._activate()
+                    tg.start_soon(self._export_loop)
+                    tg.start_soon(self._housekeeping)
+                    await self._fetch_loop()
+                    await self._finish()
                 tg.cancel_scope.cancel()
         finally:
             self.notify.stopping()
@@ -209,6 +222,44 @@ class Daemon:
         self.log.info("busd stopped", batches=self.stats.batches, exports=self.stats.exports,
                       **dict(self.stats.outcomes))
         return self.stats
+
+    # ---- hot standby ---------------------------------------------------------------------
+    async def _standby(self) -> None:
+        """Follow the stream into our own catalog until we win the lease (or are stopped)."""
+        assert self.exporter is not None
+        self.lease = Lease(self.nc, self.s)
+        await self.lease.open()
+        if await self.lease.acquire():
+            self.metrics.active.set(1)
+            return
+        self.metrics.active.set(0)
+        self.notify.ready()
+        self.notify.status("standby")
+        self.log.info("standby: following the stream", holder=await self.lease.holder())
+        assert self.catalog is not None
+        follower = Follower(self.s, self.nc, self, self._commit_rows)
+        await follower.start(await self._on_writer(self.catalog.catalog_seq))
+        tried = time.monotonic()
+        try:
+            while not self.stopping:
+                n, touched = await follower.step()
+                if n:
+                    await self._refresh(self.exporter.due(touched))
+                    self.notify.watchdog()
+                if time.monotonic() - tried > self.lease.ttl_s / 3:
+                    tried = time.monotonic()
+                    self.notify.watchdog()
+                    if await self.lease.acquire():
+                        break
+        finally:
+            await follower.stop()
+        if not self.stopping:
+            self.metrics.active.set(1)
+            self.log.warning("took over the lease: active now", instance=self.lease.me)
+
+    async def _commit_rows(self, rows: Batch) -> None:
+        assert self.catalog is not None
+        await self._on_writer(self.catalog.commit, rows)
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
@@ -223,6 +274,8 @@ class Daemon:
         c = self.s.consumer
         try:
             while not self.stopping:
+                if self.lease is not None and self.lease.due():
+                    await self.lease.renew()
                 try:
                     batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
                                                  prefetch=not self.stopping)
@@ -386,6 +439,16 @@ class Daemon:
     async def _send(self, items: Sequence[tuple[str, bytes]]) -> None:
         if not items or self.settler is None:
             return
+        if self.lease is not None:
+            try:
+                await self.lease.check()
+            except LeaseLost as exc:  # stop acking at once; the standby owns the stream now
+                self.log.error("lost the lease; not acking", error=str(exc))
+                self._fatal = exc
+                self.stopping = True
+                self.lease = None
+                self.settler = None
+                return
         try:
             await self.settler.send(items)
         except Exception as exc:  # noqa: BLE001

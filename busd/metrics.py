@@ -32,7 +32,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "busd_commit_duration_seconds", "busd_export_duration_seconds",
     "busd_export_last_success_timestamp_seconds", "busd_export_failures_total",
     "busd_event_latency_seconds", "busd_catalog_seq", "busd_nats_connected", "busd_build_info",
-    "busd_up", "busd_ready",
+    "busd_up", "busd_ready", "busd_active",
 )
 
 
@@ -74,6 +74,10 @@ class Metrics:
         self.build_info = Gauge("busd_build_info", "Always 1; the version is a label.",
                                 ["version"], registry=r)
         self.up = Gauge("busd_up", "1 while the process runs.", registry=r)
+        self.active = Gauge("busd_active",
+                            "1 on the instance that owns the consumer; 0 on a hot standby.",
+                            registry=r)
+        self.active.set(1)
         self.ready = Gauge("busd_ready", "1 while ready (NATS, consumer and catalog).",
                            registry=r)
         self.build_info.labels(version=__version__).set(1)

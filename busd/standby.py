@@ -1,0 +1,136 @@
+"""Hot standby: a lease in a NATS KV bucket decides which ``busd serve`` is active.
+
+The active instance owns the durable consumer and acks; it renews the lease from its main
+loop and checks the lease's revision before every ack. A standby follows the stream into its
+own catalog and exports with an ephemeral consumer (no acks), and tries to take the lease;
+the bucket's TTL expires a lease nobody renews, so a dead or cut-off active loses it within
+``ha.lease_ttl_s``. A former active that finds it lost the lease stops acking at once and
+exits; everything it wrote is harmless because the fold is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.js import api
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+
+from busd import source
+from busd.catalog import Batch
+from busd.config import Settings
+from busd.errors import BusdError
+from busd.fold import Folder, Store
+
+
+class LeaseLost(BusdError):
+    """Another instance holds the lease: this one must not ack anything any more."""
+
+
+def instance_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Lease:
+    """Create / compare-and-set on one key of a KV bucket whose TTL is the lease period."""
+
+    def __init__(self, nc: Any, s: Settings) -> None:
+        self.js = nc.jetstream()
+        self.bucket = s.ha.bucket
+        self.key = s.nats.consumer
+        self.ttl_s = s.ha.lease_ttl_s
+        self.me = instance_id()
+        self.revision = 0
+        self.renewed_at = 0.0
+        self.kv: Any = None
+
+    async def open(self) -> None:
+        try:
+            self.kv = await self.js.key_value(self.bucket)
+        except BucketNotFoundError:
+            self.kv = await self.js.create_key_value(api.KeyValueConfig(
+                bucket=self.bucket, ttl=self.ttl_s, history=1,
+                storage=api.StorageType.FILE))
+
+    async def acquire(self) -> bool:
+        try:
+            self.revision = await self.kv.create(self.key, self.me.encode())
+        except KeyWrongLastSequenceError:
+            return False
+        self.renewed_at = time.monotonic()
+        return True
+
+    async def renew(self) -> None:
+        """Extend the lease; raise LeaseLost if someone else holds it now."""
+        try:
+            self.revision = await self.kv.update(self.key, self.me.encode(), last=self.revision)
+        except KeyWrongLastSequenceError:
+            raise LeaseLost(f"lost the lease {self.bucket}/{self.key} to "
+                            f"{await self.holder() or 'nobody (expired)'}") from None
+        self.renewed_at = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.renewed_at > self.ttl_s / 3
+
+    async def check(self) -> None:
+        """Before an ack: the key must still carry our revision."""
+        try:
+            entry = await self.kv.get(self.key)
+        except KeyNotFoundError:
+            raise LeaseLost(f"the lease {self.bucket}/{self.key} expired") from None
+        if entry.revision != self.revision:
+            raise LeaseLost(f"lost the lease {self.bucket}/{self.key} to "
+                            f"{(entry.value or b'').decode()}")
+
+    async def holder(self) -> str | None:
+        try:
+            entry = await self.kv.get(self.key)
+        except KeyNotFoundError:
+            return None
+        return (entry.value or b"").decode() or None
+
+    async def release(self) -> None:
+        """On a clean stop, so a standby takes over at once instead of after the TTL."""
+        with contextlib.suppress(Exception):
+            await self.kv.delete(self.key, last=self.revision)
+
+
+class Follower:
+    """The standby's loop body: fold what the stream has beyond the catalog, no acks."""
+
+    def __init__(self, s: Settings, nc: Any, store: Store,
+                 commit: Callable[[Batch], Awaitable[None]]) -> None:
+        self.s, self.nc, self.store, self.commit = s, nc, store, commit
+        self.name = f"busd-standby-{uuid.uuid4().hex[:10]}"
+        self.pull: source.PullSource | None = None
+        self.folder = Folder(s, store, replay=True)
+
+    async def start(self, after_seq: int) -> None:
+        """Follow from the sequence after the last one our catalog holds."""
+        await self.nc.jetstream().add_consumer(self.s.nats.stream, api.ConsumerConfig(
+            name=self.name, ack_policy=api.AckPolicy.NONE,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1,
+            inactive_threshold=30.0, mem_storage=True, num_replicas=1))
+        self.pull = source.PullSource(self.nc, self.s.nats.stream, self.name)
+        await self.pull.start()
+
+    async def step(self) -> tuple[int, set[str]]:
+        """One batch: returns (messages folded, artifact names committed)."""
+        assert self.pull is not None
+        batch = await self.pull.fetch(self.s.consumer.batch_max, self.s.consumer.batch_wait_ms)
+        if not batch:
+            return 0, set()
+        folded = await self.folder.fold(batch)
+        await self.commit(folded.rows)
+        return len(batch), folded.touched
+
+    async def stop(self) -> None:
+        if self.pull is not None:
+            await self.pull.stop()
+        with contextlib.suppress(Exception):
+            await self.nc.jetstream().delete_consumer(self.s.nats.stream, self.name)
