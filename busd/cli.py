@@ -49,7 +49,7 @@ def guarded(fn: F) -> F:
             fail("interrupted", ExitCode.RUNTIME)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - one line, never a traceback
             fail(f"unexpected error: {type(exc).__name__}: {exc}", ExitCode.RUNTIME)
         return None
 
@@ -183,7 +183,13 @@ def status(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
                                "redelivered": ci.num_redelivered,
                                "delivered_seq": ci.delivered.stream_seq if ci.delivered else None,
                                "ack_floor_seq": ci.ack_floor.stream_seq if ci.ack_floor else None}
-        except Exception as exc:  # noqa: BLE001
+            if s.ha.enabled:
+                from busd.standby import Lease
+
+                lease = Lease(nc, s)
+                await lease.open()
+                out["ha"] = {"active": await lease.holder(), "bucket": s.ha.bucket}
+        except Exception as exc:  # noqa: BLE001 - report what is missing, do not crash
             out["error"] = str(exc) or type(exc).__name__
         finally:
             await nc.close()

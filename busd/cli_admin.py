@@ -51,7 +51,7 @@ async def ask_daemon(s: config.Settings, verb: str, args: dict[str, Any],
     try:
         reply = await nc.request(api.subject(s.nats.consumer, verb), api.encode(args),
                                  timeout=timeout_s)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - no responders or a timeout: no daemon runs
         return None
     finally:
         await nc.close()

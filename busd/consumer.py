@@ -184,7 +184,7 @@ class Daemon:
         if self.nc is not None:
             try:
                 await self.nc.drain()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - closing anyway
                 await self.nc.close()
         if self.catalog is not None:
             with contextlib.suppress(Exception):
@@ -451,7 +451,7 @@ class Daemon:
                 return
         try:
             await self.settler.send(items)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - NATS down: the server redelivers
             self.log.warning("could not settle messages; they will be redelivered",
                              count=len(items), error=str(exc) or type(exc).__name__)
 
@@ -566,7 +566,7 @@ class Daemon:
         verb = msg.subject.rsplit(".", 1)[-1]
         try:
             answer = await self._api_call(verb, api.decode(msg.data))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a bad request must not stop the daemon
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         with contextlib.suppress(Exception):
             await msg.respond(api.encode(answer))

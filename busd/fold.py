@@ -190,7 +190,7 @@ class Folder:
         except InvalidEvent as exc:
             reject(item, exc.reason, exc.detail)
             return item, None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the stream
             reject(item, Reason.MALFORMED, f"undecodable: {type(exc).__name__}: {exc}")
             return item, None
         item.run_id = event.run.run_id

@@ -33,7 +33,7 @@ def describe(name: str, path: str | Path) -> ev.Artifact:
         raise ConfigError(f"artifact {name}: cannot read {path}: {exc.strerror}") from None
     try:
         rows = int(pq.read_metadata(p).num_rows)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds
         raise ConfigError(f"artifact {name}: {path} is not a Parquet file ({exc})") from None
     return ev.Artifact(name=name, path=str(p), rows=rows, bytes=size, sha256=digest)
 
@@ -108,7 +108,7 @@ class ArtifactBus:
         try:
             ack = await self.nc.jetstream().publish(subject, payload, headers=headers,
                                                     timeout=timeout_s)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - nats-py raises many kinds
             raise TransientError(f"publish to {subject} failed: {exc or type(exc).__name__}") \
                 from None
         return int(ack.seq)
@@ -121,7 +121,7 @@ class ArtifactBus:
             try:
                 reply = await self.nc.request(subject, api.encode({"seq": seq}), timeout=2.0)
                 answer: dict[str, Any] = msgspec.json.decode(reply.data)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - no busd answering yet: keep waiting
                 answer = {"state": "pending"}
             if answer.get("state") == "done":
                 if answer.get("outcome") == "rejected":

@@ -128,7 +128,7 @@ def test_exports_stay_readable_while_refreshed(bus: Bus) -> None:
                     pq.read_table(handle)
                 con.execute(f"SELECT count(*) FROM read_parquet('{target}')").fetchall()
                 reads += 1
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
                 errors.append(repr(exc))
 
     thread = threading.Thread(target=reader)

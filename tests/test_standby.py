@@ -6,10 +6,11 @@ import signal
 import time
 from pathlib import Path
 
-from busd.embedded import EmbeddedServer
-from busd.exports import read_manifest
 from support import Bus, wait_for
 from test_chaos import Publisher, check_exactly_once
+
+from busd.embedded import EmbeddedServer
+from busd.exports import read_manifest
 
 HA = {"ha": {"enabled": True, "lease_ttl_s": 2}, "consumer": {"ack_wait_s": 1}}
 
