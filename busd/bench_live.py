@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import itertools
 import math
+import re
+import shutil
 import socket
 import sys
 import time
@@ -28,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from busd import source
 from busd.bench_env import StreamSpec, event, peak_rss_mb, publish
-from busd.bench_measure import Ctx, median
+from busd.bench_measure import Ctx, _summary, _wait, median
 from busd.catalog import Catalog
 from busd.config import Settings
 from busd.errors import BusdError, TimedOut
@@ -281,9 +283,27 @@ async def measure_exports(ctx: Ctx) -> dict[str, Any]:
 
 # ---- rebuild ------------------------------------------------------------------------------
 async def measure_rebuild(ctx: Ctx) -> dict[str, Any]:
-    """Not measured: ``busd rebuild`` does not exist yet.
-
-    When it does: write a config for ``ctx.stream`` (``ctx.env.config(...)``), run
-    ``busd rebuild --config`` as a child ``ctx.runs`` times (as ``measure_catchup`` does),
-    and return ``_summary(rates, events=ctx.events)`` from ``bench_measure``."""
-    return {"status": "not_measured", "why": "busd rebuild not implemented"}
+    """``busd rebuild`` over the catch-up stream, as a child process, ``ctx.runs`` times."""
+    assert ctx.stream is not None
+    env = ctx.env
+    rates: list[float] = []
+    seconds: list[float] = []
+    for k in range(ctx.runs):
+        name = f"rebuild-{k}"
+        config_path, s = env.config(name, ctx.stream, f"busd-rebuild-{k}")
+        ctx.tick(f"busd rebuild, run {k + 1}/{ctx.runs}", 0, 1)
+        proc = env.spawn([sys.executable, "-m", "busd", "rebuild", "--config", str(config_path)],
+                         f"{name}.log")
+        code = await _wait(env, proc, 60 + ctx.events / 200, "busd rebuild")
+        text = env.log_tail(f"{name}.log", 4000)
+        found = re.search(r"([\d,]+) events .* in ([\d.]+)s \(([\d,]+) ev/s\)", text)
+        if code != 0 or found is None:
+            raise BusdError(f"busd rebuild exited {code}: {text[-500:]}")
+        events = int(found.group(1).replace(",", ""))
+        if events != ctx.events:
+            raise BusdError(f"busd rebuild replayed {events} of {ctx.events} events")
+        seconds.append(float(found.group(2)))
+        rates.append(events / float(found.group(2)))
+        ctx.tick("", 1, None)
+        shutil.rmtree(s.data_path, ignore_errors=True)
+    return _summary(rates, events=ctx.events, seconds=round(median(seconds), 3))

@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
             raise BusdError("refusing to rebuild: a busd serve holds the catalog; stop it "
                             "first") from None
         typer.echo(f"rebuilt {s.catalog_path}: {result.events:,} events to sequence "
-                   f"{result.last_seq:,} in {result.seconds:.1f}s ({result.rate:,.0f} ev/s); "
+                   f"{result.last_seq:,} in {result.seconds:.2f}s ({result.rate:,.0f} ev/s); "
                    f"outcomes {json.dumps(result.outcomes)}")
 
     @app.command()

@@ -116,6 +116,7 @@ class Daemon:
         self._fatal: BaseException | None = None
         self._commit_task: asyncio.Future[None] | None = None
         self._export_rows: list[tuple[Any, ...]] = []
+        self._last_refresh_s = 0.0
 
     # ---- threads -------------------------------------------------------------------------
     async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
@@ -186,6 +187,12 @@ class Daemon:
                 await self.nc.drain()
             except Exception:  # noqa: BLE001 - closing anyway
                 await self.nc.close()
+        task, self._commit_task = self._commit_task, None
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
+        # the export thread's cursor must be idle before the catalog's connection closes
+        await anyio.to_thread.run_sync(self._export_pool.shutdown)
         if self.catalog is not None:
             with contextlib.suppress(Exception):
                 await self._record_exports_when_idle()
@@ -257,6 +264,14 @@ class Daemon:
             self.metrics.active.set(1)
             self.log.warning("took over the lease: active now", instance=self.lease.me)
 
+    def _lost_lease(self, exc: LeaseLost) -> None:
+        """Stop acking at once: another instance owns the stream now. Exit 1 follows."""
+        self.log.error("lost the lease; not acking any more", error=str(exc))
+        self._fatal = exc
+        self.stopping = True
+        self.lease = None
+        self.settler = None
+
     async def _commit_rows(self, rows: Batch) -> None:
         assert self.catalog is not None
         await self._on_writer(self.catalog.commit, rows)
@@ -275,7 +290,11 @@ class Daemon:
         try:
             while not self.stopping:
                 if self.lease is not None and self.lease.due():
-                    await self.lease.renew()
+                    try:
+                        await self.lease.renew()
+                    except LeaseLost as exc:
+                        self._lost_lease(exc)
+                        return
                 try:
                     batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
                                                  prefetch=not self.stopping)
@@ -442,12 +461,8 @@ class Daemon:
         if self.lease is not None:
             try:
                 await self.lease.check()
-            except LeaseLost as exc:  # stop acking at once; the standby owns the stream now
-                self.log.error("lost the lease; not acking", error=str(exc))
-                self._fatal = exc
-                self.stopping = True
-                self.lease = None
-                self.settler = None
+            except LeaseLost as exc:
+                self._lost_lease(exc)
                 return
         try:
             await self.settler.send(items)
@@ -487,6 +502,10 @@ class Daemon:
                 return
             delay_s = 0.5
             await self._ack_through(generation)
+            # Exports take at most about half the time: a refresh that took d seconds is
+            # followed by a pause of d (at most 2 s) in which further batches commit and
+            # coalesce into the next one. Small catalogs refresh in milliseconds.
+            await anyio.sleep(min(self._last_refresh_s, 2.0))
 
     async def _refresh(self, names: Sequence[str]) -> None:
         assert self.exporter is not None and self.catalog is not None
@@ -498,6 +517,7 @@ class Daemon:
                 self.metrics.export_failures.labels(export=name).inc()
             raise
         self.stats.exports += 1
+        self._last_refresh_s = sum(r.duration_s for r in results)
         stamp = time.time()
         for r in results:
             self.metrics.export_seconds.labels(export=r.name).observe(r.duration_s)
