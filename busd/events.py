@@ -66,7 +66,9 @@ class ArtifactEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omi
 _decoder = msgspec.json.Decoder(ArtifactEvent)
 _loose = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+# A string runs to its closing quote or to the end of the payload: a match at a quote never
+# fails, so the scan stays linear (a failing one made unclosed `"\"\"…` quadratic).
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\[\s\S])*(?:"|\\?\Z)|[\[\]{}]')
 
 
 def nesting_depth_exceeds(payload: bytes, limit: int = MAX_DEPTH) -> bool:
@@ -100,18 +102,37 @@ def decode(payload: bytes) -> ArtifactEvent:
     if event.schema_version != SCHEMA_VERSION:
         raise InvalidEvent(Reason.UNSUPPORTED_VERSION,
                            f"schema_version {event.schema_version} (busd reads {SCHEMA_VERSION})")
+    run = event.run
+    for where, text in (("event_id", event.event_id), ("producer", event.producer),
+                        ("run.run_id", run.run_id), ("run.kind", run.kind),
+                        ("run.parent_run_id", run.parent_run_id)):
+        if text is not None and text.endswith("\n"):
+            raise _newline(f"$.{where}")
     seen: set[str] = set()
-    for artifact in event.artifacts:
+    for i, artifact in enumerate(event.artifacts):
+        if artifact.name.endswith("\n") or (artifact.sha256 or "").endswith("\n"):
+            raise _newline(f"$.artifacts[{i}]")
         if artifact.name in seen:
             raise InvalidEvent(Reason.SCHEMA, f"artifact name {artifact.name!r} appears twice")
         seen.add(artifact.name)
     return event
 
 
+def _newline(where: str) -> InvalidEvent:
+    """msgspec matches patterns with Python's ``re``, whose ``$`` also matches before a final
+    newline: ``"run-1\\n"`` passes ``IDENT_PATTERN`` there (not in the published JSON Schema)."""
+    return InvalidEvent(Reason.SCHEMA, f"an identifier ends in a newline - at `{where}`")
+
+
 def _explain(payload: bytes, message: str) -> InvalidEvent:
     """Pick the reason for a payload that is JSON but not a valid event (the slow path)."""
+    message = message.replace("Object contains unknown field", "unknown field")
     try:
         loose = _loose.decode(payload)
+    except msgspec.ValidationError as exc:  # JSON, but a number out of range (1e999)
+        if payload.lstrip(b" \t\r\n").startswith(b"{"):
+            return InvalidEvent(Reason.SCHEMA, message)
+        return InvalidEvent(Reason.MALFORMED, f"not a JSON object: {exc}")
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:
         return InvalidEvent(Reason.MALFORMED, f"not a JSON object: {exc}")
     if not isinstance(loose, dict):
@@ -124,8 +145,7 @@ def _explain(payload: bytes, message: str) -> InvalidEvent:
     if isinstance(artifacts, list) and len(artifacts) > MAX_ARTIFACTS:
         return InvalidEvent(Reason.TOO_LARGE,
                             f"{len(artifacts)} artifacts (at most {MAX_ARTIFACTS})")
-    return InvalidEvent(Reason.SCHEMA, message.replace("Object contains unknown field",
-                                                       "unknown field"))
+    return InvalidEvent(Reason.SCHEMA, message)
 
 
 def payload_sha256(payload: bytes) -> str:
@@ -147,8 +167,20 @@ def resolve_identity(
         raise InvalidEvent(Reason.PRODUCER_MISMATCH,
                            f"event says producer {event.producer!r}, subject {subject!r} "
                            f"says {producer!r}")
-    event_id = event.event_id or msg_id or payload_hash
+    event_id = event.event_id or usable_msg_id(msg_id) or payload_hash
     return event_id, producer
+
+
+_IDENT_FULL = re.compile(r"[A-Za-z0-9._:/-]{1,200}")
+
+
+def usable_msg_id(msg_id: str | None) -> str | None:
+    """The ``Nats-Msg-Id`` header as an event id, only when it is a valid identifier; a header
+    that is not (spaces, 300 characters, bytes that are not UTF-8) falls back to the payload's
+    hash rather than costing the producer a good event."""
+    if msg_id is not None and _IDENT_FULL.fullmatch(msg_id):
+        return msg_id
+    return None
 
 
 def encode(event: ArtifactEvent) -> bytes:

@@ -174,7 +174,7 @@ class Folder:
 
     def _decode(self, d: Delivery) -> tuple[Decided, ev.ArtifactEvent | None]:
         payload_hash = ev.payload_sha256(d.data)
-        item = Decided(d, None, event_id=d.msg_id or payload_hash,
+        item = Decided(d, None, event_id=ev.usable_msg_id(d.msg_id) or payload_hash,
                        producer=ev.producer_of(d.subject), payload_hash=payload_hash)
         if not self.replay and d.delivered >= self.s.consumer.max_deliver - 1:
             reject(item, Reason.POISON,

@@ -70,6 +70,18 @@ def _tls_context(n: NatsSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+class _Client(Client):
+    """nats-py decodes a message's subject strictly, but the server relays subjects that are
+    not UTF-8: one such publish would end nats-py's read loop and busd with it. Decode with
+    replacement instead; the event is then rejected like any other bad input."""
+
+    def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                       headers: dict[str, str] | None) -> Msg:
+        return self.msg_class(subject=subject.decode(errors="replace"),
+                              reply=reply.decode(errors="replace"), data=data, headers=headers,
+                              _client=self, _sid=sid)
+
+
 async def connect(
     n: NatsSettings,
     url: str,
@@ -115,8 +127,9 @@ async def connect(
     tls = _tls_context(n)
     if tls is not None:
         options["tls"] = tls
+    nc = _Client()
     try:
-        nc = await nats.connect(**options)
+        await nc.connect(**options)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         raise TransientError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") \
             from None

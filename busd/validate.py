@@ -59,8 +59,21 @@ def resolve(raw: str, roots: Sequence[Path]) -> str:
     resolved = os.path.realpath(path)
     if not inside(resolved, roots):
         raise InvalidEvent(Reason.PATH_OUTSIDE_ROOTS,
-                           f"{raw!r} resolves to {resolved}, outside the artifact roots")
+                           f"{raw!r} resolves to {resolved!r}, outside the artifact roots")
+    if not is_utf8(resolved):
+        raise InvalidEvent(Reason.NOT_PARQUET,
+                           f"{raw!r} resolves to {resolved!r}, a name that is not UTF-8")
     return resolved
+
+
+def is_utf8(path: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (``os`` decodes them to surrogates):
+    the catalog could not store it, and neither could a rejection's detail."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_artifact(
@@ -68,9 +81,13 @@ def check_artifact(
 ) -> CheckedArtifact:
     """Check one artifact's file; raise InvalidEvent (or FileNotYetThere) when it fails."""
     for _attempt in range(3):
-        resolved = resolve(art.path, roots)
         try:
-            fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            resolved = resolve(art.path, roots)
+        except OSError:  # a symlink on the path changed while realpath read it (3.11 raises)
+            continue
+        try:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (no effect on regular files)
+            fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise FileNotYetThere(f"{art.name}: {resolved} does not exist") from None
         except OSError as exc:
@@ -98,6 +115,8 @@ def _check_open_file(
     if not inside(actual, roots):
         raise InvalidEvent(Reason.PATH_OUTSIDE_ROOTS,
                            f"{art.name}: {art.path!r} was moved outside the roots while checked")
+    if not is_utf8(actual):
+        raise InvalidEvent(Reason.NOT_PARQUET, f"{art.name}: {actual!r} is not a UTF-8 name")
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise InvalidEvent(Reason.NOT_PARQUET, f"{art.name}: {actual} is not a regular file")
@@ -139,6 +158,8 @@ def _parquet_footer(handle: object, name: str, path: str) -> tuple[int, list[dic
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InvalidEvent(Reason.NOT_PARQUET, f"{name}: {path} is not a Parquet file ({first})") \
             from None
+    if rows < 0:  # a damaged footer can say so; artifacts_f.rows would record it
+        raise InvalidEvent(Reason.NOT_PARQUET, f"{name}: {path}: its footer says {rows} rows")
     return rows, [{"name": f.name, "type": str(f.type)} for f in schema]
 
 
