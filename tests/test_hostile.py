@@ -283,11 +283,11 @@ TIMES = ["2026-11-28T10:00:00Z", "2026-11-28T10:00:00", "2026-11-28T10:00:00.123
 json_leaves = (st.none() | st.booleans() | st.integers()
                | st.integers(min_value=-(2**80), max_value=2**80)
                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
-json_values = st.recursive(
-    json_leaves,
-    lambda kids: st.lists(kids, max_size=5) | st.dictionaries(st.text(max_size=8), kids,
-                                                              max_size=5),
-    max_leaves=25)
+def _json_containers(kids: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(kids, max_size=5) | st.dictionaries(st.text(max_size=8), kids, max_size=5)
+
+
+json_values = st.recursive(json_leaves, _json_containers, max_leaves=25)
 idents = (st.sampled_from(HOSTILE_IDENTS)
           | st.text(alphabet=IDENT_CHARS, min_size=1, max_size=202) | st.text(max_size=10))
 # deep copies: a mutation must never edit the shared `{}` or `[[[]]]` of HOSTILE_SCALARS
@@ -517,9 +517,10 @@ def depth(value: Any) -> int:
 def test_fuzz_depth_scan_matches_json(scale: int) -> None:
     """The pre-decode depth bound is exact on JSON, whatever its strings hold."""
     tricky = st.text(alphabet='[]{}"\\\'ab \n', max_size=12)
-    nested = st.recursive(st.none() | st.integers() | tricky,
-                          lambda kids: st.lists(kids, max_size=3)
-                          | st.dictionaries(tricky, kids, max_size=3), max_leaves=40)
+    def containers(kids: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        return st.lists(kids, max_size=3) | st.dictionaries(tricky, kids, max_size=3)
+
+    nested = st.recursive(st.none() | st.integers() | tricky, containers, max_leaves=40)
 
     @fuzz_settings(N_DEPTH * scale)
     @given(nested, st.integers(0, 12))
