@@ -117,6 +117,9 @@ class Daemon:
         self._commit_task: asyncio.Future[None] | None = None
         self._export_rows: list[tuple[Any, ...]] = []
         self._last_refresh_s = 0.0
+        self._pinged_at = 0.0
+        self._ping_every_s = self.notify.watchdog_interval_s() or 1.0
+        self._export_attempt_at = 0.0
 
     # ---- threads -------------------------------------------------------------------------
     async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
@@ -252,10 +255,9 @@ class Daemon:
                 n, touched = await follower.step()
                 if n:
                     await self._refresh(self.exporter.due(touched))
-                    self.notify.watchdog()
+                self._alive()
                 if time.monotonic() - tried > self.lease.ttl_s / 3:
                     tried = time.monotonic()
-                    self.notify.watchdog()
                     if await self.lease.acquire():
                         break
         finally:
@@ -304,11 +306,11 @@ class Daemon:
                 if batch:
                     await self._handle(batch)
                     self.stats.batches += 1
-                    self.notify.watchdog()
+                    self._alive()
                 else:
                     await self._committed()
-                    if not self._waiting:
-                        self.notify.watchdog()
+                    if not self._waiting or self._exporting_recently():
+                        self._alive()
                     if self.drain and await self._drained():
                         return
                 if self._fatal is not None:
@@ -334,6 +336,19 @@ class Daemon:
                 delay_s = min(delay_s * 2, 5.0)
         assert self.src is not None
         self.src.reset()
+
+    def _alive(self) -> None:
+        """Ping systemd's watchdog, from the main loop only and only after progress (a batch
+        handled, or idle with nothing owed), at most once per half watchdog period. A hung
+        loop stops the pings and systemd restarts busd."""
+        now = time.monotonic()
+        if now - self._pinged_at >= self._ping_every_s:
+            self._pinged_at = now
+            self.notify.watchdog()
+
+    def _exporting_recently(self) -> bool:
+        """Acks wait on exports, but the export loop is still trying (a full disk, say)."""
+        return time.monotonic() - self._export_attempt_at < 2 * self._ping_every_s
 
     async def _committed(self) -> None:
         """Wait for the batch whose commit is under way (and its settlement)."""
@@ -509,6 +524,7 @@ class Daemon:
 
     async def _refresh(self, names: Sequence[str]) -> None:
         assert self.exporter is not None and self.catalog is not None
+        self._export_attempt_at = time.monotonic()
         try:
             async with self._export_lock:  # the export loop and `busd export` share it
                 results, _seq = await self._on_exporter(self.exporter.refresh, names)

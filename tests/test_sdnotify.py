@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import Bus
 
 from busd.sdnotify import SdNotifier
 
@@ -132,3 +136,32 @@ def test_reads_os_environ_when_not_given(
 )
 def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
     assert SdNotifier(env).watchdog_interval_s() == expected
+
+
+def test_real_serve_notifies_ready_watchdog_and_stopping(fake_systemd: FakeSystemd,
+                                                         bus: Bus) -> None:
+    """A real `busd serve` under a fake systemd: READY=1 once the consumer is bound, WATCHDOG=1
+    pings paced by WATCHDOG_USEC while it works, STOPPING=1 on SIGTERM."""
+    cfg = bus.write_config()
+    proc = bus.spawn("serve", "--config", str(cfg),
+                     env={"NOTIFY_SOCKET": fake_systemd.address, "WATCHDOG_USEC": "400000"})
+    got: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while "READY=1" not in got and time.monotonic() < deadline:
+            got += fake_systemd.receive()
+        assert "READY=1" in got
+        assert "busd ready" in bus.log()  # ready means bound: the log line comes first
+        bus.publish([bus.event("r")])
+        pings = 0
+        while pings < 3 and time.monotonic() < deadline:
+            pings += fake_systemd.receive().count("WATCHDOG=1")
+        assert pings >= 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    rest: list[str] = []
+    with contextlib.suppress(TimeoutError, BlockingIOError):
+        while "STOPPING=1" not in rest:
+            rest += fake_systemd.receive()
+    assert "STOPPING=1" in rest
