@@ -6,11 +6,12 @@ are errors that name the key, never silently ignored.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -254,6 +255,7 @@ def _check(s: Settings, where: str) -> None:
         for url in s.nats.url.split(","):
             if not re.match(r"^(nats|tls|ws|wss)://[^\s/]+$", url.strip()):
                 raise bad("nats.url", f"{url.strip()!r} is not a nats:// URL")
+    _check_nats_auth(s.nats, bad)
     names: set[str] = set()
     for i, export in enumerate(s.exports):
         if not _IDENT.match(export.name) or export.name.startswith("_"):
@@ -263,6 +265,60 @@ def _check(s: Settings, where: str) -> None:
         names.add(export.name)
         if not export.sql.strip():
             raise bad(f"exports[{i}].sql", "must not be empty")
+
+
+_SEED = re.compile(r"^S[A-Z2-7]{57}$")  # an nkey seed: 58 base32 characters
+
+
+def is_nkey_seed(value: str) -> bool:
+    """``nats.nkey_seed`` holds the seed itself (``SU...``) or else the path of a file with it."""
+    return bool(_SEED.match(value.strip()))
+
+
+def _check_nats_auth(n: NatsSettings, bad: Callable[[str, str], ConfigError]) -> None:
+    """Files the credentials name must be readable now, not at the first connect; secrets are
+    never echoed in the messages, paths are."""
+
+    def readable(key: str, path: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise bad(key, f"cannot read {path}: {exc.strerror or exc}") from None
+
+    if n.creds and n.nkey_seed:
+        raise bad("nats.nkey_seed", "set nats.creds or nats.nkey_seed, not both")
+    if n.password and not n.user:
+        raise bad("nats.password", "needs nats.user")
+    if n.user and n.token:
+        raise bad("nats.token", "set nats.user/nats.password or nats.token, not both")
+    if (n.creds or n.nkey_seed) and importlib.util.find_spec("nkeys") is None:
+        key = "nats.creds" if n.creds else "nats.nkey_seed"
+        raise bad(key, "needs the nkeys package: pip install 'nats-py[nkeys]'")
+    if n.creds:
+        text = readable("nats.creds", n.creds)
+        # nats-py reads a file without these markers forever instead of failing.
+        if "BEGIN NATS USER JWT" not in text or "BEGIN USER NKEY SEED" not in text:
+            raise bad("nats.creds", f"{n.creds} is not a NATS credentials file "
+                                    "(a user JWT and its nkey seed)")
+    if n.nkey_seed:
+        value = n.nkey_seed.strip()
+        if is_nkey_seed(value):
+            seed = value
+        elif re.match(r"^S[A-Z0-9]+$", value) and not Path(value).exists():
+            # a mistyped seed, perhaps: say so without echoing it
+            raise bad("nats.nkey_seed", "neither an nkey seed (SU...) nor an existing file")
+        else:
+            seed = readable("nats.nkey_seed", n.nkey_seed).strip()
+            if not is_nkey_seed(seed):
+                raise bad("nats.nkey_seed", f"{n.nkey_seed} does not hold an nkey seed")
+        if not seed.startswith("SU"):
+            raise bad("nats.nkey_seed", "must be a user nkey seed (SU...), not another kind")
+    if n.tls_key and not n.tls_cert:
+        raise bad("nats.tls_key", "needs nats.tls_cert")
+    for key, path in (("nats.tls_ca", n.tls_ca), ("nats.tls_cert", n.tls_cert),
+                      ("nats.tls_key", n.tls_key)):
+        if path:
+            readable(key, path)
 
 
 def parse_hostport(text: str, key: str) -> tuple[str, int]:

@@ -166,10 +166,10 @@ class Daemon:
         await self.src.start()
         self.settler = source.Settler(self.nc)
         await self.nc.subscribe(api.subject(s.nats.consumer, "*"), cb=self._answer)
-        self.metrics.ready.set(1)
-        self.notify.ready()
         self.log.info("busd ready", stream=s.nats.stream, consumer=s.nats.consumer,
                       catalog=str(s.catalog_path), catalog_seq=seq)
+        self.metrics.ready.set(1)
+        self.notify.ready()
 
     def _on_nats_state(self, connected: bool) -> None:
         self.metrics.nats_connected.set(1 if connected else 0)

@@ -23,8 +23,8 @@ from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from busd.config import NatsSettings, Settings
-from busd.errors import ConfigError, ConsumerGone, TransientError
+from busd.config import NatsSettings, Settings, is_nkey_seed
+from busd.errors import BusdError, ConfigError, ConsumerGone, TransientError
 
 MAX_MSG_BYTES = 1024 * 1024
 DUPLICATE_WINDOW_S = 3600.0
@@ -59,15 +59,51 @@ def parse_ack_subject(reply: str) -> tuple[int, int, int]:
 
 
 def _tls_context(n: NatsSettings) -> ssl.SSLContext | None:
+    """Verify the server against ``tls_ca`` (else the system's CAs), present ``tls_cert``."""
     if not (n.tls_ca or n.tls_cert):
         return None
     try:
         ctx = ssl.create_default_context(cafile=n.tls_ca or None)
-        if n.tls_cert:
-            ctx.load_cert_chain(n.tls_cert, n.tls_key or None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"bad value for nats.tls_ca/tls_cert/tls_key: {exc}") from None
+        raise ConfigError(f"bad value for nats.tls_ca: {n.tls_ca}: {_why(exc)}") from None
+    if n.tls_cert:
+        try:
+            ctx.load_cert_chain(n.tls_cert, n.tls_key or None, password=_no_password)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"bad value for nats.tls_cert/nats.tls_key: {n.tls_cert}: "
+                              f"{_why(exc)}") from None
     return ctx
+
+
+def _no_password() -> str:
+    raise ssl.SSLError("the key is encrypted: busd needs an unencrypted nats.tls_key")
+
+
+def _why(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)  # set by OpenSSL, not on an SSLError made here
+    if isinstance(exc, ssl.SSLError) and reason:
+        return str(reason).lower().replace("_", " ")
+    if isinstance(exc, ssl.SSLError) and exc.args:
+        return str(exc.args[-1])
+    return str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+
+
+def _refusal(n: NatsSettings, exc: BaseException) -> str | None:
+    """Why the server turned busd away for good (credentials, certificates), or None when
+    trying again may help (no server yet, a timeout)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the server's TLS certificate is not trusted ({exc.verify_message}): "
+                "check nats.tls_ca and the host name in nats.url")
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS refused ({_why(exc)}): check nats.tls_ca, nats.tls_cert and "
+                "nats.tls_key")
+    text = str(exc)
+    if isinstance(exc, nats.errors.Error) and ("authorization" in text.lower()
+                                               or "authentication" in text.lower()):
+        keys = [k for k in ("creds", "nkey_seed", "user", "token") if getattr(n, k)]
+        used = ", ".join(f"nats.{k}" for k in keys) if keys else "no credentials configured"
+        return f"credentials refused ({text.removeprefix('nats: ').strip()}; {used})"
+    return None
 
 
 class _Client(Client):
@@ -82,6 +118,13 @@ class _Client(Client):
                               _client=self, _sid=sid)
 
 
+async def _close_quietly(nc: Client) -> None:
+    """Release a connection that failed to open; nats-py can hang closing one whose TLS
+    handshake failed, so this is bounded."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), 2.0)
+
+
 async def connect(
     n: NatsSettings,
     url: str,
@@ -90,10 +133,16 @@ async def connect(
     on_state: Callable[[bool], None] | None = None,
     reconnect: bool = True,
 ) -> Client:
-    """Connect with the configured credentials; reconnect forever when ``reconnect``."""
+    """Connect with the configured credentials; reconnect forever when ``reconnect``.
+
+    The first connection fails at once when the server refuses the credentials or the TLS
+    certificates (a :class:`BusdError`, exit 1): retrying cannot fix them. Other failures of
+    the first connection are retried when ``reconnect``.
+    """
+    connecting = True
 
     async def disconnected() -> None:
-        if on_state:
+        if on_state and not connecting:
             on_state(False)
 
     async def reconnected() -> None:
@@ -101,7 +150,9 @@ async def connect(
             on_state(True)
 
     async def error(exc: Exception) -> None:
-        return None
+        # nats-py reports each failed attempt here; raising ends its first-connect loop.
+        if connecting and _refusal(n, exc) is not None:
+            raise exc
 
     options: dict[str, Any] = {
         "servers": [u.strip() for u in url.split(",") if u.strip()],
@@ -118,7 +169,10 @@ async def connect(
     if n.creds:
         options["user_credentials"] = n.creds
     if n.nkey_seed:
-        options["nkeys_seed"] = n.nkey_seed
+        if is_nkey_seed(n.nkey_seed):
+            options["nkeys_seed_str"] = n.nkey_seed.strip()
+        else:
+            options["nkeys_seed"] = n.nkey_seed
     if n.user:
         options["user"] = n.user
         options["password"] = n.password
@@ -131,8 +185,20 @@ async def connect(
     try:
         await nc.connect(**options)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
+        await _close_quietly(nc)
+        refused = _refusal(n, exc)
+        if refused is not None:
+            raise BusdError(f"NATS at {url} refused busd: {refused}") from None
         raise TransientError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") \
             from None
+    except Exception as exc:
+        await _close_quietly(nc)
+        if type(exc).__module__.split(".")[0] == "nkeys":  # a seed nkeys cannot decode
+            key = "nats.creds" if n.creds else "nats.nkey_seed"
+            raise ConfigError(f"bad value for {key}: not a valid nkey seed "
+                              f"({type(exc).__name__})") from None
+        raise
+    connecting = False
     if on_state:
         on_state(True)
     return nc
