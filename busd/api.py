@@ -15,7 +15,6 @@ import msgspec
 from busd.catalog import Catalog, first_row
 
 SUBJECT = "busd.api.{consumer}.{verb}"
-VERBS = ("outcome", "rejections", "rejection", "export", "poison")
 
 
 def subject(consumer: str, verb: str) -> str:

@@ -22,8 +22,6 @@ import pyarrow as pa
 
 from busd.errors import CatalogLocked, FatalStorageError, StorageError
 
-SCHEMA_VERSION = 1
-
 _DDL_V1 = """
 CREATE SCHEMA IF NOT EXISTS catalog;
 CREATE TABLE IF NOT EXISTS catalog.meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -427,7 +425,15 @@ class Catalog:
         """Upsert rows of ``exports_d`` (name, path, rows, bytes, catalog_seq, at, ms)."""
         if not rows:
             return
-        self.con.execute("BEGIN")
-        self.con.executemany(
-            "INSERT OR REPLACE INTO catalog.exports_d VALUES (?, ?, ?, ?, ?, ?, ?)", list(rows))
-        self.con.execute("COMMIT")
+        try:
+            self.con.execute("BEGIN")
+            self.con.executemany(
+                "INSERT OR REPLACE INTO catalog.exports_d VALUES (?, ?, ?, ?, ?, ?, ?)",
+                list(rows))
+            self.con.execute("COMMIT")
+        except duckdb.FatalException as exc:
+            raise FatalStorageError(f"catalog: {exc}") from exc
+        except duckdb.Error as exc:
+            with contextlib.suppress(duckdb.Error):
+                self.con.execute("ROLLBACK")
+            raise StorageError(f"recording exports_d failed: {exc}") from exc

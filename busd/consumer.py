@@ -32,6 +32,7 @@ from busd.errors import (
     Outcome,
     Stalled,
     StorageError,
+    TransientError,
 )
 from busd.exports import Exporter, manifest_rows
 from busd.fold import Decided, Folded, Folder
@@ -115,7 +116,10 @@ class Daemon:
         self._backlog = 0
         self._fatal: BaseException | None = None
         self._commit_task: asyncio.Future[None] | None = None
-        self._export_rows: list[tuple[Any, ...]] = []
+        self._export_rows: dict[str, tuple[Any, ...]] = {}  # latest exports_d row per export
+        self._active = True
+        self._catalog_seq = 0
+        self._in_hand: Sequence[source.Delivery] = ()  # the batch waiting for the commit before
         self._last_refresh_s = 0.0
         self._pinged_at = 0.0
         self._ping_every_s = self.notify.watchdog_interval_s() or 1.0
@@ -157,6 +161,7 @@ class Daemon:
         assert self.catalog is not None and self.exporter is not None
         await source.ensure_consumer(self.nc, s)
         seq = await self._on_writer(self.catalog.catalog_seq)
+        self._catalog_seq = seq
         self.metrics.catalog_seq.set(seq)
         stale = await self._on_exporter(self.exporter.stale, seq)
         if stale:
@@ -173,18 +178,18 @@ class Daemon:
 
     def _on_nats_state(self, connected: bool) -> None:
         self.metrics.nats_connected.set(1 if connected else 0)
-        if self.catalog is not None:
+        if self.src is not None:  # ready means bound to the consumer, not just connected
             self.metrics.ready.set(1 if connected else 0)
         self.log.info("nats connected" if connected else "nats disconnected")
 
     async def close(self) -> None:
         self.metrics.ready.set(0)
-        if self.lease is not None and self._fatal is None and self.metrics.active._value.get():
-            await self.lease.release()
         if self.src is not None:
+            await self.src.stop()  # unsubscribe first: nothing arrives after the naks below
             leftovers = self.src.take_buffered()
-            await self.src.stop()
             await self._send([(d.reply, source.nak_body(0)) for d in leftovers])
+        if self.lease is not None and self._fatal is None and self._active:
+            await self.lease.release()
         if self.nc is not None:
             try:
                 await self.nc.drain()
@@ -201,7 +206,6 @@ class Daemon:
                 await self._record_exports_when_idle()
             await self._on_writer(self.catalog.close)
         self._writer.shutdown()
-        self._export_pool.shutdown()
         if self.embedded is not None:
             await anyio.to_thread.run_sync(self.embedded.stop)
         if self.metrics_server is not None:
@@ -212,17 +216,11 @@ class Daemon:
         """Serve until SIGTERM/SIGINT (or, in drain mode, until the stream is empty)."""
         try:
             await self.start()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._signals, tg.cancel_scope)
-                if self.s.ha.enabled:
-                    await self._standby()
-                if not self.stopping:
-                    await self._activate()
-                    tg.start_soon(self._export_loop)
-                    tg.start_soon(self._housekeeping)
-                    await self._fetch_loop()
-                    await self._finish()
-                tg.cancel_scope.cancel()
+            await self._serve()
+        except BaseExceptionGroup as group:  # one failure in a task: report it, not the group
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
         finally:
             self.notify.stopping()
             with anyio.CancelScope(shield=True):
@@ -233,6 +231,19 @@ class Daemon:
                       **dict(self.stats.outcomes))
         return self.stats
 
+    async def _serve(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._signals)
+            if self.s.ha.enabled:
+                await self._standby()
+            if not self.stopping:
+                await self._activate()
+                tg.start_soon(self._export_loop)
+                tg.start_soon(self._housekeeping)
+                await self._fetch_loop()
+                await self._finish()
+            tg.cancel_scope.cancel()
+
     # ---- hot standby ---------------------------------------------------------------------
     async def _standby(self) -> None:
         """Follow the stream into our own catalog until we win the lease (or are stopped)."""
@@ -240,9 +251,9 @@ class Daemon:
         self.lease = Lease(self.nc, self.s)
         await self.lease.open()
         if await self.lease.acquire():
-            self.metrics.active.set(1)
+            self._set_active(True)
             return
-        self.metrics.active.set(0)
+        self._set_active(False)
         self.notify.ready()
         self.notify.status("standby")
         self.log.info("standby: following the stream", holder=await self.lease.holder())
@@ -263,8 +274,26 @@ class Daemon:
         finally:
             await follower.stop()
         if not self.stopping:
-            self.metrics.active.set(1)
+            self._set_active(True)
             self.log.warning("took over the lease: active now", instance=self.lease.me)
+
+    async def _lease_ok(self, *, renew: bool = False) -> bool:
+        """Renew or check the lease. Lost: stop acking for good (exit 1 follows). A NATS
+        error: not now (nothing is settled; the messages wait or are redelivered)."""
+        assert self.lease is not None
+        try:
+            await (self.lease.renew() if renew else self.lease.check())
+        except LeaseLost as exc:
+            self._lost_lease(exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - NATS reconnecting: decide later
+            self.log.warning("cannot reach the lease; not settling now", error=str(exc))
+            return False
+        return True
+
+    def _set_active(self, active: bool) -> None:
+        self._active = active
+        self.metrics.active.set(1 if active else 0)
 
     def _lost_lease(self, exc: LeaseLost) -> None:
         """Stop acking at once: another instance owns the stream now. Exit 1 follows."""
@@ -278,7 +307,7 @@ class Daemon:
         assert self.catalog is not None
         await self._on_writer(self.catalog.commit, rows)
 
-    async def _signals(self, scope: anyio.CancelScope) -> None:
+    async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
             async for signum in received:
                 self.log.info("stopping", signal=signal.Signals(signum).name)
@@ -291,15 +320,12 @@ class Daemon:
         c = self.s.consumer
         try:
             while not self.stopping:
-                if self.lease is not None and self.lease.due():
-                    try:
-                        await self.lease.renew()
-                    except LeaseLost as exc:
-                        self._lost_lease(exc)
-                        return
+                if self.lease is not None and self.lease.due() and \
+                        not await self._lease_ok(renew=True) and self._fatal is not None:
+                    return
                 try:
                     batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
-                                                 prefetch=not self.stopping)
+                                                 prefetch=lambda: not self.stopping)
                 except ConsumerGone as exc:
                     await self._recreate_consumer(str(exc))
                     continue
@@ -376,13 +402,20 @@ class Daemon:
         previous one commits; it reads the catalog only once that commit is done."""
         assert self.folder is not None
         prepared = self.folder.prepare(batch)
-        await self._committed()
+        self._in_hand = batch
+        try:
+            await self._committed()
+        except BaseException:
+            prepared.checks.cancel()
+            raise
         folded = await self.folder.finish(prepared)
+        self._in_hand = ()
         self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, batch))
 
     async def _commit_and_settle(self, folded: Folded, batch: Sequence[source.Delivery]) -> None:
         if folded.rows:
-            folded.rows.exports, self._export_rows = self._export_rows, []
+            folded.rows.exports = list(self._export_rows.values())
+            self._export_rows = {}
             await self._commit(folded.rows, batch)
             faults.hit("after_commit")
         await self._settle_batch(folded.decided, folded.touched)
@@ -412,16 +445,20 @@ class Daemon:
             except FatalStorageError:
                 raise
             except StorageError as exc:
+                if self.stopping or self._fatal is not None:
+                    raise TransientError(f"stopping with a batch not committed: {exc}") from None
                 self.log.error("catalog commit failed; retrying", error=str(exc),
                                retry_in_s=delay_s)
-                await self._progress([d.reply for d in batch] +
-                                     [w.d.reply for w in self._waiting])
+                # everything held stays ours meanwhile, without costing a delivery
+                held = [*batch, *self._in_hand, *(self.src.buffered() if self.src else [])]
+                await self._progress([d.reply for d in held] + [w.d.reply for w in self._waiting])
                 await anyio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 10.0)
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
-        self.metrics.catalog_seq.set(max(self.metrics.catalog_seq._value.get(),
-                                         max(r[0] for r in rows.events)))
+        self.metrics.artifacts.inc(len(rows.artifacts))
+        self._catalog_seq = max(self._catalog_seq, max(r[0] for r in rows.events))
+        self.metrics.catalog_seq.set(self._catalog_seq)
 
     async def _settle_batch(self, decided: Sequence[Decided], touched: set[str]) -> None:
         now_items: list[tuple[str, bytes]] = []
@@ -452,7 +489,6 @@ class Daemon:
         if waits:
             self._generation = generation
             self._touched.update(touched)
-            self._touched.add("")  # runs and artifacts are always refreshed
             self._export_wanted.set()
         await self._send(now_items)
         if now_items:
@@ -473,12 +509,11 @@ class Daemon:
     async def _send(self, items: Sequence[tuple[str, bytes]]) -> None:
         if not items or self.settler is None:
             return
-        if self.lease is not None:
-            try:
-                await self.lease.check()
-            except LeaseLost as exc:
-                self._lost_lease(exc)
-                return
+        # the lease is checked before anything is settled for good (ack or term); naks and
+        # progress never settle, they may go out whoever holds the lease
+        final = any(body in (source.ACK, source.TERM) for _, body in items)
+        if final and self.lease is not None and not await self._lease_ok():
+            return
         try:
             await self.settler.send(items)
         except Exception as exc:  # noqa: BLE001 - NATS down: the server redelivers
@@ -502,6 +537,11 @@ class Daemon:
             names = self.exporter.due(touched)
             try:
                 await self._refresh(names)
+            except FatalStorageError as exc:  # a failed fsync: never retried, never acked
+                self._fatal = exc
+                self.stopping = True
+                self._export_idle.set()
+                return
             except StorageError as exc:
                 self.log.error("export refresh failed; acks wait", error=str(exc),
                                retry_in_s=delay_s)
@@ -510,11 +550,6 @@ class Daemon:
                 delay_s = min(delay_s * 2, 30.0)
                 self._export_wanted.set()
                 continue
-            except FatalStorageError as exc:
-                self._fatal = exc
-                self.stopping = True
-                self._export_idle.set()
-                return
             delay_s = 0.5
             await self._ack_through(generation)
             # Exports take at most about half the time: a refresh that took d seconds is
@@ -540,11 +575,11 @@ class Daemon:
             self.metrics.export_last_success.labels(export=r.name).set(stamp)
         # exports_d rows ride along with the next batch's transaction (one fsync fewer per
         # refresh); housekeeping writes them on their own when the stream is idle
-        self._export_rows.extend(manifest_rows(results))
+        self._export_rows.update((row[0], row) for row in manifest_rows(results))
 
     async def _record_exports_when_idle(self) -> None:
         if self._export_rows and self._commit_task is None and self.catalog is not None:
-            rows, self._export_rows = self._export_rows, []
+            rows, self._export_rows = list(self._export_rows.values()), {}
             try:
                 await self._on_writer(self.catalog.record_exports, rows)
             except StorageError as exc:
@@ -612,9 +647,12 @@ class Daemon:
         catalog = self.catalog
         if verb == "outcome":
             seq = int(args["seq"])
+            answer = await self._on_writer(api.outcome_of, catalog, seq)
+            # asked after the read: a commit settles (and marks what waits for the export)
+            # before the writer thread runs this read, so this cannot miss a waiting sequence
             if seq in self._waiting_seqs:
                 return {"seq": seq, "state": "pending"}
-            return await self._on_writer(api.outcome_of, catalog, seq)
+            return answer
         if verb == "rejections":
             return await self._on_writer(functools.partial(api.list_rejections, catalog, **args))
         if verb == "rejection":

@@ -171,7 +171,7 @@ def resolve_identity(
     return event_id, producer
 
 
-_IDENT_FULL = re.compile(r"[A-Za-z0-9._:/-]{1,200}")
+_IDENT_FULL = re.compile(IDENT_PATTERN.removeprefix("^").removesuffix("$"))
 
 
 def usable_msg_id(msg_id: str | None) -> str | None:

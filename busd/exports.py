@@ -79,7 +79,11 @@ def durable_replace(tmp: Path, final: Path) -> None:
     except OSError as exc:
         # After a failed fsync the page cache can no longer be trusted (fsyncgate): exit.
         raise FatalStorageError(f"fsync of {tmp} failed: {exc.strerror}") from exc
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot rename {tmp.name} to {final}: {exc.strerror}") from exc
     try:
         fsync_dir(final.parent)
     except OSError as exc:
@@ -126,6 +130,9 @@ class Exporter:
         self.cur = cursor
         self.folder = folder
         self.exports = {e.name: e for e in (*BUILTIN, *configured)}
+        # an export without depends_on follows every data.* name its SQL reads
+        self._inputs = {e.name: set(e.depends_on) or data_names(e.sql)
+                        for e in self.exports.values()}
         folder.mkdir(parents=True, exist_ok=True)
         self.cur.execute("ATTACH IF NOT EXISTS ':memory:' AS data")
         self.remove_leftovers()
@@ -139,7 +146,7 @@ class Exporter:
         """Export names a batch touching these artifact names makes stale (built-ins always)."""
         names = set(touched)
         return [n for n, e in self.exports.items()
-                if n in ("runs", "artifacts") or names & set(e.depends_on)]
+                if n in ("runs", "artifacts") or names & self._inputs[n]]
 
     def stale(self, catalog_seq: int) -> list[str]:
         """Exports older than the catalog, or missing: refreshed at start, before any ack."""
@@ -195,8 +202,8 @@ class Exporter:
         """Rewrite these exports from one snapshot; then the manifest. Returns (results, seq)."""
         results: list[ExportResult] = []
         cur = self.cur
-        cur.execute("BEGIN")
         try:
+            cur.execute("BEGIN")
             row = first_row(cur, "SELECT coalesce(max(seq), 0) FROM catalog.events_f")
             catalog_seq = int(row[0]) if row else 0
             for name in names:
@@ -223,10 +230,9 @@ class Exporter:
         final = self.folder / f"{export.name}.parquet"
         tmp = self.folder / f".{export.name}.parquet.tmp-{os.getpid()}"
         try:
-            self.cur.execute(
-                f"COPY ({export.sql}) TO {_sql_str(str(tmp))} "
-                "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)")
-            row = first_row(self.cur, f"SELECT count(*) FROM read_parquet({_sql_str(str(tmp))})")
+            row = first_row(self.cur,  # COPY answers with the number of rows written
+                            f"COPY ({export.sql}) TO {_sql_str(str(tmp))} "
+                            "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)")
             rows = int(row[0]) if row else 0
         except duckdb.Error:
             tmp.unlink(missing_ok=True)

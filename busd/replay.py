@@ -192,7 +192,10 @@ async def verify(s: Settings, nc: Any, *, poison: dict[int, str] | None = None,
         live = Catalog(s.catalog_path, read_only=True)
     except CatalogLocked:
         live_open = False
-        upto = read_manifest(s.exports_path).catalog_seq
+        # runs and artifacts are refreshed together; configured exports may lag behind them
+        manifest = read_manifest(s.exports_path)
+        runs = manifest.exports.get("runs")
+        upto = runs.catalog_seq if runs else manifest.catalog_seq
     else:
         live_open = True
         upto = live.catalog_seq()

@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import json
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,19 +315,22 @@ class PullSource:
         if len(self._buf) >= self._want:
             self._wake.set()
 
-    async def _request(self, batch: int, wait_ms: int) -> None:
+    async def _request(self, batch: int, wait_ms: int, *, want: int) -> None:
+        """Ask the server for ``batch`` more; wake the fetch once ``want`` are buffered."""
         self._token += 1
-        self._want = batch
+        self._want = want
         self._outstanding = True
         body = json.dumps({"batch": batch, "expires": wait_ms * 1_000_000}).encode()
         await self.nc.publish(self.next_subject, body, reply=f"{self.inbox}.{self._token}")
 
-    async def fetch(self, batch: int, wait_ms: int, *, prefetch: bool = True) -> list[Delivery]:
-        """Up to ``batch`` messages within about ``wait_ms``; an empty list when none came."""
+    async def fetch(self, batch: int, wait_ms: int, *,
+                    prefetch: Callable[[], bool] | None = None) -> list[Delivery]:
+        """Up to ``batch`` messages within about ``wait_ms``; an empty list when none came.
+        Then the next request goes out at once unless ``prefetch()`` says no (stopping)."""
         if self._gone:
             raise ConsumerGone(f"the consumer is gone: {self._gone}")
         if not self._outstanding and len(self._buf) < batch:
-            await self._request(batch - len(self._buf), wait_ms)
+            await self._request(batch - len(self._buf), wait_ms, want=batch)
         if len(self._buf) < batch:
             self._wake.clear()
             if self._done_token != self._token:
@@ -338,9 +341,13 @@ class PullSource:
         if self._gone:
             raise ConsumerGone(f"the consumer is gone: {self._gone}")
         msgs, self._buf = self._buf[:batch], self._buf[batch:]
-        if prefetch and self.nc.is_connected:
-            await self._request(batch, wait_ms)
+        if (prefetch is None or prefetch()) and self.nc.is_connected and len(self._buf) < batch:
+            await self._request(batch - len(self._buf), wait_ms, want=batch)
         return [self._delivery(m) for m in msgs]
+
+    def buffered(self) -> list[Delivery]:
+        """Messages delivered and not handed out yet (kept in progress during an outage)."""
+        return [self._delivery(m) for m in self._buf]
 
     def reset(self) -> None:
         """Forget the pull request in flight (after the consumer was declared again)."""
@@ -392,8 +399,6 @@ async def consumer_state(nc: Client, s: Settings) -> tuple[int, int]:
     info = await nc.jetstream().consumer_info(s.nats.stream, s.nats.consumer)
     return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
-
-Publish = Callable[[str, bytes, dict[str, str] | None], Awaitable[int]]
 
 
 async def stored_payload(nc: Client, stream: str, seq: int) -> bytes:

@@ -21,6 +21,7 @@ from typing import Any
 from nats.js import api
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 
+from busd import api as busd_api
 from busd import source
 from busd.catalog import Batch
 from busd.config import Settings
@@ -109,6 +110,8 @@ class Follower:
         self.name = f"busd-standby-{uuid.uuid4().hex[:10]}"
         self.pull: source.PullSource | None = None
         self.folder = Folder(s, store, replay=True)
+        self._held: list[source.Delivery] = []
+        self._poison_at = 0.0
 
     async def start(self, after_seq: int) -> None:
         """Follow from the sequence after the last one our catalog holds."""
@@ -120,14 +123,42 @@ class Follower:
         await self.pull.start()
 
     async def step(self) -> tuple[int, set[str]]:
-        """One batch: returns (messages folded, artifact names committed)."""
+        """One batch: returns (messages folded, artifact names committed).
+
+        Only sequences the active has already settled (up to its ack floor) are folded, with
+        the active's poison list: a file still being waited for, or a message that crashes
+        busd, is decided by the active first and the standby follows that decision."""
         assert self.pull is not None
-        batch = await self.pull.fetch(self.s.consumer.batch_max, self.s.consumer.batch_wait_ms)
+        c = self.s.consumer
+        if len(self._held) < c.batch_max:
+            self._held += await self.pull.fetch(c.batch_max, c.batch_wait_ms)
+        if not self._held:
+            return 0, set()
+        floor = await self._active_floor()
+        batch = [d for d in self._held if d.seq <= floor]
+        self._held = [d for d in self._held if d.seq > floor]
         if not batch:
             return 0, set()
         folded = await self.folder.fold(batch)
         await self.commit(folded.rows)
         return len(batch), folded.touched
+
+    async def _active_floor(self) -> int:
+        js = self.nc.jetstream()
+        try:
+            info = await js.consumer_info(self.s.nats.stream, self.s.nats.consumer)
+            floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+        except Exception:  # noqa: BLE001 - no durable consumer (yet): fold nothing now
+            return 0
+        if time.monotonic() - self._poison_at > 2.0:
+            self._poison_at = time.monotonic()
+            with contextlib.suppress(Exception):
+                reply = await self.nc.request(
+                    busd_api.subject(self.s.nats.consumer, "poison"), b"{}", timeout=1.0)
+                answer = busd_api.decode(reply.data)
+                if isinstance(answer, dict) and "error" not in answer:
+                    self.folder.quarantined = {int(k): str(v) for k, v in answer.items()}
+        return floor
 
     async def stop(self) -> None:
         if self.pull is not None:

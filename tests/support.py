@@ -115,7 +115,7 @@ class Bus:
 
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        return Path(self.overrides.get("data_dir", self.root / "data"))
 
     @property
     def artifacts(self) -> Path:
