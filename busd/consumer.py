@@ -320,9 +320,10 @@ class Daemon:
         c = self.s.consumer
         try:
             while not self.stopping:
-                if self.lease is not None and self.lease.due() and \
-                        not await self._lease_ok(renew=True) and self._fatal is not None:
-                    return
+                if self.lease is not None and self.lease.due():
+                    await self._lease_ok(renew=True)
+                    if self._fatal is not None:  # lost it: not one more ack
+                        return
                 try:
                     batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
                                                  prefetch=lambda: not self.stopping)

@@ -87,6 +87,7 @@ def verify_passes(bus: Bus, cfg: str) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.timeout(3600)  # the long form runs 200 trials
 @pytest.mark.parametrize("trials", [pytest.param(12, id="short"),
                                     pytest.param(200, id="long", marks=pytest.mark.slow)])
 def test_kill_9_at_random_moments(bus: Bus, trials: int) -> None:

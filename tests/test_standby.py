@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -27,13 +28,20 @@ def pair(tmp_path: Path, server: EmbeddedServer) -> tuple[Bus, Bus]:
     return a, b
 
 
-def test_standby_takes_over_when_the_active_is_killed(tmp_path: Path,
-                                                      nats_server: EmbeddedServer) -> None:
-    a, b = pair(tmp_path, nats_server)
+def start_pair(tmp_path: Path, server: EmbeddedServer
+               ) -> tuple[Bus, Bus, subprocess.Popen[str], subprocess.Popen[str]]:
+    """a active, then b standby, each a real `busd serve`."""
+    a, b = pair(tmp_path, server)
     pa = a.spawn("serve", "--config", str(a.write_config()))
     wait_for(lambda: "busd ready" in a.log(), 30, "a active")
     pb = b.spawn("serve", "--config", str(b.write_config()))
     wait_for(lambda: "standby: following" in b.log(), 30, "b standby")
+    return a, b, pa, pb
+
+
+def test_standby_takes_over_when_the_active_is_killed(tmp_path: Path,
+                                                      nats_server: EmbeddedServer) -> None:
+    a, b, pa, pb = start_pair(tmp_path, nats_server)
     try:
         with Publisher(a, 1500, rate_per_s=300) as pub:
             time.sleep(1.5)
@@ -55,11 +63,7 @@ def test_standby_takes_over_when_the_active_is_killed(tmp_path: Path,
 
 def test_a_former_active_that_lost_the_lease_stops_acking(tmp_path: Path,
                                                           nats_server: EmbeddedServer) -> None:
-    a, b = pair(tmp_path, nats_server)
-    pa = a.spawn("serve", "--config", str(a.write_config()))
-    wait_for(lambda: "busd ready" in a.log(), 30, "a active")
-    pb = b.spawn("serve", "--config", str(b.write_config()))
-    wait_for(lambda: "standby: following" in b.log(), 30, "b standby")
+    a, b, pa, pb = start_pair(tmp_path, nats_server)
     try:
         with Publisher(a, 600, rate_per_s=300) as pub:
             time.sleep(1.0)
