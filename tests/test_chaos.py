@@ -162,7 +162,7 @@ def test_nats_server_restarts_and_kills_mid_flow(bus: Bus) -> None:
     outages = 0
     with serving(bus) as (_proc, port), Publisher(bus, 1500, rate_per_s=250) as pub:
         for i in range(4):
-            time.sleep(1.0)
+            wait_for(lambda i=i: pub.acked >= 250 * (i + 1), 60, "events flowing")
             if i % 2:
                 bus.server.kill()
             else:

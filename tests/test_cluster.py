@@ -10,11 +10,12 @@ from pathlib import Path
 
 import nats
 import pytest
-from support import Bus
+from support import Bus, wait_for
 from test_chaos import Publisher, check_exactly_once, serving
 from test_cli import free_port
 
 from busd.embedded import EmbeddedServer, server_binary
+from busd.exports import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +99,7 @@ def test_r3_stream_survives_the_loss_of_its_leader(tmp_path: Path, cluster: Clus
     bus.overrides = {"nats": {"stream_replicas": 3}}
     bus.init()
     with serving(bus) as (proc, _port), Publisher(bus, 1500, rate_per_s=300) as pub:
-        time.sleep(1.5)
+        wait_for(lambda: pub.acked >= 300, 30, "events flowing")
         leader = asyncio.run(cluster.leader())
         victim = cluster.nodes[int(leader[1:]) - 1]
         # the publisher and the fixture's helpers follow the cluster, not the first node
@@ -110,10 +111,6 @@ def test_r3_stream_survives_the_loss_of_its_leader(tmp_path: Path, cluster: Clus
         victim.start(timeout_s=60)  # back with its store; it catches up as a follower
         pub.thread.join(300)
         assert proc.poll() is None, "busd stopped during the election"
-        from support import wait_for
-
-        from busd.exports import read_manifest
-
         wait_for(lambda: read_manifest(bus.data / "exports").catalog_seq >= 1500, 120,
                  "all events exported")
     found = check_exactly_once(bus, pub.ids)

@@ -44,7 +44,7 @@ def test_standby_takes_over_when_the_active_is_killed(tmp_path: Path,
     a, b, pa, pb = start_pair(tmp_path, nats_server)
     try:
         with Publisher(a, 1500, rate_per_s=300) as pub:
-            time.sleep(1.5)
+            wait_for(lambda: pub.acked >= 300, 30, "events flowing")
             pa.kill()
             killed = time.monotonic()
             wait_for(lambda: "took over the lease" in b.log(), 30, "b took over")
@@ -66,7 +66,7 @@ def test_a_former_active_that_lost_the_lease_stops_acking(tmp_path: Path,
     a, b, pa, pb = start_pair(tmp_path, nats_server)
     try:
         with Publisher(a, 600, rate_per_s=300) as pub:
-            time.sleep(1.0)
+            wait_for(lambda: pub.acked >= 200, 30, "events flowing")
             pa.send_signal(signal.SIGSTOP)  # cut off, not dead
             wait_for(lambda: "took over the lease" in b.log(), 30, "b took over")
             pa.send_signal(signal.SIGCONT)
