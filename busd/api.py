@@ -7,7 +7,10 @@ daemon answers, the same reads run on the catalog file directly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import msgspec
@@ -94,3 +97,50 @@ def encode(value: Any) -> bytes:
 
 def decode(data: bytes) -> Any:
     return msgspec.json.decode(data) if data else {}
+
+
+class Answers:
+    """The daemon's side: one handler for every verb, catalog reads on the writer thread."""
+
+    def __init__(self, on_writer: Callable[..., Awaitable[Any]], catalog: Catalog,
+                 exports: Sequence[str], waiting: Collection[int],
+                 refresh: Callable[[Sequence[str]], Awaitable[None]]) -> None:
+        self.on_writer = on_writer
+        self.catalog = catalog
+        self.exports = list(exports)
+        self.waiting = waiting  # sequences committed but not yet acked (export pending)
+        self.refresh = refresh
+
+    async def respond(self, msg: Any) -> None:
+        verb = msg.subject.rsplit(".", 1)[-1]
+        try:
+            answer = await self.call(verb, decode(msg.data))
+        except Exception as exc:  # noqa: BLE001 - a bad request must not stop the daemon
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        with contextlib.suppress(Exception):
+            await msg.respond(encode(answer))
+
+    async def call(self, verb: str, args: Any) -> Any:
+        catalog = self.catalog
+        if verb == "outcome":
+            seq = int(args["seq"])
+            answer = await self.on_writer(outcome_of, catalog, seq)
+            # asked after the read: a commit settles (and marks what waits for the export)
+            # before the writer thread runs this read, so this cannot miss a waiting sequence
+            if seq in self.waiting:
+                return {"seq": seq, "state": "pending"}
+            return answer
+        if verb == "rejections":
+            return await self.on_writer(functools.partial(list_rejections, catalog, **args))
+        if verb == "rejection":
+            return await self.on_writer(get_rejection, catalog, int(args["seq"]))
+        if verb == "poison":
+            return {str(k): v for k, v in (await self.on_writer(poison_of, catalog)).items()}
+        if verb == "export":
+            names = args.get("names") or self.exports
+            unknown = sorted(set(names) - set(self.exports))
+            if unknown:
+                return {"error": f"no such export: {', '.join(unknown)}"}
+            await self.refresh(names)
+            return {"refreshed": names}
+        return {"error": f"unknown verb {verb!r}"}

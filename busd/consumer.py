@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import signal
 import time
 from collections import Counter
@@ -38,11 +37,10 @@ from busd.exports import Exporter, manifest_rows
 from busd.fold import Decided, Folded, Folder
 from busd.metrics import Metrics, MetricsServer
 from busd.sdnotify import SdNotifier
-from busd.standby import Follower, Lease, LeaseLost
+from busd.standby import Follower, Lease, LeaseLost, follow_until_leader
 
 T = TypeVar("T")
-Action = Literal["ack", "term", "nak", "progress"]
-
+Action = Literal["ack", "term", "nak"]
 
 
 def settlement(outcome: Outcome | None) -> Action:
@@ -56,13 +54,8 @@ def settlement(outcome: Outcome | None) -> Action:
 
 
 def wire_body(action: Action, delay_s: float = 0.0) -> bytes:
-    if action == "ack":
-        return source.ACK
-    if action == "term":
-        return source.TERM
-    if action == "progress":
-        return source.PROGRESS
-    return source.nak_body(delay_s)
+    """What settles a message now: a term, or a nak with its delay (acks wait for exports)."""
+    return source.TERM if action == "term" else source.nak_body(delay_s)
 
 
 @dataclass(slots=True)
@@ -170,7 +163,9 @@ class Daemon:
         self.src = source.PullSource(self.nc, s.nats.stream, s.nats.consumer)
         await self.src.start()
         self.settler = source.Settler(self.nc)
-        await self.nc.subscribe(api.subject(s.nats.consumer, "*"), cb=self._answer)
+        answers = api.Answers(self._on_writer, self.catalog, list(self.exporter.exports),
+                              self._waiting_seqs, self._refresh)
+        await self.nc.subscribe(api.subject(s.nats.consumer, "*"), cb=answers.respond)
         self.log.info("busd ready", stream=s.nats.stream, consumer=s.nats.consumer,
                       catalog=str(s.catalog_path), catalog_seq=seq)
         self.metrics.ready.set(1)
@@ -260,20 +255,13 @@ class Daemon:
         assert self.catalog is not None
         follower = Follower(self.s, self.nc, self, self._commit_rows)
         await follower.start(await self._on_writer(self.catalog.catalog_seq))
-        tried = time.monotonic()
-        try:
-            while not self.stopping:
-                n, touched = await follower.step()
-                if n:
-                    await self._refresh(self.exporter.due(touched))
-                self._alive()
-                if time.monotonic() - tried > self.lease.ttl_s / 3:
-                    tried = time.monotonic()
-                    if await self.lease.acquire():
-                        break
-        finally:
-            await follower.stop()
-        if not self.stopping:
+        exporter = self.exporter
+
+        async def refresh(touched: set[str]) -> None:
+            await self._refresh(exporter.due(touched))
+
+        if await follow_until_leader(self.lease, follower, refresh, self._alive,
+                                     lambda: self.stopping):
             self._set_active(True)
             self.log.warning("took over the lease: active now", instance=self.lease.me)
 
@@ -632,42 +620,6 @@ class Daemon:
                     "messages waiting")
                 self.stopping = True
                 return
-
-    # ---- the request API (busd.api.<consumer>.<verb>) -----------------------------------
-    async def _answer(self, msg: Any) -> None:
-        verb = msg.subject.rsplit(".", 1)[-1]
-        try:
-            answer = await self._api_call(verb, api.decode(msg.data))
-        except Exception as exc:  # noqa: BLE001 - a bad request must not stop the daemon
-            answer = {"error": f"{type(exc).__name__}: {exc}"}
-        with contextlib.suppress(Exception):
-            await msg.respond(api.encode(answer))
-
-    async def _api_call(self, verb: str, args: Any) -> Any:
-        assert self.catalog is not None and self.exporter is not None
-        catalog = self.catalog
-        if verb == "outcome":
-            seq = int(args["seq"])
-            answer = await self._on_writer(api.outcome_of, catalog, seq)
-            # asked after the read: a commit settles (and marks what waits for the export)
-            # before the writer thread runs this read, so this cannot miss a waiting sequence
-            if seq in self._waiting_seqs:
-                return {"seq": seq, "state": "pending"}
-            return answer
-        if verb == "rejections":
-            return await self._on_writer(functools.partial(api.list_rejections, catalog, **args))
-        if verb == "rejection":
-            return await self._on_writer(api.get_rejection, catalog, int(args["seq"]))
-        if verb == "poison":
-            return {str(k): v for k, v in (await self._on_writer(api.poison_of, catalog)).items()}
-        if verb == "export":
-            names = args.get("names") or list(self.exporter.exports)
-            unknown = sorted(set(names) - set(self.exporter.exports))
-            if unknown:
-                return {"error": f"no such export: {', '.join(unknown)}"}
-            await self._refresh(names)
-            return {"refreshed": names}
-        return {"error": f"unknown verb {verb!r}"}
 
 
 async def serve(settings: Settings, *, drain: bool = False) -> Stats:

@@ -165,3 +165,24 @@ class Follower:
             await self.pull.stop()
         with contextlib.suppress(Exception):
             await self.nc.jetstream().delete_consumer(self.s.nats.stream, self.name)
+
+
+async def follow_until_leader(lease: Lease, follower: Follower,
+                              refresh: Callable[[set[str]], Awaitable[None]],
+                              alive: Callable[[], None], stopping: Callable[[], bool]) -> bool:
+    """The standby's loop: follow, refresh the exports, try the lease every third of its TTL.
+    True once the lease is ours; False when stopped first."""
+    tried = time.monotonic()
+    try:
+        while not stopping():
+            n, touched = await follower.step()
+            if n:
+                await refresh(touched)
+            alive()
+            if time.monotonic() - tried > lease.ttl_s / 3:
+                tried = time.monotonic()
+                if await lease.acquire():
+                    return True
+    finally:
+        await follower.stop()
+    return False
