@@ -104,6 +104,7 @@ class Bus:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     cluster_url: str | None = None  # "nats://a,nats://b,..." when testing a cluster
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -227,9 +228,18 @@ class Bus:
         could fill up and block it)."""
         full_env = {**os.environ, **(env or {})}
         with open(self.root / log, "a") as out:
-            return subprocess.Popen([*BUSD, *args], cwd=self.root, env=full_env, text=True,
+            proc = subprocess.Popen([*BUSD, *args], cwd=self.root, env=full_env, text=True,
                                     stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def reap(self) -> None:
+        """Kill what a failed or timed-out test left running: no busd outlives its test."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
 
     def log(self, name: str = "serve.log") -> str:
         path = self.root / name
@@ -245,11 +255,12 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 
 @pytest.fixture
-def bus(tmp_path: Path, nats_server: EmbeddedServer) -> Bus:
+def bus(tmp_path: Path, nats_server: EmbeddedServer) -> Iterator[Bus]:
     b = Bus(tmp_path, nats_server)
     b.artifacts.mkdir(parents=True, exist_ok=True)
     b.init()
-    return b
+    yield b
+    b.reap()
 
 
 def sha256_file(path: Path) -> str:
