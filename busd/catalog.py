@@ -217,8 +217,9 @@ def first_row(con: duckdb.DuckDBPyConnection, sql: str,
     return tuple(rows[0]) if rows else None
 
 
-def _sql_path(path: Path) -> str:
-    return str(path).replace("'", "''")
+def sql_str(text: str | Path) -> str:
+    """A SQL string literal (paths and names are data, never SQL)."""
+    return "'" + str(text).replace("'", "''") + "'"
 
 
 class Catalog:
@@ -232,7 +233,7 @@ class Catalog:
         self.con = duckdb.connect(":memory:")
         mode = " (READ_ONLY)" if read_only else ""
         try:
-            self.con.execute(f"ATTACH '{_sql_path(path)}' AS busd{mode}")
+            self.con.execute(f"ATTACH {sql_str(path)} AS busd{mode}")
             self.con.execute("USE busd")
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():

@@ -219,15 +219,16 @@ def query(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
 ) -> None:
     """Read-only SQL over the golden exports; never opens (or locks) the catalog."""
+    from busd.catalog import sql_str
     from busd.exports import quote_ident
 
     s = settings(config_path)
     folder = s.exports_path
     con = duckdb.connect(":memory:")
     for file in sorted(folder.glob("*.parquet")):
-        path = str(file).replace("'", "''")
-        con.execute(f"CREATE VIEW {quote_ident(file.stem)} AS SELECT * FROM read_parquet('{path}')")
-    con.execute(f"SET allowed_directories = ['{str(folder).replace(chr(39), chr(39) * 2)}/']")
+        con.execute(f"CREATE VIEW {quote_ident(file.stem)} AS "
+                    f"SELECT * FROM read_parquet({sql_str(file)})")
+    con.execute(f"SET allowed_directories = [{sql_str(str(folder) + '/')}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     try:

@@ -337,18 +337,7 @@ class Daemon:
         """The durable consumer was deleted under busd: say so and declare it again (the
         catalog recognises what it already holds); if the stream is gone too, exit."""
         self.log.error("the durable consumer is gone; recreating it", reason=why)
-        delay_s, deadline = 0.2, time.monotonic() + 30
-        while True:
-            try:
-                await source.ensure_consumer(self.nc, self.s)
-                break
-            except Exception as exc:  # noqa: BLE001 - JetStream restarting, NATS down, or the stream gone
-                gone = "stream not found" in str(exc).lower()
-                if gone or time.monotonic() > deadline:
-                    raise ConsumerGone(
-                        f"the consumer is gone and cannot be recreated: {exc}") from None
-                await anyio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 5.0)
+        await source.redeclare_consumer(self.nc, self.s)
         assert self.src is not None
         self.src.reset()
 

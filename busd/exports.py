@@ -22,7 +22,7 @@ import duckdb
 import msgspec
 
 from busd import faults
-from busd.catalog import first_row
+from busd.catalog import first_row, sql_str
 from busd.config import ExportSettings
 from busd.errors import ConfigError, FatalStorageError, StorageError
 
@@ -60,22 +60,22 @@ class Manifest(msgspec.Struct):
     exports: dict[str, ManifestEntry] = msgspec.field(default_factory=dict)
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def fsync_dir(folder: Path) -> None:
+    fsync_path(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def durable_replace(tmp: Path, final: Path) -> None:
     """fsync ``tmp``, rename it over ``final``, fsync the folder. A failed fsync is fatal."""
     try:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
     except OSError as exc:
         # After a failed fsync the page cache can no longer be trusted (fsyncgate): exit.
         raise FatalStorageError(f"fsync of {tmp} failed: {exc.strerror}") from exc
@@ -110,10 +110,6 @@ def read_manifest(folder: Path) -> Manifest:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _sql_str(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def data_names(sql: str) -> set[str]:
@@ -189,8 +185,8 @@ class Exporter:
                 self.cur.execute(f"CREATE OR REPLACE VIEW {view} AS "
                                  "SELECT NULL::VARCHAR AS run_id WHERE false")
                 continue
-            paths = ", ".join(_sql_str(p) for _, p in files)
-            mapping = ", ".join(f"({_sql_str(p)}, {_sql_str(r)})" for r, p in files)
+            paths = ", ".join(sql_str(p) for _, p in files)
+            mapping = ", ".join(f"({sql_str(p)}, {sql_str(r)})" for r, p in files)
             self.cur.execute(
                 f"CREATE OR REPLACE VIEW {view} AS "
                 f"SELECT f.* EXCLUDE (filename), m.run_id FROM read_parquet([{paths}], "
@@ -231,7 +227,7 @@ class Exporter:
         tmp = self.folder / f".{export.name}.parquet.tmp-{os.getpid()}"
         try:
             row = first_row(self.cur,  # COPY answers with the number of rows written
-                            f"COPY ({export.sql}) TO {_sql_str(str(tmp))} "
+                            f"COPY ({export.sql}) TO {sql_str(str(tmp))} "
                             "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)")
             rows = int(row[0]) if row else 0
         except duckdb.Error:

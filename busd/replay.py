@@ -24,10 +24,10 @@ from nats.js import api
 
 from busd import source
 from busd.api import poison_of
-from busd.catalog import COMPARED, Catalog, Claim, Known, Sibling
+from busd.catalog import COMPARED, Catalog, Claim, Known, Sibling, sql_str
 from busd.config import Settings
 from busd.errors import BusdError, CatalogLocked
-from busd.exports import Exporter, fsync_dir, read_manifest
+from busd.exports import Exporter, fsync_dir, fsync_path, read_manifest
 from busd.fold import Folder
 
 Progress = Callable[[int, int], None]  # (sequences done, sequences in all)
@@ -139,7 +139,7 @@ async def rebuild(s: Settings, nc: Any, progress: Progress | None = None) -> Rep
             result = await replay_into(s, nc, fresh, poison=poison, progress=progress)
         finally:
             fresh.close()
-        _fsync(new_path)
+        fsync_path(new_path)
     finally:
         live.close()
     wal = Path(str(s.catalog_path) + ".wal")
@@ -153,14 +153,6 @@ async def rebuild(s: Settings, nc: Any, progress: Progress | None = None) -> Rep
     finally:
         catalog.close()
     return result
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -238,8 +230,7 @@ def _select(source_sql: str, table: str) -> str:
 def _compare_catalogs(live_path: Path, replayed: Catalog, limit: int) -> VerifyReport:
     con = replayed.con
     try:
-        con.execute(f"ATTACH '{str(live_path).replace(chr(39), chr(39) * 2)}' AS live "
-                    "(READ_ONLY)")
+        con.execute(f"ATTACH {sql_str(live_path)} AS live (READ_ONLY)")
     except duckdb.IOException as exc:
         raise CatalogLocked(f"the catalog {live_path} was locked during verify: {exc}") from None
     differences: list[Difference] = []
@@ -260,8 +251,8 @@ def _compare_exports(s: Settings, replayed: Catalog, limit: int) -> VerifyReport
     differences: list[Difference] = []
     counts: dict[str, int] = {}
     for export, table in (("runs", "runs_d"), ("artifacts", "artifacts_f")):
-        path = str(s.exports_path / f"{export}.parquet").replace("'", "''")
-        diffs, n = _diff(con, table, _select(f"read_parquet('{path}')", table),
+        path = sql_str(s.exports_path / f"{export}.parquet")
+        diffs, n = _diff(con, table, _select(f"read_parquet({path})", table),
                          _select(f"busd.catalog.{table}", table), limit)
         differences += diffs
         counts[table] = n

@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import json
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -272,6 +273,22 @@ async def ensure_consumer(nc: Client, s: Settings) -> api.ConsumerInfo:
     js = nc.jetstream()
     info: api.ConsumerInfo = await js.add_consumer(s.nats.stream, consumer_config(s))
     return info
+
+
+async def redeclare_consumer(nc: Client, s: Settings, *, within_s: float = 30.0) -> None:
+    """Declare the durable consumer again, retrying while JetStream restarts; ConsumerGone
+    when the stream itself is gone or nothing worked within ``within_s``."""
+    delay_s, deadline = 0.2, time.monotonic() + within_s
+    while True:
+        try:
+            await ensure_consumer(nc, s)
+            return
+        except Exception as exc:  # noqa: BLE001 - JetStream restarting, NATS down, stream gone
+            if "stream not found" in str(exc).lower() or time.monotonic() > deadline:
+                raise ConsumerGone(
+                    f"the consumer is gone and cannot be recreated: {exc}") from None
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 5.0)
 
 
 class PullSource:
