@@ -2,8 +2,9 @@
 
 Points: ``after_decode``, ``during_validate``, ``after_commit``, ``during_export``,
 ``after_rename``, ``before_ack``, ``after_ack``. ``BUSD_TEST_FAULT_SKIP=N`` lets the point
-pass N times first. Fault tests use it to crash a real process at a named moment; it costs
-one comparison when unset.
+pass N times first. ``BUSD_TEST_FAULT=in_checker:<text>`` kills the process that checks a
+file whose path contains ``<text>`` (a worker process, by default). Fault tests use it to
+crash a real process at a named moment; it costs one comparison when unset.
 """
 
 from __future__ import annotations
@@ -19,15 +20,28 @@ _skip = 0
 _loaded = False
 
 
-def hit(point: str) -> None:
+def _load() -> None:
     global _armed, _skip, _loaded
+    _armed = os.environ.get("BUSD_TEST_FAULT") or None
+    _skip = int(os.environ.get("BUSD_TEST_FAULT_SKIP", "0") or 0)
+    _loaded = True
+
+
+def hit(point: str) -> None:
+    global _skip
     if not _loaded:
-        _armed = os.environ.get("BUSD_TEST_FAULT") or None
-        _skip = int(os.environ.get("BUSD_TEST_FAULT_SKIP", "0") or 0)
-        _loaded = True
+        _load()
     if _armed != point:
         return
     if _skip > 0:
         _skip -= 1
         return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hit_for(point: str, key: str) -> None:
+    """``point`` armed as ``point:<text>``: SIGKILL when ``key`` contains ``<text>``."""
+    if not _loaded:
+        _load()
+    if _armed is not None and _armed.startswith(point + ":") and _armed[len(point) + 1:] in key:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -9,11 +9,11 @@ Runs on worker threads: pyarrow and hashlib release the GIL while they read.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,16 +21,18 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from busd import faults
 from busd.errors import FileNotYetThere, InvalidEvent, Reason
 from busd.events import Artifact, ArtifactEvent
 
 ChecksumPolicy = Literal["always", "if_given", "never"]
 _HASH_CHUNK = 1 << 20
+_READ_WHOLE = 1 << 20  # files up to this size are read in one call
 
 
-@dataclass(frozen=True, slots=True)
-class CheckedArtifact:
-    """An artifact whose file was found and read; the row it becomes in ``artifacts_f``."""
+class CheckedArtifact(msgspec.Struct, frozen=True, array_like=True):
+    """An artifact whose file was found and read; the row it becomes in ``artifacts_f``.
+    (A Struct: worker processes send these back as msgpack arrays.)"""
 
     name: str
     path: str
@@ -82,9 +84,9 @@ def check_artifact(
     """Check one artifact's file; raise InvalidEvent (or FileNotYetThere) when it fails."""
     fast = _open_fast(art.path, roots)
     if fast is not None:
-        fd, actual = fast
+        fd, actual, st = fast
         try:
-            return _check_open_file(fd, actual, art, roots, checksum)
+            return _check_file(fd, actual, st, art, checksum)
         finally:
             os.close(fd)
     # The careful path: every failure, and anything unusual, gets its precise reason here.
@@ -107,17 +109,18 @@ def check_artifact(
             raise InvalidEvent(Reason.NOT_PARQUET,
                                f"{art.name}: {resolved}: {exc.strerror}") from None
         try:
-            return _check_open_file(fd, resolved, art, roots, checksum)
+            actual, st = _confirm_open_file(fd, resolved, art, roots)
+            return _check_file(fd, actual, st, art, checksum)
         finally:
             os.close(fd)
     raise InvalidEvent(Reason.PATH_OUTSIDE_ROOTS, f"{art.name}: {art.path!r} keeps changing")
 
 
-def _open_fast(raw: str, roots: Sequence[Path]) -> tuple[int, str] | None:
-    """The usual case in four syscalls instead of ``realpath``'s one per path component:
+def _open_fast(raw: str, roots: Sequence[Path]) -> tuple[int, str, os.stat_result] | None:
+    """The usual case in five syscalls instead of ``realpath``'s one per path component:
     an ``O_PATH`` handle (which opens nothing for I/O, so a device or FIFO is never touched),
-    the kernel's own resolution of it, and a re-open of that same inode for reading. None
-    means: let the careful path decide."""
+    the kernel's own resolution of it and its ``fstat``, and a re-open of that same inode for
+    reading. None means: let the careful path decide."""
     path = raw if raw.startswith("/") else os.path.join(roots[0], raw)
     try:
         handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -125,19 +128,21 @@ def _open_fast(raw: str, roots: Sequence[Path]) -> tuple[int, str] | None:
         return None
     try:
         actual = os.readlink(f"/proc/self/fd/{handle}")
-        if not inside(actual, roots) or not stat.S_ISREG(os.fstat(handle).st_mode):
+        st = os.fstat(handle)
+        if not stat.S_ISREG(st.st_mode) or not inside(actual, roots) or not is_utf8(actual):
             return None
         fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     finally:
         os.close(handle)
-    return fd, actual
+    return fd, actual, st
 
 
-def _check_open_file(
-    fd: int, resolved: str, art: Artifact, roots: Sequence[Path], checksum: ChecksumPolicy
-) -> CheckedArtifact:
+def _confirm_open_file(
+    fd: int, resolved: str, art: Artifact, roots: Sequence[Path]
+) -> tuple[str, os.stat_result]:
+    """After ``realpath`` and ``open``: where the opened file really is, and what it is."""
     try:
         actual = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
@@ -150,40 +155,62 @@ def _check_open_file(
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise InvalidEvent(Reason.NOT_PARQUET, f"{art.name}: {actual} is not a regular file")
-    if art.bytes is not None and art.bytes != st.st_size:
+    return actual, st
+
+
+def _check_file(
+    fd: int, actual: str, st: os.stat_result, art: Artifact, checksum: ChecksumPolicy
+) -> CheckedArtifact:
+    """Size, footer and checksum of a regular file inside the roots, open on ``fd``."""
+    size = st.st_size
+    if art.bytes is not None and art.bytes != size:
         raise InvalidEvent(Reason.SIZE_MISMATCH,
-                           f"{art.name}: event says {art.bytes} bytes, file has {st.st_size}")
-    rows, columns = _parquet_footer(fd, st.st_size, art.name, actual)
+                           f"{art.name}: event says {art.bytes} bytes, file has {size}")
+    # a small file is read whole, in one call, for both the footer and the checksum
+    whole = os.pread(fd, size, 0) if size <= _READ_WHOLE else None
+    if whole is not None and len(whole) != size:
+        raise InvalidEvent(Reason.NOT_PARQUET, f"{art.name}: {actual} shrank while it was read")
+    rows, columns_json, schema_hash = _parquet_footer(fd, size, whole, art.name, actual)
     if art.rows is not None and art.rows != rows:
         raise InvalidEvent(Reason.ROWS_MISMATCH,
                            f"{art.name}: event says {art.rows} rows, Parquet footer has {rows}")
     digest = art.sha256
     if checksum == "always" or (checksum == "if_given" and art.sha256 is not None):
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            handle.seek(0)
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = _sha256(fd, whole)
         if art.sha256 is not None and art.sha256 != digest:
             raise InvalidEvent(Reason.CHECKSUM_MISMATCH,
                                f"{art.name}: event says sha256 {art.sha256}, file has {digest}")
-    columns_json = msgspec.json.encode(columns).decode()
     return CheckedArtifact(
         name=art.name,
         path=actual,
         format="parquet",
         rows=rows,
-        bytes=st.st_size,
+        bytes=size,
         sha256=digest,
         columns=columns_json,
-        schema_hash=hashlib.sha256(columns_json.encode()).hexdigest()[:16],
+        schema_hash=schema_hash,
         meta=None if art.meta is None else msgspec.json.encode(art.meta).decode(),
     )
+
+
+def _sha256(fd: int, whole: bytes | None) -> str:
+    if whole is not None:
+        return hashlib.sha256(whole).hexdigest()
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, _HASH_CHUNK, offset):  # hashlib releases the GIL per chunk
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
 
 
 _MAGIC = b"PAR1"
 
 
-def _parquet_footer(fd: int, size: int, name: str, path: str) -> tuple[int, list[dict[str, str]]]:
-    """Rows and columns from the footer, read with two ``pread`` calls on the checked fd.
+def _parquet_footer(fd: int, size: int, whole: bytes | None, name: str, path: str
+                    ) -> tuple[int, str, str]:
+    """Rows, columns (JSON) and schema hash from the footer: from ``whole`` (the file's
+    bytes) when given, else from two ``pread`` calls on the checked fd.
 
     pyarrow parses the footer from a buffer (``PAR1`` + footer + length + ``PAR1``): no
     Python file object, whose every read re-takes the GIL (it was a quarter of busd's CPU)."""
@@ -192,15 +219,17 @@ def _parquet_footer(fd: int, size: int, name: str, path: str) -> tuple[int, list
 
     if size < 12:
         raise bad(f"{size} bytes")
-    if os.pread(fd, 4, 0) != _MAGIC:
+    head = whole[:4] if whole is not None else os.pread(fd, 4, 0)
+    if head != _MAGIC:
         raise bad("no PAR1 magic at the start")
-    tail = os.pread(fd, 8, size - 8)
+    tail = whole[-8:] if whole is not None else os.pread(fd, 8, size - 8)
     if len(tail) != 8 or tail[4:] != _MAGIC:
         raise bad("no PAR1 magic at the end")
     footer_len = int.from_bytes(tail[:4], "little")
     if footer_len <= 0 or footer_len > size - 12:
         raise bad(f"a footer of {footer_len} bytes in a file of {size}")
-    footer = os.pread(fd, footer_len, size - 8 - footer_len)
+    start = size - 8 - footer_len
+    footer = whole[start:size - 8] if whole is not None else os.pread(fd, footer_len, start)
     if len(footer) != footer_len:
         raise bad("the file shrank while it was read")
     try:
@@ -211,16 +240,32 @@ def _parquet_footer(fd: int, size: int, name: str, path: str) -> tuple[int, list
         raise bad(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     if rows < 0:  # a damaged footer can say so; artifacts_f.rows would record it
         raise bad(f"its footer says {rows} rows")
-    return rows, [{"name": f.name, "type": str(f.type)} for f in schema]
+    columns_json, schema_hash = _columns(schema)
+    return rows, columns_json, schema_hash
+
+
+@functools.lru_cache(maxsize=256)
+def _columns(schema: pa.Schema) -> tuple[str, str]:
+    """Columns as JSON (name and type of each) and their hash; producers write few schemas."""
+    columns_json = msgspec.json.encode(
+        [{"name": f.name, "type": str(f.type)} for f in schema]).decode()
+    return columns_json, hashlib.sha256(columns_json.encode()).hexdigest()[:16]
 
 
 def check_event(
     event: ArtifactEvent, roots: Sequence[Path], checksum: ChecksumPolicy
 ) -> list[CheckedArtifact]:
     """All artifacts of an event, or the first permanent failure (a missing file comes last)."""
+    return check_artifacts(event.artifacts, roots, checksum)
+
+
+def check_artifacts(
+    artifacts: Sequence[Artifact], roots: Sequence[Path], checksum: ChecksumPolicy
+) -> list[CheckedArtifact]:
     checked: list[CheckedArtifact] = []
     missing: FileNotYetThere | None = None
-    for art in event.artifacts:
+    for art in artifacts:
+        faults.hit_for("in_checker", art.path)
         try:
             checked.append(check_artifact(art, roots, checksum))
         except FileNotYetThere as exc:
