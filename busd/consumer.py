@@ -34,7 +34,7 @@ from busd.errors import (
     TransientError,
 )
 from busd.exports import Exporter, manifest_rows
-from busd.fold import Decided, Folded, Folder
+from busd.fold import Decided, Folded, Folder, Prepared, merge
 from busd.metrics import Metrics, MetricsServer
 from busd.sdnotify import SdNotifier
 from busd.standby import Follower, Lease, LeaseLost, follow_until_leader
@@ -112,11 +112,12 @@ class Daemon:
         self._export_rows: dict[str, tuple[Any, ...]] = {}  # latest exports_d row per export
         self._active = True
         self._catalog_seq = 0
-        self._in_hand: Sequence[source.Delivery] = ()  # the batch waiting for the commit before
+        self._in_hand: Sequence[source.Delivery] = ()  # batches waiting for the commit before
         self._last_refresh_s = 0.0
         self._pinged_at = 0.0
         self._ping_every_s = self.notify.watchdog_interval_s() or 1.0
         self._export_attempt_at = 0.0
+        self._debug = log.debug_enabled()
 
     # ---- threads -------------------------------------------------------------------------
     async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
@@ -138,6 +139,7 @@ class Daemon:
         await self._on_exporter(self.exporter.check)
         self.metrics.watch_exports(list(self.exporter.exports))
         self.folder = Folder(s, self)
+        await self.folder.checker.start()
         url = s.nats.url
         if not url:
             host, port = parse_hostport(s.nats.embedded_listen, "nats.embedded_listen")
@@ -194,6 +196,8 @@ class Daemon:
         if task is not None:
             with contextlib.suppress(Exception):
                 await task
+        if self.folder is not None:
+            await self.folder.close()
         # the export thread's cursor must be idle before the catalog's connection closes
         await anyio.to_thread.run_sync(self._export_pool.shutdown)
         if self.catalog is not None:
@@ -253,7 +257,8 @@ class Daemon:
         self.notify.status("standby")
         self.log.info("standby: following the stream", holder=await self.lease.holder())
         assert self.catalog is not None
-        follower = Follower(self.s, self.nc, self, self._commit_rows)
+        assert self.folder is not None
+        follower = Follower(self.s, self.nc, self, self._commit_rows, self.folder.checker)
         await follower.start(await self._on_writer(self.catalog.catalog_seq))
         exporter = self.exporter
 
@@ -376,19 +381,37 @@ class Daemon:
 
     # ---- one batch -----------------------------------------------------------------------
     async def _handle(self, batch: Sequence[source.Delivery]) -> None:
-        """Two batches in flight: this one is decoded and its files checked while the
-        previous one commits; it reads the catalog only once that commit is done."""
+        """Decode a batch and check its files while the previous batch commits; batches
+        that arrive during that commit join this one (a group commit: under a backlog one
+        transaction, export refresh and ack flush cover up to ``commit_max`` events). The
+        group reads the catalog only once the previous commit is done."""
         assert self.folder is not None
-        prepared = self.folder.prepare(batch)
-        self._in_hand = batch
+        held = list(batch)
+        parts = [self.folder.prepare(batch)]
+        self._in_hand = held
         try:
+            await self._gather(held, parts)
             await self._committed()
         except BaseException:
-            prepared.checks.cancel()
+            for p in parts:
+                p.cancel()
             raise
-        folded = await self.folder.finish(prepared)
+        folded = await self.folder.finish(merge(parts))
         self._in_hand = ()
-        self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, batch))
+        self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, held))
+
+    async def _gather(self, held: list[source.Delivery], parts: list[Prepared]) -> None:
+        """While the previous commit runs, fetch and prepare what is already coming."""
+        assert self.folder is not None and self.src is not None
+        c, task = self.s.consumer, self._commit_task
+        while (task is not None and not task.done() and len(held) < c.commit_max
+               and not self.stopping):
+            more = await self.src.fetch(c.batch_max, c.batch_wait_ms, until=task,
+                                        prefetch=lambda: not self.stopping)
+            if not more:
+                return
+            parts.append(self.folder.prepare(more))
+            held.extend(more)
 
     async def _commit_and_settle(self, folded: Folded, batch: Sequence[source.Delivery]) -> None:
         if folded.rows:
@@ -441,30 +464,36 @@ class Daemon:
     async def _settle_batch(self, decided: Sequence[Decided], touched: set[str]) -> None:
         now_items: list[tuple[str, bytes]] = []
         generation = self._generation + 1
-        waits = False
+        since = time.monotonic()
+        outcomes: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
         for item in decided:
-            action = settlement(item.outcome)
-            if item.outcome is not None and not item.known:
-                self.stats.outcomes[item.outcome.value] += 1
-                self.metrics.events.labels(outcome=item.outcome.value).inc()
+            outcome = item.outcome
+            if outcome is not None and not item.known:
+                outcomes[outcome.value] += 1
                 if item.reason is not None:
-                    self.metrics.rejections.labels(reason=item.reason.value).inc()
-                self._log_outcome(item)
+                    reasons[item.reason.value] += 1
+                if outcome is not Outcome.COMMITTED or self._debug:
+                    self._log_outcome(item)
+            action = settlement(outcome)
             if action == "ack":
                 # committed (or duplicate) — acked only after the export that covers it
-                self._waiting.append(Waiting(item.d, generation, time.monotonic()))
+                self._waiting.append(Waiting(item.d, generation, since))
                 self._waiting_seqs.add(item.d.seq)
-                waits = True
             else:
                 now_items.append((item.d.reply, wire_body(action, item.nak_delay_s)))
                 if action == "nak":
                     self.log.info("file missing; retrying later", seq=item.d.seq,
                                   event_id=item.event_id, delay_s=round(item.nak_delay_s, 1))
-        counts = Counter(i.outcome.value for i in decided if i.outcome and not i.known)
-        if counts:
+        self.stats.outcomes.update(outcomes)
+        for outcome_name, n in outcomes.items():
+            self.metrics.events.labels(outcome=outcome_name).inc(n)
+        for reason, n in reasons.items():
+            self.metrics.rejections.labels(reason=reason).inc(n)
+        if outcomes:
             self.log.info("batch", first_seq=decided[0].d.seq, last_seq=decided[-1].d.seq,
-                          **dict(counts))
-        if waits:
+                          **dict(outcomes))
+        if len(now_items) < len(decided):  # some wait for the export
             self._generation = generation
             self._touched.update(touched)
             self._export_wanted.set()

@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import anyio
 import msgspec
 
 from busd import events as ev
 from busd import faults
 from busd.catalog import Batch, Claim, Known, Sibling
+from busd.checker import Checker
 from busd.config import Settings
 from busd.errors import FileNotYetThere, InvalidEvent, Outcome, Reason
 from busd.source import Delivery
-from busd.validate import CheckedArtifact, check_event
+from busd.validate import CheckedArtifact
 
 
 @dataclass(slots=True)
@@ -61,6 +60,40 @@ class Prepared:
     copies: list[Delivery]
     checks: asyncio.Future[dict[int, list[CheckedArtifact] | InvalidEvent]]
 
+    def cancel(self) -> None:
+        self.checks.cancel()
+
+
+def merge(parts: Sequence[Prepared]) -> Prepared:
+    """Batches prepared one by one, decided and committed as one (a group commit): a
+    sequence in two of them is decided once, the other delivery settled as its copy."""
+    if len(parts) == 1:
+        return parts[0]
+    decoded: list[tuple[Decided, ev.ArtifactEvent | None]] = []
+    copies: list[Delivery] = []
+    seen: set[int] = set()
+    for p in parts:
+        copies.extend(p.copies)
+        for item, event in p.decoded:
+            if item.d.seq in seen:
+                copies.append(item.d)
+            else:
+                seen.add(item.d.seq)
+                decoded.append((item, event))
+
+    async def checks() -> dict[int, list[CheckedArtifact] | InvalidEvent]:
+        merged: dict[int, list[CheckedArtifact] | InvalidEvent] = {}
+        try:
+            for p in parts:
+                merged.update(await p.checks)
+        except BaseException:
+            for p in parts:
+                p.cancel()
+            raise
+        return merged
+
+    return Prepared(decoded, copies, asyncio.ensure_future(checks()))
+
 
 class Store(Protocol):
     """What the fold reads: the catalog (on its writer thread) and stored payloads."""
@@ -77,13 +110,16 @@ class Folder:
     """Decides a batch."""
 
     def __init__(self, settings: Settings, store: Store, *, replay: bool = False,
-                 quarantined: dict[int, str] | None = None) -> None:
+                 quarantined: dict[int, str] | None = None,
+                 checker: Checker | None = None) -> None:
         self.s = settings
         self.store = store
         self.quarantined = quarantined or {}  # replay: poison decided by the live catalog
         self.replay = replay  # replaying history: no waiting for files, no poison
         self.roots = settings.roots
-        self._limit = anyio.CapacityLimiter(settings.verify.threads)
+        v = settings.verify
+        self.checker = checker or Checker(settings.roots, v.checksum, processes=v.processes,
+                                          threads=v.threads)
 
     async def fold(self, batch: Sequence[Delivery]) -> Folded:
         return await self.finish(self.prepare(batch))
@@ -228,32 +264,15 @@ class Folder:
     async def _validate(
         self, items: Sequence[tuple[Decided, ev.ArtifactEvent]]
     ) -> dict[int, list[CheckedArtifact] | InvalidEvent]:
-        """Check files on worker threads, in chunks (pyarrow and hashlib release the GIL)."""
-        results: dict[int, list[CheckedArtifact] | InvalidEvent] = {}
+        """Each event's checked artifacts (or why they fail), by ``id`` of its item."""
         if not items:
-            return results
+            return {}
         faults.hit("during_validate")
-        roots, policy = self.roots, self.s.verify.checksum
+        results = await self.checker.check([event.artifacts for _, event in items])
+        return {id(item): result for (item, _), result in zip(items, results, strict=True)}
 
-        def check_chunk(chunk: Sequence[tuple[Decided, ev.ArtifactEvent]]) -> None:
-            for item, event in chunk:
-                try:
-                    results[id(item)] = check_event(event, roots, policy)
-                except InvalidEvent as exc:
-                    results[id(item)] = exc
-                except (OSError, ValueError, RuntimeError) as exc:  # odd paths, EIO, …
-                    results[id(item)] = InvalidEvent(
-                        Reason.NOT_PARQUET, f"could not be checked: {type(exc).__name__}: {exc}")
-
-        n = min(self.s.verify.threads, len(items))
-        if n == 1 or len(items) < 8:
-            await anyio.to_thread.run_sync(check_chunk, items, limiter=self._limit)
-            return results
-        async with anyio.create_task_group() as tg:
-            for i in range(n):
-                tg.start_soon(functools.partial(anyio.to_thread.run_sync, check_chunk,
-                                                items[i::n], limiter=self._limit))
-        return results
+    async def close(self) -> None:
+        await self.checker.close()
 
 
 def conflict_detail(event_id: str, holder_seq: int) -> str:

@@ -30,6 +30,8 @@ from busd.errors import BusdError, CatalogLocked
 from busd.exports import Exporter, fsync_dir, fsync_path, read_manifest
 from busd.fold import Folder
 
+REPLAY_BATCH = 5000  # events per fetch and per catalog transaction
+
 Progress = Callable[[int, int], None]  # (sequences done, sequences in all)
 
 
@@ -91,14 +93,20 @@ async def replay_into(
     done = 0
     try:
         while done < target - first + 1:
-            batch = [d for d in await pull.fetch(1000, 500) if d.seq <= target]
+            batch = [d for d in await pull.fetch(REPLAY_BATCH, 500) if d.seq <= target]
             if not batch:
                 if pull.nc.is_closed:
                     raise BusdError("the NATS connection closed during replay")
                 continue
+            # batch N is decoded and its files checked while batch N-1 commits
+            prepared = folder.prepare(batch)
             if pending is not None:
-                await pending  # commit N-1 runs while batch N is fetched and folded
-            folded = await folder.fold(batch)
+                try:
+                    await pending
+                except BaseException:
+                    prepared.cancel()
+                    raise
+            folded = await folder.finish(prepared)
             for item in folded.decided:
                 if item.outcome is not None:
                     result.outcomes[item.outcome.value] = \
@@ -115,6 +123,7 @@ async def replay_into(
             await pending
     finally:
         writer.shutdown(wait=True)
+        await folder.close()
         await pull.stop()
         with contextlib.suppress(Exception):
             await js.delete_consumer(s.nats.stream, name)

@@ -341,9 +341,13 @@ class PullSource:
         await self.nc.publish(self.next_subject, body, reply=f"{self.inbox}.{self._token}")
 
     async def fetch(self, batch: int, wait_ms: int, *,
-                    prefetch: Callable[[], bool] | None = None) -> list[Delivery]:
+                    prefetch: Callable[[], bool] | None = None,
+                    until: asyncio.Future[Any] | None = None) -> list[Delivery]:
         """Up to ``batch`` messages within about ``wait_ms``; an empty list when none came.
-        Then the next request goes out at once unless ``prefetch()`` says no (stopping)."""
+        Then the next request goes out at once unless ``prefetch()`` says no (stopping).
+
+        With ``until``: an empty list as soon as that future is done before a full batch is
+        buffered; the request in flight stays in flight for the next call."""
         if self._gone:
             raise ConsumerGone(f"the consumer is gone: {self._gone}")
         if not self._outstanding and len(self._buf) < batch:
@@ -352,8 +356,15 @@ class PullSource:
             self._wake.clear()
             if self._done_token != self._token:
                 # a lost status reply times out: take what came
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait_ms / 1000 + 2.0)
+                waiter = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait([waiter] if until is None else [waiter, until],
+                                       timeout=wait_ms / 1000 + 2.0,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if until is not None and until.done() and not self._wake.is_set():
+                    return []
         self._outstanding = False
         if self._gone:
             raise ConsumerGone(f"the consumer is gone: {self._gone}")

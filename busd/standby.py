@@ -24,6 +24,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from busd import api as busd_api
 from busd import source
 from busd.catalog import Batch
+from busd.checker import Checker
 from busd.config import Settings
 from busd.errors import BusdError
 from busd.fold import Folder, Store
@@ -105,11 +106,11 @@ class Follower:
     """The standby's loop body: fold what the stream has beyond the catalog, no acks."""
 
     def __init__(self, s: Settings, nc: Any, store: Store,
-                 commit: Callable[[Batch], Awaitable[None]]) -> None:
+                 commit: Callable[[Batch], Awaitable[None]], checker: Checker) -> None:
         self.s, self.nc, self.store, self.commit = s, nc, store, commit
         self.name = f"busd-standby-{uuid.uuid4().hex[:10]}"
         self.pull: source.PullSource | None = None
-        self.folder = Folder(s, store, replay=True)
+        self.folder = Folder(s, store, replay=True, checker=checker)
         self._held: list[source.Delivery] = []
         self._poison_at = 0.0
 

@@ -117,7 +117,9 @@ def test_kill_9_at_each_named_point_repeatedly(bus: Bus) -> None:
     ids = [f"p-{i}" for i in range(total)]
     path = str(bus.parquet("p/shared.parquet"))
     bus.publish([bus.event(r, [{"name": "fills", "path": path}], event_id=r) for r in ids])
-    cfg = str(bus.write_config(consumer={"max_deliver": 50, "ack_wait_s": 1, "batch_max": 20}))
+    # one batch per transaction, so that each point is reached again in every round
+    small = {"max_deliver": 50, "ack_wait_s": 1, "batch_max": 20, "commit_max": 20}
+    cfg = str(bus.write_config(consumer=small))
     kills = 0
     for round_ in range(3):
         for point in points:
@@ -125,7 +127,7 @@ def test_kill_9_at_each_named_point_repeatedly(bus: Bus) -> None:
                              env={"BUSD_TEST_FAULT": point, "BUSD_TEST_FAULT_SKIP": str(round_)})
             rc = proc.wait(60)
             kills += rc == -signal.SIGKILL
-    bus.drain(consumer={"max_deliver": 50, "ack_wait_s": 1, "batch_max": 20})
+    bus.drain(consumer=small)
     found = check_exactly_once(bus, ids)
     verify_passes(bus, cfg)
     print(f"\nnamed points: {len(points)} points x 3 rounds, {kills} kills, {total} events, "

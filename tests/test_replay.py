@@ -60,12 +60,12 @@ def test_rebuild_gives_the_same_catalog_and_refuses_while_serving(bus: Bus) -> N
 
 def test_verify_passes_after_crashes_and_fails_on_tampering(bus: Bus) -> None:
     mixed_stream(bus)
-    cfg = bus.write_config(consumer={"batch_max": 7})
+    cfg = bus.write_config(consumer={"batch_max": 7, "commit_max": 7})  # many transactions
     for point, skip in (("after_commit", 2), ("before_ack", 1), ("during_export", 3)):
         proc = bus.spawn("serve", "--config", str(cfg),
                          env={"BUSD_TEST_FAULT": point, "BUSD_TEST_FAULT_SKIP": str(skip)})
         assert proc.wait(60) == -signal.SIGKILL
-    bus.drain(consumer={"batch_max": 7})
+    bus.drain(consumer={"batch_max": 7, "commit_max": 7})
     out = bus.cli("verify", "--config", str(cfg))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "events_f 0 differences" in out.stdout
