@@ -188,8 +188,10 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         r = res["catchup"]
         out.append(("busd catch-up: serve --drain, full checks", f"{_n(r['events_per_s'])} ev/s",
                     f"{_n(r['events'])} events in {r['seconds']:.2f} s, CPU "
-                    f"{r['cpu_us_per_event']:.0f} µs/event, peak RSS {r['peak_rss_mb']:.0f} MiB, "
-                    f"{r['batches']} batches, {r['export_refreshes']} refreshes; "
+                    f"{r['cpu_us_per_event']:.0f} µs/event + {r['workers_cpu_us_per_event']:.0f} "
+                    f"in file-check workers, peak RSS {r['peak_rss_mb']:.0f} MiB + "
+                    f"{r['workers_peak_rss_mb']:.0f} per worker, {r['batches']} transactions, "
+                    f"{r['export_refreshes']} refreshes; "
                     f"{_runs(r['runs_events_per_s'])}"))
     if not failed("live", "busd live"):
         for key, title in (("fixed", "busd live @ 1,000 ev/s"), ("max", "busd live @ max rate")):
@@ -201,8 +203,10 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
                         f"ev/s in {p['publish_seconds']:.1f} s; lag 0 "
                         f"{_s(p['lag_zero_after_stop_s'])} after the last PubAck; "
                         f"peak lag {_n(p['peak_lag'])}"))
+        workers = res["live"].get("workers_peak_rss_mb")
         out.append(("busd live: peak RSS", f"{res['live']['peak_rss_mb']:.0f} MiB",
-                    "latency from busd_event_latency_seconds buckets (interpolated; max = "
+                    (f"+ {workers:.0f} MiB per file-check worker; " if workers else "")
+                    + "latency from busd_event_latency_seconds buckets (interpolated; max = "
                     "bucket bound)"))
     if not failed("exports", "export refresh (runs + artifacts)"):
         for size in res["exports"]["sizes"].values():

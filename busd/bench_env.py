@@ -245,6 +245,16 @@ def peak_rss_mb(pid: int) -> float | None:
     return round(int(text[0]) / 1024, 1) if text else None
 
 
+def children_peak_rss_mb(pid: int) -> float | None:
+    """The largest VmHWM among a running process's children (busd's file-check workers)."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    peaks = [p for p in (peak_rss_mb(int(k)) for k in kids) if p is not None]
+    return max(peaks) if peaks else None
+
+
 @dataclass(frozen=True)
 class StreamSpec:
     name: str

@@ -29,7 +29,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from busd import source
-from busd.bench_env import StreamSpec, event, peak_rss_mb, publish
+from busd.bench_env import StreamSpec, children_peak_rss_mb, event, peak_rss_mb, publish
 from busd.bench_measure import Ctx, _summary, _wait, median
 from busd.catalog import Catalog
 from busd.config import Settings
@@ -195,10 +195,12 @@ async def measure_live(ctx: Ctx) -> dict[str, Any]:
         fixed = await _phase(ctx, s, stream, port, "fixed 1,000 ev/s", FIXED_RATE, seconds)
         fastest = await _phase(ctx, s, stream, port, "max rate", None, seconds)
         rss = peak_rss_mb(proc.pid)
+        workers_rss = children_peak_rss_mb(proc.pid)
         final = await asyncio.to_thread(scrape, port)
     finally:
         code = env.end(proc, 30.0)
     return {"status": "ok", "fixed": fixed, "max": fastest, "peak_rss_mb": rss,
+            "workers_peak_rss_mb": workers_rss,
             "exit_code": code, "phase_seconds": seconds,
             "histogram_buckets_s": [le for le, _ in final.buckets if not math.isinf(le)]}
 

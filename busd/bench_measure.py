@@ -212,9 +212,11 @@ def catchup_child() -> None:  # pragma: no cover - runs in the child process
     stats = asyncio.run(serve(s, drain=True))
     elapsed = time.perf_counter() - started
     ru = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # the file-check workers, now reaped
     Path(out_path).write_text(json.dumps({
-        "seconds": elapsed, "peak_rss_kb": ru.ru_maxrss,
+        "seconds": elapsed, "peak_rss_kb": ru.ru_maxrss, "workers_peak_rss_kb": kids.ru_maxrss,
         "cpu_s": ru.ru_utime + ru.ru_stime - cpu.ru_utime - cpu.ru_stime,
+        "workers_cpu_s": kids.ru_utime + kids.ru_stime,
         "outcomes": dict(stats.outcomes), "batches": stats.batches, "exports": stats.exports}))
 
 
@@ -263,6 +265,9 @@ async def measure_catchup(ctx: Ctx) -> dict[str, Any]:
         seconds=round(median([r["seconds"] for r in runs]), 3),
         process_wall_s=round(median([r["process_wall_s"] for r in runs]), 3),
         cpu_us_per_event=round(median([r["cpu_s"] for r in runs]) / ctx.events * 1e6, 1),
+        workers_cpu_us_per_event=round(
+            median([r["workers_cpu_s"] for r in runs]) / ctx.events * 1e6, 1),
         peak_rss_mb=round(max(r["peak_rss_kb"] for r in runs) / 1024, 1),
+        workers_peak_rss_mb=round(max(r["workers_peak_rss_kb"] for r in runs) / 1024, 1),
         batches=int(median([r["batches"] for r in runs])),
         export_refreshes=int(median([r["exports"] for r in runs])))
