@@ -89,6 +89,15 @@ def _from_wire(answer: _Checked | _Failed) -> Result:
     return InvalidEvent(Reason(answer.reason), answer.detail)
 
 
+def _with_meta(result: Result, artifacts: Sequence[Artifact]) -> Result:
+    """Put back each artifact's ``meta`` (as JSON), which workers are not sent."""
+    if isinstance(result, InvalidEvent) or all(a.meta is None for a in artifacts):
+        return result
+    return [msgspec.structs.replace(checked, meta=None if art.meta is None
+                                    else msgspec.json.encode(art.meta).decode())
+            for checked, art in zip(result, artifacts, strict=True)]
+
+
 def _frame(payload: bytes) -> bytes:
     return len(payload).to_bytes(_HEADER, "little") + payload
 
@@ -200,13 +209,16 @@ class Checker:
         return [r for part in parts for r in part]
 
     def _request(self, events: Sequence[Sequence[Artifact]]) -> bytes:
+        # without meta: the checks never read it, and JSON allows integers msgpack does not
+        bare = [[Artifact(a.name, a.path, a.rows, a.bytes, a.sha256) for a in e] for e in events]
         return _frame(_encoder.encode(_Request([str(r) for r in self.roots], self.checksum,
-                                               [list(e) for e in events])))
+                                               bare)))
 
     async def _on_worker(self, worker: _Worker, events: Sequence[Sequence[Artifact]]
                          ) -> list[Result]:
         try:
-            return [_from_wire(a) for a in await worker.ask(self._request(events))]
+            answers = await worker.ask(self._request(events))
+            return [_with_meta(_from_wire(a), e) for a, e in zip(answers, events, strict=True)]
         except WorkerDied:
             pass
         # each event alone, so the one that kills a worker again is known
@@ -214,7 +226,7 @@ class Checker:
         for artifacts in events:
             try:
                 answer = await worker.ask(self._request([artifacts]))
-                results.append(_from_wire(answer[0]))
+                results.append(_with_meta(_from_wire(answer[0]), artifacts))
             except WorkerDied as exc:
                 results.append(InvalidEvent(
                     Reason.NOT_PARQUET,

@@ -26,6 +26,7 @@ def _artifact_cases(bus: Bus) -> list[list[Artifact]]:
     return [
         [Artifact("a", str(good), rows=5, bytes=good.stat().st_size, sha256=sha256_file(good))],
         [Artifact("a", "ok/a.parquet"), Artifact("b", str(other), meta={"k": [1, 2]})],
+        [Artifact("a", str(good), meta={"big": 10**30, "f": 1e308})],  # no msgpack integer
         [Artifact("a", str(good), rows=4)],
         [Artifact("a", str(good), bytes=1)],
         [Artifact("a", str(good), sha256="0" * 64)],
@@ -64,7 +65,8 @@ def test_worker_processes_decide_as_threads_do(bus: Bus) -> None:
     first = on_workers[: len(events)]
     assert isinstance(first[0], list) and first[0][0].rows == 5
     assert isinstance(first[1], list) and first[1][1].meta == '{"k":[1,2]}'
-    reasons = [r.reason.value for r in first[2:] if isinstance(r, InvalidEvent)]
+    assert isinstance(first[2], list) and first[2][0].meta == f'{{"big":{10**30},"f":1e308}}'
+    reasons = [r.reason.value for r in first[3:] if isinstance(r, InvalidEvent)]
     assert reasons == ["rows_mismatch", "size_mismatch", "checksum_mismatch", "not_parquet",
                        "not_parquet", "path_outside_roots", "path_outside_roots",
                        "file_missing"]
