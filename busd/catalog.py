@@ -55,7 +55,15 @@ CREATE TABLE IF NOT EXISTS catalog.run_log (
     parent_run_id VARCHAR, published_at TIMESTAMPTZ, event_id VARCHAR);
 """
 
-MIGRATIONS: dict[int, str] = {1: _DDL_V1}
+# v2: the sequence that first committed each artifact key (exports partition on it)
+_DDL_V2 = """
+ALTER TABLE catalog.artifacts_f ADD COLUMN first_seq UBIGINT;
+UPDATE catalog.artifacts_f AS a SET first_seq = l.first_seq
+FROM (SELECT run_id, name, min(seq) AS first_seq FROM catalog.artifact_log GROUP BY ALL) AS l
+WHERE a.run_id = l.run_id AND a.name = l.name;
+"""
+
+MIGRATIONS: dict[int, str] = {1: _DDL_V1, 2: _DDL_V2}
 
 # Tables compared by `busd verify`, with the wall-clock columns a replay cannot reproduce.
 COMPARED: dict[str, tuple[str, ...]] = {
@@ -93,7 +101,7 @@ RUN_LOG_COLUMNS: Columns = (
     ("parent_run_id", pa.string()), ("published_at", _TS), ("event_id", pa.string()),
 )
 _MERGED_COLUMNS: Columns = (("run_id", pa.string()), ("name", pa.string()),
-                           ("version", pa.int32()))
+                           ("version", pa.int32()), ("first_seq", pa.uint64()))
 DEMOTION_COLUMNS: Columns = (
     ("seq", pa.uint64()), ("outcome", pa.string()), ("reason", pa.string()),
     ("detail", pa.string()), ("payload", pa.binary()),
@@ -115,14 +123,16 @@ def _higher(table: str, seq_col: str, columns: Sequence[str]) -> str:
 _MERGE_ARTIFACTS = f"""
     INSERT INTO catalog.artifacts_f
     SELECT run_id, name, {', '.join(f'arg_max({c}, seq)' for c in _ARTIFACT_FIELDS)},
-           max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq)
+           max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq),
+           min(seq)
     FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)
     GROUP BY run_id, name
     ON CONFLICT (run_id, name) DO UPDATE SET
       {_higher("artifacts_f", "seq", (*_ARTIFACT_FIELDS, "published_at", "committed_at"))},
       seq = greatest(EXCLUDED.seq, artifacts_f.seq),
-      version = artifacts_f.version + EXCLUDED.version
-    RETURNING run_id, name, version"""
+      version = artifacts_f.version + EXCLUDED.version,
+      first_seq = least(EXCLUDED.first_seq, artifacts_f.first_seq)
+    RETURNING run_id, name, version, first_seq"""
 
 _MERGE_RUNS = f"""
     INSERT INTO catalog.runs_d
@@ -138,13 +148,15 @@ _MERGE_RUNS = f"""
           THEN EXCLUDED.first_published_at ELSE runs_d.first_published_at END,
       first_seq = least(EXCLUDED.first_seq, runs_d.first_seq),
       last_seq = greatest(EXCLUDED.last_seq, runs_d.last_seq),
-      n_artifacts = runs_d.n_artifacts + EXCLUDED.n_artifacts"""
+      n_artifacts = runs_d.n_artifacts + EXCLUDED.n_artifacts
+    RETURNING first_seq"""
 
 # After a demotion (rare): recompute the affected keys from the logs.
 _DERIVE_ARTIFACTS = f"""
     INSERT INTO catalog.artifacts_f
     SELECT run_id, name, {', '.join(f'arg_max({c}, seq)' for c in _ARTIFACT_FIELDS)},
-           max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq)
+           max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq),
+           min(seq)
     FROM catalog.artifact_log SEMI JOIN touched_keys USING (run_id, name)
     GROUP BY run_id, name"""
 
@@ -174,6 +186,24 @@ class Batch:
 
     def __bool__(self) -> bool:
         return bool(self.events)
+
+
+@dataclass
+class Changed:
+    """The ``first_seq`` of every ``runs_d`` and ``artifacts_f`` row transactions changed
+    (what a partitioned export rewrites); None: rows may have moved or gone, rewrite all."""
+
+    runs: set[int] | None = field(default_factory=set)
+    artifacts: set[int] | None = field(default_factory=set)
+
+    def update(self, other: Changed) -> None:
+        self.runs = None if self.runs is None or other.runs is None else self.runs | other.runs
+        self.artifacts = (None if self.artifacts is None or other.artifacts is None
+                          else self.artifacts | other.artifacts)
+
+    def __bool__(self) -> bool:
+        return self.runs is None or self.artifacts is None or bool(self.runs or self.artifacts)
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,10 +341,10 @@ class Catalog:
             "OR reason = 'event_id_conflict') ORDER BY seq", [event_id, after_seq]).fetchall()
         return [Sibling(int(q), str(h), str(o), r) for q, h, o, r in rows]
 
-    def commit(self, batch: Batch) -> None:
+    def commit(self, batch: Batch) -> Changed:
         """Apply one batch in one transaction; a sequence already applied is skipped."""
         if not batch:
-            return
+            return Changed()
         con = self.con
         staged = {
             "stage_events": to_arrow(batch.events, EVENT_COLUMNS),
@@ -327,7 +357,7 @@ class Catalog:
             for name, table in staged.items():
                 con.register(name, table)
             con.execute("BEGIN")
-            self._apply(bool(batch.demotions))
+            changed = self._apply(bool(batch.demotions))
             if batch.exports:
                 con.executemany("INSERT OR REPLACE INTO catalog.exports_d "
                                 "VALUES (?, ?, ?, ?, ?, ?, ?)", batch.exports)
@@ -344,8 +374,9 @@ class Catalog:
             for name in staged:
                 with contextlib.suppress(duckdb.Error):
                     con.unregister(name)
+        return changed
 
-    def _apply(self, demotions: bool) -> None:
+    def _apply(self, demotions: bool) -> Changed:
         con = self.con
         # Sequences already applied (a redelivery racing its own first delivery) are dropped
         # here, so nothing below ever counts one twice.
@@ -377,7 +408,7 @@ class Catalog:
             con.execute("DELETE FROM catalog.runs_d "
                         "WHERE run_id IN (SELECT run_id FROM touched_runs)")
             con.execute(_DERIVE_RUNS)
-            return
+            return Changed(None, None)  # a key's first_seq may have changed, or it is gone
         # a key is new when its version is just this batch's count of it
         merged = to_arrow(con.execute(_MERGE_ARTIFACTS).fetchall(), _MERGED_COLUMNS)
         con.register("merged", merged)
@@ -391,7 +422,8 @@ class Catalog:
                 WHERE m.version = b.c GROUP BY m.run_id""")
         finally:
             con.unregister("merged")
-        con.execute(_MERGE_RUNS)
+        runs = {int(r[0]) for r in con.execute(_MERGE_RUNS).fetchall()}
+        return Changed(runs, {int(v) for v in merged.column("first_seq").to_pylist()})
 
     def _demote(self) -> None:
         """Later sequences that lose their event_id to an earlier one: duplicate or conflict."""

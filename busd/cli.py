@@ -220,14 +220,13 @@ def query(
 ) -> None:
     """Read-only SQL over the golden exports; never opens (or locks) the catalog."""
     from busd.catalog import sql_str
-    from busd.exports import quote_ident
+    from busd.exports import export_names, quote_ident, reader_sql
 
     s = settings(config_path)
     folder = s.exports_path
     con = duckdb.connect(":memory:")
-    for file in sorted(folder.glob("*.parquet")):
-        con.execute(f"CREATE VIEW {quote_ident(file.stem)} AS "
-                    f"SELECT * FROM read_parquet({sql_str(file)})")
+    for name in export_names(folder):
+        con.execute(f"CREATE VIEW {quote_ident(name)} AS SELECT * FROM {reader_sql(folder, name)}")
     con.execute(f"SET allowed_directories = [{sql_str(str(folder) + '/')}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")

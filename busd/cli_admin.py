@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
 
             catalog = Catalog(s.catalog_path)
             try:
-                exporter = Exporter(catalog.cursor(), s.exports_path, s.exports)
+                exporter = Exporter.of(catalog.cursor(), s)
                 wanted = names or list(exporter.exports)
                 unknown = sorted(set(wanted) - set(exporter.exports))
                 if unknown:

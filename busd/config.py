@@ -83,6 +83,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics: MetricsSettings = MetricsSettings()
     ha: HaSettings = HaSettings()
     exports: tuple[ExportSettings, ...] = ()
+    # runs and artifacts exports as folders of part files, one per this many stream sequences
+    # (of each row's first commit); only changed parts are rewritten. 0: one file each.
+    export_partition_seqs: int = 0
     log_format: Literal["auto", "json", "console"] = "auto"
 
     @property
@@ -239,6 +242,8 @@ def _check(s: Settings, where: str) -> None:
         raise bad("consumer.shutdown_grace_s", "must be positive")
     if s.verify.file_wait_s < 0:
         raise bad("verify.file_wait_s", "must not be negative")
+    if s.export_partition_seqs and not 1000 <= s.export_partition_seqs <= 10**12:
+        raise bad("export_partition_seqs", "must be 0 or between 1000 and 10^12")
     if not 0 <= s.verify.processes <= 64:
         raise bad("verify.processes", "must be between 0 and 64")
     if not 1 <= s.verify.threads <= 64:

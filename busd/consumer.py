@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 
 from busd import api, faults, log, source
-from busd.catalog import Batch, Catalog, Claim, Known, Sibling
+from busd.catalog import Batch, Catalog, Changed, Claim, Known, Sibling
 from busd.config import Settings, parse_hostport
 from busd.embedded import EmbeddedServer
 from busd.errors import (
@@ -102,6 +102,7 @@ class Daemon:
         self._waiting_seqs: set[int] = set()
         self._generation = 0
         self._touched: set[str] = set()
+        self._changed = Changed()  # rows committed since the last refresh (partitioned exports)
         self._export_wanted = asyncio.Event()
         self._export_idle = asyncio.Event()
         self._export_lock = asyncio.Lock()
@@ -134,8 +135,7 @@ class Daemon:
             self.metrics_server = MetricsServer(self.metrics, host, port)
             self.metrics_server.start()
         self.catalog = await self._on_writer(Catalog, s.catalog_path)
-        self.exporter = await self._on_writer(
-            Exporter, self.catalog.cursor(), s.exports_path, s.exports)
+        self.exporter = await self._on_writer(Exporter.of, self.catalog.cursor(), s)
         await self._on_exporter(self.exporter.check)
         self.metrics.watch_exports(list(self.exporter.exports))
         self.folder = Folder(s, self)
@@ -263,7 +263,8 @@ class Daemon:
         exporter = self.exporter
 
         async def refresh(touched: set[str]) -> None:
-            await self._refresh(exporter.due(touched))
+            changed, self._changed = self._changed, Changed()
+            await self._refresh(exporter.due(touched), changed)
 
         if await follow_until_leader(self.lease, follower, refresh, self._alive,
                                      lambda: self.stopping):
@@ -298,7 +299,7 @@ class Daemon:
 
     async def _commit_rows(self, rows: Batch) -> None:
         assert self.catalog is not None
-        await self._on_writer(self.catalog.commit, rows)
+        self._changed.update(await self._on_writer(self.catalog.commit, rows))
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
@@ -441,7 +442,7 @@ class Daemon:
         while True:
             started = time.perf_counter()
             try:
-                await self._on_writer(self.catalog.commit, rows)
+                self._changed.update(await self._on_writer(self.catalog.commit, rows))
                 break
             except FatalStorageError:
                 raise
@@ -541,9 +542,10 @@ class Daemon:
             assert self.exporter is not None
             generation = self._generation
             touched, self._touched = self._touched, set()
+            changed, self._changed = self._changed, Changed()
             names = self.exporter.due(touched)
             try:
-                await self._refresh(names)
+                await self._refresh(names, changed)
             except FatalStorageError as exc:  # a failed fsync: never retried, never acked
                 self._fatal = exc
                 self.stopping = True
@@ -553,6 +555,7 @@ class Daemon:
                 self.log.error("export refresh failed; acks wait", error=str(exc),
                                retry_in_s=delay_s)
                 self._touched |= touched
+                self._changed.update(changed)
                 await anyio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 30.0)
                 self._export_wanted.set()
@@ -564,12 +567,14 @@ class Daemon:
             # coalesce into the next one. Small catalogs refresh in milliseconds.
             await anyio.sleep(min(self._last_refresh_s, 2.0))
 
-    async def _refresh(self, names: Sequence[str]) -> None:
+    async def _refresh(self, names: Sequence[str], changed: Changed | None = None) -> None:
+        """Refresh exports; ``changed`` (rows committed since the last refresh) lets a
+        partitioned export rewrite only its parts holding them. None: all parts."""
         assert self.exporter is not None and self.catalog is not None
         self._export_attempt_at = time.monotonic()
         try:
             async with self._export_lock:  # the export loop and `busd export` share it
-                results, _seq = await self._on_exporter(self.exporter.refresh, names)
+                results, _seq = await self._on_exporter(self.exporter.refresh, names, changed)
         except StorageError:
             for name in names:
                 self.metrics.export_failures.labels(export=name).inc()

@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ import duckdb
 import msgspec
 
 from busd import faults
-from busd.catalog import first_row, sql_str
-from busd.config import ExportSettings
+from busd.catalog import Changed, first_row, sql_str
+from busd.config import ExportSettings, Settings
 from busd.errors import ConfigError, FatalStorageError, StorageError
 
 MANIFEST = "_manifest.json"
@@ -32,6 +33,12 @@ BUILTIN: tuple[ExportSettings, ...] = (
     ExportSettings(name="runs", sql="SELECT * FROM catalog.runs_d"),
     ExportSettings(name="artifacts", sql="SELECT * FROM catalog.artifacts_f"),
 )
+
+
+# With ``export_partition_seqs`` set: these exports are folders of part files, a part per
+# that many stream sequences of each row's first commit (``first_seq``).
+PARTITIONABLE = {"runs": "catalog.runs_d", "artifacts": "catalog.artifacts_f"}
+PART_GLOB = "part-*.parquet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +50,11 @@ class ExportResult:
     catalog_seq: int
     refreshed_at: dt.datetime
     duration_s: float
+    parts: int = 0  # part files rewritten (partitioned exports)
 
 
 class ManifestEntry(msgspec.Struct):
-    file: str
+    file: str  # "<name>.parquet", or "<name>/" for a folder of part files
     rows: int
     bytes: int
     catalog_seq: int
@@ -108,6 +116,24 @@ def read_manifest(folder: Path) -> Manifest:
         return Manifest()
 
 
+def reader_sql(folder: Path, name: str) -> str | None:
+    """``read_parquet(...)`` of one export as it lies in ``folder`` (a file, or a folder of
+    part files); None when it is not there."""
+    parts = folder / name
+    if any(parts.glob(PART_GLOB)):
+        return f"read_parquet({sql_str(str(parts / PART_GLOB))})"
+    single = folder / f"{name}.parquet"
+    return f"read_parquet({sql_str(single)})" if single.exists() else None
+
+
+def export_names(folder: Path) -> list[str]:
+    """Exports present in ``folder``, by name."""
+    names = {f.stem for f in folder.glob("*.parquet")}
+    names |= {d.name for d in folder.iterdir() if d.is_dir() and any(d.glob(PART_GLOB))} \
+        if folder.is_dir() else set()
+    return sorted(names)
+
+
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -122,9 +148,13 @@ class Exporter:
     """Refreshes exports from a cursor of the catalog's database (its own thread)."""
 
     def __init__(self, cursor: duckdb.DuckDBPyConnection, folder: Path,
-                 configured: Sequence[ExportSettings]) -> None:
+                 configured: Sequence[ExportSettings], *, partition_seqs: int = 0) -> None:
         self.cur = cursor
         self.folder = folder
+        self.partition_seqs = partition_seqs
+        # a partitioned export is rewritten whole the first time: nothing says what changed
+        # while no busd ran (or between its last refresh and a crash)
+        self._whole_next = set(PARTITIONABLE) if partition_seqs else set()
         self.exports = {e.name: e for e in (*BUILTIN, *configured)}
         # an export without depends_on follows every data.* name its SQL reads
         self._inputs = {e.name: set(e.depends_on) or data_names(e.sql)
@@ -133,10 +163,21 @@ class Exporter:
         self.cur.execute("ATTACH IF NOT EXISTS ':memory:' AS data")
         self.remove_leftovers()
 
+    @classmethod
+    def of(cls, cursor: duckdb.DuckDBPyConnection, s: Settings) -> Exporter:
+        """The exporter a configuration describes."""
+        return cls(cursor, s.exports_path, s.exports, partition_seqs=s.export_partition_seqs)
+
     def remove_leftovers(self) -> None:
-        """Temporary files of a refresh that was killed half-way are never read: remove them."""
-        for leftover in self.folder.glob(".*.tmp-*"):
+        """Temporary files of a refresh that was killed half-way are never read: remove them,
+        and the files of the other layout (partitioned or not), which would be stale."""
+        for leftover in [*self.folder.glob(".*.tmp-*"), *self.folder.glob("*/.*.tmp-*")]:
             leftover.unlink(missing_ok=True)
+        for name in PARTITIONABLE:
+            if self.partition_seqs:
+                (self.folder / f"{name}.parquet").unlink(missing_ok=True)
+            else:
+                shutil.rmtree(self.folder / name, ignore_errors=True)
 
     def due(self, touched: Iterable[str]) -> list[str]:
         """Export names a batch touching these artifact names makes stale (built-ins always)."""
@@ -194,8 +235,12 @@ class Exporter:
                 f"JOIN (VALUES {mapping}) AS m(path, run_id) ON f.filename = m.path")
         return empty
 
-    def refresh(self, names: Sequence[str]) -> tuple[list[ExportResult], int]:
-        """Rewrite these exports from one snapshot; then the manifest. Returns (results, seq)."""
+    def refresh(self, names: Sequence[str], changed: Changed | None = None
+                ) -> tuple[list[ExportResult], int]:
+        """Rewrite these exports from one snapshot; then the manifest. Returns (results, seq).
+
+        ``changed``: what the transactions since the last refresh changed; a partitioned
+        export then rewrites only the parts holding those rows (None: all of them)."""
         results: list[ExportResult] = []
         cur = self.cur
         try:
@@ -203,7 +248,14 @@ class Exporter:
             row = first_row(cur, "SELECT coalesce(max(seq), 0) FROM catalog.events_f")
             catalog_seq = int(row[0]) if row else 0
             for name in names:
-                result = self._refresh_one(self.exports[name], catalog_seq)
+                if self.partition_seqs and name in PARTITIONABLE:
+                    first_seqs = None if changed is None or name in self._whole_next \
+                        else getattr(changed, name)
+                    result: ExportResult | None = self._refresh_parts(
+                        self.exports[name], PARTITIONABLE[name], catalog_seq, first_seqs)
+                    self._whole_next.discard(name)
+                else:
+                    result = self._refresh_one(self.exports[name], catalog_seq)
                 if result is not None:
                     results.append(result)
         except duckdb.Error as exc:
@@ -225,20 +277,62 @@ class Exporter:
             return None
         final = self.folder / f"{export.name}.parquet"
         tmp = self.folder / f".{export.name}.parquet.tmp-{os.getpid()}"
-        try:
-            row = first_row(self.cur,  # COPY answers with the number of rows written
-                            f"COPY ({export.sql}) TO {sql_str(str(tmp))} "
-                            "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)")
-            rows = int(row[0]) if row else 0
-        except duckdb.Error:
-            tmp.unlink(missing_ok=True)
-            raise
+        rows = self._copy(export.sql, tmp)
         size = tmp.stat().st_size
         faults.hit("during_export")
         durable_replace(tmp, final)
         faults.hit("after_rename")
         return ExportResult(export.name, final.name, rows, size, catalog_seq,
                             dt.datetime.now(dt.UTC), time.perf_counter() - started)
+
+    def _refresh_parts(self, export: ExportSettings, table: str, catalog_seq: int,
+                       first_seqs: set[int] | None) -> ExportResult:
+        """Rewrite the part files of the rows with these ``first_seq`` (None: every part,
+        and parts that no longer hold rows are removed)."""
+        started = time.perf_counter()
+        span = self.partition_seqs
+        folder = self.folder / export.name
+        folder.mkdir(exist_ok=True)
+        part_of = f"coalesce(first_seq, 0) // {span}"
+        if first_seqs is None:
+            parts = {int(p) for (p,) in self.cur.execute(
+                f"SELECT DISTINCT {part_of} FROM {table}").fetchall()} or {0}
+        else:
+            parts = {seq // span for seq in first_seqs}
+        for part in sorted(parts):
+            final = folder / f"part-{part:08d}.parquet"
+            tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+            # a range on first_seq, so that DuckDB skips the row groups of other parts
+            where = f"first_seq >= {part * span} AND first_seq < {(part + 1) * span}"
+            if part == 0:
+                where += " OR first_seq IS NULL"
+            self._copy(f"SELECT * FROM {table} WHERE {where}", tmp)
+            faults.hit("during_export")
+            durable_replace(tmp, final)
+            faults.hit("after_rename")
+        if first_seqs is None:
+            gone = [f for f in folder.glob(PART_GLOB)
+                    if not f.stem[5:].isdigit() or int(f.stem[5:]) not in parts]
+            for f in gone:
+                f.unlink()
+            if gone:
+                fsync_dir(folder)
+        row = first_row(self.cur, f"SELECT count(*) FROM {table}")
+        size = sum(f.stat().st_size for f in folder.glob(PART_GLOB))
+        return ExportResult(export.name, f"{export.name}/", int(row[0]) if row else 0, size,
+                            catalog_seq, dt.datetime.now(dt.UTC),
+                            time.perf_counter() - started, len(parts))
+
+    def _copy(self, sql: str, tmp: Path) -> int:
+        """``COPY (sql)`` to a Parquet file; the number of rows written."""
+        try:
+            row = first_row(self.cur,  # COPY answers with the number of rows written
+                            f"COPY ({sql}) TO {sql_str(str(tmp))} "
+                            "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)")
+        except duckdb.Error:
+            tmp.unlink(missing_ok=True)
+            raise
+        return int(row[0]) if row else 0
 
     def _write_manifest(self, results: Sequence[ExportResult], catalog_seq: int) -> None:
         manifest = read_manifest(self.folder)

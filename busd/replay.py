@@ -24,10 +24,10 @@ from nats.js import api
 
 from busd import source
 from busd.api import poison_of
-from busd.catalog import COMPARED, Catalog, Claim, Known, Sibling, sql_str
+from busd.catalog import COMPARED, Catalog, Changed, Claim, Known, Sibling, sql_str
 from busd.config import Settings
 from busd.errors import BusdError, CatalogLocked
-from busd.exports import Exporter, fsync_dir, fsync_path, read_manifest
+from busd.exports import Exporter, fsync_dir, fsync_path, read_manifest, reader_sql
 from busd.fold import Folder
 
 REPLAY_BATCH = 5000  # events per fetch and per catalog transaction
@@ -89,7 +89,7 @@ async def replay_into(
                     quarantined=poison or {})
     writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="busd-replay")
     loop = asyncio.get_running_loop()
-    pending: asyncio.Future[None] | None = None
+    pending: asyncio.Future[Changed] | None = None
     done = 0
     try:
         while done < target - first + 1:
@@ -157,7 +157,7 @@ async def rebuild(s: Settings, nc: Any, progress: Progress | None = None) -> Rep
     fsync_dir(s.catalog_path.parent)
     catalog = Catalog(s.catalog_path)
     try:
-        exporter = Exporter(catalog.cursor(), s.exports_path, s.exports)
+        exporter = Exporter.of(catalog.cursor(), s)
         exporter.refresh(list(exporter.exports))
     finally:
         catalog.close()
@@ -260,8 +260,10 @@ def _compare_exports(s: Settings, replayed: Catalog, limit: int) -> VerifyReport
     differences: list[Difference] = []
     counts: dict[str, int] = {}
     for export, table in (("runs", "runs_d"), ("artifacts", "artifacts_f")):
-        path = sql_str(s.exports_path / f"{export}.parquet")
-        diffs, n = _diff(con, table, _select(f"read_parquet({path})", table),
+        source = reader_sql(s.exports_path, export)
+        if source is None:
+            raise BusdError(f"the {export} export is missing from {s.exports_path}")
+        diffs, n = _diff(con, table, _select(source, table),
                          _select(f"busd.catalog.{table}", table), limit)
         differences += diffs
         counts[table] = n
