@@ -79,6 +79,13 @@ def get_rejection(catalog: Catalog, seq: int) -> dict[str, Any] | None:
     return out
 
 
+def memory_of(catalog: Catalog) -> dict[str, int]:
+    """DuckDB's memory by tag, in bytes (indexes, cached blocks, …): its share of the RSS."""
+    rows = catalog.con.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory() "
+                               "WHERE memory_usage_bytes > 0").fetchall()
+    return {str(tag): int(size) for tag, size in rows}
+
+
 def _is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -136,6 +143,8 @@ class Answers:
             return await self.on_writer(get_rejection, catalog, int(args["seq"]))
         if verb == "poison":
             return {str(k): v for k, v in (await self.on_writer(poison_of, catalog)).items()}
+        if verb == "memory":
+            return await self.on_writer(memory_of, catalog)
         if verb == "export":
             names = args.get("names") or self.exports
             unknown = sorted(set(names) - set(self.exports))

@@ -48,6 +48,7 @@ def sections() -> tuple[Section, ...]:
     """The report's sections, in the order they run. Adding one is one line here."""
     from busd import bench_live as live
     from busd import bench_measure as m
+    from busd import bench_soak as soak
 
     return (
         Section("raw", "raw limit", m.measure_raw),
@@ -56,6 +57,7 @@ def sections() -> tuple[Section, ...]:
         Section("live", "busd live", live.measure_live),
         Section("exports", "export refresh", live.measure_exports),
         Section("rebuild", "busd rebuild", live.measure_rebuild),
+        Section("soak", "RSS soak", soak.measure_soak),
     )
 
 
@@ -158,6 +160,10 @@ def _s(value: float | None) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.0f} MiB"
+
+
 def _runs(values: list[float], unit: str = "") -> str:
     return "runs: " + " / ".join(f"{v:,.0f}{unit}" if v >= 10 else f"{v:.3f}{unit}"
                                  for v in values)
@@ -216,11 +222,29 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
                         f"{_n(size['runs'])} runs; runs.parquet {_s(ex['runs']['seconds'])}, "
                         f"artifacts.parquet {_s(ex['artifacts']['seconds'])}; "
                         f"{_runs(size['runs_seconds'], ' s')}"))
+            part = size.get("partitioned")
+            if part:
+                out.append((f"  partitioned ({_n(part['partition_seqs'])} seqs a part), "
+                            f"after {_n(part['batch_artifacts'])} new artifacts",
+                            _s(part["after_batch_seconds"]),
+                            f"{part['parts_rewritten']} part files rewritten; a whole refresh "
+                            f"{_s(part['whole_seconds'])}"))
     if not failed("rebuild", "busd rebuild"):
         r = res["rebuild"]
         out.append(("busd rebuild: replay into a new catalog", f"{_n(r['events_per_s'])} ev/s",
                     f"{_n(r['events'])} events in {_s(r['seconds'])}, full checks, exports "
                     f"refreshed; {_runs(r['runs_events_per_s'])}"))
+    if not failed("soak", "RSS soak: serve --drain"):
+        r = res["soak"]
+        marks = ", ".join(f"{x['rss_mb']:.0f}" for x in r["samples"])
+        out.append((f"RSS soak: serve --drain, {_n(r['events'])} events",
+                    f"{r['rss_growth_mb']:+.0f} MiB",
+                    f"RSS growth from the first tenth to the end, of which DuckDB's own "
+                    f"accounting {_mib(r['duckdb_growth_mb'])} (the rest "
+                    f"{_mib(r['rss_less_duckdb_growth_mb'])}); RSS per tenth {marks} MiB; "
+                    f"peak {r['peak_rss_mb']:.0f} MiB + {r['peak_worker_rss_mb']:.0f} MiB per "
+                    f"worker (growth {r['worker_rss_growth_mb']:+.0f}); "
+                    f"{_n(r['events_per_s'])} ev/s"))
     ratio = report.get("ratios", {})
     naive, raw = ratio.get("busd_over_naive"), ratio.get("busd_over_raw")
     out.append(("busd / naive (catch-up)", f"{naive:.1f}×" if naive else "n/a", ""))
@@ -273,6 +297,9 @@ def bench(
                     ] = None,
     nats_url: Annotated[str | None, typer.Option(
         "--nats-url", help="Use this server instead of an embedded one.")] = None,
+    soak: Annotated[int, typer.Option(
+        "--soak", help="Also consume this many events, sampling RSS (1000000: the target).")
+                    ] = 0,
 ) -> None:
     """Measure busd here: raw limit, naive peer, catch-up, live latency, export refresh."""
     from rich.console import Console
@@ -294,6 +321,8 @@ def bench(
         raise ConfigError("--events: between 100 and 5000000")
     if not 1 <= k <= 20:
         raise ConfigError("--runs: between 1 and 20")
+    if soak and not 1000 <= soak <= 10_000_000:
+        raise ConfigError("--soak: 0, or between 1000 and 10000000")
     if nats_url is not None and not nats_url.startswith(("nats://", "tls://")):
         raise ConfigError(f"--nats-url: {nats_url!r} is not a nats:// URL")
     env: BenchEnv = BenchEnv(nats_url or None)
@@ -304,7 +333,7 @@ def bench(
     ticker = Ticker(progress)
     try:
         with progress:
-            ctx = Ctx(env=env, events=n, runs=k, quick=quick, tick=ticker)
+            ctx = Ctx(env=env, events=n, runs=k, quick=quick, tick=ticker, soak=soak)
             report = asyncio.run(run_bench(ctx))
             ticker.finish()
     finally:

@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from busd import source
 from busd.bench_env import StreamSpec, children_peak_rss_mb, event, peak_rss_mb, publish
 from busd.bench_measure import Ctx, _summary, _wait, median
-from busd.catalog import Catalog
+from busd.catalog import Catalog, Changed
 from busd.config import Settings
 from busd.errors import BusdError, TimedOut
 from busd.exports import Exporter
@@ -207,6 +208,8 @@ async def measure_live(ctx: Ctx) -> dict[str, Any]:
 
 # ---- export refresh -----------------------------------------------------------------------
 SIZES = (10_000, 100_000, 1_000_000)
+PARTITION_SEQS = 100_000  # sequences per part file in the partitioned measurement
+BATCH_RUNS = 2_500  # runs (5,000 artifacts) a batch adds in the partitioned measurement
 QUICK_SIZES = (10_000, 100_000)
 ARTIFACTS_PER_RUN = 2
 
@@ -222,11 +225,11 @@ SELECT printf('run-%08d', r), 'simulation', 'lab.simulation', 'succeeded',
 FROM (SELECT range AS r FROM range(?, ?))"""
 _GROW_ARTIFACTS = f"""
 INSERT INTO catalog.artifacts_f (run_id, name, path, format, rows, bytes, sha256, columns,
-    schema_hash, meta, event_id, seq, version, published_at, committed_at)
+    schema_hash, meta, event_id, seq, version, published_at, committed_at, first_seq)
 SELECT printf('run-%08d', r), name, printf('runs/run-%08d/%s.parquet', r, name), 'parquet',
        1000 + r % 977, 50000 + r % 7919, sha256(name || r), '[{{"name":"ts","type":"timestamp"}},'
        || '{{"name":"qty","type":"int64"}},{{"name":"px","type":"double"}}]', 'c0ffee0123456789',
-       NULL, printf('run-%08d:final', r), r + 1, 1, {_TS}, {_TS}
+       NULL, printf('run-%08d:final', r), r + 1, 1, {_TS}, {_TS}, r + 1
 FROM (SELECT range AS r FROM range(?, ?)),
      (SELECT unnest(['fills', 'positions', 'orders', 'pnl'][1:{ARTIFACTS_PER_RUN}]) AS name)"""
 _GROW_EVENTS = f"""
@@ -270,10 +273,41 @@ def _exports_sync(ctx: Ctx) -> dict[str, Any]:
                            "runs_seconds": [round(t, 4) for t in times],
                            "build_seconds": round(build_s, 3),
                            "exports": {name: {**files[name], "seconds": round(median(v), 4)}
-                                       for name, v in each.items()}}
+                                       for name, v in each.items()},
+                           "partitioned": _partitioned(ctx, catalog, folder, n, runs_have)}
+            runs_have += BATCH_RUNS * ctx.runs
         return out
     finally:
         catalog.close()
+
+
+def _partitioned(ctx: Ctx, catalog: Catalog, folder: Path, n: int, runs_have: int
+                 ) -> dict[str, Any]:
+    """``export_partition_seqs``: a whole refresh, then one after a batch of new artifacts."""
+    ctx.tick(f"export refresh: {n:,} artifacts, partitioned", 0, ctx.runs)
+    exporter = Exporter(catalog.cursor(), folder / f"exports-parts-{n}", (),
+                        partition_seqs=PARTITION_SEQS)
+    started = time.perf_counter()
+    exporter.refresh(["runs", "artifacts"])
+    whole_s = time.perf_counter() - started
+    times: list[float] = []
+    parts = 0
+    for _ in range(ctx.runs):  # each run adds one batch of new runs, then refreshes
+        con = catalog.con
+        con.execute("BEGIN")
+        for sql in (_GROW_RUNS, _GROW_ARTIFACTS, _GROW_EVENTS):
+            con.execute(sql, [runs_have, runs_have + BATCH_RUNS])
+        con.execute("COMMIT")
+        seqs = set(range(runs_have + 1, runs_have + BATCH_RUNS + 1))  # their first_seq
+        runs_have += BATCH_RUNS
+        started = time.perf_counter()
+        results, _ = exporter.refresh(["runs", "artifacts"], Changed(seqs, set(seqs)))
+        times.append(time.perf_counter() - started)
+        parts = sum(r.parts for r in results)
+        ctx.tick("", 1, None)
+    return {"partition_seqs": PARTITION_SEQS, "whole_seconds": round(whole_s, 4),
+            "after_batch_seconds": round(median(times), 4),
+            "batch_artifacts": BATCH_RUNS * ARTIFACTS_PER_RUN, "parts_rewritten": parts}
 
 
 async def measure_exports(ctx: Ctx) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class Ctx:
     quick: bool
     pool: list[PoolFile] = field(default_factory=list)
     stream: StreamSpec | None = None  # the catch-up stream, holding ``events`` events
+    soak: int = 0  # events of the RSS soak (0: not run)
     tick: Tick = lambda description, advance, total: None
 
 

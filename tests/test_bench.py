@@ -48,8 +48,9 @@ def _processes_mentioning(text: str) -> list[str]:
 def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     tmp = tmp_path / "tmp"
-    run = subprocess.run([*BUSD, "bench", "--quick", "--json", str(out)], cwd=tmp_path,
-                         env=_env(tmp), capture_output=True, text=True, timeout=150)
+    run = subprocess.run([*BUSD, "bench", "--quick", "--soak", "3000", "--json", str(out)],
+                         cwd=tmp_path, env=_env(tmp), capture_output=True, text=True,
+                         timeout=150)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
 
@@ -61,7 +62,7 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     assert report["setup"]["published"] == report["bench"]["events"] == 5000
 
     s = report["sections"]
-    assert set(s) == {"raw", "naive", "catchup", "live", "exports", "rebuild"}
+    assert set(s) == {"raw", "naive", "catchup", "live", "exports", "rebuild", "soak"}
     for key in ("raw", "naive", "catchup"):
         assert s[key]["status"] == "ok", s[key]
         _positive(s[key], "events_per_s", "events")
@@ -78,6 +79,12 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     for size in s["exports"]["sizes"].values():
         _positive(size, "seconds", "artifacts", "runs")
     assert s["rebuild"]["status"] == "ok"
+    assert s["soak"]["status"] == "ok", s["soak"]
+    _positive(s["soak"], "events", "events_per_s", "peak_rss_mb", "peak_worker_rss_mb")
+    assert len(s["soak"]["samples"]) == 10
+    for size in s["exports"]["sizes"].values():
+        _positive(size["partitioned"], "whole_seconds", "after_batch_seconds",
+                  "parts_rewritten")
     assert s["rebuild"]["events_per_s"] > 0 and s["rebuild"]["events"] > 0
     _positive(report["ratios"], "busd_over_naive", "busd_over_raw")
 
