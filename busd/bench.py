@@ -209,6 +209,17 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
                         f"ev/s in {p['publish_seconds']:.1f} s; lag 0 "
                         f"{_s(p['lag_zero_after_stop_s'])} after the last PubAck; "
                         f"peak lag {_n(p['peak_lag'])}"))
+        raw = res["live"].get("raw_max")
+        if raw:
+            out.append(("raw consumer @ max rate (no work)",
+                        f"{_n(raw['settled_while_publishing_per_s'])} ev/s while publishing",
+                        f"{_n(raw['published'])} published at "
+                        f"{_n(raw['publish_events_per_s'])} ev/s; lag 0 "
+                        f"{_s(raw['lag_zero_after_stop_s'])} after the last PubAck"))
+        fast = res["live"]["max"]
+        if "settled_while_publishing_per_s" in fast:
+            out.append(("busd live @ max rate: settled while publishing",
+                        f"{_n(fast['settled_while_publishing_per_s'])} ev/s", ""))
         workers = res["live"].get("workers_peak_rss_mb")
         out.append(("busd live: peak RSS", f"{res['live']['peak_rss_mb']:.0f} MiB",
                     (f"+ {workers:.0f} MiB per file-check worker; " if workers else "")

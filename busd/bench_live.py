@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from busd import source
 from busd.bench_env import StreamSpec, children_peak_rss_mb, event, peak_rss_mb, publish
-from busd.bench_measure import Ctx, _summary, _wait, median
+from busd.bench_measure import Ctx, LeanPull, _summary, _wait, median
 from busd.catalog import Catalog, Changed
 from busd.config import Settings
 from busd.errors import BusdError, TimedOut
@@ -140,6 +140,7 @@ async def _phase(ctx: Ctx, s: Settings, stream: StreamSpec, port: int, label: st
                                                                f"{label.split()[0]}"),
                             rate=rate, duration_s=duration_s, window=4000,
                             timeout_s=duration_s + 60, tick=lambda n: ctx.tick("", n, None))
+        lag_at_stop = await _lag(ctx, s)
         drain_limit_s = 60.0 if ctx.quick else 180.0
         ctx.tick(f"busd live: {label}, waiting for lag 0", 0, None)
         while (lag := await _lag(ctx, s)) > 0:
@@ -165,7 +166,56 @@ async def _phase(ctx: Ctx, s: Settings, stream: StreamSpec, port: int, label: st
         "latency_max_le_s": h.max_bound(),
         "latency_mean_s": _r(h.total / h.count if h.count else None),
         "lag_zero_after_stop_s": round(lag_zero_s, 3), "peak_lag": peak,
+        "settled_while_publishing_per_s": round((pub.count - lag_at_stop) / pub.seconds, 1),
     }
+
+
+async def _raw_max(ctx: Ctx, duration_s: float) -> dict[str, Any]:
+    """The transport alone under the same load: a no-work pull consumer (fetch, ack) while
+    the publisher runs as fast as it can; what it settles meanwhile, and when it is done."""
+    env = ctx.env
+    stream = env.stream("rawlive")
+    await env.ensure_stream(stream)
+    _, s = env.config("rawlive", stream, "bench-rawlive")
+    await source.ensure_consumer(env.nc, s)
+    nc = await source.connect(s.nats, env.url, name="busd-bench-raw", reconnect=False)
+    pull = LeanPull(nc, stream.name, "bench-rawlive")
+    await pull.start()
+    got, stop = 0, False
+
+    async def consume() -> None:
+        nonlocal got
+        await pull.request(500)
+        while not stop:
+            msgs = await pull.take(1.0)
+            await pull.request(500)
+            for m in msgs:
+                await nc.publish(m.reply, b"+ACK")
+            await nc.flush(timeout=10)
+            got += len(msgs)
+
+    ctx.tick("raw consumer @ max rate", 0, None)
+    task = asyncio.create_task(consume())
+    try:
+        pub = await publish(env.nc, stream.subject, _events(ctx, f"raw-{env.tag}"),
+                            duration_s=duration_s, window=4000, timeout_s=duration_s + 60)
+        during = got
+        while got < pub.count:
+            if time.monotonic() - pub.stored > 60 or task.done():
+                raise TimedOut(f"the raw consumer has {got} of {pub.count} after 60 s")
+            await asyncio.sleep(0.01)
+        caught_up_s = time.monotonic() - pub.stored
+    finally:
+        stop = True
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await pull.stop()
+        with contextlib.suppress(Exception):
+            await nc.close()
+    return {"published": pub.count, "publish_events_per_s": round(pub.rate, 1),
+            "settled_while_publishing_per_s": round(during / pub.seconds, 1),
+            "lag_zero_after_stop_s": round(caught_up_s, 3)}
 
 
 def _r(value: float | None) -> float | None:
@@ -174,15 +224,17 @@ def _r(value: float | None) -> float | None:
 
 async def measure_live(ctx: Ctx) -> dict[str, Any]:
     """``busd serve`` (a child, metrics on a free port) while a publisher runs: at 1,000
-    events/s, then as fast as it can; each for ~10 s (3 s with --quick)."""
+    events/s, then as fast as it can; each for ~10 s (3 s with --quick). First, the same
+    maximum-rate load against a no-work consumer: the transport's own share."""
     env = ctx.env
+    seconds = 3.0 if ctx.quick else 10.0
+    raw = await _raw_max(ctx, seconds)  # before busd starts: nothing else competes
     stream = env.stream("live")
     await env.ensure_stream(stream)
     port = free_port()
     config_path, s = env.config("live", stream, "busd", metrics=f"127.0.0.1:{port}")
     proc = env.spawn([sys.executable, "-m", "busd", "serve", "--config", str(config_path)],
                      "live.log")
-    seconds = 3.0 if ctx.quick else 10.0
     try:
         ctx.tick("busd live: starting busd serve", 0, None)
         deadline = time.monotonic() + 60
@@ -200,7 +252,7 @@ async def measure_live(ctx: Ctx) -> dict[str, Any]:
         final = await asyncio.to_thread(scrape, port)
     finally:
         code = env.end(proc, 30.0)
-    return {"status": "ok", "fixed": fixed, "max": fastest, "peak_rss_mb": rss,
+    return {"status": "ok", "fixed": fixed, "max": fastest, "raw_max": raw, "peak_rss_mb": rss,
             "workers_peak_rss_mb": workers_rss,
             "exit_code": code, "phase_seconds": seconds,
             "histogram_buckets_s": [le for le, _ in final.buckets if not math.isinf(le)]}

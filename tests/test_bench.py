@@ -74,6 +74,7 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
         _positive(p, "published", "publish_events_per_s", "latency_p50_s", "latency_p99_s",
                   "latency_max_le_s", "lag_zero_after_stop_s")
         assert p["latency_observed"] >= p["published"], p
+    _positive(s["live"]["raw_max"], "published", "publish_events_per_s", "lag_zero_after_stop_s")
     assert s["exports"]["status"] == "ok", s["exports"]
     assert set(s["exports"]["sizes"]) == {"10000", "100000"}
     for size in s["exports"]["sizes"].values():
