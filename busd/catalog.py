@@ -201,10 +201,6 @@ class Changed:
         self.artifacts = (None if self.artifacts is None or other.artifacts is None
                           else self.artifacts | other.artifacts)
 
-    def __bool__(self) -> bool:
-        return self.runs is None or self.artifacts is None or bool(self.runs or self.artifacts)
-
-
 
 @dataclass(frozen=True, slots=True)
 class Known:

@@ -407,8 +407,11 @@ class Daemon:
         c, task = self.s.consumer, self._commit_task
         while (task is not None and not task.done() and len(held) < c.commit_max
                and not self.stopping):
-            more = await self.src.fetch(c.batch_max, c.batch_wait_ms, until=task,
-                                        prefetch=lambda: not self.stopping)
+            try:
+                more = await self.src.fetch(c.batch_max, c.batch_wait_ms, until=task,
+                                            prefetch=lambda: not self.stopping)
+            except ConsumerGone:
+                return  # the fetch loop's next fetch meets it again, and declares it again
             if not more:
                 return
             parts.append(self.folder.prepare(more))
