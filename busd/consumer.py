@@ -41,6 +41,7 @@ from busd.standby import Follower, Lease, LeaseLost, follow_until_leader
 
 T = TypeVar("T")
 Action = Literal["ack", "term", "nak"]
+GROUP_BYTES = 64 << 20  # a group commit stops gathering at this many bytes of payloads
 
 
 def settlement(outcome: Outcome | None) -> Action:
@@ -402,11 +403,13 @@ class Daemon:
         self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, held))
 
     async def _gather(self, held: list[source.Delivery], parts: list[Prepared]) -> None:
-        """While the previous commit runs, fetch and prepare what is already coming."""
+        """While the previous commit runs, fetch and prepare what is already coming (up to
+        ``commit_max`` events and ``GROUP_BYTES`` of payloads: events may be 1 MiB each)."""
         assert self.folder is not None and self.src is not None
         c, task = self.s.consumer, self._commit_task
+        size = sum(len(d.data) for d in held)
         while (task is not None and not task.done() and len(held) < c.commit_max
-               and not self.stopping):
+               and size < GROUP_BYTES and not self.stopping):
             try:
                 more = await self.src.fetch(c.batch_max, c.batch_wait_ms, until=task,
                                             prefetch=lambda: not self.stopping)
@@ -416,6 +419,7 @@ class Daemon:
                 return
             parts.append(self.folder.prepare(more))
             held.extend(more)
+            size += sum(len(d.data) for d in more)
 
     async def _commit_and_settle(self, folded: Folded, batch: Sequence[source.Delivery]) -> None:
         if folded.rows:
