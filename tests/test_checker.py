@@ -8,7 +8,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from support import Bus, sha256_file
+from support import Bus, sha256_file, wait_for
 
 from busd.checker import Checker, Result
 from busd.errors import FileNotYetThere, InvalidEvent
@@ -103,3 +103,25 @@ def test_batches_arriving_during_a_commit_join_the_next_transaction(bus: Bus) ->
     assert bus.sql("SELECT count(*), count(DISTINCT run_id) FROM catalog.artifacts_f") == [
         (total, total)]
     assert bus.export("artifacts").num_rows == total
+
+
+def test_workers_do_not_outlive_a_killed_busd(bus: Bus) -> None:
+    cfg = bus.write_config()
+    proc = bus.spawn("serve", "--config", str(cfg))
+    wait_for(lambda: "busd ready" in bus.log(), 30, "busd ready")
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    workers = [int(c) for c in children
+               if b"busd.checker" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait(10)
+    # their stdin closes with busd: each sees EOF and exits (they ignore SIGTERM and SIGINT)
+    wait_for(lambda: not any(_alive(w) for w in workers), 10, "the workers to exit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; init reaps it
