@@ -3,7 +3,8 @@
 Every fact recorded about a file (size, rows, columns, checksum) comes from one open file
 descriptor, opened without following a final symlink and confirmed to lie inside an artifact
 root, so a symlink swapped while busd looks cannot make it record one file and check another.
-Runs on worker threads: pyarrow and hashlib release the GIL while they read.
+Runs in the file-check worker processes (:mod:`busd.checker`), or on threads with
+``verify.processes = 0``.
 """
 
 from __future__ import annotations
