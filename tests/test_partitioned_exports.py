@@ -10,8 +10,8 @@ import duckdb
 import pyarrow.parquet as pq
 from support import Bus, wait_for
 
-from busd.catalog import _DDL_V1, Catalog
-from busd.exports import read_manifest
+from busd.catalog import _DDL_V1, Catalog, Changed
+from busd.exports import Exporter, read_manifest
 
 SPAN = 1000
 
@@ -94,5 +94,36 @@ def test_a_version_1_catalog_gets_first_seq_from_its_log(tmp_path: Path) -> None
         assert catalog.schema_version() == 2
         assert catalog.con.execute(
             "SELECT seq, first_seq FROM catalog.artifacts_f").fetchall() == [(9, 3)]
+    finally:
+        catalog.close()
+
+
+def test_a_whole_refresh_drops_parts_whose_rows_are_gone(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path / "c.duckdb")
+    try:
+        con = catalog.con
+        for run, first in (("a", 5), ("b", 2500)):
+            con.execute("INSERT INTO catalog.runs_d (run_id, first_seq, last_seq) "
+                        "VALUES (?, ?, ?)", [run, first, first])
+            con.execute("INSERT INTO catalog.artifacts_f (run_id, name, seq, version, "
+                        "first_seq) VALUES (?, 'f', ?, 1, ?)", [run, first, first])
+        folder = tmp_path / "exports"
+        exporter = Exporter(catalog.cursor(), folder, (), partition_seqs=SPAN)
+        exporter.refresh(["runs", "artifacts"], Changed())  # the first refresh is whole
+        assert sorted(inodes(folder / "artifacts")) == ["part-00000000.parquet",
+                                                        "part-00000002.parquet"]
+        # run b is gone (a demotion can do that): what changed is unknown, all is rewritten
+        con.execute("DELETE FROM catalog.artifacts_f WHERE run_id = 'b'")
+        con.execute("DELETE FROM catalog.runs_d WHERE run_id = 'b'")
+        exporter.refresh(["runs", "artifacts"], Changed(None, None))
+        for name in ("runs", "artifacts"):
+            assert sorted(inodes(folder / name)) == ["part-00000000.parquet"]
+            assert pq.read_table(folder / name).column("run_id").to_pylist() == ["a"]
+        # an incremental refresh rewrites only the part named
+        before = inodes(folder / "artifacts")
+        con.execute("UPDATE catalog.artifacts_f SET version = 2 WHERE run_id = 'a'")
+        exporter.refresh(["runs", "artifacts"], Changed(set(), {5}))
+        assert inodes(folder / "artifacts") != before
+        assert pq.read_table(folder / "artifacts").column("version").to_pylist() == [2]
     finally:
         catalog.close()
