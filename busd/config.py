@@ -108,7 +108,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 _SECTIONS = {"nats": NatsSettings, "consumer": ConsumerSettings, "verify": VerifySettings,
              "metrics": MetricsSettings, "ha": HaSettings}
-_TOP_LEVEL = ("data_dir", "artifact_roots", "log_format")
+_TOP_LEVEL = ("data_dir", "artifact_roots", "log_format", "export_partition_seqs")
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:

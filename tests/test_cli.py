@@ -45,6 +45,10 @@ def test_schema_command_prints_it(bus: Bus) -> None:
     ("", {"BUSD_CONSUMER_BATCH_MAX": "lots"}, "consumer.batch_max"),
     ("", {"BUSD_NATS_NOPE": "1"}, "BUSD_NATS_NOPE"),
     ("[[exports]]\nname = 'x'\nsql = 'SELEC nonsense'\n", {}, "exports.x.sql"),
+    ("[consumer]\ncommit_max = 10\n", {}, "consumer.commit_max"),
+    ("[verify]\nprocesses = -1\n", {}, "verify.processes"),
+    ("export_partition_seqs = 5\n", {}, "export_partition_seqs"),
+    ("", {"BUSD_EXPORT_PARTITION_SEQS": "7"}, "export_partition_seqs"),
 ])
 def test_bad_config_exits_2_naming_the_key(bus: Bus, toml: str, env: dict[str, str],
                                            needle: str) -> None:
