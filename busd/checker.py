@@ -27,6 +27,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
+from busd import log
 from busd.errors import FileNotYetThere, InvalidEvent, Reason
 from busd.events import Artifact
 from busd.validate import CheckedArtifact, ChecksumPolicy, check_artifacts
@@ -219,8 +220,9 @@ class Checker:
         try:
             answers = await worker.ask(self._request(events))
             return [_with_meta(_from_wire(a), e) for a, e in zip(answers, events, strict=True)]
-        except WorkerDied:
-            pass
+        except WorkerDied as exc:
+            log.get().warning("a file-check worker died; checking its events one at a time",
+                              events=len(events), worker=str(exc))
         # each event alone, so the one that kills a worker again is known
         results: list[Result] = []
         for artifacts in events:

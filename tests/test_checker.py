@@ -89,6 +89,7 @@ def test_a_worker_killed_by_a_file_costs_only_that_event(bus: Bus) -> None:
     killer = [r for r in rows if r[0] == "killer"]
     assert [(r[1], r[2]) for r in killer] == [("rejected", "not_parquet")]
     assert "killed the checking process" in killer[0][3]
+    assert "a file-check worker died" in bus.log()
     assert sorted(r[0] for r in rows if r[1] == "committed") == sorted(
         r for i, r in enumerate(ids) if i != 17)
 
