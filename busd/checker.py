@@ -10,7 +10,9 @@ its stdin closes — so it never outlives busd. They are plain subprocesses, not
 
 A worker that dies (a file that crashes the Parquet reader, the OOM killer) is started again
 and the events of its slice are checked one at a time, so the event that kills a worker
-again is rejected for it and the others are decided as usual.
+again is rejected for it and the others are decided as usual — provided a fresh worker
+answers an empty request: when workers cannot run at all, that is a TransientError (busd
+exits, nothing is rejected, the messages are delivered again).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from busd import log
-from busd.errors import FileNotYetThere, InvalidEvent, Reason
+from busd import faults, log
+from busd.errors import FileNotYetThere, InvalidEvent, Reason, TransientError
 from busd.events import Artifact
 from busd.validate import CheckedArtifact, ChecksumPolicy, check_artifacts
 
@@ -109,6 +111,7 @@ def worker_main() -> None:  # pragma: no cover - runs in the worker process
     # must not fail checks that busd is finishing before it exits
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    faults.hit_for("in_checker", "@start")  # tests: a worker that cannot run at all
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed by accident goes to stderr, not into the answers
     inp = sys.stdin.buffer
@@ -155,6 +158,12 @@ class _Worker:
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 await self._reap()
                 raise WorkerDied(f"exit status {proc.returncode}") from exc
+            except asyncio.CancelledError:
+                # its answer would be read by the next request: this worker is done
+                self.proc = None
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                raise
             return _answer_decoder.decode(answer)
 
     async def _reap(self) -> None:
@@ -223,18 +232,29 @@ class Checker:
         except WorkerDied as exc:
             log.get().warning("a file-check worker died; checking its events one at a time",
                               events=len(events), worker=str(exc))
-        # each event alone, so the one that kills a worker again is known
+        # each event alone, so the one that kills a worker again is known — provided a
+        # fresh worker can work at all; if not, nothing is decided (and nothing acked)
+        await self._must_work(worker)
         results: list[Result] = []
         for artifacts in events:
             try:
                 answer = await worker.ask(self._request([artifacts]))
                 results.append(_with_meta(_from_wire(answer[0]), artifacts))
             except WorkerDied as exc:
+                await self._must_work(worker)
                 results.append(InvalidEvent(
                     Reason.NOT_PARQUET,
                     f"checking its files killed the checking process ({exc}): a file that "
                     "crashes the Parquet reader?"))
         return results
+
+    async def _must_work(self, worker: _Worker) -> None:
+        """A fresh worker answers an empty request, or the fault is not an event's."""
+        try:
+            await worker.ask(self._request([]))
+        except WorkerDied as exc:
+            raise TransientError(f"file-check workers cannot run ({exc}); see their "
+                                 "errors above") from None
 
     async def _on_threads(self, events: Sequence[Sequence[Artifact]]) -> list[Result]:
         if self._limit is None:
