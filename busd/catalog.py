@@ -374,6 +374,12 @@ class Catalog:
 
     def _apply(self, demotions: bool) -> Changed:
         con = self.con
+        # A sequence below what the catalog holds (a file that appeared late, a redelivery)
+        # can lower a key's first_seq: its row moves to a lower part of a partitioned
+        # export and its old part must be rewritten too. Rare: then everything is.
+        row = first_row(con, "SELECT (SELECT min(seq) FROM stage_events) "
+                             "< (SELECT coalesce(max(seq), 0) FROM catalog.events_f)")
+        late = bool(row and row[0])
         # Sequences already applied (a redelivery racing its own first delivery) are dropped
         # here, so nothing below ever counts one twice.
         con.execute("""
@@ -419,6 +425,8 @@ class Catalog:
         finally:
             con.unregister("merged")
         runs = {int(r[0]) for r in con.execute(_MERGE_RUNS).fetchall()}
+        if late:
+            return Changed(None, None)
         return Changed(runs, {int(v) for v in merged.column("first_seq").to_pylist()})
 
     def _demote(self) -> None:
