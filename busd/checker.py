@@ -23,7 +23,8 @@ import functools
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -145,11 +146,14 @@ class _Worker:
         if self.proc is None or self.proc.returncode is not None:
             await self.start()
 
-    async def ask(self, request: bytes) -> list[_Checked | _Failed]:
+    async def ask(self, request: bytes, *,
+                  pace: Callable[[int, float], None] | None = None) -> list[_Checked | _Failed]:
+        """One request, one answer; ``pace(events, seconds)`` learns how long it took."""
         async with self.lock:
             await self.ensure()
             proc = self.proc
             assert proc is not None and proc.stdin is not None and proc.stdout is not None
+            started = time.monotonic()
             try:
                 proc.stdin.write(request)
                 await proc.stdin.drain()
@@ -164,7 +168,10 @@ class _Worker:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 raise
-            return _answer_decoder.decode(answer)
+            answers = _answer_decoder.decode(answer)
+            if pace is not None:
+                pace(len(answers), time.monotonic() - started)
+            return answers
 
     async def _reap(self) -> None:
         proc, self.proc = self.proc, None
@@ -198,6 +205,15 @@ class Checker:
         self.threads = threads
         self._workers = [_Worker() for _ in range(processes)]
         self._limit: anyio.CapacityLimiter | None = None
+        self._per_event_s = 0.0  # recent seconds of checking per event, in one worker
+
+    def seconds_for(self, events: int) -> float:
+        """About how long checking this many more events takes, by the recent pace."""
+        return events * self._per_event_s / max(1, len(self._workers) or self.threads)
+
+    def _pace(self, events: int, seconds: float) -> None:
+        if events:
+            self._per_event_s = 0.8 * self._per_event_s + 0.2 * seconds / events
 
     async def start(self) -> None:
         """Start the worker processes now: each imports pyarrow (about 0.3 s) while busd
@@ -227,7 +243,7 @@ class Checker:
     async def _on_worker(self, worker: _Worker, events: Sequence[Sequence[Artifact]]
                          ) -> list[Result]:
         try:
-            answers = await worker.ask(self._request(events))
+            answers = await worker.ask(self._request(events), pace=self._pace)
             return [_with_meta(_from_wire(a), e) for a, e in zip(answers, events, strict=True)]
         except WorkerDied as exc:
             log.get().warning("a file-check worker died; checking its events one at a time",

@@ -42,6 +42,7 @@ from busd.standby import Follower, Lease, LeaseLost, follow_until_leader
 T = TypeVar("T")
 Action = Literal["ack", "term", "nak"]
 GROUP_BYTES = 64 << 20  # a group commit stops gathering at this many bytes of payloads
+GATHER_CHECKS_S = 5.0  # ... or when the file checks it queued would take longer than this
 
 
 def settlement(outcome: Outcome | None) -> Action:
@@ -403,13 +404,17 @@ class Daemon:
         self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, held))
 
     async def _gather(self, held: list[source.Delivery], parts: list[Prepared]) -> None:
-        """While the previous commit runs, fetch and prepare what is already coming (up to
-        ``commit_max`` events and ``GROUP_BYTES`` of payloads: events may be 1 MiB each)."""
+        """While the previous commit runs, fetch and prepare what is already coming: up to
+        ``commit_max`` events and ``GROUP_BYTES`` of payloads (events may be 1 MiB each), and
+        only while the file checks keep up — slow checks (large files to hash) must not
+        queue minutes of work behind one commit, past the watchdog and the ack wait."""
         assert self.folder is not None and self.src is not None
         c, task = self.s.consumer, self._commit_task
         size = sum(len(d.data) for d in held)
         while (task is not None and not task.done() and len(held) < c.commit_max
-               and size < GROUP_BYTES and not self.stopping):
+               and size < GROUP_BYTES and not self.stopping
+               and self.folder.checker.seconds_for(
+                   sum(len(p.decoded) for p in parts if not p.checks.done())) < GATHER_CHECKS_S):
             try:
                 more = await self.src.fetch(c.batch_max, c.batch_wait_ms, until=task,
                                             prefetch=lambda: not self.stopping)

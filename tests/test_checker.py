@@ -8,6 +8,7 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
 from support import Bus, sha256_file, wait_for
 
 from busd.checker import Checker, Result
@@ -55,6 +56,24 @@ def _check_all(roots: list[Path], events: list[list[Artifact]], processes: int) 
             await checker.close()
 
     return asyncio.run(go())
+
+
+def test_the_checker_learns_its_pace(bus: Bus) -> None:
+    """What the group commit uses to stop queueing file checks behind one commit."""
+    good = bus.parquet("pace/a.parquet")
+
+    async def go() -> tuple[float, float, float]:
+        checker = Checker([bus.artifacts], "always", processes=2, threads=2)
+        before = checker.seconds_for(1000)
+        try:
+            await checker.check([[Artifact("a", str(good))]] * 200)
+        finally:
+            await checker.close()
+        return before, checker.seconds_for(1000), checker.seconds_for(2000)
+
+    before, one, two = asyncio.run(go())
+    assert before == 0.0
+    assert 0 < one < 5 and two == pytest.approx(2 * one)
 
 
 def test_worker_processes_decide_as_threads_do(bus: Bus) -> None:
