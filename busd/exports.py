@@ -186,15 +186,31 @@ class Exporter:
                 if n in ("runs", "artifacts") or names & self._inputs[n]]
 
     def stale(self, catalog_seq: int) -> list[str]:
-        """Exports older than the catalog, or missing: refreshed at start, before any ack."""
+        """Exports older than the catalog, missing, or with other columns than their table
+        (a catalog migration added one): refreshed at start, before any ack."""
         manifest = read_manifest(self.folder)
         out = []
         for name in self.exports:
             entry = manifest.exports.get(name)
             if (entry is None or entry.catalog_seq < catalog_seq
-                    or not (self.folder / entry.file).exists()):
+                    or not (self.folder / entry.file).exists()
+                    or not self._same_columns(name)):
                 out.append(name)
         return out
+
+    def _same_columns(self, name: str) -> bool:
+        """A built-in export has its table's columns (configured ones are not checked)."""
+        table = PARTITIONABLE.get(name)
+        source = reader_sql(self.folder, name)
+        if table is None or source is None:
+            return True
+        try:
+            exported = [r[0] for r in self.cur.execute(
+                f"DESCRIBE SELECT * FROM {source}").fetchall()]
+        except duckdb.Error:
+            return False  # unreadable: rewrite it
+        wanted = [r[0] for r in self.cur.execute(f"DESCRIBE SELECT * FROM {table}").fetchall()]
+        return exported == wanted
 
     def check(self) -> None:
         """Bind every configured export's SQL once (LIMIT 0): a broken one is a config error.

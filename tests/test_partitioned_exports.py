@@ -163,3 +163,14 @@ def test_a_late_lower_sequence_moves_its_row_to_a_lower_part(tmp_path: Path) -> 
         assert catalog.commit(_batch(1500, "s")).artifacts == {1500}
     finally:
         catalog.close()
+
+
+def test_an_export_without_a_new_column_is_rewritten_at_start(bus: Bus) -> None:
+    """After the v2 migration, artifacts.parquet lacks first_seq until refreshed: a start
+    refreshes it before anything else, so readers and verify see the table's columns."""
+    bus.publish([bus.event(f"m{i}") for i in range(3)])
+    bus.drain()
+    path = bus.data / "exports" / "artifacts.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["first_seq"]), path)  # as before v2
+    bus.drain()  # nothing new in the stream
+    assert "first_seq" in pq.read_table(path).column_names
