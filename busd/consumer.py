@@ -1,7 +1,7 @@
 """The daemon: fetch → decode → validate → commit → export → settle, in batches.
 
 This module orchestrates; the stages it calls (events, validate, catalog, exports) never call
-each other. Settlement is decided in one place, :func:`settlement`. Nothing is acked before the
+each other. Settlement is decided in one place, :mod:`busd.settle`. Nothing is acked before the
 catalog commit *and* the export refresh covering it are durable; rejections are terminated once
 their rejection row is committed. A transient failure keeps the messages in hand (and tells
 the server they are in progress) rather than nak'ing them, so it never eats into max_deliver.
@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
@@ -37,36 +37,12 @@ from busd.exports import Exporter, manifest_rows
 from busd.fold import Decided, Folded, Folder, Prepared, merge
 from busd.metrics import Metrics, MetricsServer
 from busd.sdnotify import SdNotifier
+from busd.settle import Waiting, outcome_line, settle
 from busd.standby import Follower, Lease, LeaseLost, follow_until_leader
 
 T = TypeVar("T")
-Action = Literal["ack", "term", "nak"]
 GROUP_BYTES = 64 << 20  # a group commit stops gathering at this many bytes of payloads
 GATHER_CHECKS_S = 5.0  # ... or when the file checks it queued would take longer than this
-
-
-def settlement(outcome: Outcome | None) -> Action:
-    """The one decision point: committed and duplicate are acked, rejected terminated, and a
-    message with no outcome yet (a file still missing) is nak'ed with a delay."""
-    if outcome is None:
-        return "nak"
-    if outcome is Outcome.REJECTED:
-        return "term"
-    return "ack"
-
-
-def wire_body(action: Action, delay_s: float = 0.0) -> bytes:
-    """What settles a message now: a term, or a nak with its delay (acks wait for exports)."""
-    return source.TERM if action == "term" else source.nak_body(delay_s)
-
-
-@dataclass(slots=True)
-class Waiting:
-    """A committed delivery waiting for the export refresh that covers it."""
-
-    d: source.Delivery
-    generation: int
-    since: float
 
 
 @dataclass
@@ -475,56 +451,32 @@ class Daemon:
         self.metrics.catalog_seq.set(self._catalog_seq)
 
     async def _settle_batch(self, decided: Sequence[Decided], touched: set[str]) -> None:
-        now_items: list[tuple[str, bytes]] = []
         generation = self._generation + 1
-        since = time.monotonic()
-        outcomes: Counter[str] = Counter()
-        reasons: Counter[str] = Counter()
-        for item in decided:
-            outcome = item.outcome
-            if outcome is not None and not item.known:
-                outcomes[outcome.value] += 1
-                if item.reason is not None:
-                    reasons[item.reason.value] += 1
-                if outcome is not Outcome.COMMITTED or self._debug:
-                    self._log_outcome(item)
-            action = settlement(outcome)
-            if action == "ack":
-                # committed (or duplicate) — acked only after the export that covers it
-                self._waiting.append(Waiting(item.d, generation, since))
-                self._waiting_seqs.add(item.d.seq)
-            else:
-                now_items.append((item.d.reply, wire_body(action, item.nak_delay_s)))
-                if action == "nak":
-                    self.log.info("file missing; retrying later", seq=item.d.seq,
-                                  event_id=item.event_id, delay_s=round(item.nak_delay_s, 1))
-        self.stats.outcomes.update(outcomes)
-        for outcome_name, n in outcomes.items():
-            self.metrics.events.labels(outcome=outcome_name).inc(n)
-        for reason, n in reasons.items():
+        settled = settle(decided, generation, time.monotonic())
+        for item in settled.new:
+            if item.outcome is not Outcome.COMMITTED or self._debug:
+                level, message, fields = outcome_line(item)
+                getattr(self.log, level)(message, **fields)
+        for item in settled.naks:
+            self.log.info("file missing; retrying later", seq=item.d.seq,
+                          event_id=item.event_id, delay_s=round(item.nak_delay_s, 1))
+        self.stats.outcomes.update(settled.outcomes)
+        for outcome, n in settled.outcomes.items():
+            self.metrics.events.labels(outcome=outcome).inc(n)
+        for reason, n in settled.reasons.items():
             self.metrics.rejections.labels(reason=reason).inc(n)
-        if outcomes:
+        if settled.outcomes:  # one line per batch; each committed event at debug
             self.log.info("batch", first_seq=decided[0].d.seq, last_seq=decided[-1].d.seq,
-                          **dict(outcomes))
-        if len(now_items) < len(decided):  # some wait for the export
+                          **dict(settled.outcomes))
+        if settled.waiting:  # acked after the export refresh that covers them
+            self._waiting += settled.waiting
+            self._waiting_seqs.update(w.d.seq for w in settled.waiting)
             self._generation = generation
             self._touched.update(touched)
             self._export_wanted.set()
-        await self._send(now_items)
-        if now_items:
+        await self._send(settled.now)
+        if settled.now:
             self._last_progress = time.monotonic()
-
-    def _log_outcome(self, item: Decided) -> None:
-        fields = {"seq": item.d.seq, "event_id": item.event_id, "subject": item.d.subject,
-                  "outcome": item.outcome.value if item.outcome else None}
-        if item.outcome is Outcome.REJECTED:
-            self.log.warning("event rejected", reason=item.reason.value if item.reason else None,
-                             detail=item.detail, **fields)
-        elif item.outcome is Outcome.DUPLICATE:
-            self.log.info("duplicate event", **fields)
-        else:  # one line per batch at info (below); each committed event at debug
-            self.log.debug("event committed", run_id=item.run_id, artifacts=item.n_artifacts,
-                           **fields)
 
     async def _send(self, items: Sequence[tuple[str, bytes]]) -> None:
         if not items or self.settler is None:

@@ -1,0 +1,90 @@
+"""Settlement: what each decided delivery gets, and when (no I/O here).
+
+Committed and duplicate events are acked only after the export refresh that covers them:
+they wait, tagged with the generation of their commit. Rejections are terminated at once,
+once their rejection row is committed. An event with no outcome yet (a file still missing)
+is nak'ed with a delay. The daemon sends what :func:`settle` returns and logs what it says.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from busd import source
+from busd.errors import Outcome
+from busd.fold import Decided
+
+Action = Literal["ack", "term", "nak"]
+
+
+def settlement(outcome: Outcome | None) -> Action:
+    """The one decision point: committed and duplicate are acked, rejected terminated, and a
+    message with no outcome yet (a file still missing) is nak'ed with a delay."""
+    if outcome is None:
+        return "nak"
+    if outcome is Outcome.REJECTED:
+        return "term"
+    return "ack"
+
+
+def wire_body(action: Action, delay_s: float = 0.0) -> bytes:
+    """What settles a message now: a term, or a nak with its delay (acks wait for exports)."""
+    return source.TERM if action == "term" else source.nak_body(delay_s)
+
+
+@dataclass(slots=True)
+class Waiting:
+    """A committed delivery waiting for the export refresh that covers it."""
+
+    d: source.Delivery
+    generation: int
+    since: float
+
+
+@dataclass
+class Settled:
+    """One batch, settled: what waits for the export, what goes out now, what to count."""
+
+    waiting: list[Waiting] = field(default_factory=list)
+    now: list[tuple[str, bytes]] = field(default_factory=list)  # terms and naks
+    naks: list[Decided] = field(default_factory=list)
+    new: list[Decided] = field(default_factory=list)  # outcomes recorded by this batch
+    outcomes: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+def settle(decided: Sequence[Decided], generation: int, since: float) -> Settled:
+    out = Settled()
+    for item in decided:
+        outcome = item.outcome
+        if outcome is not None and not item.known:
+            out.new.append(item)
+            out.outcomes[outcome.value] += 1
+            if item.reason is not None:
+                out.reasons[item.reason.value] += 1
+        action = settlement(outcome)
+        if action == "ack":
+            out.waiting.append(Waiting(item.d, generation, since))
+        else:
+            out.now.append((item.d.reply, wire_body(action, item.nak_delay_s)))
+            if action == "nak":
+                out.naks.append(item)
+    return out
+
+
+def outcome_line(item: Decided) -> tuple[str, str, dict[str, Any]]:
+    """(level, message, fields) of the log line for one new outcome."""
+    fields: dict[str, Any] = {"seq": item.d.seq, "event_id": item.event_id,
+                              "subject": item.d.subject,
+                              "outcome": item.outcome.value if item.outcome else None}
+    if item.outcome is Outcome.REJECTED:
+        return "warning", "event rejected", {
+            "reason": item.reason.value if item.reason else None, "detail": item.detail,
+            **fields}
+    if item.outcome is Outcome.DUPLICATE:
+        return "info", "duplicate event", fields
+    return "debug", "event committed", {"run_id": item.run_id,
+                                        "artifacts": item.n_artifacts, **fields}
