@@ -239,19 +239,26 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("BUSD_")}
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    """VmHWM of a running process, in MiB."""
-    text = _proc_field(f"/proc/{pid}/status", "VmHWM").split()
+def memory_mb(pid: int, field: str = "VmHWM") -> float | None:
+    """A memory field of a running process's status (VmHWM: peak RSS; VmRSS: now), in MiB."""
+    text = _proc_field(f"/proc/{pid}/status", field).split()
     return round(int(text[0]) / 1024, 1) if text else None
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    return memory_mb(pid)
+
+
+def children(pid: int) -> list[int]:
+    """A running process's children (busd's file-check workers)."""
+    with contextlib.suppress(OSError):
+        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
 def children_peak_rss_mb(pid: int) -> float | None:
-    """The largest VmHWM among a running process's children (busd's file-check workers)."""
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return None
-    peaks = [p for p in (peak_rss_mb(int(k)) for k in kids) if p is not None]
+    """The largest VmHWM among a running process's children."""
+    peaks = [p for p in map(memory_mb, children(pid)) if p is not None]
     return max(peaks) if peaks else None
 
 

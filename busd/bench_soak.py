@@ -17,32 +17,14 @@ import asyncio
 import itertools
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from busd import api, source
-from busd.bench_env import event, publish
+from busd.bench_env import children, event, memory_mb, publish
 from busd.bench_measure import Ctx
 from busd.errors import BusdError, TimedOut
 
 POOL_FILES = 1000  # distinct files the soak's events name
-
-
-def _rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 async def measure_soak(ctx: Ctx) -> dict[str, Any]:
@@ -76,8 +58,9 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise TimedOut(f"the soak did not finish within {deadline - started:.0f}s")
             await asyncio.sleep(every_s)
-            rss = _rss_mb(proc.pid)
-            workers = [r for r in (_rss_mb(k) for k in _children(proc.pid)) if r is not None]
+            rss = memory_mb(proc.pid, "VmRSS")
+            workers = [r for r in (memory_mb(k, "VmRSS") for k in children(proc.pid))
+                       if r is not None]
             try:
                 pending, ack_pending = await source.consumer_state(env.nc, s)
             except Exception:  # noqa: BLE001 - not declared yet: nothing settled

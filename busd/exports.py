@@ -129,8 +129,8 @@ def reader_sql(folder: Path, name: str) -> str | None:
 def export_names(folder: Path) -> list[str]:
     """Exports present in ``folder``, by name."""
     names = {f.stem for f in folder.glob("*.parquet")}
-    names |= {d.name for d in folder.iterdir() if d.is_dir() and any(d.glob(PART_GLOB))} \
-        if folder.is_dir() else set()
+    if folder.is_dir():
+        names |= {d.name for d in folder.iterdir() if d.is_dir() and any(d.glob(PART_GLOB))}
     return sorted(names)
 
 
