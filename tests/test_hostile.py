@@ -821,28 +821,40 @@ def test_symlink_swapped_while_checked(world: World) -> None:
     swapper = threading.Thread(target=lambda: swaps.append(
         swap_loop(link, (world.outside / "secret.parquet", inside_file), stop)))
     swapper.start()
-    seen: collections.Counter[str] = collections.Counter()
-    deadline = time.monotonic() + 2.0
+    def inside(got: validate.CheckedArtifact) -> None:
+        assert (got.path, got.bytes, got.rows, got.sha256) == (
+            str(inside_file), size, rows, digest)
+
     try:
-        for _ in range(2000):
-            if time.monotonic() > deadline:
-                break
-            try:
-                got = validate.check_artifact(Artifact(name="a", path="swap.parquet"),
-                                              world.roots, "always")
-            except InvalidEvent as exc:
-                assert exc.reason is Reason.PATH_OUTSIDE_ROOTS, exc
-                seen["rejected"] += 1
-            else:
-                assert (got.path, got.bytes, got.rows, got.sha256) == (
-                    str(inside_file), size, rows, digest)
-                seen["inside"] += 1
+        seen = check_while_swapping(world, "swap.parquet", {Reason.PATH_OUTSIDE_ROOTS}, inside)
     finally:
         stop.set()
         swapper.join()
         link.unlink()
     print("\nsymlink swap:", swaps, dict(seen))
-    assert swaps[0] > 10 and seen["inside"] and seen["rejected"], (swaps, seen)
+    assert swaps[0] > 10 and seen["inside"] and seen["path_outside_roots"], (swaps, seen)
+
+
+def check_while_swapping(world: World, path: str, allowed: set[Reason],
+                         inside: Callable[[validate.CheckedArtifact], None]
+                         ) -> collections.Counter[str]:
+    """``check_artifact`` of ``path``, again and again for up to 2 s, while a test swaps
+    what it points to: each try fails for an ``allowed`` reason (counted by reason) or
+    passes ``inside`` (counted as "inside")."""
+    seen: collections.Counter[str] = collections.Counter()
+    deadline = time.monotonic() + 2.0
+    for _ in range(2000):
+        if time.monotonic() > deadline:
+            break
+        try:
+            got = validate.check_artifact(Artifact(name="a", path=path), world.roots, "always")
+        except InvalidEvent as exc:
+            assert exc.reason in allowed, exc
+            seen[exc.reason.value] += 1
+        else:
+            inside(got)
+            seen["inside"] += 1
+    return seen
 
 
 def test_directory_swapped_while_checked(world: World) -> None:
@@ -865,24 +877,16 @@ def test_directory_swapped_while_checked(world: World) -> None:
 
     swapper = threading.Thread(target=swap)
     swapper.start()
-    seen: collections.Counter[str] = collections.Counter()
-    deadline = time.monotonic() + 2.0
-    try:
-        for _ in range(2000):
-            if time.monotonic() > deadline:
-                break
-            try:
-                got = validate.check_artifact(Artifact(name="a", path="mid/x.parquet"),
-                                              world.roots, "always")
-            except InvalidEvent as exc:  # incl. file_missing while the directory is away
-                assert exc.reason in (Reason.PATH_OUTSIDE_ROOTS, Reason.FILE_MISSING), exc
-                seen[exc.reason.value] += 1
-            else:
-                assert (got.bytes, got.rows, got.sha256) == facts
-                # where the file was when opened: renamed to mid.parked under busd, it is
-                # still the same file, still inside the root
-                assert got.path in (str(real / "x.parquet"), str(parked / "x.parquet"))
-                seen["inside"] += 1
+
+    def inside(got: validate.CheckedArtifact) -> None:
+        assert (got.bytes, got.rows, got.sha256) == facts
+        # where the file was when opened: renamed to mid.parked under busd, it is still the
+        # same file, still inside the root
+        assert got.path in (str(real / "x.parquet"), str(parked / "x.parquet"))
+
+    try:  # file_missing too, while the directory is away
+        seen = check_while_swapping(world, "mid/x.parquet",
+                                    {Reason.PATH_OUTSIDE_ROOTS, Reason.FILE_MISSING}, inside)
     finally:
         stop.set()
         swapper.join()
