@@ -169,6 +169,17 @@ async def declare_stream(busd: Client) -> None:
     await js.add_consumer("ARTIFACTS", ConsumerConfig(durable_name="busd", ack_wait=60))
 
 
+async def one_event_stored(s: Session, msg_id: str) -> tuple[Client, int]:
+    """busd declares the stream and a producer stores one event: (busd's connection, the
+    stream's message count)."""
+    busd = await s.connect("busd", BUSD_PASSWORD)
+    await declare_stream(busd)
+    producer = await s.connect("lab-simulation", LAB_PASSWORD)
+    await producer.jetstream().publish("artifacts.lab.simulation", b"{}",
+                                       headers={"Nats-Msg-Id": msg_id})
+    return busd, (await busd.jetstream().stream_info("ARTIFACTS")).state.messages
+
+
 async def expect_no_reply(nc: Client, subject: str) -> None:
     with pytest.raises(nats.errors.TimeoutError):
         await nc.request(subject, b"", timeout=DENIED_S)
@@ -222,12 +233,7 @@ def test_busd_manages_and_consumes_the_stream(server: Server) -> None:
 
 def test_busd_cannot_delete_or_purge_history(server: Server) -> None:
     async def body(s: Session) -> None:
-        busd = await s.connect("busd", BUSD_PASSWORD)
-        await declare_stream(busd)
-        producer = await s.connect("lab-simulation", LAB_PASSWORD)
-        await producer.jetstream().publish("artifacts.lab.simulation", b"{}",
-                                           headers={"Nats-Msg-Id": "history-1"})
-        before = (await busd.jetstream().stream_info("ARTIFACTS")).state.messages
+        busd, before = await one_event_stored(s, "history-1")
         for subject in ("$JS.API.STREAM.DELETE.ARTIFACTS", "$JS.API.STREAM.PURGE.ARTIFACTS",
                         "$JS.API.STREAM.MSG.DELETE.ARTIFACTS"):
             await expect_no_reply(busd, subject)
@@ -284,12 +290,8 @@ def test_producer_cannot_read_the_stream(server: Server) -> None:
 
 def test_producer_has_no_jetstream_api(server: Server) -> None:
     async def body(s: Session) -> None:
-        busd = await s.connect("busd", BUSD_PASSWORD)
-        await declare_stream(busd)
+        busd, before = await one_event_stored(s, "api-1")
         producer = await s.connect("lab-simulation", LAB_PASSWORD)
-        await producer.jetstream().publish("artifacts.lab.simulation", b"{}",
-                                           headers={"Nats-Msg-Id": "api-1"})
-        before = (await busd.jetstream().stream_info("ARTIFACTS")).state.messages
         for subject in ("$JS.API.STREAM.INFO.ARTIFACTS", "$JS.API.STREAM.PURGE.ARTIFACTS",
                         "$JS.API.STREAM.DELETE.ARTIFACTS", "$JS.API.STREAM.MSG.DELETE.ARTIFACTS",
                         "$JS.API.CONSUMER.DELETE.ARTIFACTS.busd",
