@@ -11,11 +11,10 @@ from pathlib import Path
 import nats
 import pytest
 from support import Bus, wait_for
-from test_chaos import Publisher, check_exactly_once, serving
+from test_chaos import Publisher, check_exactly_once, exported_all, serving
 from test_cli import free_port
 
 from busd.embedded import EmbeddedServer, server_binary
-from busd.exports import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +110,7 @@ def test_r3_stream_survives_the_loss_of_its_leader(tmp_path: Path, cluster: Clus
         victim.start(timeout_s=60)  # back with its store; it catches up as a follower
         pub.thread.join(300)
         assert proc.poll() is None, "busd stopped during the election"
-        wait_for(lambda: read_manifest(bus.data / "exports").catalog_seq >= 1500, 120,
+        wait_for(lambda: exported_all(bus, 1500), 120,
                  "all events exported")
     found = check_exactly_once(bus, pub.ids)
     print(f"\ncluster: leader {leader} killed -9, new leader {new_leader} after "

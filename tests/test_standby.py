@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 
 from support import Bus, wait_for
-from test_chaos import Publisher, check_exactly_once
+from test_chaos import Publisher, check_exactly_once, exported_all
 
 from busd.embedded import EmbeddedServer
-from busd.exports import read_manifest
 
 HA = {"ha": {"enabled": True, "lease_ttl_s": 2}, "consumer": {"ack_wait_s": 1}}
 
@@ -49,7 +48,7 @@ def test_standby_takes_over_when_the_active_is_killed(tmp_path: Path,
             killed = time.monotonic()
             wait_for(lambda: "took over the lease" in b.log(), 30, "b took over")
             takeover_s = time.monotonic() - killed
-        wait_for(lambda: read_manifest(b.data / "exports").catalog_seq >= 1500, 60, "b caught up")
+        wait_for(lambda: exported_all(b, 1500), 60, "b caught up")
     finally:
         pb.send_signal(signal.SIGTERM)
         assert pb.wait(60) == 0, b.log()[-2000:]
@@ -71,7 +70,7 @@ def test_a_former_active_that_lost_the_lease_stops_acking(tmp_path: Path,
             wait_for(lambda: "took over the lease" in b.log(), 30, "b took over")
             pa.send_signal(signal.SIGCONT)
             rc = pa.wait(30)
-        wait_for(lambda: read_manifest(b.data / "exports").catalog_seq >= 600, 60, "b caught up")
+        wait_for(lambda: exported_all(b, 600), 60, "b caught up")
     finally:
         pb.send_signal(signal.SIGTERM)
         assert pb.wait(60) == 0
