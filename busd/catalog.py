@@ -306,6 +306,17 @@ class Catalog:
         row = first_row(self.con, "SELECT coalesce(max(seq), 0) FROM catalog.events_f")
         return int(row[0]) if row else 0
 
+    def recorded_through(self, after: int) -> int:
+        """The highest sequence h such that every sequence in (after, h] is recorded."""
+        row = first_row(self.con, "SELECT min(seq) FROM catalog.events_f WHERE seq > ?", [after])
+        if not row or row[0] != after + 1:
+            return after
+        row = first_row(self.con, """
+            SELECT min(seq) FROM (SELECT seq, lead(seq) OVER (ORDER BY seq) AS next_seq
+                                  FROM catalog.events_f WHERE seq > ?)
+            WHERE next_seq IS NULL OR next_seq > seq + 1""", [after])
+        return int(row[0]) if row and row[0] is not None else after
+
     def lookup(self, seqs: Sequence[int], event_ids: Iterable[str]
                ) -> tuple[dict[int, Known], dict[str, Claim]]:
         """Outcomes already recorded for these sequences, and who holds these event ids."""

@@ -38,7 +38,7 @@ from busd.fold import Decided, Folded, Folder, Prepared, merge
 from busd.metrics import Metrics, MetricsServer
 from busd.sdnotify import SdNotifier
 from busd.settle import Waiting, outcome_line, settle
-from busd.standby import Follower, Lease, LeaseLost, follow_until_leader
+from busd.standby import Backfill, Follower, Lease, LeaseLost, follow_until_leader
 
 T = TypeVar("T")
 GROUP_BYTES = 64 << 20  # a group commit stops gathering at this many bytes of payloads
@@ -70,6 +70,7 @@ class Daemon:
         self.catalog: Catalog | None = None
         self.folder: Folder | None = None
         self.lease: Lease | None = None
+        self._backfill: Backfill | None = None  # after winning the lease, see standby.py
         self.exporter: Exporter | None = None
         self.embedded: EmbeddedServer | None = None
         self.nc: Any = None
@@ -165,6 +166,8 @@ class Daemon:
             await self._send([(d.reply, source.nak_body(0)) for d in leftovers])
         if self.lease is not None and self._fatal is None and self._active:
             await self.lease.release()
+        if self._backfill is not None:
+            await self._backfill.stop()
         if self.nc is not None:
             try:
                 await self.nc.drain()
@@ -229,6 +232,7 @@ class Daemon:
         await self.lease.open()
         if await self.lease.acquire():
             self._set_active(True)
+            await self._start_backfill()
             return
         self._set_active(False)
         self.notify.ready()
@@ -244,10 +248,36 @@ class Daemon:
             changed, self._changed = self._changed, Changed()
             await self._refresh(exporter.due(touched), changed)
 
-        if await follow_until_leader(self.lease, follower, refresh, self._alive,
-                                     lambda: self.stopping):
+        try:
+            leader = await follow_until_leader(self.lease, follower, refresh, self._alive,
+                                               lambda: self.stopping)
+        finally:
+            await follower.stop()
+        if leader:
             self._set_active(True)
             self.log.warning("took over the lease: active now", instance=self.lease.me)
+            await self._start_backfill()
+
+    async def _start_backfill(self) -> None:
+        assert self.catalog is not None and self.folder is not None
+        catalog = self.catalog
+        self._backfill = await Backfill.start(
+            self.s, self.nc, self, self._commit_rows, self.folder.checker,
+            lambda after: self._on_writer(catalog.recorded_through, after))
+        if self._backfill is not None:
+            self.log.info("backfilling from the stream what the former active may have acked",
+                          from_seq=self._backfill.from_seq, through_seq=self._backfill.to_seq)
+
+    async def _backfill_step(self, backfill: Backfill) -> None:
+        await self._committed()  # the fold reads the catalog: nothing else commits meanwhile
+        n, touched = await backfill.step()
+        if n:
+            self._touched |= touched
+            self._export_wanted.set()
+        if backfill.done:
+            self.log.info("backfilled from the stream", recorded=backfill.recorded,
+                          through_seq=backfill.to_seq)
+            self._backfill = None
 
     async def _lease_ok(self, *, renew: bool = False) -> bool:
         """Renew or check the lease. Lost: stop acking for good (exit 1 follows). A NATS
@@ -296,6 +326,8 @@ class Daemon:
                     await self._lease_ok(renew=True)
                     if self._fatal is not None:  # lost it: not one more ack
                         return
+                if self._backfill is not None and self._backfill.due():
+                    await self._backfill_step(self._backfill)
                 try:
                     batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
                                                  prefetch=lambda: not self.stopping)
@@ -345,7 +377,7 @@ class Daemon:
             await task
 
     async def _drained(self) -> bool:
-        if self._waiting or self._touched:
+        if self._waiting or self._touched or self._backfill is not None:
             return False
         pending, ack_pending = await source.consumer_state(self.nc, self.s)
         return pending == 0 and ack_pending == 0
@@ -484,8 +516,10 @@ class Daemon:
         # the lease is checked before anything is settled for good (ack or term); naks and
         # progress never settle, they may go out whoever holds the lease
         final = any(body in (source.ACK, source.TERM) for _, body in items)
-        if final and self.lease is not None and not await self._lease_ok():
-            return
+        if final and self.lease is not None:
+            if not await self._lease_ok():
+                return
+            faults.hit("after_lease_check")
         try:
             await self.settler.send(items)
         except Exception as exc:  # noqa: BLE001 - NATS down: the server redelivers

@@ -1,7 +1,9 @@
 """A test-only fault hook: ``BUSD_TEST_FAULT=<point>`` makes busd SIGKILL itself at that point.
 
 Points: ``after_decode``, ``during_validate``, ``after_commit``, ``during_export``,
-``after_rename``, ``before_ack``, ``after_ack``. ``BUSD_TEST_FAULT_SKIP=N`` lets the point
+``after_rename``, ``before_ack``, ``after_ack``; at ``after_lease_check`` (between the lease
+check and the acks it allows) busd SIGSTOPs itself instead, a pause the test ends with
+SIGCONT. ``BUSD_TEST_FAULT_SKIP=N`` lets the point
 pass N times first. ``BUSD_TEST_FAULT=in_checker:<text>`` kills the process that checks a
 file whose path contains ``<text>`` (a worker process, by default). Fault tests use it to
 crash a real process at a named moment; it costs one comparison when unset.
@@ -13,7 +15,8 @@ import os
 import signal
 
 POINTS = ("after_decode", "during_validate", "after_commit", "during_export", "after_rename",
-          "before_ack", "after_ack")
+          "before_ack", "after_ack", "after_lease_check")
+PAUSES = ("after_lease_check",)
 
 _armed: str | None = None
 _skip = 0
@@ -36,7 +39,7 @@ def hit(point: str) -> None:
     if _skip > 0:
         _skip -= 1
         return
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGSTOP if point in PAUSES else signal.SIGKILL)
 
 
 def hit_for(point: str, key: str) -> None:

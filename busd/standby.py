@@ -6,6 +6,12 @@ own catalog and exports with an ephemeral consumer (no acks), and tries to take 
 the bucket's TTL expires a lease nobody renews, so a dead or cut-off active loses it within
 ``ha.lease_ttl_s``. A former active that finds it lost the lease stops acking at once and
 exits; everything it wrote is harmless because the fold is idempotent.
+
+The server never delivers an acked message again, so the instance that wins the lease
+backfills from the stream what its catalog lacks up to the sequence the consumer had
+delivered when it won: messages the former active acked beyond its ack floor (an earlier one
+waiting for its file holds the floor back), and acks that a paused former active sends late,
+after its last lease check.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.js import api
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 
 from busd import api as busd_api
 from busd import source
@@ -113,6 +124,14 @@ class Follower:
         self.folder = Folder(s, store, replay=True, checker=checker)
         self._held: list[source.Delivery] = []
         self._poison_at = 0.0
+        self.through = 0  # every sequence up to here has been folded (or was already recorded)
+        self.floor = 0  # the active's ack floor, as last read
+        self._floor_at = 0.0
+        self.idle = False  # the last step found nothing to fetch or hold
+
+    def reached(self, seq: int) -> bool:
+        """Everything up to ``seq`` that the stream still holds is in the catalog."""
+        return self.through >= seq or (self.idle and self.floor >= seq)
 
     async def start(self, after_seq: int) -> None:
         """Follow from the sequence after the last one our catalog holds."""
@@ -120,6 +139,7 @@ class Follower:
             name=self.name, ack_policy=api.AckPolicy.NONE,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1,
             inactive_threshold=30.0, mem_storage=True, num_replicas=1))
+        self.through = after_seq
         self.pull = source.PullSource(self.nc, self.s.nats.stream, self.name)
         await self.pull.start()
 
@@ -128,21 +148,30 @@ class Follower:
 
         Only sequences the active has already settled (up to its ack floor) are folded, with
         the active's poison list: a file still being waited for, or a message that crashes
-        busd, is decided by the active first and the standby follows that decision."""
+        busd, is decided by the active first and the standby follows that decision.
+        Sequences the catalog already holds are skipped before their files are checked."""
         assert self.pull is not None
         c = self.s.consumer
+        fetched: list[source.Delivery] = []
         if len(self._held) < c.batch_max:
-            self._held += await self.pull.fetch(c.batch_max, c.batch_wait_ms)
-        if not self._held:
-            return 0, set()
-        floor = await self._active_floor()
-        batch = [d for d in self._held if d.seq <= floor]
-        self._held = [d for d in self._held if d.seq > floor]
+            fetched = await self.pull.fetch(c.batch_max, c.batch_wait_ms)
+            self._held += fetched
+        self.idle = not fetched and not self._held
+        if self._held or time.monotonic() - self._floor_at > 1.0:  # idle: once a second
+            self._floor_at = time.monotonic()
+            self.floor = await self._active_floor()
+        batch = [d for d in self._held if d.seq <= self.floor]
+        self._held = [d for d in self._held if d.seq > self.floor]
         if not batch:
             return 0, set()
-        folded = await self.folder.fold(batch)
+        self.through = max(self.through, batch[-1].seq)
+        known, _ = await self.store.lookup([d.seq for d in batch], [])
+        fresh = [d for d in batch if d.seq not in known]
+        if not fresh:
+            return 0, set()
+        folded = await self.folder.fold(fresh)
         await self.commit(folded.rows)
-        return len(batch), folded.touched
+        return len(fresh), folded.touched
 
     async def _active_floor(self) -> int:
         js = self.nc.jetstream()
@@ -168,22 +197,74 @@ class Follower:
             await self.nc.jetstream().delete_consumer(self.s.nats.stream, self.name)
 
 
+async def delivered_range(nc: Any, s: Settings) -> tuple[int, int]:
+    """(the stream's first sequence, the highest the durable consumer has delivered): whoever
+    held the lease before could ack, even late, any message up to the second."""
+    js = nc.jetstream()
+    first = int((await js.stream_info(s.nats.stream)).state.first_seq or 1)
+    try:
+        info = await js.consumer_info(s.nats.stream, s.nats.consumer)
+    except NotFoundError:  # never bound: nobody has acked anything
+        return first, 0
+    return first, int(info.delivered.stream_seq or 0) if info.delivered else 0
+
+
+class Backfill:
+    """The new active's catch-up from the stream (see the module docstring): a follower from
+    the first sequence the catalog lacks, until it has passed ``to_seq``, the highest
+    sequence the consumer had delivered when the lease was won."""
+
+    def __init__(self, follower: Follower, from_seq: int, to_seq: int) -> None:
+        self.follower, self.from_seq, self.to_seq = follower, from_seq, to_seq
+        self.recorded = 0
+        self.done = False
+        self._next_at = 0.0
+
+    @classmethod
+    async def start(cls, s: Settings, nc: Any, store: Store,
+                    commit: Callable[[Batch], Awaitable[None]], checker: Checker,
+                    recorded_through: Callable[[int], Awaitable[int]]) -> Backfill | None:
+        """None when the catalog already holds everything anyone could have acked."""
+        first, delivered = await delivered_range(nc, s)
+        start = await recorded_through(first - 1)
+        if start >= delivered:
+            return None
+        follower = Follower(s, nc, store, commit, checker)
+        await follower.start(start)
+        return cls(follower, start + 1, delivered)
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next_at
+
+    async def step(self) -> tuple[int, set[str]]:
+        """One batch, as :meth:`Follower.step`; when nothing could be folded (the ack floor
+        has not passed the next sequence yet) the next step waits a second."""
+        n, touched = await self.follower.step()
+        self.recorded += n
+        if self.follower.reached(self.to_seq):
+            self.done = True
+            await self.stop()
+        elif not n:
+            self._next_at = time.monotonic() + 1.0
+        return n, touched
+
+    async def stop(self) -> None:
+        await self.follower.stop()
+
+
 async def follow_until_leader(lease: Lease, follower: Follower,
                               refresh: Callable[[set[str]], Awaitable[None]],
                               alive: Callable[[], None], stopping: Callable[[], bool]) -> bool:
     """The standby's loop: follow, refresh the exports, try the lease every third of its TTL.
-    True once the lease is ours; False when stopped first."""
+    True once the lease is ours; False when stopped first. The caller stops the follower."""
     tried = time.monotonic()
-    try:
-        while not stopping():
-            n, touched = await follower.step()
-            if n:
-                await refresh(touched)
-            alive()
-            if time.monotonic() - tried > lease.ttl_s / 3:
-                tried = time.monotonic()
-                if await lease.acquire():
-                    return True
-    finally:
-        await follower.stop()
+    while not stopping():
+        n, touched = await follower.step()
+        if n:
+            await refresh(touched)
+        alive()
+        if time.monotonic() - tried > lease.ttl_s / 3:
+            tried = time.monotonic()
+            if await lease.acquire():
+                return True
     return False

@@ -6,6 +6,7 @@ Each test gets a free loopback port and its own store.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from busd import config, source
+from busd.catalog import Batch
 from busd.consumer import Stats, serve
 from busd.embedded import EmbeddedServer
 
@@ -276,3 +278,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def committed_batch(seq: int, run_id: str) -> Batch:
+    """The rows one committed event of ``run_id`` at ``seq`` gives (one artifact, fills)."""
+    now = dt.datetime.now(dt.UTC)
+    event_id = f"{run_id}:{seq}"
+    batch = Batch()
+    batch.events.append((seq, event_id, "0" * 64, "artifacts.lab", "lab", run_id,
+                         "committed", None, 1, now, now))
+    batch.artifacts.append((run_id, "fills", seq, f"/a/{seq}.parquet", "parquet", 3, 100,
+                            None, "[]", "0" * 16, None, event_id, now, now))
+    batch.runs.append((seq, run_id, "sim", "lab", "succeeded", None, None, None, None, None,
+                       now, event_id))
+    return batch

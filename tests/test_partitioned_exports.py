@@ -3,15 +3,14 @@ refresh rewrites only the parts holding rows that changed."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
-from support import Bus, wait_for
+from support import Bus, committed_batch, wait_for
 
-from busd.catalog import _DDL_V1, Batch, Catalog, Changed
+from busd.catalog import _DDL_V1, Catalog, Changed
 from busd.exports import Exporter, read_manifest
 
 SPAN = 1000
@@ -130,29 +129,15 @@ def test_a_whole_refresh_drops_parts_whose_rows_are_gone(tmp_path: Path) -> None
         catalog.close()
 
 
-def _batch(seq: int, run_id: str) -> Batch:
-    """The rows one committed event of ``run_id`` at ``seq`` gives (one artifact, fills)."""
-    now = dt.datetime.now(dt.UTC)
-    event_id = f"{run_id}:{seq}"
-    batch = Batch()
-    batch.events.append((seq, event_id, "0" * 64, "artifacts.lab", "lab", run_id,
-                         "committed", None, 1, now, now))
-    batch.artifacts.append((run_id, "fills", seq, f"/a/{seq}.parquet", "parquet", 3, 100,
-                            None, "[]", "0" * 16, None, event_id, now, now))
-    batch.runs.append((seq, run_id, "sim", "lab", "succeeded", None, None, None, None, None,
-                       now, event_id))
-    return batch
-
-
 def test_a_late_lower_sequence_moves_its_row_to_a_lower_part(tmp_path: Path) -> None:
     catalog = Catalog(tmp_path / "c.duckdb")
     try:
         folder = tmp_path / "exports"
         exporter = Exporter(catalog.cursor(), folder, (), partition_seqs=SPAN)
-        exporter.refresh(["runs", "artifacts"], catalog.commit(_batch(1001, "r")))
+        exporter.refresh(["runs", "artifacts"], catalog.commit(committed_batch(1001, "r")))
         # seq 999 of the same run commits late (its file appeared late): r's first_seq
         # drops to 999, from part 1 to part 0, and part 1 must lose it
-        changed = catalog.commit(_batch(999, "r"))
+        changed = catalog.commit(committed_batch(999, "r"))
         assert changed.runs is None and changed.artifacts is None
         exporter.refresh(["runs", "artifacts"], changed)
         for name in ("runs", "artifacts"):
@@ -160,7 +145,7 @@ def test_a_late_lower_sequence_moves_its_row_to_a_lower_part(tmp_path: Path) -> 
             assert table.column("run_id").to_pylist() == ["r"], name
             assert table.column("first_seq").to_pylist() == [999], name
         # later sequences are incremental again
-        assert catalog.commit(_batch(1500, "s")).artifacts == {1500}
+        assert catalog.commit(committed_batch(1500, "s")).artifacts == {1500}
     finally:
         catalog.close()
 

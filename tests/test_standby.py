@@ -7,12 +7,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from support import Bus, wait_for
+from support import Bus, committed_batch, wait_for
 from test_chaos import Publisher, check_exactly_once, exported_all
 
+from busd.catalog import Catalog
 from busd.embedded import EmbeddedServer
 
-HA = {"ha": {"enabled": True, "lease_ttl_s": 2}, "consumer": {"ack_wait_s": 1}}
+HA = {"ha": {"enabled": True, "lease_ttl_s": 2}, "consumer": {"ack_wait_s": 1},
+      "verify": {"file_wait_s": 20}}
 
 
 def pair(tmp_path: Path, server: EmbeddedServer) -> tuple[Bus, Bus]:
@@ -77,3 +79,76 @@ def test_a_former_active_that_lost_the_lease_stops_acking(tmp_path: Path,
     assert rc == 1
     assert "lost the lease" in a.log()
     check_exactly_once(b, pub.ids)
+
+
+def test_events_the_former_active_acked_past_its_floor_reach_the_new_active(
+        tmp_path: Path, nats_server: EmbeddedServer) -> None:
+    """The standby folds only up to the active's ack floor. An event waiting for its file
+    holds that floor while later events are acked; the server never delivers those again,
+    so the new active reads them from the stream itself."""
+    a, b, pa, pb = start_pair(tmp_path, nats_server)
+    late = a.artifacts / "late" / "fills.parquet"
+    try:
+        first = a.publish([a.event("late", [{"name": "fills", "path": str(late)}])])
+        a.publish([a.event(f"r{i}") for i in range(20)])
+        wait_for(lambda: "file missing; retrying later" in a.log(), 30, "a waits for a file")
+        wait_for(lambda: exported_all(a, 20), 30, "a acked the 20 after it")
+        pa.kill()
+        wait_for(lambda: "took over the lease" in b.log(), 30, "b took over")
+        a.parquet("late/fills.parquet")
+        wait_for(lambda: exported_all(b, 21), 60, "b holds all 21")
+    finally:
+        pb.send_signal(signal.SIGTERM)
+        assert pb.wait(60) == 0, b.log()[-2000:]
+        pa.wait(10)
+    check_exactly_once(b, ["late", *(f"r{i}" for i in range(20))])
+    assert first == [1]
+    assert "from the stream" in b.log()
+
+
+def paused(proc: subprocess.Popen[str]) -> bool:
+    return Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_acks_a_paused_former_active_sends_late_are_backfilled(
+        tmp_path: Path, nats_server: EmbeddedServer) -> None:
+    """The active checks the lease, then pauses before its acks go out; the lease expires and
+    b takes over; the acks arrive after all. The server will not deliver those messages to b
+    (and with a 30 s ack wait it has not redelivered them yet), so b reads them from the
+    stream."""
+    a, b = pair(tmp_path, nats_server)
+    slow = {"consumer": {"ack_wait_s": 30}}
+    a.overrides = {**a.overrides, **slow}
+    b.overrides = {**b.overrides, **slow}
+    ids = [f"p{i}" for i in range(10)]
+    a.publish([a.event(run_id) for run_id in ids])  # one batch, one export, one flush of acks
+    pa = a.spawn("serve", "--config", str(a.write_config()),
+                 env={"BUSD_TEST_FAULT": "after_lease_check"})
+    pb: subprocess.Popen[str] | None = None
+    try:
+        wait_for(lambda: paused(pa), 30, "a paused between its lease check and its acks")
+        pb = b.spawn("serve", "--config", str(b.write_config()))
+        wait_for(lambda: "backfilling from the stream" in b.log(), 30, "b took over")
+        pa.send_signal(signal.SIGCONT)
+        assert pa.wait(30) == 1
+        wait_for(lambda: exported_all(b, 10), 30, "b holds all 10")
+    finally:
+        pa.kill()
+        if pb is not None:
+            pb.send_signal(signal.SIGTERM)
+            assert pb.wait(60) == 0, b.log()[-2000:]
+    assert "lost the lease" in a.log()
+    check_exactly_once(b, ids)
+    assert '"recorded": 10' in b.log()
+
+
+def test_a_backfill_starts_at_the_first_sequence_the_catalog_lacks(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path / "c.duckdb")
+    try:
+        assert catalog.recorded_through(0) == 0
+        for seq in (1, 2, 3, 5, 6, 9):
+            catalog.commit(committed_batch(seq, f"r{seq}"))
+        assert [catalog.recorded_through(after) for after in (0, 1, 3, 4, 6, 9, 20)] == \
+            [3, 3, 3, 6, 6, 9, 20]
+    finally:
+        catalog.close()
