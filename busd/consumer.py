@@ -256,21 +256,29 @@ class Daemon:
         if leader:
             self._set_active(True)
             self.log.warning("took over the lease: active now", instance=self.lease.me)
-            await self._start_backfill()
+            await self._start_backfill(follower.folder.quarantined)
 
-    async def _start_backfill(self) -> None:
+    async def _start_backfill(self, quarantined: dict[int, str] | None = None) -> None:
         assert self.catalog is not None and self.folder is not None
         catalog = self.catalog
         self._backfill = await Backfill.start(
             self.s, self.nc, self, self._commit_rows, self.folder.checker,
-            lambda after: self._on_writer(catalog.recorded_through, after))
+            lambda after: self._on_writer(catalog.recorded_through, after), quarantined or {})
         if self._backfill is not None:
             self.log.info("backfilling from the stream what the former active may have acked",
                           from_seq=self._backfill.from_seq, through_seq=self._backfill.to_seq)
 
     async def _backfill_step(self, backfill: Backfill) -> None:
         await self._committed()  # the fold reads the catalog: nothing else commits meanwhile
-        n, touched = await backfill.step()
+        try:
+            n, touched = await backfill.step()
+        except FatalStorageError:
+            raise
+        except StorageError as exc:  # the batch stays held; tried again in a while
+            self.log.error("backfill commit failed; retrying", error=str(exc), retry_in_s=5)
+            backfill.wait(5.0)
+            return
+        self._alive()
         if n:
             self._touched |= touched
             self._export_wanted.set()

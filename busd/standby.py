@@ -37,7 +37,7 @@ from busd import source
 from busd.catalog import Batch
 from busd.checker import Checker
 from busd.config import Settings
-from busd.errors import BusdError
+from busd.errors import BusdError, ConsumerGone
 from busd.fold import Folder, Store
 
 
@@ -117,11 +117,13 @@ class Follower:
     """The standby's loop body: fold what the stream has beyond the catalog, no acks."""
 
     def __init__(self, s: Settings, nc: Any, store: Store,
-                 commit: Callable[[Batch], Awaitable[None]], checker: Checker) -> None:
+                 commit: Callable[[Batch], Awaitable[None]], checker: Checker,
+                 quarantined: dict[int, str] | None = None) -> None:
         self.s, self.nc, self.store, self.commit = s, nc, store, commit
         self.name = f"busd-standby-{uuid.uuid4().hex[:10]}"
         self.pull: source.PullSource | None = None
-        self.folder = Folder(s, store, replay=True, checker=checker)
+        self.folder = Folder(s, store, replay=True, checker=checker,
+                             quarantined=dict(quarantined or {}))
         self._held: list[source.Delivery] = []
         self._poison_at = 0.0
         self.through = 0  # every sequence up to here has been folded (or was already recorded)
@@ -135,6 +137,7 @@ class Follower:
 
     async def start(self, after_seq: int) -> None:
         """Follow from the sequence after the last one our catalog holds."""
+        self._held = []
         await self.nc.jetstream().add_consumer(self.s.nats.stream, api.ConsumerConfig(
             name=self.name, ack_policy=api.AckPolicy.NONE,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1,
@@ -154,24 +157,31 @@ class Follower:
         c = self.s.consumer
         fetched: list[source.Delivery] = []
         if len(self._held) < c.batch_max:
-            fetched = await self.pull.fetch(c.batch_max, c.batch_wait_ms)
+            try:
+                fetched = await self.pull.fetch(c.batch_max, c.batch_wait_ms)
+            except ConsumerGone:  # idle past its inactive threshold (a floor held for long)
+                await self.pull.stop()
+                await self.start(self.through)
+                return 0, set()
             self._held += fetched
         self.idle = not fetched and not self._held
         if self._held or time.monotonic() - self._floor_at > 1.0:  # idle: once a second
             self._floor_at = time.monotonic()
             self.floor = await self._active_floor()
         batch = [d for d in self._held if d.seq <= self.floor]
-        self._held = [d for d in self._held if d.seq > self.floor]
         if not batch:
             return 0, set()
-        self.through = max(self.through, batch[-1].seq)
         known, _ = await self.store.lookup([d.seq for d in batch], [])
         fresh = [d for d in batch if d.seq not in known]
-        if not fresh:
-            return 0, set()
-        folded = await self.folder.fold(fresh)
-        await self.commit(folded.rows)
-        return len(fresh), folded.touched
+        touched: set[str] = set()
+        if fresh:
+            folded = await self.folder.fold(fresh)
+            await self.commit(folded.rows)
+            touched = folded.touched
+        # only once committed: a failed commit leaves the batch held, for the next step
+        self._held = [d for d in self._held if d.seq > self.floor]
+        self.through = max(self.through, batch[-1].seq)
+        return len(fresh), touched
 
     async def _active_floor(self) -> int:
         js = self.nc.jetstream()
@@ -186,8 +196,8 @@ class Follower:
                 reply = await self.nc.request(
                     busd_api.subject(self.s.nats.consumer, "poison"), b"{}", timeout=1.0)
                 answer = busd_api.decode(reply.data)
-                if isinstance(answer, dict) and "error" not in answer:
-                    self.folder.quarantined = {int(k): str(v) for k, v in answer.items()}
+                if isinstance(answer, dict) and "error" not in answer:  # decisions only grow
+                    self.folder.quarantined.update((int(k), str(v)) for k, v in answer.items())
         return floor
 
     async def stop(self) -> None:
@@ -223,29 +233,39 @@ class Backfill:
     @classmethod
     async def start(cls, s: Settings, nc: Any, store: Store,
                     commit: Callable[[Batch], Awaitable[None]], checker: Checker,
-                    recorded_through: Callable[[int], Awaitable[int]]) -> Backfill | None:
-        """None when the catalog already holds everything anyone could have acked."""
+                    recorded_through: Callable[[int], Awaitable[int]],
+                    quarantined: dict[int, str]) -> Backfill | None:
+        """None when the catalog already holds everything anyone could have acked.
+        ``quarantined``: the poison decisions the standby had from the former active."""
         first, delivered = await delivered_range(nc, s)
         start = await recorded_through(first - 1)
         if start >= delivered:
             return None
-        follower = Follower(s, nc, store, commit, checker)
-        await follower.start(start)
+        follower = Follower(s, nc, store, commit, checker, quarantined)
+        try:
+            await follower.start(start)
+        except BaseException:
+            await follower.stop()
+            raise
         return cls(follower, start + 1, delivered)
 
     def due(self) -> bool:
         return time.monotonic() >= self._next_at
 
+    def wait(self, seconds: float) -> None:
+        self._next_at = time.monotonic() + seconds
+
     async def step(self) -> tuple[int, set[str]]:
-        """One batch, as :meth:`Follower.step`; when nothing could be folded (the ack floor
-        has not passed the next sequence yet) the next step waits a second."""
+        """One batch, as :meth:`Follower.step`; when it got no further (the ack floor has
+        not passed the next sequence yet) the next step waits a second."""
+        through = self.follower.through
         n, touched = await self.follower.step()
         self.recorded += n
         if self.follower.reached(self.to_seq):
             self.done = True
             await self.stop()
-        elif not n:
-            self._next_at = time.monotonic() + 1.0
+        elif self.follower.through == through:
+            self.wait(1.0)
         return n, touched
 
     async def stop(self) -> None:
