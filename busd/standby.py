@@ -219,6 +219,9 @@ async def delivered_range(nc: Any, s: Settings) -> tuple[int, int]:
     return first, int(info.delivered.stream_seq or 0) if info.delivered else 0
 
 
+MAX_DELETED_RUNS = 100  # runs of deleted sequences skipped before a backfill starts
+
+
 class Backfill:
     """The new active's catch-up from the stream (see the module docstring): a follower from
     the first sequence the catalog lacks, until it has passed ``to_seq``, the highest
@@ -239,6 +242,17 @@ class Backfill:
         ``quarantined``: the poison decisions the standby had from the former active."""
         first, delivered = await delivered_range(nc, s)
         start = await recorded_through(first - 1)
+        js = nc.jetstream()
+        for _ in range(MAX_DELETED_RUNS):  # a sequence deleted from the stream is no gap
+            if start >= delivered:
+                return None
+            try:
+                there = (await js.get_msg(s.nats.stream, start + 1, subject=">", next=True)).seq
+            except NotFoundError:
+                return None
+            if there == start + 1:
+                break
+            start = await recorded_through(there - 1)
         if start >= delivered:
             return None
         follower = Follower(s, nc, store, commit, checker, quarantined)

@@ -12,6 +12,7 @@ import nats
 from support import Bus, committed_batch, wait_for
 from test_chaos import Publisher, check_exactly_once, exported_all
 
+from busd import config, source
 from busd.catalog import Catalog
 from busd.embedded import EmbeddedServer
 
@@ -167,3 +168,41 @@ def test_a_backfill_starts_at_the_first_sequence_the_catalog_lacks(tmp_path: Pat
             [3, 3, 3, 6, 6, 9, 20]
     finally:
         catalog.close()
+
+
+async def stream_that_allows_deletes(url: str) -> None:
+    """Declared before busd's own (which denies deletes, and warns when a stream does not)."""
+    nc = await nats.connect(url)
+    try:
+        cfg = source.stream_config(config.Settings())
+        cfg.deny_delete = False
+        await nc.jetstream().add_stream(cfg)
+    finally:
+        await nc.close()
+
+
+async def delete_message(url: str, seq: int) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().delete_msg("ARTIFACTS", seq)
+    finally:
+        await nc.close()
+
+
+def test_a_restart_does_not_backfill_over_a_deleted_message(tmp_path: Path,
+                                                            nats_server: EmbeddedServer) -> None:
+    """A sequence deleted from the stream is never recorded: it is no gap to backfill."""
+    asyncio.run(stream_that_allows_deletes(nats_server.url))
+    a, _ = pair(tmp_path, nats_server)
+    a.publish([a.event(f"d{i}") for i in range(5)])
+    asyncio.run(delete_message(nats_server.url, 2))
+    for run in range(2):
+        proc = a.spawn("serve", "--config", str(a.write_config()), log=f"serve{run}.log")
+        try:
+            wait_for(lambda: "busd ready" in a.log(f"serve{run}.log")  # noqa: B023
+                     and exported_all(a, 4), 30, "4 events exported")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+    assert "backfilling" not in a.log("serve1.log")
+    assert a.sql("SELECT seq FROM catalog.events_f ORDER BY seq") == [(1,), (3,), (4,), (5,)]
