@@ -261,31 +261,15 @@ class Daemon:
     async def _start_backfill(self, quarantined: dict[int, str] | None = None) -> None:
         assert self.catalog is not None and self.folder is not None
         catalog = self.catalog
-        self._backfill = await Backfill.start(
-            self.s, self.nc, self, self._commit_rows, self.folder.checker,
-            lambda after: self._on_writer(catalog.recorded_through, after), quarantined or {})
-        if self._backfill is not None:
-            self.log.info("backfilling from the stream what the former active may have acked",
-                          from_seq=self._backfill.from_seq, through_seq=self._backfill.to_seq)
 
-    async def _backfill_step(self, backfill: Backfill) -> None:
-        await self._committed()  # the fold reads the catalog: nothing else commits meanwhile
-        try:
-            n, touched = await backfill.step()
-        except FatalStorageError:
-            raise
-        except StorageError as exc:  # the batch stays held; tried again in a while
-            self.log.error("backfill commit failed; retrying", error=str(exc), retry_in_s=5)
-            backfill.wait(5.0)
-            return
-        self._alive()
-        if n:
+        def committed(touched: set[str]) -> None:
             self._touched |= touched
             self._export_wanted.set()
-        if backfill.done:
-            self.log.info("backfilled from the stream", recorded=backfill.recorded,
-                          through_seq=backfill.to_seq)
-            self._backfill = None
+
+        self._backfill = await Backfill.start(
+            self.s, self.nc, self, self._commit_rows, self.folder.checker,
+            lambda after: self._on_writer(catalog.recorded_through, after), quarantined or {},
+            committed)
 
     async def _lease_ok(self, *, renew: bool = False) -> bool:
         """Renew or check the lease. Lost: stop acking for good (exit 1 follows). A NATS
@@ -335,7 +319,10 @@ class Daemon:
                     if self._fatal is not None:  # lost it: not one more ack
                         return
                 if self._backfill is not None and self._backfill.due():
-                    await self._backfill_step(self._backfill)
+                    await self._committed()  # the backfill reads the catalog, then commits
+                    if await self._backfill.step():
+                        self._backfill = None
+                    self._alive()
                 try:
                     batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
                                                  prefetch=lambda: not self.stopping)

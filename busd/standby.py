@@ -33,11 +33,11 @@ from nats.js.errors import (
 )
 
 from busd import api as busd_api
-from busd import source
+from busd import log, source
 from busd.catalog import Batch
 from busd.checker import Checker
 from busd.config import Settings
-from busd.errors import BusdError, ConsumerGone
+from busd.errors import BusdError, ConsumerGone, FatalStorageError, StorageError
 from busd.fold import Folder, Store
 
 
@@ -227,17 +227,20 @@ class Backfill:
     the first sequence the catalog lacks, until it has passed ``to_seq``, the highest
     sequence the consumer had delivered when the lease was won."""
 
-    def __init__(self, follower: Follower, from_seq: int, to_seq: int) -> None:
+    def __init__(self, follower: Follower, from_seq: int, to_seq: int,
+                 committed: Callable[[set[str]], None]) -> None:
         self.follower, self.from_seq, self.to_seq = follower, from_seq, to_seq
+        self.committed = committed  # the artifact names a step committed: exports to refresh
         self.recorded = 0
-        self.done = False
         self._next_at = 0.0
+        self.log = log.get()
 
     @classmethod
     async def start(cls, s: Settings, nc: Any, store: Store,
                     commit: Callable[[Batch], Awaitable[None]], checker: Checker,
                     recorded_through: Callable[[int], Awaitable[int]],
-                    quarantined: dict[int, str]) -> Backfill | None:
+                    quarantined: dict[int, str],
+                    committed: Callable[[set[str]], None]) -> Backfill | None:
         """None when the catalog already holds everything anyone could have acked.
         ``quarantined``: the poison decisions the standby had from the former active."""
         first, delivered = await delivered_range(nc, s)
@@ -261,26 +264,39 @@ class Backfill:
         except BaseException:
             await follower.stop()
             raise
-        return cls(follower, start + 1, delivered)
+        backfill = cls(follower, start + 1, delivered, committed)
+        backfill.log.info("backfilling from the stream what the former active may have acked",
+                          from_seq=backfill.from_seq, through_seq=delivered)
+        return backfill
 
     def due(self) -> bool:
         return time.monotonic() >= self._next_at
 
-    def wait(self, seconds: float) -> None:
-        self._next_at = time.monotonic() + seconds
-
-    async def step(self) -> tuple[int, set[str]]:
-        """One batch, as :meth:`Follower.step`; when it got no further (the ack floor has
-        not passed the next sequence yet) the next step waits a second."""
+    async def step(self) -> bool:
+        """One batch, as :meth:`Follower.step`; True once done. The caller makes sure no
+        other commit runs meanwhile. When it got no further (the ack floor has not passed
+        the next sequence yet) the next step waits a second; after a failed commit (the
+        batch stays held), five."""
         through = self.follower.through
-        n, touched = await self.follower.step()
+        try:
+            n, touched = await self.follower.step()
+        except FatalStorageError:
+            raise
+        except StorageError as exc:
+            self.log.error("backfill commit failed; retrying", error=str(exc), retry_in_s=5)
+            self._next_at = time.monotonic() + 5.0
+            return False
         self.recorded += n
+        if n:
+            self.committed(touched)
         if self.follower.reached(self.to_seq):
-            self.done = True
+            self.log.info("backfilled from the stream", recorded=self.recorded,
+                          through_seq=self.to_seq)
             await self.stop()
-        elif self.follower.through == through:
-            self.wait(1.0)
-        return n, touched
+            return True
+        if self.follower.through == through:
+            self._next_at = time.monotonic() + 1.0
+        return False
 
     async def stop(self) -> None:
         await self.follower.stop()
