@@ -207,19 +207,17 @@ class Follower:
             await self.nc.jetstream().delete_consumer(self.s.nats.stream, self.name)
 
 
-async def delivered_range(nc: Any, s: Settings) -> tuple[int, int]:
-    """(the stream's first sequence, the highest the durable consumer has delivered): whoever
-    held the lease before could ack, even late, any message up to the second."""
-    js = nc.jetstream()
-    first = int((await js.stream_info(s.nats.stream)).state.first_seq or 1)
+async def delivered_seq(nc: Any, s: Settings) -> int:
+    """The highest sequence the durable consumer has delivered: whoever held the lease before
+    could ack, even late, any message up to here."""
     try:
-        info = await js.consumer_info(s.nats.stream, s.nats.consumer)
+        info = await nc.jetstream().consumer_info(s.nats.stream, s.nats.consumer)
     except NotFoundError:  # never bound: nobody has acked anything
-        return first, 0
-    return first, int(info.delivered.stream_seq or 0) if info.delivered else 0
+        return 0
+    return int(info.delivered.stream_seq or 0) if info.delivered else 0
 
 
-MAX_DELETED_RUNS = 100  # runs of deleted sequences skipped before a backfill starts
+MAX_DELETED_RUNS = 100  # runs of sequences gone from the stream skipped before a backfill
 
 
 class Backfill:
@@ -243,10 +241,11 @@ class Backfill:
                     committed: Callable[[set[str]], None]) -> Backfill | None:
         """None when the catalog already holds everything anyone could have acked.
         ``quarantined``: the poison decisions the standby had from the former active."""
-        first, delivered = await delivered_range(nc, s)
-        start = await recorded_through(first - 1)
+        delivered = await delivered_seq(nc, s)
+        start = await recorded_through(0)
         js = nc.jetstream()
-        for _ in range(MAX_DELETED_RUNS):  # a sequence deleted from the stream is no gap
+        # a sequence no longer in the stream (deleted, or aged out at its head) is no gap
+        for _ in range(MAX_DELETED_RUNS):
             if start >= delivered:
                 return None
             try:

@@ -14,10 +14,10 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import nats
@@ -267,6 +267,22 @@ def bus(tmp_path: Path, nats_server: EmbeddedServer) -> Iterator[Bus]:
 
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+T = TypeVar("T")
+
+
+def on_jetstream(servers: str | list[str], action: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``action(js)`` on a connection of its own, as an operator's tool would."""
+
+    async def go() -> T:
+        nc = await nats.connect(servers=servers)
+        try:
+            return await action(nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 import nats
 import pyarrow.parquet as pq
 import pytest
-from support import Bus, wait_for
+from support import Bus, on_jetstream, wait_for
 from test_cli import free_port
 
 from busd.exports import read_manifest
@@ -224,15 +224,10 @@ def test_stall_exits_non_zero(bus: Bus) -> None:
 
 
 def test_consumer_deleted_is_recreated(bus: Bus) -> None:
-    async def delete_consumer() -> None:
-        nc = await nats.connect(bus.url)
-        await nc.jetstream().delete_consumer("ARTIFACTS", "busd")
-        await nc.close()
-
     with serving(bus) as (proc, _port):
         bus.publish([bus.event("before")])
         wait_for(lambda: read_manifest(bus.data / "exports").catalog_seq == 1, 30, "first")
-        asyncio.run(delete_consumer())
+        on_jetstream(bus.url, lambda js: js.delete_consumer("ARTIFACTS", "busd"))
         wait_for(lambda: "consumer is gone" in bus.log(), 30, "busd noticed")
         bus.publish([bus.event("after")])
         wait_for(lambda: read_manifest(bus.data / "exports").catalog_seq == 2, 60, "second")
@@ -241,13 +236,8 @@ def test_consumer_deleted_is_recreated(bus: Bus) -> None:
 
 
 def test_stream_deleted_exits_non_zero(bus: Bus) -> None:
-    async def delete_stream() -> None:
-        nc = await nats.connect(bus.url)
-        await nc.jetstream().delete_stream("ARTIFACTS")
-        await nc.close()
-
     with serving(bus) as (proc, _port):
-        asyncio.run(delete_stream())
+        on_jetstream(bus.url, lambda js: js.delete_stream("ARTIFACTS"))
         rc = proc.wait(60)
     assert rc == 1
     assert "consumer" in bus.log().lower()
@@ -290,7 +280,7 @@ def test_catalog_disk_full_then_freed(bus: Bus) -> None:
         assert failed
         time.sleep(2)
         # nothing past the last durable export was acked
-        acked = asyncio.run(_ack_floor(bus))
+        acked = _ack_floor(bus)
         assert acked <= read_manifest(data / "exports").catalog_seq
         ballast.unlink()
         if proc.poll() is not None:  # it exited for systemd to restart it
@@ -310,10 +300,6 @@ def test_catalog_disk_full_then_freed(bus: Bus) -> None:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
-async def _ack_floor(bus: Bus) -> int:
-    nc = await nats.connect(servers=bus.servers)
-    try:
-        info = await nc.jetstream().consumer_info("ARTIFACTS", "busd")
-        return int(info.ack_floor.stream_seq or 0)
-    finally:
-        await nc.close()
+def _ack_floor(bus: Bus) -> int:
+    info = on_jetstream(bus.servers, lambda js: js.consumer_info("ARTIFACTS", "busd"))
+    return int(info.ack_floor.stream_seq or 0)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
-import nats
-from support import Bus, committed_batch, wait_for
+from support import Bus, committed_batch, on_jetstream, wait_for
 from test_chaos import Publisher, check_exactly_once, exported_all
 
 from busd import config, source
@@ -99,7 +98,7 @@ def test_events_the_former_active_acked_past_its_floor_reach_the_new_active(
         pa.kill()
         wait_for(lambda: "backfilling from the stream" in b.log(), 30, "b took over")
         # its follower's consumer vanishes meanwhile (as after 30 s idle): it declares it again
-        asyncio.run(delete_followers(nats_server.url))
+        on_jetstream(nats_server.url, delete_followers)
         a.parquet("late/fills.parquet")
         wait_for(lambda: exported_all(b, 21), 60, "b holds all 21")
     finally:
@@ -111,15 +110,10 @@ def test_events_the_former_active_acked_past_its_floor_reach_the_new_active(
     assert "from the stream" in b.log()
 
 
-async def delete_followers(url: str) -> None:
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        for info in await js.consumers_info("ARTIFACTS"):
-            if info.name.startswith("busd-standby-"):
-                await js.delete_consumer("ARTIFACTS", info.name)
-    finally:
-        await nc.close()
+async def delete_followers(js: Any) -> None:
+    for info in await js.consumers_info("ARTIFACTS"):
+        if info.name.startswith("busd-standby-"):
+            await js.delete_consumer("ARTIFACTS", info.name)
 
 
 def paused(proc: subprocess.Popen[str]) -> bool:
@@ -170,32 +164,16 @@ def test_a_backfill_starts_at_the_first_sequence_the_catalog_lacks(tmp_path: Pat
         catalog.close()
 
 
-async def stream_that_allows_deletes(url: str) -> None:
-    """Declared before busd's own (which denies deletes, and warns when a stream does not)."""
-    nc = await nats.connect(url)
-    try:
-        cfg = source.stream_config(config.Settings())
-        cfg.deny_delete = False
-        await nc.jetstream().add_stream(cfg)
-    finally:
-        await nc.close()
-
-
-async def delete_message(url: str, seq: int) -> None:
-    nc = await nats.connect(url)
-    try:
-        await nc.jetstream().delete_msg("ARTIFACTS", seq)
-    finally:
-        await nc.close()
-
-
 def test_a_restart_does_not_backfill_over_a_deleted_message(tmp_path: Path,
                                                             nats_server: EmbeddedServer) -> None:
     """A sequence deleted from the stream is never recorded: it is no gap to backfill."""
-    asyncio.run(stream_that_allows_deletes(nats_server.url))
+    # declared before busd's own, which denies deletes (busd warns about a stream that does not)
+    allows_deletes = source.stream_config(config.Settings())
+    allows_deletes.deny_delete = False
+    on_jetstream(nats_server.url, lambda js: js.add_stream(allows_deletes))
     a, _ = pair(tmp_path, nats_server)
     a.publish([a.event(f"d{i}") for i in range(5)])
-    asyncio.run(delete_message(nats_server.url, 2))
+    on_jetstream(nats_server.url, lambda js: js.delete_msg("ARTIFACTS", 2))
     for run in range(2):
         proc = a.spawn("serve", "--config", str(a.write_config()), log=f"serve{run}.log")
         try:
