@@ -80,6 +80,7 @@ class Daemon:
         self._waiting: list[Waiting] = []
         self._waiting_seqs: set[int] = set()
         self._generation = 0
+        self._exported_generation = 0  # the generation the last export refresh covered
         self._touched: set[str] = set()
         self._changed = Changed()  # rows committed since the last refresh (partitioned exports)
         self._export_wanted = asyncio.Event()
@@ -147,6 +148,7 @@ class Daemon:
         answers = api.Answers(self._on_writer, self.catalog, list(self.exporter.exports),
                               self._waiting_seqs, self._refresh)
         await self.nc.subscribe(api.subject(s.nats.consumer, "*"), cb=answers.respond)
+        await self._measure_lag()  # before ready: an alert must never see a lag of 0 it is not
         self.log.info("busd ready", stream=s.nats.stream, consumer=s.nats.consumer,
                       catalog=str(s.catalog_path), catalog_seq=seq)
         self.metrics.ready.set(1)
@@ -299,7 +301,10 @@ class Daemon:
 
     async def _commit_rows(self, rows: Batch) -> None:
         assert self.catalog is not None
-        self._changed.update(await self._on_writer(self.catalog.commit, rows))
+        # awaited first: the export loop may swap self._changed while the commit runs, and
+        # these changes belong to the set the next refresh takes, not the one it took
+        changed = await self._on_writer(self.catalog.commit, rows)
+        self._changed.update(changed)
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
@@ -457,7 +462,8 @@ class Daemon:
         while True:
             started = time.perf_counter()
             try:
-                self._changed.update(await self._on_writer(self.catalog.commit, rows))
+                changed = await self._on_writer(self.catalog.commit, rows)
+                self._changed.update(changed)  # after the await: see _commit_rows
                 break
             except FatalStorageError:
                 raise
@@ -505,21 +511,26 @@ class Daemon:
         if settled.now:
             self._last_progress = time.monotonic()
 
-    async def _send(self, items: Sequence[tuple[str, bytes]]) -> None:
-        if not items or self.settler is None:
-            return
+    async def _send(self, items: Sequence[tuple[str, bytes]]) -> bool:
+        """Send settlements; False when they could not go out now (the caller keeps acks)."""
+        if not items:
+            return True
+        if self.settler is None:
+            return False
         # the lease is checked before anything is settled for good (ack or term); naks and
         # progress never settle, they may go out whoever holds the lease
         final = any(body in (source.ACK, source.TERM) for _, body in items)
         if final and self.lease is not None:
             if not await self._lease_ok():
-                return
+                return False
             faults.hit("after_lease_check")
         try:
             await self.settler.send(items)
-        except Exception as exc:  # noqa: BLE001 - NATS down: the server redelivers
-            self.log.warning("could not settle messages; they will be redelivered",
-                             count=len(items), error=str(exc) or type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - NATS down: retried, or redelivered
+            self.log.warning("could not settle messages now", count=len(items),
+                             error=str(exc) or type(exc).__name__)
+            return False
+        return True
 
     async def _progress(self, replies: Sequence[str]) -> None:
         await self._send([(r, source.PROGRESS) for r in replies])
@@ -554,6 +565,7 @@ class Daemon:
                 self._export_wanted.set()
                 continue
             delay_s = 0.5
+            self._exported_generation = generation
             await self._ack_through(generation)
             # Exports take at most about half the time: a refresh that took d seconds is
             # followed by a pause of d (at most 2 s) in which further batches commit and
@@ -596,7 +608,9 @@ class Daemon:
             return
         self._waiting = [w for w in self._waiting if w.generation > generation]
         faults.hit("before_ack")
-        await self._send([(w.d.reply, source.ACK) for w in done])
+        if not await self._send([(w.d.reply, source.ACK) for w in done]):
+            self._waiting = done + self._waiting  # housekeeping acks them once it can
+            return
         faults.hit("after_ack")
         now = time.time()
         for w in done:
@@ -605,15 +619,18 @@ class Daemon:
         self._last_progress = time.monotonic()
 
     # ---- housekeeping: lag, in-progress, stall -------------------------------------------
+    async def _measure_lag(self) -> None:
+        pending, ack_pending = await source.consumer_state(self.nc, self.s)
+        self._backlog = pending + ack_pending
+        self.metrics.pending.set(pending)
+        self.metrics.ack_pending.set(ack_pending)
+
     async def _housekeeping(self) -> None:
         ack_wait_s = self.s.consumer.ack_wait_s
         while True:
             await anyio.sleep(1.0)
             try:
-                pending, ack_pending = await source.consumer_state(self.nc, self.s)
-                self._backlog = pending + ack_pending
-                self.metrics.pending.set(pending)
-                self.metrics.ack_pending.set(ack_pending)
+                await self._measure_lag()
             except Exception as exc:  # noqa: BLE001 - NATS down (it reconnects) or the consumer gone
                 if "not found" in str(exc).lower():
                     try:
@@ -623,6 +640,8 @@ class Daemon:
                         self.stopping = True
                         return
             await self._record_exports_when_idle()
+            if any(w.generation <= self._exported_generation for w in self._waiting):
+                await self._ack_through(self._exported_generation)  # acks that could not go
             now = time.monotonic()
             old = [w for w in self._waiting if now - w.since > ack_wait_s / 3]
             for w in old:

@@ -350,6 +350,12 @@ class PullSource:
         buffered; the request in flight stays in flight for the next call."""
         if self._gone:
             raise ConsumerGone(f"the consumer is gone: {self._gone}")
+        if not self.nc.is_connected and not self._buf:
+            # no pull requests while NATS is away: nats-py would queue each one and send
+            # them all in a burst on reconnect; the server forgot the one in flight anyway
+            self._outstanding = False
+            await asyncio.sleep(wait_ms / 1000)
+            return []
         if not self._outstanding and len(self._buf) < batch:
             await self._request(batch - len(self._buf), wait_ms, want=batch)
         if len(self._buf) < batch:

@@ -125,7 +125,6 @@ class Follower:
         self.folder = Folder(s, store, replay=True, checker=checker,
                              quarantined=dict(quarantined or {}))
         self._held: list[source.Delivery] = []
-        self._poison_at = 0.0
         self.through = 0  # every sequence up to here has been folded (or was already recorded)
         self.floor = 0  # the active's ack floor, as last read
         self._floor_at = 0.0
@@ -184,20 +183,30 @@ class Follower:
         return len(fresh), touched
 
     async def _active_floor(self) -> int:
+        """The active's ack floor, trusted only together with a poison list read after it.
+
+        The active records a poison decision in its catalog before it terminates the
+        message, so a list read after the floor holds every poison sequence below that floor.
+        A list read before it (or not at all) may miss one, and the standby would fold, and
+        check the files of, a message the active quarantined: then the floor stays where it
+        was, and nothing new is folded until both reads succeed in that order."""
         js = self.nc.jetstream()
         try:
             info = await js.consumer_info(self.s.nats.stream, self.s.nats.consumer)
             floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
-        except Exception:  # noqa: BLE001 - no durable consumer (yet): fold nothing now
-            return 0
-        if time.monotonic() - self._poison_at > 2.0:
-            self._poison_at = time.monotonic()
-            with contextlib.suppress(Exception):
-                reply = await self.nc.request(
-                    busd_api.subject(self.s.nats.consumer, "poison"), b"{}", timeout=1.0)
-                answer = busd_api.decode(reply.data)
-                if isinstance(answer, dict) and "error" not in answer:  # decisions only grow
-                    self.folder.quarantined.update((int(k), str(v)) for k, v in answer.items())
+        except Exception:  # noqa: BLE001 - no durable consumer (yet), NATS down: not now
+            return self.floor
+        if floor <= self.floor:
+            return self.floor  # nothing new settled: the poison list we hold covers it
+        try:
+            reply = await self.nc.request(
+                busd_api.subject(self.s.nats.consumer, "poison"), b"{}", timeout=1.0)
+            answer = busd_api.decode(reply.data)
+        except Exception:  # noqa: BLE001 - the active does not answer: fold nothing new
+            return self.floor
+        if not isinstance(answer, dict) or "error" in answer:
+            return self.floor
+        self.folder.quarantined.update((int(k), str(v)) for k, v in answer.items())
         return floor
 
     async def stop(self) -> None:
