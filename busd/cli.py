@@ -164,11 +164,8 @@ def status(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
     async def go() -> dict[str, Any]:
         out: dict[str, Any] = {"nats": {"url": nats_url(s), "connected": False}}
-        try:
-            nc = await source.connect(s.nats, nats_url(s), reconnect=False)
-        except BusdError as exc:
-            out["nats"]["error"] = str(exc)
-            return out
+        # unreachable or refused: one line and exit 1, like every command but serve
+        nc = await source.connect(s.nats, nats_url(s), reconnect=False)
         try:
             js = nc.jetstream()
             out["nats"]["connected"] = True

@@ -43,10 +43,16 @@ async def nats_for(s: config.Settings, *, may_embed: bool = True) -> AsyncIterat
 
 async def ask_daemon(s: config.Settings, verb: str, args: dict[str, Any],
                      timeout_s: float = 30.0) -> Any:
-    """One request to a running ``busd serve``; None when no daemon answers."""
+    """One request to a running ``busd serve``; None when no daemon answers.
+
+    A configured NATS that does not answer is an error (exit 1 naming the URL); without
+    ``nats.url`` the embedded server only runs with ``busd serve``, so no answer means none
+    runs."""
     try:
         nc = await source.connect(s.nats, nats_url(s), reconnect=False)
     except TransientError:
+        if s.nats.url:
+            raise
         return None
     try:
         reply = await nc.request(api.subject(s.nats.consumer, verb), api.encode(args),

@@ -126,9 +126,49 @@ class Daemon:
             self.embedded = EmbeddedServer(host, port, s.data_path / "nats")
             url = await anyio.to_thread.run_sync(self.embedded.start)
             self.log.info("embedded nats-server started", url=url)
-        self.nc = await source.connect(s.nats, url, on_state=self._on_nats_state)
+        self.nc = await self._connect_when_up(url)
+        if self.nc is None:  # stopped before NATS answered
+            return
         for problem in await source.ensure_stream(self.nc, s):
             self.log.warning("stream breaks a promise", stream=s.nats.stream, problem=problem)
+
+    async def _connect_when_up(self, url: str) -> Any:
+        """Connect, however long NATS takes to answer (contract §4: serve waits, says so at
+        once and every WAITING_SAID_EVERY_S, in the log and to systemd, and stays unready).
+        None when told to stop meanwhile."""
+        nc: Any = None
+        said_at: float | None = None
+        what = f"waiting for NATS at {url}"
+        self.metrics.nats_connected.set(0)
+
+        async def attempts() -> None:
+            nonlocal nc, said_at
+            while nc is None:
+                try:
+                    nc = await source.connect(self.s.nats, url, on_state=self._on_nats_state)
+                except source.NatsUnreachable as exc:
+                    if said_at is None or time.monotonic() - said_at >= \
+                            source.WAITING_SAID_EVERY_S:
+                        said_at = time.monotonic()
+                        self.log.warning(what, url=url, error=str(exc))
+                        self.notify.status(what, extend_start_s=2 * source.WAITING_SAID_EVERY_S)
+                    await anyio.sleep(source.WAITING_RETRY_S)
+            tg.cancel_scope.cancel()
+
+        async def stop_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                async for signum in received:
+                    self.log.info("stopping", signal=signal.Signals(signum).name)
+                    self.stopping = True
+                    tg.cancel_scope.cancel()
+                    return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_signal)
+            tg.start_soon(attempts)
+        if said_at is not None and nc is not None:
+            self.log.info("NATS answered", url=url)
+        return nc
 
     async def _activate(self) -> None:
         """Bind the durable consumer and start serving (after winning the lease, with HA)."""
@@ -216,7 +256,7 @@ class Daemon:
     async def _serve(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
-            if self.s.ha.enabled:
+            if self.s.ha.enabled and not self.stopping:  # stopped while waiting for NATS
                 await self._standby()
             if not self.stopping:
                 await self._activate()

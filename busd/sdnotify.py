@@ -48,10 +48,15 @@ class SdNotifier:
         """Shutdown began: systemd shows ``deactivating`` and stops expecting watchdog pings."""
         return self.notify("STOPPING=1")
 
-    def status(self, text: str) -> bool:
-        """A one-line human status shown by ``systemctl status``."""
+    def status(self, text: str, *, extend_start_s: float | None = None) -> bool:
+        """A one-line human status shown by ``systemctl status``; ``extend_start_s`` also
+        asks systemd for that much more time before ``TimeoutStartSec`` fails the start (a
+        service waiting for a dependency is not hung)."""
         # A newline would start a new assignment in the datagram.
-        return self.notify("STATUS=" + " ".join(text.splitlines()))
+        assignments = ["STATUS=" + " ".join(text.splitlines())]
+        if extend_start_s is not None:
+            assignments.append(f"EXTEND_TIMEOUT_USEC={int(extend_start_s * 1_000_000)}")
+        return self.notify(*assignments)
 
     def watchdog_interval_s(self) -> float | None:
         """How often to ping: half of ``$WATCHDOG_USEC``, or None when no watchdog is armed.

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -126,6 +127,27 @@ async def _close_quietly(nc: Client) -> None:
         await asyncio.wait_for(nc.close(), 2.0)
 
 
+WAITING_SAID_EVERY_S = 30.0  # busd serve repeats "waiting for NATS" at least this often
+WAITING_RETRY_S = 0.5  # between two connection attempts while NATS is down
+
+
+class NatsUnreachable(TransientError):
+    """No NATS server answered within ``nats.connect_timeout_s``."""
+
+    def __init__(self, url: str, timeout_s: float, cause: BaseException) -> None:
+        super().__init__(f"cannot reach NATS at {url} within {float(timeout_s)}s "
+                         f"({_unreachable_why(cause)})")
+        self.url = url
+
+
+def _unreachable_why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc).removeprefix("nats: ").strip() or type(exc).__name__
+
+
 async def connect(
     n: NatsSettings,
     url: str,
@@ -137,10 +159,12 @@ async def connect(
     """Connect with the configured credentials; reconnect forever when ``reconnect``.
 
     The first connection fails at once when the server refuses the credentials or the TLS
-    certificates (a :class:`BusdError`, exit 1): retrying cannot fix them. Other failures of
-    the first connection are retried when ``reconnect``.
+    certificates (a :class:`BusdError`, exit 1): retrying cannot fix them. Any other failure
+    of the first connection is retried for at most ``nats.connect_timeout_s`` in all, then
+    :class:`NatsUnreachable`: a caller that must wait for NATS (``busd serve``) calls again.
     """
     connecting = True
+    last_error: list[BaseException] = []
 
     async def disconnected() -> None:
         if on_state and not connecting:
@@ -152,15 +176,20 @@ async def connect(
 
     async def error(exc: Exception) -> None:
         # nats-py reports each failed attempt here; raising ends its first-connect loop.
-        if connecting and _refusal(n, exc) is not None:
-            raise exc
+        if connecting:
+            last_error[:] = [exc]
+            if _refusal(n, exc) is not None:
+                raise exc
 
     options: dict[str, Any] = {
         "servers": [u.strip() for u in url.split(",") if u.strip()],
         "name": name,
         "connect_timeout": n.connect_timeout_s,
         "allow_reconnect": reconnect,
-        "max_reconnect_attempts": -1 if reconnect else 0,
+        # For the first connect: one retry per server, and the deadline below bounds it all
+        # (0 would not mean "no retry": nats-py then retries a refusing server forever).
+        # Once connected, a reconnecting client retries forever (set below).
+        "max_reconnect_attempts": 1,
         "reconnect_time_wait": 0.5,
         "disconnected_cb": disconnected,
         "reconnected_cb": reconnected,
@@ -184,14 +213,16 @@ async def connect(
         options["tls"] = tls
     nc = _Client()
     try:
-        await nc.connect(**options)
+        # nats-py bounds each attempt, not the loop over attempts and servers around them.
+        async with asyncio.timeout(n.connect_timeout_s):
+            await nc.connect(**options)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         await _close_quietly(nc)
         refused = _refusal(n, exc)
         if refused is not None:
             raise BusdError(f"NATS at {url} refused busd: {refused}") from None
-        raise TransientError(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") \
-            from None
+        raise NatsUnreachable(url, n.connect_timeout_s,
+                              last_error[0] if last_error else exc) from None
     except Exception as exc:
         await _close_quietly(nc)
         if type(exc).__module__.split(".")[0] == "nkeys":  # a seed nkeys cannot decode
@@ -200,6 +231,8 @@ async def connect(
                               f"({type(exc).__name__})") from None
         raise
     connecting = False
+    if reconnect:
+        nc.options["max_reconnect_attempts"] = -1  # nats-py reads it at each reconnect
     if on_state:
         on_state(True)
     return nc

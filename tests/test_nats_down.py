@@ -1,0 +1,189 @@
+"""NATS unreachable (contract §4): real processes against a port where nothing listens and
+against a listener that accepts connections but never speaks.
+
+Every command but ``serve`` fails within ``nats.connect_timeout_s`` with one line naming the
+URL; ``submit --outbox`` keeps the event and exits 0; ``serve`` waits, says so, and starts
+once a server answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from support import BUSD, Bus, wait_for
+
+from busd.embedded import EmbeddedServer
+
+CONNECT_TIMEOUT_S = 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(params=["refused", "silent"])
+def dead_nats(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A NATS URL that does not answer: nothing listening, or a socket whose backlog takes
+    the TCP handshake but that never accepts, so no INFO ever comes."""
+    if request.param == "refused":
+        yield f"nats://127.0.0.1:{free_port()}"
+        return
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield f"nats://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def startup_s() -> float:
+    """What starting the interpreter and importing busd costs on this machine now, so the
+    bound below is on the command's wait for NATS, not on a loaded CI runner."""
+    began = time.monotonic()
+    subprocess.run([*BUSD, "schema"], capture_output=True, check=True, timeout=60)
+    return time.monotonic() - began
+
+
+def timed(bus: Bus, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    began = time.monotonic()
+    out = bus.cli(*args, timeout=30)
+    return time.monotonic() - began, out
+
+
+COMMANDS = [
+    ("status",), ("status", "--json"), ("init",), ("rejections", "list"),
+    ("rejections", "show", "1"), ("rejections", "retry", "1"), ("rebuild",), ("verify",),
+    ("export",), ("outbox", "flush", "OUTBOX"), ("submit", "--run-id", "r1", "--kind", "k",
+                                                  "fills=FILE"),
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: "-".join(c[:2]))
+def test_commands_fail_fast_naming_the_url(bus: Bus, dead_nats: str, startup_s: float,
+                                           command: tuple[str, ...]) -> None:
+    cfg = bus.write_config(nats={"url": dead_nats, "connect_timeout_s": CONNECT_TIMEOUT_S})
+    outbox = bus.root / "outbox"
+    outbox.mkdir(exist_ok=True)
+    (outbox / "00000000000000000001-e.json").write_text(
+        json.dumps({"subject": "artifacts.lab", "headers": {}, "payload": "{}"}))
+    file = bus.parquet("r1/fills.parquet")
+    args = [a.replace("OUTBOX", str(outbox)).replace("FILE", str(file)) for a in command]
+    elapsed, out = timed(bus, *args, "--config", str(cfg))
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert dead_nats in lines[0] and "Traceback" not in out.stderr
+    assert elapsed < CONNECT_TIMEOUT_S + 2 + startup_s, f"{elapsed:.1f}s: {lines[0]}"
+    # nothing was lost: the outbox still holds its event
+    assert len(list(outbox.glob("*.json"))) == 1
+
+
+def test_submit_outbox_keeps_the_event_and_flush_commits_it_once(
+        bus: Bus, dead_nats: str, startup_s: float) -> None:
+    down = bus.write_config(nats={"url": dead_nats, "connect_timeout_s": CONNECT_TIMEOUT_S})
+    outbox = bus.root / "outbox"
+    path = bus.parquet("job/fills.parquet", rows=5)
+    elapsed, out = timed(bus, "submit", "--config", str(down), "--run-id", "job-1", "--kind",
+                         "backtest", "--producer", "lab.backtest", "--outbox", str(outbox),
+                         f"fills={path}")
+    assert out.returncode == 0, out.stderr
+    assert elapsed < CONNECT_TIMEOUT_S + 2 + startup_s, f"{elapsed:.1f}s"
+    result = json.loads(out.stdout)
+    assert result["state"] == "outbox"
+    kept = list(outbox.glob("*.json"))
+    assert len(kept) == 1
+    entry = json.loads(kept[0].read_text())
+    assert set(entry) == {"subject", "headers", "payload"}
+    assert entry["subject"] == "artifacts.lab.backtest"
+    assert entry["headers"] == {"Nats-Msg-Id": result["event_id"]}
+
+    up = bus.write_config()
+    flushed = bus.cli("outbox", "flush", "--config", str(up), str(outbox))
+    assert flushed.returncode == 0, flushed.stderr
+    assert json.loads(flushed.stdout)["sent"] == 1
+    assert not list(outbox.glob("*.json"))
+    bus.drain()
+    assert bus.sql("SELECT run_id, outcome FROM catalog.events_f") == [("job-1", "committed")]
+    assert bus.sql("SELECT run_id, name, rows FROM catalog.artifacts_f") == [
+        ("job-1", "fills", 5)]
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_serve_waits_for_nats_then_commits(bus: Bus, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    metrics = free_port()
+    cfg = bus.write_config(nats={"url": url, "connect_timeout_s": CONNECT_TIMEOUT_S},
+                           metrics={"listen": f"127.0.0.1:{metrics}"})
+    base = f"http://127.0.0.1:{metrics}"
+    with tempfile.TemporaryDirectory(prefix="busd-notify-") as folder, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        address = str(Path(folder) / "notify.sock")
+        systemd.bind(address)
+        systemd.settimeout(10)
+        daemon = bus.spawn("serve", "--config", str(cfg), env={"NOTIFY_SOCKET": address})
+        server = EmbeddedServer("127.0.0.1", port, tmp_path / "late-nats")
+        try:
+            wait_for(lambda: f"waiting for NATS at {url}" in bus.log(), 15, "waiting line")
+            assert daemon.poll() is None
+            status: list[str] = []
+            while not any(a.startswith("STATUS=waiting for NATS at") for a in status):
+                status += systemd.recv(4096).decode().split("\n")
+            assert f"STATUS=waiting for NATS at {url}" in status
+            assert _get(base + "/healthz") == 200
+            assert _get(base + "/readyz") == 503
+
+            server.start()
+            wait_for(lambda: _get(base + "/readyz") == 200, 30, "ready once NATS is up")
+            event = bus.event("late-1")
+            _publish(url, event)
+            wait_for(lambda: (bus.data / "exports" / "runs.parquet").exists()
+                     and "late-1" in bus.export("runs").column("run_id").to_pylist(),
+                     30, "the event committed and exported")
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            code = daemon.wait(30)
+            server.stop()
+        assert code == 0, bus.log()
+
+
+def test_serve_stops_cleanly_while_waiting(bus: Bus, dead_nats: str) -> None:
+    cfg = bus.write_config(nats={"url": dead_nats, "connect_timeout_s": CONNECT_TIMEOUT_S})
+    daemon = bus.spawn("serve", "--config", str(cfg))
+    try:
+        wait_for(lambda: f"waiting for NATS at {dead_nats}" in bus.log(), 15, "waiting line")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(30)
+    assert code == 0, bus.log()
+
+
+def _publish(url: str, event: dict[str, object]) -> None:
+    async def go() -> None:
+        nc = await nats.connect(servers=[url])
+        try:
+            await nc.jetstream().publish("artifacts.lab.sim", json.dumps(event).encode())
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
