@@ -106,43 +106,122 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return tuple(Path(r).resolve() for r in self.artifact_roots)
 
 
-_SECTIONS = {"nats": NatsSettings, "consumer": ConsumerSettings, "verify": VerifySettings,
-             "metrics": MetricsSettings, "ha": HaSettings}
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "nats": NatsSettings, "consumer": ConsumerSettings, "verify": VerifySettings,
+    "metrics": MetricsSettings, "ha": HaSettings}
 _TOP_LEVEL = ("data_dir", "artifact_roots", "log_format", "export_partition_seqs")
 
 
+# Keys whose value is the path of a file busd reads itself: a systemd credential gives its
+# path, not its content, and a ``_FILE`` variable would be a file naming a file.
+_PATH_KEYS = frozenset({"nats.creds", "nats.tls_ca", "nats.tls_cert", "nats.tls_key"})
+
+
+def _key_type(rest: str) -> tuple[str, Any] | None:
+    """``nats_password`` → ("nats.password", str); None for no such key."""
+    for section, struct in _SECTIONS.items():
+        if rest.startswith(section + "_"):
+            fields = {f.name: f.type for f in msgspec.structs.fields(struct)}
+            key = rest[len(section) + 1:]
+            return (f"{section}.{key}", fields[key]) if key in fields else None
+    if rest in _TOP_LEVEL:
+        fields = {f.name: f.type for f in msgspec.structs.fields(Settings)}
+        return rest, fields[rest]
+    return None
+
+
+def _put(out: dict[str, Any], key: str, value: Any) -> None:
+    section, _, name = key.rpartition(".")
+    (out.setdefault(section, {}) if section else out)[name] = value
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{what}: cannot read {path}: {why}") from None
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """``BUSD_<SECTION>_<KEY>`` and ``BUSD_<KEY>`` for top-level keys, as a nested dict."""
+    """``BUSD_<SECTION>_<KEY>`` and ``BUSD_<KEY>`` for top-level keys, as a nested dict;
+    ``..._FILE`` variants read the value from a file."""
     out: dict[str, Any] = {}
-    for name, raw in env.items():
+    given: dict[str, str] = {}  # key → the variable that set it
+    for name, raw in sorted(env.items()):
         if not name.startswith("BUSD_") or name == "BUSD_CONFIG" or name.startswith("BUSD_TEST_"):
             continue
         rest = name[len("BUSD_"):].lower()
-        for section, struct in _SECTIONS.items():
-            if rest.startswith(section + "_"):
-                key = rest[len(section) + 1:]
-                if key not in struct.__struct_fields__:
-                    raise ConfigError(f"environment variable {name}: unknown key {section}.{key}")
-                out.setdefault(section, {})[key] = _env_value(raw)
-                break
-        else:
-            if rest not in _TOP_LEVEL:
-                raise ConfigError(f"environment variable {name}: unknown key {rest}")
-            out[rest] = _env_value(raw)
+        found = _key_type(rest)
+        from_file = found is None and rest.endswith("_file")
+        if from_file:
+            found = _key_type(rest.removesuffix("_file"))
+        if found is None:
+            unknown = rest.removesuffix("_file") if from_file else rest
+            for section in _SECTIONS:
+                if unknown.startswith(section + "_"):
+                    unknown = f"{section}.{unknown[len(section) + 1:]}"
+                    break
+            raise ConfigError(f"environment variable {name}: unknown key {unknown}")
+        key, kind = found
+        if key in given:
+            raise ConfigError(f"environment variables {given[key]} and {name} both set {key}: "
+                              "use one")
+        given[key] = name
+        if from_file:
+            if key in _PATH_KEYS:
+                raise ConfigError(f"environment variable {name}: {key} is already a file's "
+                                  f"path; set {name.removesuffix('_FILE')} to it")
+            raw = _read_secret(Path(raw), f"environment variable {name}")
+        _put(out, key, _env_value(raw, kind, name))
     return out
 
 
-def _env_value(raw: str) -> Any:
-    """Environment values are strings; a JSON list or a comma-separated list stays a list."""
+def _credentials(env: Mapping[str, str]) -> dict[str, Any]:
+    """systemd's ``LoadCredential=nats.password:...``: a file named after a key in
+    ``$CREDENTIALS_DIRECTORY`` gives its value (a path key gets the file's path). Files not
+    named after a key are the unit's other credentials, not busd's business."""
+    folder = env.get("CREDENTIALS_DIRECTORY", "")
+    if not folder:
+        return {}
+    try:
+        names = sorted(p.name for p in Path(folder).iterdir())
+    except OSError as exc:
+        raise ConfigError(f"CREDENTIALS_DIRECTORY={folder}: cannot list it: "
+                          f"{exc.strerror or exc}") from None
+    out: dict[str, Any] = {}
+    for file_name in names:
+        found = _key_type(file_name.replace(".", "_", 1)) if file_name.count(".") <= 1 else None
+        if found is None or found[0] != file_name:
+            continue
+        key, kind = found
+        path = Path(folder) / file_name
+        raw = str(path) if key in _PATH_KEYS else _read_secret(path, f"credential {file_name}")
+        _put(out, key, _env_value(raw, kind, f"credential {file_name}"))
+    return out
+
+
+def _env_value(raw: str, kind: Any, name: str) -> Any:
+    """A value as the type of its key reads it: a list key takes a JSON array
+    (``["a", "b"]``) or comma-separated values (``a,b``, one value alone is a list of one);
+    every other key takes the text as it is (msgspec converts numbers and booleans), so a
+    secret holding a comma or a bracket stays the secret."""
+    if getattr(kind, "__origin__", None) is not tuple:
+        return raw
     text = raw.strip()
     if text.startswith("["):
         try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return raw
-    if "," in text and "://" not in text and " " not in text:
-        return [part for part in text.split(",") if part]
-    return raw
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{_named(name)}: not a JSON array: {exc}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{_named(name)}: expected a JSON array of strings")
+        return value
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _named(name: str) -> str:
+    return name if name.startswith("credential ") else f"environment variable {name}"
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,7 +273,7 @@ def load(
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    data = _merge(data, _env_overrides(env))
+    data = _merge(_merge(data, _credentials(env)), _env_overrides(env))
     if overrides:
         data = _merge(data, overrides)
     where = f"{path}: " if path else ""

@@ -21,7 +21,7 @@ from prometheus_client import (
 )
 
 from busd import __version__
-from busd.errors import Outcome, Reason
+from busd.errors import ConfigError, Outcome, Reason
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -138,7 +138,12 @@ class MetricsServer:
                 return
 
         server_class = _Server6 if ":" in host else _Server
-        self.server = server_class((host, port), Handler)
+        try:
+            self.server = server_class((host, port), Handler)
+        except OSError as exc:  # a busy port is the operator's to fix: exit 2, not a crash
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise ConfigError(f"bad value for metrics.listen: cannot listen on {where}: "
+                              f"{exc.strerror or exc}") from None
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, name="busd-metrics",
                                        daemon=True)
