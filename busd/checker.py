@@ -19,52 +19,65 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import anyio
 import msgspec
 
 from busd import faults, log
-from busd.errors import FileNotYetThere, InvalidEvent, Reason, TransientError
+from busd.errors import FileNotYetThere, FileUnavailable, InvalidEvent, Reason, TransientError
 from busd.events import Artifact
 from busd.validate import CheckedArtifact, ChecksumPolicy, check_artifacts
 
-Result = list[CheckedArtifact] | InvalidEvent
+Result = list[CheckedArtifact] | InvalidEvent | FileUnavailable
 
 _CHUNK_MIN = 32  # events per worker request, at least (a request costs ~0.1 ms)
 _HEADER = 4  # bytes of length before each message
+_FLUSH_S = 0.1  # a worker sends what it has checked at least this often, while it checks
+_START_S = 10.0  # a fresh worker imports pyarrow before its first answer: allowed on top
+_KILL_WAIT_S = 5.0  # a killed worker stuck in the kernel is left behind after this
+
+
+def check_one(artifacts: Sequence[Artifact], roots: Sequence[Path], checksum: ChecksumPolicy,
+              settle_s: float = 0.0) -> Result:
+    """One event's artifacts, or why they fail (permanently, for now, or by the machine)."""
+    try:
+        return check_artifacts(artifacts, roots, checksum, settle_s)
+    except (InvalidEvent, FileUnavailable) as exc:
+        return exc
+    except (OSError, MemoryError) as exc:  # the machine, not the file: check again later
+        return FileUnavailable(f"could not be checked: {type(exc).__name__}: {exc}")
+    except (ValueError, RuntimeError) as exc:  # odd paths
+        return InvalidEvent(Reason.NOT_PARQUET,
+                            f"could not be checked: {type(exc).__name__}: {exc}")
 
 
 def check_all(events: Sequence[Sequence[Artifact]], roots: Sequence[Path],
-              checksum: ChecksumPolicy) -> list[Result]:
+              checksum: ChecksumPolicy, settle_s: float = 0.0) -> list[Result]:
     """Check each event's artifacts; an event's result is its artifacts or why it failed."""
-    results: list[Result] = []
-    for artifacts in events:
-        try:
-            results.append(check_artifacts(artifacts, roots, checksum))
-        except InvalidEvent as exc:
-            results.append(exc)
-        except (OSError, ValueError, RuntimeError) as exc:  # odd paths, EIO, …
-            results.append(InvalidEvent(
-                Reason.NOT_PARQUET, f"could not be checked: {type(exc).__name__}: {exc}"))
-    return results
+    return [check_one(artifacts, roots, checksum, settle_s) for artifacts in events]
 
 
-# ---- the wire: a request is (roots, checksum, events); an answer has one item per event ----
+# ---- the wire: a request is (roots, checksum, settle_s, events); the answer comes in frames
+# of consecutive items, one item per event, sent as the checks go (a silent worker is stuck)
 class _Request(msgspec.Struct, array_like=True):
     roots: list[str]
     checksum: str
+    settle_s: float
     events: list[list[Artifact]]
 
 
+_INVALID, _WAIT, _UNAVAILABLE = 0, 1, 2  # kinds of failure: final, retried until file_wait_s,
+# or the machine's (checked again later)
+
+
 class _Failed(msgspec.Struct, array_like=True, tag=True):
-    missing: bool
+    kind: int
     reason: str
     detail: str
 
@@ -73,33 +86,43 @@ class _Checked(msgspec.Struct, array_like=True, tag=True):
     artifacts: list[CheckedArtifact]
 
 
-# one answer per event: its checked artifacts, or why they failed
+_Answer = _Checked | _Failed
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(_Request)
-_answer_decoder = msgspec.msgpack.Decoder(list[_Checked | _Failed])
+_answer_decoder = msgspec.msgpack.Decoder(list[_Answer])
 
 
-def _to_wire(result: Result) -> _Checked | _Failed:
+def _to_wire(result: Result) -> _Answer:
+    if isinstance(result, FileUnavailable):
+        return _Failed(_UNAVAILABLE, "", result.detail)
     if isinstance(result, InvalidEvent):
-        return _Failed(isinstance(result, FileNotYetThere), result.reason.value, result.detail)
+        kind = _WAIT if isinstance(result, FileNotYetThere) else _INVALID
+        return _Failed(kind, result.reason.value, result.detail)
     return _Checked(result)
 
 
-def _from_wire(answer: _Checked | _Failed) -> Result:
+def _from_wire(answer: _Answer) -> Result:
     if isinstance(answer, _Checked):
         return answer.artifacts
-    if answer.missing:
-        return FileNotYetThere(answer.detail)
+    if answer.kind == _UNAVAILABLE:
+        return FileUnavailable(answer.detail)
+    if answer.kind == _WAIT:
+        return FileNotYetThere(answer.detail, Reason(answer.reason))
     return InvalidEvent(Reason(answer.reason), answer.detail)
 
 
 def _with_meta(result: Result, artifacts: Sequence[Artifact]) -> Result:
     """Put back each artifact's ``meta`` (as JSON), which workers are not sent."""
-    if isinstance(result, InvalidEvent) or all(a.meta is None for a in artifacts):
+    if not isinstance(result, list) or all(a.meta is None for a in artifacts):
         return result
     return [msgspec.structs.replace(checked, meta=None if art.meta is None
                                     else msgspec.json.encode(art.meta).decode())
             for checked, art in zip(result, artifacts, strict=True)]
+
+
+def _timed_out(timeout_s: float) -> FileUnavailable:
+    return FileUnavailable(f"checking its files took longer than {timeout_s:g}s "
+                           "(verify.check_timeout_s): a stalled read?")
 
 
 def _frame(payload: bytes) -> bytes:
@@ -116,69 +139,111 @@ def worker_main() -> None:  # pragma: no cover - runs in the worker process
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed by accident goes to stderr, not into the answers
     inp = sys.stdin.buffer
+
+    def send(items: list[_Answer]) -> None:
+        out.write(_frame(_encoder.encode(items)))
+        out.flush()
+
     while True:
         header = inp.read(_HEADER)
         if len(header) < _HEADER:
             return
         req = _request_decoder.decode(inp.read(int.from_bytes(header, "little")))
-        results = check_all(req.events, [Path(r) for r in req.roots],
-                            req.checksum)  # type: ignore[arg-type]
-        out.write(_frame(_encoder.encode([_to_wire(r) for r in results])))
-        out.flush()
+        roots = [Path(r) for r in req.roots]
+        items: list[_Answer] = []
+        sent_at = time.monotonic()
+        for artifacts in req.events:
+            items.append(_to_wire(check_one(artifacts, roots, req.checksum,  # type: ignore[arg-type]
+                                            req.settle_s)))
+            if time.monotonic() - sent_at >= _FLUSH_S:
+                send(items)
+                items, sent_at = [], time.monotonic()
+        if items or not req.events:
+            send(items)
 
 
 # ---- the parent side ----------------------------------------------------------------------
 class WorkerDied(Exception):
-    """A worker process exited while it checked a request."""
+    """A worker process exited while it checked a request; ``answers`` came before."""
+
+    def __init__(self, why: str, answers: list[_Answer]) -> None:
+        super().__init__(why)
+        self.answers = answers
+
+
+class WorkerStalled(Exception):
+    """A worker sent nothing for the check timeout (it was killed); ``answers`` came before:
+    the event after them is the one whose check hung."""
+
+    def __init__(self, answers: list[_Answer]) -> None:
+        super().__init__("stalled")
+        self.answers = answers
 
 
 class _Worker:
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.lock = asyncio.Lock()
+        self.fresh = False  # started, and not answered yet: still importing
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "busd.checker", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, limit=1 << 26)
+        self.fresh = True
 
     async def ensure(self) -> None:
         if self.proc is None or self.proc.returncode is not None:
             await self.start()
 
-    async def ask(self, request: bytes, *,
-                  pace: Callable[[int, float], None] | None = None) -> list[_Checked | _Failed]:
-        """One request, one answer; ``pace(events, seconds)`` learns how long it took."""
+    async def ask(self, request: bytes, count: int, timeout_s: float, *,
+                  pace: Callable[[int, float], None] | None = None) -> list[_Answer]:
+        """One request, its ``count`` answers; each frame of them must come within
+        ``timeout_s``. ``pace(events, seconds)`` learns how long it took."""
         async with self.lock:
             await self.ensure()
             proc = self.proc
             assert proc is not None and proc.stdin is not None and proc.stdout is not None
             started = time.monotonic()
+            answers: list[_Answer] = []
+            sent = False
             try:
-                proc.stdin.write(request)
-                await proc.stdin.drain()
-                header = await proc.stdout.readexactly(_HEADER)
-                answer = await proc.stdout.readexactly(int.from_bytes(header, "little"))
+                while True:
+                    async with asyncio.timeout(timeout_s + (_START_S if self.fresh else 0.0)):
+                        if not sent:
+                            proc.stdin.write(request)
+                            sent = True
+                            await proc.stdin.drain()
+                        header = await proc.stdout.readexactly(_HEADER)
+                        frame = await proc.stdout.readexactly(int.from_bytes(header, "little"))
+                    self.fresh = False
+                    answers += _answer_decoder.decode(frame)
+                    if len(answers) >= count:
+                        break
+            except TimeoutError:
+                await self._reap()
+                raise WorkerStalled(answers) from None
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 await self._reap()
-                raise WorkerDied(f"exit status {proc.returncode}") from exc
+                raise WorkerDied(f"exit status {proc.returncode}", answers) from exc
             except asyncio.CancelledError:
                 # its answer would be read by the next request: this worker is done
                 self.proc = None
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 raise
-            answers = _answer_decoder.decode(answer)
             if pace is not None:
                 pace(len(answers), time.monotonic() - started)
             return answers
 
     async def _reap(self) -> None:
+        """Kill it; one stuck in an uninterruptible read is left behind, not waited for."""
         proc, self.proc = self.proc, None
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            await proc.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), _KILL_WAIT_S)
 
     async def close(self) -> None:
         proc, self.proc = self.proc, None
@@ -191,20 +256,55 @@ class _Worker:
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            await proc.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), _KILL_WAIT_S)
+
+
+class _ThreadJob:
+    """Checks on a daemon thread of its own: one stuck in a read can be left behind (it
+    stops after that read), and never holds up busd's exit."""
+
+    def __init__(self, events: Sequence[Sequence[Artifact]], roots: Sequence[Path],
+                 checksum: ChecksumPolicy, settle_s: float) -> None:
+        self.events, self.roots, self.checksum, self.settle_s = events, roots, checksum, settle_s
+        self.results: list[Result] = []
+        self.last = time.monotonic()  # when the last check finished
+        self.abandoned = False
+        self.done = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="busd-check", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            for artifacts in self.events:
+                if self.abandoned:
+                    return
+                self.results.append(check_one(artifacts, self.roots, self.checksum,
+                                              self.settle_s))
+                self.last = time.monotonic()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(self.done.set)
 
 
 class Checker:
     """Checks the files of many events at once, in ``processes`` worker processes (or on
-    ``threads`` threads of this process when ``processes`` is 0)."""
+    ``threads`` threads of this process when ``processes`` is 0). A check that makes no
+    progress for ``timeout_s`` is given up (its worker killed, its thread left behind): its
+    event gets FileUnavailable, the others are checked on."""
 
     def __init__(self, roots: Sequence[Path], checksum: ChecksumPolicy, *,
-                 processes: int, threads: int) -> None:
+                 processes: int, threads: int, settle_s: float = 0.0,
+                 timeout_s: float = 30.0) -> None:
         self.roots = list(roots)
         self.checksum = checksum
         self.threads = threads
+        self.settle_s = settle_s
+        self.timeout_s = timeout_s
         self._workers = [_Worker() for _ in range(processes)]
-        self._limit: anyio.CapacityLimiter | None = None
+        self._slots: asyncio.Semaphore | None = None
         self._per_event_s = 0.0  # recent seconds of checking per event, in one worker
 
     def seconds_for(self, events: int) -> float:
@@ -238,24 +338,49 @@ class Checker:
         # without meta: the checks never read it, and JSON allows integers msgpack does not
         bare = [[Artifact(a.name, a.path, a.rows, a.bytes, a.sha256) for a in e] for e in events]
         return _frame(_encoder.encode(_Request([str(r) for r in self.roots], self.checksum,
-                                               bare)))
+                                               self.settle_s, bare)))
+
+    def _stalled(self, events: int) -> FileUnavailable:
+        log.get().warning("a file check made no progress; its event is checked again later",
+                          timeout_s=self.timeout_s, events_in_request=events)
+        return _timed_out(self.timeout_s)
 
     async def _on_worker(self, worker: _Worker, events: Sequence[Sequence[Artifact]]
                          ) -> list[Result]:
-        try:
-            answers = await worker.ask(self._request(events), pace=self._pace)
-            return [_with_meta(_from_wire(a), e) for a, e in zip(answers, events, strict=True)]
-        except WorkerDied as exc:
-            log.get().warning("a file-check worker died; checking its events one at a time",
-                              events=len(events), worker=str(exc))
-        # each event alone, so the one that kills a worker again is known — provided a
-        # fresh worker can work at all; if not, nothing is decided (and nothing acked)
+        results: list[Result] = []
+
+        def take(answers: list[_Answer]) -> None:
+            done = events[len(results):len(results) + len(answers)]
+            results.extend(_with_meta(_from_wire(a), e) for a, e in zip(answers, done,
+                                                                        strict=True))
+
+        while len(results) < len(events):
+            rest = events[len(results):]
+            try:
+                take(await worker.ask(self._request(rest), len(rest), self.timeout_s,
+                                      pace=self._pace))
+            except WorkerStalled as exc:  # the event after its answers hung: the rest go on
+                take(exc.answers)
+                results.append(self._stalled(len(rest)))
+            except WorkerDied as exc:
+                take(exc.answers)
+                log.get().warning("a file-check worker died; checking its events one at a time",
+                                  events=len(events) - len(results), worker=str(exc))
+                results += await self._one_at_a_time(worker, events[len(results):])
+        return results
+
+    async def _one_at_a_time(self, worker: _Worker, events: Sequence[Sequence[Artifact]]
+                             ) -> list[Result]:
+        """Each event alone, so the one that kills a worker again is known — provided a
+        fresh worker can work at all; if not, nothing is decided (and nothing acked)."""
         await self._must_work(worker)
         results: list[Result] = []
         for artifacts in events:
             try:
-                answer = await worker.ask(self._request([artifacts]))
+                answer = await worker.ask(self._request([artifacts]), 1, self.timeout_s)
                 results.append(_with_meta(_from_wire(answer[0]), artifacts))
+            except WorkerStalled:
+                results.append(self._stalled(1))
             except WorkerDied as exc:
                 await self._must_work(worker)
                 results.append(InvalidEvent(
@@ -267,25 +392,40 @@ class Checker:
     async def _must_work(self, worker: _Worker) -> None:
         """A fresh worker answers an empty request, or the fault is not an event's."""
         try:
-            await worker.ask(self._request([]))
-        except WorkerDied as exc:
+            await worker.ask(self._request([]), 0, self.timeout_s)
+        except (WorkerDied, WorkerStalled) as exc:
             raise TransientError(f"file-check workers cannot run ({exc}); see their "
                                  "errors above") from None
 
     async def _on_threads(self, events: Sequence[Sequence[Artifact]]) -> list[Result]:
-        if self._limit is None:
-            self._limit = anyio.CapacityLimiter(self.threads)
-        run = functools.partial(check_all, roots=self.roots, checksum=self.checksum)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.threads)
         slices = _slices(events, max(1, min(self.threads, len(events) // 8)))
-        parts: list[list[Result]] = [[] for _ in slices]
-
-        async def one(i: int) -> None:
-            parts[i] = await anyio.to_thread.run_sync(run, slices[i], limiter=self._limit)
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(slices)):
-                tg.start_soon(one, i)
+        parts = await asyncio.gather(*(self._on_thread(part) for part in slices))
         return [r for part in parts for r in part]
+
+    async def _on_thread(self, events: Sequence[Sequence[Artifact]]) -> list[Result]:
+        assert self._slots is not None
+        results: list[Result] = []
+        while len(results) < len(events):
+            rest = events[len(results):]
+            async with self._slots:  # a job left behind gives its slot back
+                job = _ThreadJob(rest, self.roots, self.checksum, self.settle_s)
+                job.start()
+                try:
+                    while not job.done.is_set():
+                        left_s = job.last + self.timeout_s - time.monotonic()
+                        if left_s <= 0:
+                            break
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(job.done.wait(), left_s)
+                finally:
+                    job.abandoned = not job.done.is_set()
+                got = list(job.results[:len(rest)])
+            results += got
+            if job.abandoned and len(got) < len(rest):
+                results.append(self._stalled(len(rest)))
+        return results
 
 
 def _slices(items: Sequence[Sequence[Artifact]], n: int) -> list[Sequence[Sequence[Artifact]]]:

@@ -54,6 +54,8 @@ class ConsumerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class VerifySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     checksum: Literal["always", "if_given", "never"] = "if_given"
     file_wait_s: float = 60.0
+    settle_s: float = 2.0  # a content verdict is final once the file is unchanged this long
+    check_timeout_s: float = 30.0  # a file check with no progress this long is retried later
     processes: int = 2  # worker processes checking files; 0: threads in busd's own process
     threads: int = 2  # with processes = 0; file checks hold the GIL most of the time
 
@@ -321,6 +323,10 @@ def _check(s: Settings, where: str) -> None:
         raise bad("consumer.shutdown_grace_s", "must be positive")
     if s.verify.file_wait_s < 0:
         raise bad("verify.file_wait_s", "must not be negative")
+    if s.verify.settle_s < 0:
+        raise bad("verify.settle_s", "must not be negative")
+    if not 0.1 <= s.verify.check_timeout_s <= 3600:
+        raise bad("verify.check_timeout_s", "must be between 0.1 and 3600")
     if s.export_partition_seqs and not 1000 <= s.export_partition_seqs <= 10**12:
         raise bad("export_partition_seqs", "must be 0 or between 1000 and 10^12")
     if not 0 <= s.verify.processes <= 64:

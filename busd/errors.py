@@ -30,6 +30,7 @@ class Reason(enum.StrEnum):
     POISON = "poison"
     PATH_OUTSIDE_ROOTS = "path_outside_roots"
     FILE_MISSING = "file_missing"
+    FILE_UNREADABLE = "file_unreadable"
     SIZE_MISMATCH = "size_mismatch"
     CHECKSUM_MISMATCH = "checksum_mismatch"
     NOT_PARQUET = "not_parquet"
@@ -67,14 +68,28 @@ class InvalidEvent(BusdError):
 
 
 class FileNotYetThere(InvalidEvent):
-    """A named file does not exist (yet): retried until ``verify.file_wait_s``, then rejected."""
+    """A named file that may still be on its way: missing (``file_missing``), not readable by
+    busd yet (``file_unreadable``), or with a content verdict reached while the file was still
+    changing (the verdict's reason). Retried until ``verify.file_wait_s``, then rejected with
+    ``reason`` and ``detail``."""
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(Reason.FILE_MISSING, detail)
+    def __init__(self, detail: str, reason: Reason = Reason.FILE_MISSING) -> None:
+        super().__init__(reason, detail)
 
 
 class TransientError(BusdError):
     """Something outside the event failed (NATS, disk); the message is kept and retried."""
+
+
+class FileUnavailable(TransientError):
+    """The machine failed while reading an artifact's file (EIO, EMFILE, ENFILE, ENOMEM,
+    ESTALE, a check that took longer than ``verify.check_timeout_s``): nothing is known
+    about the event. It is checked again later while busd keeps the message in hand, so this
+    never rejects it and never costs a delivery."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 class StorageError(BusdError):

@@ -19,18 +19,31 @@ from typing import Protocol
 import msgspec
 
 from busd import events as ev
-from busd import faults
+from busd import faults, log
 from busd.catalog import Batch, Claim, Known, Sibling
 from busd.checker import Checker
 from busd.config import Settings
-from busd.errors import FileNotYetThere, InvalidEvent, Outcome, Reason
+from busd.errors import (
+    FileNotYetThere,
+    FileUnavailable,
+    InvalidEvent,
+    Outcome,
+    Reason,
+    TransientError,
+)
 from busd.source import Delivery
 from busd.validate import CheckedArtifact
+
+RECHECK_MAX_S = 10.0  # an event whose files the machine failed to read is checked again
+REPLAY_RECHECKS = 3  # replay has no message to keep in hand: it checks again, then gives up
+Checks = dict[int, list[CheckedArtifact] | InvalidEvent | FileUnavailable]
 
 
 @dataclass(slots=True)
 class Decided:
-    """A delivery with its outcome, or none yet (a file still missing: nak after a delay)."""
+    """A delivery with its outcome, or none yet: a file still awaited (nak after
+    ``nak_delay_s``), or one the machine failed to read (``recheck_s``: kept in hand and
+    checked again after that long, which costs no delivery)."""
 
     d: Delivery
     outcome: Outcome | None
@@ -42,6 +55,7 @@ class Decided:
     payload_hash: str = ""
     n_artifacts: int = 0
     nak_delay_s: float = 0.0
+    recheck_s: float | None = None
     known: bool = False  # recorded by an earlier delivery: settle again, change nothing
 
 
@@ -58,7 +72,7 @@ class Prepared:
 
     decoded: list[tuple[Decided, ev.ArtifactEvent | None]]
     copies: list[Delivery]
-    checks: asyncio.Future[dict[int, list[CheckedArtifact] | InvalidEvent]]
+    checks: asyncio.Future[Checks]
 
     def cancel(self) -> None:
         self.checks.cancel()
@@ -81,8 +95,8 @@ def merge(parts: Sequence[Prepared]) -> Prepared:
                 seen.add(item.d.seq)
                 decoded.append((item, event))
 
-    async def checks() -> dict[int, list[CheckedArtifact] | InvalidEvent]:
-        merged: dict[int, list[CheckedArtifact] | InvalidEvent] = {}
+    async def checks() -> Checks:
+        merged: Checks = {}
         try:
             for p in parts:
                 merged.update(await p.checks)
@@ -119,7 +133,9 @@ class Folder:
         self.roots = settings.roots
         v = settings.verify
         self.checker = checker or Checker(settings.roots, v.checksum, processes=v.processes,
-                                          threads=v.threads)
+                                          threads=v.threads, settle_s=v.settle_s,
+                                          timeout_s=v.check_timeout_s)
+        self._rechecked: dict[int, int] = {}  # seq → times kept in hand for a recheck
 
     async def fold(self, batch: Sequence[Delivery]) -> Folded:
         return await self.finish(self.prepare(batch))
@@ -157,7 +173,7 @@ class Folder:
             first = by_seq[d.seq]
             folded.decided.append(Decided(d, first.outcome, first.reason, first.detail,
                                           event_id=first.event_id, nak_delay_s=first.nak_delay_s,
-                                          known=True))
+                                          recheck_s=first.recheck_s, known=True))
         return folded
 
     async def _decide(self, p: Prepared) -> Folded:
@@ -183,6 +199,9 @@ class Folder:
         for item, event in sorted(fresh, key=lambda pair: pair[0].d.seq):
             assert item.event_id is not None
             result = checked[id(item)]
+            if isinstance(result, FileUnavailable):
+                self._recheck(item, result)
+                continue
             if isinstance(result, FileNotYetThere):
                 self._missing(item, result)
                 continue
@@ -206,6 +225,14 @@ class Folder:
         for item in decided:
             if item.outcome is not None and not item.known:
                 event_rows(rows, item, now)
+            if item.recheck_s is None:
+                self._rechecked.pop(item.d.seq, None)
+        held = [item for item in decided if item.recheck_s is not None]
+        if held:
+            log.get().warning("the machine failed to read files; checking again later, "
+                              "messages kept in hand", events=len(held),
+                              first_seq=held[0].d.seq, detail=held[0].detail,
+                              recheck_in_s=held[0].recheck_s)
         return Folded(decided, rows, touched)
 
     def _decode(self, d: Delivery) -> tuple[Decided, ev.ArtifactEvent | None]:
@@ -248,28 +275,51 @@ class Folder:
                                    Reason.EVENT_ID_CONFLICT.value,
                                    conflict_detail(winner.event_id, winner.d.seq), payload))
 
+    def _recheck(self, item: Decided, exc: FileUnavailable) -> None:
+        """An error of the machine: no outcome, no nak (a nak would cost a delivery and bring
+        the event closer to `poison`); the daemon keeps the message in hand and checks it
+        again after a growing pause, for as long as the error lasts."""
+        if len(self._rechecked) > 100_000:  # sequences settled elsewhere (a redelivery)
+            self._rechecked.clear()
+        n = self._rechecked[item.d.seq] = self._rechecked.get(item.d.seq, 0) + 1
+        item.recheck_s = min(RECHECK_MAX_S, 0.5 * 2.0 ** (n - 1))
+        item.detail = exc.detail
+
     def _missing(self, item: Decided, exc: FileNotYetThere) -> None:
-        """Retry a missing file with backoff until ``verify.file_wait_s``, then reject it."""
+        """Retry a file not there, not readable or still changing, with backoff until
+        ``verify.file_wait_s``, then reject it for that reason."""
         waited_s = max(0.0, time.time() - item.d.published_ns / 1e9)
         remaining_s = self.s.verify.file_wait_s - waited_s
         # keep two deliveries in reserve so a slow file never turns into `poison`
         tries_left = self.s.consumer.max_deliver - 3 - item.d.delivered
         if self.replay or remaining_s <= 0 or tries_left <= 0:
             # no wall-clock figure in the detail: a replay must write the same words
-            reject(item, Reason.FILE_MISSING, exc.detail)
+            reject(item, exc.reason, exc.detail)
             return
         item.nak_delay_s = min(remaining_s, max(2.0 ** (item.d.delivered - 1),
                                                 remaining_s / tries_left))
 
-    async def _validate(
-        self, items: Sequence[tuple[Decided, ev.ArtifactEvent]]
-    ) -> dict[int, list[CheckedArtifact] | InvalidEvent]:
+    async def _validate(self, items: Sequence[tuple[Decided, ev.ArtifactEvent]]) -> Checks:
         """Each event's checked artifacts (or why they fail), by ``id`` of its item."""
         if not items:
             return {}
         faults.hit("during_validate")
         results = await self.checker.check([event.artifacts for _, event in items])
-        return {id(item): result for (item, _), result in zip(items, results, strict=True)}
+        checks: Checks = {id(item): r for (item, _), r in zip(items, results, strict=True)}
+        for attempt in range(REPLAY_RECHECKS if self.replay else 0):
+            again = [(item, event) for item, event in items
+                     if isinstance(checks[id(item)], FileUnavailable)]
+            if not again:
+                break
+            await asyncio.sleep(2.0 ** attempt)
+            results = await self.checker.check([event.artifacts for _, event in again])
+            checks.update((id(item), r) for (item, _), r in zip(again, results, strict=True))
+        if self.replay:
+            for item, _ in items:
+                failed = checks[id(item)]
+                if isinstance(failed, FileUnavailable):  # never a rejection: try again later
+                    raise TransientError(f"sequence {item.d.seq}: {failed.detail}")
+        return checks
 
     async def close(self) -> None:
         await self.checker.close()

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from busd import faults
-from busd.errors import FileNotYetThere, InvalidEvent, Reason
+from busd.errors import FileNotYetThere, FileUnavailable, InvalidEvent, Reason
 from busd.events import Artifact, ArtifactEvent
 
 ChecksumPolicy = Literal["always", "if_given", "never"]
@@ -79,42 +80,88 @@ def is_utf8(path: str) -> bool:
     return True
 
 
+# errors that say something about the path itself, not about the machine reading it
+_ABOUT_THE_PATH = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.ENXIO, errno.ENODEV,
+                             errno.EISDIR, errno.EINVAL, errno.EOVERFLOW, errno.EFBIG,
+                             errno.ELOOP})
+# verdicts about what a file holds: final only once it has stopped changing
+CONTENT_REASONS = frozenset({Reason.SIZE_MISMATCH, Reason.CHECKSUM_MISMATCH, Reason.NOT_PARQUET,
+                             Reason.ROWS_MISMATCH})
+
+
 def check_artifact(
-    art: Artifact, roots: Sequence[Path], checksum: ChecksumPolicy
+    art: Artifact, roots: Sequence[Path], checksum: ChecksumPolicy, settle_s: float = 0.0
 ) -> CheckedArtifact:
-    """Check one artifact's file; raise InvalidEvent (or FileNotYetThere) when it fails."""
+    """Check one artifact's file; raise InvalidEvent (or FileNotYetThere) when it fails, and
+    FileUnavailable when the machine failed to read it."""
     fast = _open_fast(art.path, roots)
     if fast is not None:
         fd, actual, st = fast
         try:
-            return _check_file(fd, actual, st, art, checksum)
+            return _judge(fd, actual, st, art, checksum, settle_s)
         finally:
             os.close(fd)
     # The careful path: every failure, and anything unusual, gets its precise reason here.
+    failed: OSError | None = None
     for _attempt in range(3):
         try:
             resolved = resolve(art.path, roots)
-        except OSError:  # a symlink on the path changed while realpath read it (3.11 raises)
+        except OSError as exc:  # a symlink on the path changed while realpath read it (3.11 raises)
+            failed = exc
             continue
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer (no effect on regular files)
             fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise FileNotYetThere(f"{art.name}: {resolved} does not exist") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # a symlink appeared after realpath: resolve again
                 continue
-            if exc.errno == errno.EACCES:
-                raise InvalidEvent(Reason.FILE_MISSING,
-                                   f"{art.name}: {resolved} is not readable by busd") from None
-            raise InvalidEvent(Reason.NOT_PARQUET,
-                               f"{art.name}: {resolved}: {exc.strerror}") from None
+            raise _os_error(exc, art.name, resolved) from None
         try:
-            actual, st = _confirm_open_file(fd, resolved, art, roots)
-            return _check_file(fd, actual, st, art, checksum)
+            try:
+                actual, st = _confirm_open_file(fd, resolved, art, roots)
+            except OSError as exc:
+                raise _os_error(exc, art.name, resolved) from None
+            return _judge(fd, actual, st, art, checksum, settle_s)
         finally:
             os.close(fd)
+    if failed is not None and failed.errno not in _ABOUT_THE_PATH:
+        raise _os_error(failed, art.name, art.path)
     raise InvalidEvent(Reason.PATH_OUTSIDE_ROOTS, f"{art.name}: {art.path!r} keeps changing")
+
+
+def _os_error(exc: OSError, name: str, path: str) -> InvalidEvent | FileUnavailable:
+    """What an error from opening or reading a file means for its event."""
+    if exc.errno == errno.ENOENT:
+        return FileNotYetThere(f"{name}: {path} does not exist")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return FileNotYetThere(f"{name}: {path} is not readable by busd",
+                               Reason.FILE_UNREADABLE)
+    if exc.errno in _ABOUT_THE_PATH:
+        return InvalidEvent(Reason.NOT_PARQUET, f"{name}: {path}: {exc.strerror}")
+    code = errno.errorcode.get(exc.errno or 0, "no errno")
+    return FileUnavailable(f"{name}: {path}: {exc.strerror or exc} ({code})")
+
+
+def _judge(fd: int, actual: str, st: os.stat_result, art: Artifact, checksum: ChecksumPolicy,
+           settle_s: float) -> CheckedArtifact:
+    """The file's checks, where a failed read is the machine's fault and a content verdict
+    on a file changed less than ``settle_s`` ago is not final yet (a producer that
+    publishes before its file is complete, or storage that shows it late)."""
+    try:
+        return _check_file(fd, actual, st, art, checksum)
+    except OSError as exc:
+        raise _os_error(exc, art.name, actual) from None
+    except InvalidEvent as exc:
+        if settle_s <= 0 or exc.reason not in CONTENT_REASONS:
+            raise
+        try:
+            after = os.fstat(fd)
+        except OSError:
+            after = st
+        changed_ns = max(st.st_mtime_ns, st.st_ctime_ns, after.st_mtime_ns, after.st_ctime_ns)
+        if time.time_ns() - changed_ns < settle_s * 1e9:
+            raise FileNotYetThere(exc.detail, exc.reason) from None
+        raise
 
 
 def _open_fast(raw: str, roots: Sequence[Path]) -> tuple[int, str, os.stat_result] | None:
@@ -261,16 +308,24 @@ def check_event(
 
 
 def check_artifacts(
-    artifacts: Sequence[Artifact], roots: Sequence[Path], checksum: ChecksumPolicy
+    artifacts: Sequence[Artifact], roots: Sequence[Path], checksum: ChecksumPolicy,
+    settle_s: float = 0.0,
 ) -> list[CheckedArtifact]:
+    """Every artifact checked; of several failures the first permanent one wins, then an
+    error of the machine (nothing is known yet), then a file still awaited."""
     checked: list[CheckedArtifact] = []
     missing: FileNotYetThere | None = None
+    unavailable: FileUnavailable | None = None
     for art in artifacts:
         faults.hit_for("in_checker", art.path)
         try:
-            checked.append(check_artifact(art, roots, checksum))
+            checked.append(check_artifact(art, roots, checksum, settle_s))
         except FileNotYetThere as exc:
             missing = missing or exc
+        except FileUnavailable as exc:
+            unavailable = unavailable or exc
+    if unavailable is not None:
+        raise unavailable
     if missing is not None:
         raise missing
     return checked

@@ -1,0 +1,224 @@
+"""A FUSE filesystem for the tests: a passthrough over a backing folder whose files can be
+made to fail the way real storage fails (EIO, EACCES, a read that stalls, a file that is not
+there), switched from the test while busd reads them.
+
+It runs in a process of its own (``python faultfs.py BACKING MOUNTPOINT CONTROL``) so that
+libfuse's signal handlers and a stalled request never touch the test process. Faults live in
+the JSON file CONTROL, re-read whenever it changes: ``{"rel/path": {"open": errno,
+"read": errno, "stall": true, "hide": true}}``. A stalled read waits until its fault is
+cleared, for at most ``STALL_MAX_S``.
+
+The mount uses ``direct_io`` and no attribute or entry caching, so every read and every
+lookup reaches this process and a fault takes effect at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+STALL_MAX_S = 60.0
+_POLL_S = 0.02
+
+
+class FaultFS:
+    """The test's handle on a mounted fault filesystem."""
+
+    def __init__(self, backing: Path, mountpoint: Path, control: Path) -> None:
+        self.backing, self.mountpoint, self.control = backing, mountpoint, control
+        self.faults: dict[str, dict[str, Any]] = {}
+
+    def path(self, rel: str) -> Path:
+        """Where busd sees the backing file ``rel``."""
+        return self.mountpoint / rel
+
+    def set(self, rel: str, **fault: Any) -> None:
+        """Fail ``rel``: ``open=errno.EACCES``, ``read=errno.EIO``, ``stall=True``,
+        ``hide=True`` (or several)."""
+        self.faults[rel] = fault
+        self._write()
+
+    def clear(self, rel: str | None = None) -> None:
+        if rel is None:
+            self.faults.clear()
+        else:
+            self.faults.pop(rel, None)
+        self._write()
+
+    def hits(self) -> dict[str, int]:
+        """How many times each fault was served, by ``rel:kind``."""
+        path = self.control.with_suffix(".hits")
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def _write(self) -> None:
+        tmp = self.control.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.faults))
+        os.replace(tmp, self.control)
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount, lazily if something still holds the mount; never leaves it mounted."""
+    tools = [t for t in ("fusermount3", "fusermount") if shutil.which(t)]
+    for args in (["-u"], ["-uz"]):
+        for tool in tools:
+            if not os.path.ismount(mountpoint):
+                return
+            subprocess.run([tool, *args, str(mountpoint)], capture_output=True, timeout=10,
+                           check=False)
+    if os.path.ismount(mountpoint):
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=10,
+                       check=False)
+
+
+def usable() -> str | None:
+    """Why FUSE cannot be used here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not accessible"
+    try:
+        import fuse  # noqa: F401
+    except (ImportError, OSError) as exc:  # OSError: libfuse2 missing
+        return f"fusepy cannot load: {exc}"
+    return None
+
+
+@contextlib.contextmanager
+def mounted(backing: Path, mountpoint: Path, log: Path) -> Iterator[FaultFS]:
+    """Mount, yield, and always unmount and stop the process (every wait bounded)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    control = mountpoint.parent / f"{mountpoint.name}.faults.json"
+    fs = FaultFS(backing, mountpoint, control)
+    fs.clear()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, __file__, str(backing), str(mountpoint),
+                                 str(control)], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.ismount(mountpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"faultfs did not mount: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield fs
+    finally:
+        fs.clear()  # releases stalled reads
+        unmount(mountpoint)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        unmount(mountpoint)
+
+
+# ---- the filesystem process ----------------------------------------------------------------
+def _serve(backing: str, mountpoint: str, control: str) -> None:  # pragma: no cover
+    from fuse import FUSE, FuseOSError, Operations
+
+    class Faults:
+        def __init__(self) -> None:
+            self.stamp: int | None = None
+            self.table: dict[str, dict[str, Any]] = {}
+            self.hits: dict[str, int] = {}
+
+        def get(self, path: str) -> dict[str, Any]:
+            try:
+                stamp = os.stat(control).st_mtime_ns
+            except OSError:
+                stamp = None
+            if stamp != self.stamp:
+                self.stamp = stamp
+                try:
+                    with open(control) as f:
+                        self.table = json.load(f)
+                except (OSError, ValueError):
+                    self.table = {}
+            return self.table.get(path.lstrip("/"), {})
+
+        def hit(self, path: str, kind: str) -> None:
+            key = f"{path.lstrip('/')}:{kind}"
+            self.hits[key] = self.hits.get(key, 0) + 1
+            tmp = control + ".hits.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.hits, f)
+            os.replace(tmp, control.removesuffix(".json") + ".hits")
+
+    faults = Faults()
+
+    class Passthrough(Operations):  # type: ignore[misc]
+        def _real(self, path: str) -> str:
+            return os.path.join(backing, path.lstrip("/"))
+
+        def _hidden(self, path: str) -> None:
+            if faults.get(path).get("hide"):
+                faults.hit(path, "hide")
+                raise FuseOSError(errno.ENOENT)
+
+        def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+            self._hidden(path)
+            st = os.lstat(self._real(path))
+            return {k: getattr(st, k) for k in (
+                "st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime", "st_mtime",
+                "st_ctime")}
+
+        def readdir(self, path: str, fh: int) -> list[str]:
+            return [".", "..", *os.listdir(self._real(path))]
+
+        def readlink(self, path: str) -> str:
+            return os.readlink(self._real(path))
+
+        def access(self, path: str, mode: int) -> None:
+            self._hidden(path)
+            if not os.access(self._real(path), mode):
+                raise FuseOSError(errno.EACCES)
+
+        def open(self, path: str, flags: int) -> int:
+            self._hidden(path)
+            code = faults.get(path).get("open")
+            if code:
+                faults.hit(path, "open")
+                raise FuseOSError(int(code))
+            return os.open(self._real(path), flags)
+
+        def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+            fault = faults.get(path)
+            if fault.get("stall"):
+                faults.hit(path, "stall")
+                deadline = time.monotonic() + STALL_MAX_S
+                while faults.get(path).get("stall") and time.monotonic() < deadline:
+                    time.sleep(_POLL_S)
+                fault = faults.get(path)
+            code = fault.get("read")
+            if code:
+                faults.hit(path, "read")
+                raise FuseOSError(int(code))
+            return os.pread(fh, size, offset)
+
+        def release(self, path: str, fh: int) -> None:
+            os.close(fh)
+
+        def statfs(self, path: str) -> dict[str, Any]:
+            st = os.statvfs(self._real(path))
+            return {k: getattr(st, k) for k in (
+                "f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree", "f_files",
+                "f_flag", "f_frsize", "f_namemax")}
+
+    FUSE(Passthrough(), mountpoint, foreground=True, nothreads=False, ro=True, direct_io=True,
+         attr_timeout=0, entry_timeout=0, negative_timeout=0, fsname="faultfs")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _serve(*sys.argv[1:4])

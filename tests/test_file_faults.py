@@ -1,0 +1,176 @@
+"""Files that fail the way storage fails (contract §4), under a real `busd serve`: errors of
+the machine are retried and never rejected, an unreadable file gets the patience of a missing
+one and then `file_unreadable`, a stalled read is bounded, and a file still being written is
+judged only once it has stopped changing. The faults are served by a real FUSE filesystem
+(``faultfs.py``)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from faultfs import FaultFS, mounted, usable
+from support import Bus, wait_for
+
+
+@pytest.fixture
+def faultfs(bus: Bus) -> Iterator[FaultFS]:
+    """``bus.artifacts`` seen through a fault filesystem, which is busd's artifact root."""
+    why = usable()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"FUSE is needed here: {why}")
+        pytest.skip(f"FUSE unavailable: {why}")
+    with mounted(bus.artifacts, bus.root / "mnt", bus.root / "faultfs.log") as fs:
+        bus.overrides = {**bus.overrides, "artifact_roots": [str(fs.mountpoint)]}
+        yield fs
+
+
+def _event(bus: Bus, fs: FaultFS, run_id: str, **artifact: Any) -> dict[str, Any]:
+    rel = f"{run_id}/fills.parquet"
+    bus.parquet(rel)
+    return bus.event(run_id, [{"name": "fills", "path": str(fs.path(rel)), **artifact}])
+
+
+def _serve_drain(bus: Bus, **over: Any) -> Any:
+    cfg = bus.write_config(**over)
+    return bus.spawn("serve", "--config", str(cfg), "--drain")
+
+
+def _outcomes(bus: Bus) -> list[tuple[Any, ...]]:
+    return bus.sql("SELECT e.run_id, e.outcome, e.reason FROM catalog.events_f e ORDER BY seq")
+
+
+@pytest.mark.parametrize("fault", [("read", errno.EIO), ("open", errno.EMFILE),
+                                   ("open", errno.ESTALE), ("read", errno.ENOMEM)],
+                         ids=["eio_read", "emfile_open", "estale_open", "enomem_read"])
+def test_an_error_of_the_machine_is_retried_and_costs_no_delivery(
+        bus: Bus, faultfs: FaultFS, fault: tuple[str, int]) -> None:
+    kind, code = fault
+    bus.publish([_event(bus, faultfs, "flaky"), _event(bus, faultfs, "fine")])
+    faultfs.set("flaky/fills.parquet", **{kind: code})
+    # max_deliver 3: a nak per retry would make it poison on its second delivery
+    proc = _serve_drain(bus, consumer={"max_deliver": 3, "ack_wait_s": 10},
+                        verify={"file_wait_s": 1})
+    wait_for(lambda: faultfs.hits().get(f"flaky/fills.parquet:{kind}", 0) >= 4, 20,
+             "the check to be retried several times")
+    assert proc.poll() is None, bus.log()
+    faultfs.clear()
+    assert proc.wait(60) == 0, bus.log()
+    assert _outcomes(bus) == [("flaky", "committed", None), ("fine", "committed", None)]
+    assert bus.sql("SELECT count(*) FROM catalog.rejections_f") == [(0,)]
+
+
+def test_an_unreadable_file_waits_like_a_missing_one_then_file_unreadable(
+        bus: Bus, faultfs: FaultFS) -> None:
+    bus.publish([_event(bus, faultfs, "locked"), _event(bus, faultfs, "unlocked")])
+    faultfs.set("locked/fills.parquet", open=errno.EACCES)
+    faultfs.set("unlocked/fills.parquet", open=errno.EPERM)
+    started = time.monotonic()
+    proc = _serve_drain(bus, verify={"file_wait_s": 3})
+    wait_for(lambda: faultfs.hits().get("unlocked/fills.parquet:open", 0) >= 2, 30,
+             "the unreadable file to be retried")
+    faultfs.clear("unlocked/fills.parquet")
+    assert proc.wait(60) == 0, bus.log()
+    assert time.monotonic() - started >= 3
+    assert _outcomes(bus) == [("locked", "rejected", "file_unreadable"),
+                              ("unlocked", "committed", None)]
+    ((detail,),) = bus.sql("SELECT detail FROM catalog.rejections_f")
+    assert "not readable" in detail
+
+
+@pytest.mark.parametrize("processes", [2, 0], ids=["workers", "threads"])
+def test_a_stalled_read_is_bounded_and_retried(bus: Bus, faultfs: FaultFS,
+                                               processes: int) -> None:
+    bus.publish([_event(bus, faultfs, "stuck"), _event(bus, faultfs, "free")])
+    faultfs.set("stuck/fills.parquet", stall=True)
+    proc = _serve_drain(bus, consumer={"ack_wait_s": 30},
+                        verify={"check_timeout_s": 1, "processes": processes})
+    # the other event is decided while the stalled read still hangs
+    wait_for(lambda: '"committed": 1' in bus.log(), 30, "the free event to commit")
+    assert faultfs.hits().get("stuck/fills.parquet:stall", 0) >= 1
+    assert proc.poll() is None, bus.log()
+    faultfs.clear()
+    assert proc.wait(60) == 0, bus.log()
+    assert _outcomes(bus) == [("stuck", "committed", None), ("free", "committed", None)]
+    assert bus.sql("SELECT count(*) FROM catalog.rejections_f") == [(0,)]
+
+
+def test_a_hidden_file_is_missing_then_found(bus: Bus, faultfs: FaultFS) -> None:
+    bus.publish([_event(bus, faultfs, "hidden")])
+    faultfs.set("hidden/fills.parquet", hide=True)
+    proc = _serve_drain(bus, verify={"file_wait_s": 30})
+    wait_for(lambda: faultfs.hits().get("hidden/fills.parquet:hide", 0) >= 2, 30,
+             "the missing file to be looked for again")
+    faultfs.clear()
+    assert proc.wait(60) == 0, bus.log()
+    assert _outcomes(bus) == [("hidden", "committed", None)]
+
+
+def test_a_file_still_being_written_is_committed_once_complete(bus: Bus) -> None:
+    """Half a Parquet file when the event arrives, and a producer still writing it: busd
+    waits while the file changes and commits it once complete."""
+    whole = bus.root / "whole.parquet"
+    pq.write_table(pa.table({"x": list(range(20_000))}), whole)
+    data = whole.read_bytes()
+    path = bus.artifacts / "growing" / "fills.parquet"
+    path.parent.mkdir(parents=True)
+    written = len(data) // 2
+    path.write_bytes(data[:written])
+    seen = threading.Event()
+
+    def producer() -> None:  # a slow writer: a little every 0.2 s, the rest once busd looked
+        nonlocal written
+        with open(path, "ab") as f:
+            while written < len(data):
+                size = -(-(len(data) - written) // 3) if seen.is_set() else 100
+                f.write(data[written:written + size])
+                f.flush()
+                written += size
+                time.sleep(0.2)
+
+    writer = threading.Thread(target=producer, daemon=True)
+    writer.start()
+    bus.publish([bus.event("growing", [{"name": "fills", "path": str(path)}])])
+    cfg = bus.write_config(verify={"file_wait_s": 10, "settle_s": 1})
+    proc = bus.spawn("serve", "--config", str(cfg), "--drain")
+    try:
+        wait_for(lambda: "retrying later" in bus.log(), 20, "busd to wait for the file")
+    finally:
+        seen.set()
+        writer.join(10)
+    assert proc.wait(60) == 0, bus.log()
+    assert _outcomes(bus) == [("growing", "committed", None)]
+    assert bus.sql("SELECT rows FROM catalog.artifacts_f") == [(20_000,)]
+
+
+def test_a_content_verdict_waits_only_for_the_file_to_settle(bus: Bus) -> None:
+    """Not Parquet, and not changing: rejected after ``settle_s``, not after ``file_wait_s``."""
+    path = bus.artifacts / "text.parquet"
+    path.write_text("this is not parquet at all")
+    bus.publish([bus.event("text", [{"name": "fills", "path": str(path)}])])
+    started = time.monotonic()
+    stats = bus.drain(verify={"file_wait_s": 60, "settle_s": 1})
+    assert 1 <= time.monotonic() - started < 30
+    assert stats.outcomes == {"rejected": 1}
+    assert _outcomes(bus) == [("text", "rejected", "not_parquet")]
+
+
+def test_a_stalled_check_does_not_stop_a_shutdown(bus: Bus, faultfs: FaultFS) -> None:
+    bus.publish([_event(bus, faultfs, "stuck")])
+    faultfs.set("stuck/fills.parquet", stall=True)
+    cfg = bus.write_config(verify={"check_timeout_s": 1})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    wait_for(lambda: faultfs.hits().get("stuck/fills.parquet:stall", 0) >= 1, 30,
+             "the read to stall")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, bus.log()
+    assert _outcomes(bus) == []
