@@ -348,6 +348,8 @@ def _check(s: Settings, where: str) -> None:
         raise bad("nats.stream_replicas", "must be 1, 3 or 5")
     if not s.nats.subjects:
         raise bad("nats.subjects", "needs at least one subject")
+    if not 0 < s.nats.connect_timeout_s <= 3600:
+        raise bad("nats.connect_timeout_s", "must be more than 0 and at most 3600")
     if s.nats.url:
         for url in s.nats.url.split(","):
             if not re.match(r"^(nats|tls|ws|wss)://[^\s/]+$", url.strip()):

@@ -181,14 +181,18 @@ async def connect(
             if _refusal(n, exc) is not None:
                 raise exc
 
+    servers = [u.strip() for u in url.split(",") if u.strip()]
     options: dict[str, Any] = {
-        "servers": [u.strip() for u in url.split(",") if u.strip()],
+        "servers": servers,
         "name": name,
-        "connect_timeout": n.connect_timeout_s,
-        "allow_reconnect": reconnect,
-        # For the first connect: one retry per server, and the deadline below bounds it all
-        # (0 would not mean "no retry": nats-py then retries a refusing server forever).
-        # Once connected, a reconnecting client retries forever (set below).
+        # each server gets its share of the deadline: one that drops packets must not use it
+        # all before a live one of the same cluster is tried
+        "connect_timeout": n.connect_timeout_s / max(1, len(servers)),
+        # For the first connect: every server of the list, one retry each, and the deadline
+        # below bounds it all (without allow_reconnect nats-py gives up after the first
+        # server; max_reconnect_attempts=0 would retry a refusing server forever). Once
+        # connected, the caller's choice applies (set below).
+        "allow_reconnect": True,
         "max_reconnect_attempts": 1,
         "reconnect_time_wait": 0.5,
         "disconnected_cb": disconnected,
@@ -231,8 +235,9 @@ async def connect(
                               f"({type(exc).__name__})") from None
         raise
     connecting = False
-    if reconnect:
-        nc.options["max_reconnect_attempts"] = -1  # nats-py reads it at each reconnect
+    # nats-py reads both at each disconnection
+    nc.options["allow_reconnect"] = reconnect
+    nc.options["max_reconnect_attempts"] = -1 if reconnect else 0
     if on_state:
         on_state(True)
     return nc

@@ -162,3 +162,8 @@ def test_a_busy_metrics_port_exits_2_naming_the_key(bus: Bus) -> None:
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "metrics.listen" in lines[0], out.stderr
     assert "unexpected" not in lines[0]
+
+
+def test_connect_timeout_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match=r"nats\.connect_timeout_s"):
+        config.load(env={"BUSD_NATS_CONNECT_TIMEOUT_S": "0"})

@@ -150,6 +150,7 @@ def test_serve_waits_for_nats_then_commits(bus: Bus, tmp_path: Path) -> None:
             while not any(a.startswith("STATUS=waiting for NATS at") for a in status):
                 status += systemd.recv(4096).decode().split("\n")
             assert f"STATUS=waiting for NATS at {url}" in status
+            assert any(a.startswith("EXTEND_TIMEOUT_USEC=") for a in status)  # not hung
             assert _get(base + "/healthz") == 200
             assert _get(base + "/readyz") == 503
 
@@ -187,3 +188,19 @@ def _publish(url: str, event: dict[str, object]) -> None:
             await nc.close()
 
     asyncio.run(go())
+
+
+def test_a_silent_server_of_a_cluster_leaves_time_for_the_others(bus: Bus,
+                                                                 startup_s: float) -> None:
+    """nats-py tries the servers of a URL list in random order: whichever comes first, the
+    silent one must not take the whole deadline."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        silent = f"nats://127.0.0.1:{listener.getsockname()[1]}"
+        cfg = bus.write_config(nats={"url": f"{silent},{bus.url}", "connect_timeout_s": 2})
+        for _ in range(4):
+            elapsed, out = timed(bus, "status", "--json", "--config", str(cfg))
+            assert out.returncode == 0, out.stderr
+            assert json.loads(out.stdout)["nats"]["connected"] is True
+            assert elapsed < 2 + 2 + startup_s
