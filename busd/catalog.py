@@ -63,7 +63,18 @@ FROM (SELECT run_id, name, min(seq) AS first_seq FROM catalog.artifact_log GROUP
 WHERE a.run_id = l.run_id AND a.name = l.name;
 """
 
-MIGRATIONS: dict[int, str] = {1: _DDL_V1, 2: _DDL_V2}
+# v3: a counter of the transactions that changed the catalog (``catalog.meta``, key
+# ``commits``), and the count each export reflects. Freshness is judged by it: a late lower
+# sequence or an event_id demotion changes the catalog without raising max(seq). It starts
+# at 1 on an upgraded catalog so that exports written before it are refreshed once.
+_DDL_V3 = """
+INSERT INTO catalog.meta VALUES ('commits', '1') ON CONFLICT DO NOTHING;
+ALTER TABLE catalog.exports_d ADD COLUMN catalog_commit UBIGINT;
+"""
+
+MIGRATIONS: dict[int, str] = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3}
+COMMITS_KEY = "commits"
+_EXPORTS_D_INSERT = "INSERT OR REPLACE INTO catalog.exports_d VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 # Tables compared by `busd verify`, with the wall-clock columns a replay cannot reproduce.
 COMPARED: dict[str, tuple[str, ...]] = {
@@ -243,6 +254,12 @@ def first_row(con: duckdb.DuckDBPyConnection, sql: str,
     return tuple(rows[0]) if rows else None
 
 
+def commit_count(con: duckdb.DuckDBPyConnection) -> int:
+    """How many transactions have changed the catalog (as of ``con``'s snapshot)."""
+    row = first_row(con, "SELECT value FROM catalog.meta WHERE key = ?", [COMMITS_KEY])
+    return int(row[0]) if row else 0
+
+
 def sql_str(text: str | Path) -> str:
     """A SQL string literal (paths and names are data, never SQL)."""
     return "'" + str(text).replace("'", "''") + "'"
@@ -301,6 +318,9 @@ class Catalog:
             return 0
         row = first_row(self.con, "SELECT value FROM catalog.meta WHERE key = 'schema_version'")
         return int(row[0]) if row else 0
+
+    def commits(self) -> int:
+        return commit_count(self.con)
 
     def catalog_seq(self) -> int:
         row = first_row(self.con, "SELECT coalesce(max(seq), 0) FROM catalog.events_f")
@@ -366,8 +386,7 @@ class Catalog:
             con.execute("BEGIN")
             changed = self._apply(bool(batch.demotions))
             if batch.exports:
-                con.executemany("INSERT OR REPLACE INTO catalog.exports_d "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?)", batch.exports)
+                con.executemany(_EXPORTS_D_INSERT, batch.exports)
             con.execute("COMMIT")
         except duckdb.FatalException as exc:
             raise FatalStorageError(f"catalog: {exc}") from exc
@@ -407,6 +426,9 @@ class Catalog:
                     "WHERE seq IN (SELECT seq FROM fresh)")
         con.execute("INSERT INTO catalog.run_log SELECT * FROM stage_runs "
                     "WHERE seq IN (SELECT seq FROM fresh)")
+        # a batch of sequences all applied before changes nothing: exports stay fresh
+        con.execute("UPDATE catalog.meta SET value = (value::UBIGINT + 1)::VARCHAR "
+                    "WHERE key = ? AND EXISTS (SELECT 1 FROM fresh)", [COMMITS_KEY])
         if demotions:
             con.execute("""
                 CREATE OR REPLACE TEMP TABLE touched_keys AS SELECT DISTINCT run_id, name
@@ -470,14 +492,13 @@ class Catalog:
             WHERE d.outcome = 'rejected'""")
 
     def record_exports(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Upsert rows of ``exports_d`` (name, path, rows, bytes, catalog_seq, at, ms)."""
+        """Upsert rows of ``exports_d`` (name, path, rows, bytes, catalog_seq, at, ms,
+        catalog_commit). Not a change of the catalog's content: the commit count stays."""
         if not rows:
             return
         try:
             self.con.execute("BEGIN")
-            self.con.executemany(
-                "INSERT OR REPLACE INTO catalog.exports_d VALUES (?, ?, ?, ?, ?, ?, ?)",
-                list(rows))
+            self.con.executemany(_EXPORTS_D_INSERT, list(rows))
             self.con.execute("COMMIT")
         except duckdb.FatalException as exc:
             raise FatalStorageError(f"catalog: {exc}") from exc

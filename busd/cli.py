@@ -200,6 +200,10 @@ def status(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
                "refreshed_at": e.refreshed_at.isoformat(),
                "age_s": round((now - e.refreshed_at).total_seconds(), 1)}
         for name, e in manifest.exports.items()}
+    missing = manifest.artifacts_missing  # as busd serve last checked
+    out["artifacts_missing"] = {
+        "count": missing.count, "paths": missing.paths,
+        "checked_at": missing.checked_at.isoformat() if missing.checked_at else None}
     if as_json:
         typer.echo(json.dumps(out, indent=2, default=str))
         return

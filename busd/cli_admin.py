@@ -138,14 +138,23 @@ def register(app: typer.Typer) -> None:
                 "against": report.against, "events": report.replay.events,
                 "last_seq": report.replay.last_seq, "differences": report.counts,
                 "examples": [{"table": d.table, "side": d.side, "row": d.row}
-                             for d in report.differences]}, default=str))
+                             for d in report.differences],
+                "artifacts_missing": [{"name": n, "run_id": r, "path": p, "problem": why}
+                                      for n, r, p, why in report.missing]}, default=str))
         else:
             typer.echo(f"replayed {report.replay.events:,} events to sequence "
                        f"{report.replay.last_seq:,}; compared with the live {report.against}: "
                        + ", ".join(f"{t} {n} differences" for t, n in report.counts.items()))
             for d in report.differences:
                 typer.echo(f"  {d.table} ({d.side}): {d.row}")
-        if total:
+            if report.missing:
+                typer.echo(f"{len(report.missing):,} committed artifacts whose file is gone or "
+                           "unreadable (left out of the data views; a rebuild would reject "
+                           "their events):")
+            for name, run_id, path, why in report.missing:
+                typer.echo(f"  {name} of {run_id}: {path}: {why}")
+        # a vanished file fails verify: the stream and the files no longer rebuild this catalog
+        if total or report.missing:
             raise typer.Exit(int(ExitCode.RUNTIME))
 
     @app.command()

@@ -261,6 +261,7 @@ class Daemon:
             if not self.stopping:
                 await self._activate()
                 tg.start_soon(self._export_loop)
+                tg.start_soon(self._artifacts_loop)
                 tg.start_soon(self._housekeeping)
                 await self._fetch_loop()
                 await self._finish()
@@ -625,6 +626,7 @@ class Daemon:
                 self.metrics.export_failures.labels(export=name).inc()
             raise
         self.stats.exports += 1
+        self.metrics.artifacts_missing.set(self.exporter.missing_count)
         self._last_refresh_s = sum(r.duration_s for r in results)
         stamp = time.time()
         for r in results:
@@ -633,6 +635,24 @@ class Daemon:
         # exports_d rows ride along with the next batch's transaction (one fsync fewer per
         # refresh); housekeeping writes them on their own when the stream is idle
         self._export_rows.update((row[0], row) for row in manifest_rows(results))
+
+    async def _artifacts_loop(self) -> None:
+        """Committed files that vanish are counted while no refresh runs, too (the check
+        shares the export thread and its lock, and never waits behind a refresh)."""
+        while self.exporter is not None:
+            await anyio.sleep(1.0)
+            if not self.exporter.sweep_due() or self._export_lock.locked():
+                continue
+            try:
+                async with self._export_lock:
+                    await self._on_exporter(self.exporter.sweep)
+            except FatalStorageError as exc:
+                self._fatal = exc
+                self.stopping = True
+                return
+            except StorageError as exc:
+                self.log.warning("could not check the artifact files", error=str(exc))
+            self.metrics.artifacts_missing.set(self.exporter.missing_count)
 
     async def _record_exports_when_idle(self) -> None:
         if self._export_rows and self._commit_task is None and self.catalog is not None:

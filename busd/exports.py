@@ -4,6 +4,10 @@ Each file is written to a temporary name in the same folder, fsynced, renamed ov
 one, and the folder fsynced: a reader sees the old file or the new one, never a partial one.
 ``_manifest.json`` is written last. A refresh runs on its own DuckDB cursor inside one
 read transaction, so it sees one snapshot of the catalog while the writer keeps committing.
+
+A committed artifact whose file is later deleted or damaged must not stop the bus (contract
+§4): the ``data."<name>"`` views leave out files that are gone or unreadable, and the exporter
+keeps count of them (checked at each refresh, and over every committed artifact now and then).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import datetime as dt
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +28,7 @@ import duckdb
 import msgspec
 
 from busd import faults
-from busd.catalog import Changed, first_row, sql_str
+from busd.catalog import Changed, commit_count, first_row, sql_str
 from busd.config import ExportSettings, Settings
 from busd.errors import ConfigError, FatalStorageError, StorageError
 
@@ -40,6 +45,15 @@ BUILTIN: tuple[ExportSettings, ...] = (
 PARTITIONABLE = {"runs": "catalog.runs_d", "artifacts": "catalog.artifacts_f"}
 PART_GLOB = "part-*.parquet"
 
+# In ``data."<name>"``, busd's ``run_id`` keeps its name; a file's own ``run_id`` column is
+# renamed to this.
+FILE_RUN_ID = "file_run_id"
+_FILE_COL = "_busd_file"  # read_parquet's filename column: no artifact names a column so
+MISSING_LISTED = 10  # files named in the manifest and by `busd status`
+SWEEP_EVERY_S = 60.0  # every committed artifact's file is checked at most this often,
+SWEEP_SHARE = 30  # ... and for at most 1/30 of the export thread's time
+_PASSES = 5  # a refresh that fails on a damaged file is retried without it this many times
+
 
 @dataclass(frozen=True, slots=True)
 class ExportResult:
@@ -51,6 +65,7 @@ class ExportResult:
     refreshed_at: dt.datetime
     duration_s: float
     parts: int = 0  # part files rewritten (partitioned exports)
+    catalog_commit: int = 0  # the catalog's commit count in the snapshot it was written from
 
 
 class ManifestEntry(msgspec.Struct):
@@ -60,12 +75,23 @@ class ManifestEntry(msgspec.Struct):
     catalog_seq: int
     refreshed_at: dt.datetime
     duration_ms: float = 0.0
+    # what freshness is judged by: written by a busd before it, 0, which is always stale
+    catalog_commit: int = 0
+
+
+class MissingFiles(msgspec.Struct):
+    """Committed artifacts whose file is gone or unreadable, as last checked."""
+
+    count: int = 0
+    paths: list[str] = msgspec.field(default_factory=list)  # the first few, sorted
+    checked_at: dt.datetime | None = None
 
 
 class Manifest(msgspec.Struct):
     catalog_seq: int = 0
     written_at: dt.datetime | None = None
     exports: dict[str, ManifestEntry] = msgspec.field(default_factory=dict)
+    artifacts_missing: MissingFiles = msgspec.field(default_factory=MissingFiles)
 
 
 def fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
@@ -134,6 +160,49 @@ def export_names(folder: Path) -> list[str]:
     return sorted(names)
 
 
+def file_problem(path: str, *, deep: bool = True) -> str | None:
+    """Why a committed artifact's file cannot be read now; None when it can. ``deep`` also
+    reads the Parquet magic bytes and footer length (a few bytes at each end), else only
+    stat and access: cheap enough to run over every committed artifact."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"  # opening a FIFO would block the export thread
+    if not deep:
+        return None if os.access(path, os.R_OK) else "unreadable: permission denied"
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            head = handle.read(4)
+            if size < 12:
+                return "not Parquet: too small"
+            handle.seek(size - 8)
+            tail = handle.read(8)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if head != b"PAR1" or tail[4:] != b"PAR1" or int.from_bytes(tail[:4], "little") + 12 > size:
+        return "not Parquet"
+    return None
+
+
+def _stat_key(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _DamagedFile(Exception):
+    """A refresh failed on a file that passed the cheap checks; it is left out next pass."""
+
+
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -159,8 +228,24 @@ class Exporter:
         # an export without depends_on follows every data.* name its SQL reads
         self._inputs = {e.name: set(e.depends_on) or data_names(e.sql)
                         for e in self.exports.values()}
+        # names some export reads as data.*: their files get the deep check in a sweep too
+        self._view_names = {n for e in configured for n in data_names(e.sql)}
+        # per artifact name, run_id -> (path, why) of committed files that cannot be read
+        self._missing: dict[str, dict[str, tuple[str, str]]] = {}
+        self.missing_count = 0
+        self._checked_at: dt.datetime | None = None
+        self._next_sweep = 0.0  # the first refresh (or sweep) checks every committed file
+        # files DuckDB failed to read although the cheap check passed, by their stat key;
+        # and files it read whole without error (not read again until they change)
+        self._damaged: dict[str, tuple[tuple[int, ...] | None, str]] = {}
+        self._read_whole: dict[str, tuple[int, ...] | None] = {}
+        self._view_files: dict[str, list[str]] = {}  # the files each view reads now
         folder.mkdir(parents=True, exist_ok=True)
         self.cur.execute("ATTACH IF NOT EXISTS ':memory:' AS data")
+        # query_progress() then tells, from another thread, that a long refresh advances
+        self.cur.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false;"
+                         " SET progress_bar_time = 0")
+        self.files_written = 0  # export and part files replaced, ever
         self.remove_leftovers()
 
     @classmethod
@@ -179,20 +264,35 @@ class Exporter:
             else:
                 shutil.rmtree(self.folder / name, ignore_errors=True)
 
+    def progress(self) -> tuple[int, float]:
+        """What a refresh under way has done so far: files replaced and how far the query
+        running now is; called from another thread, it changes while a refresh advances."""
+        try:
+            query = self.cur.query_progress()
+        except duckdb.Error:
+            query = -1.0
+        return self.files_written, query
+
     def due(self, touched: Iterable[str]) -> list[str]:
         """Export names a batch touching these artifact names makes stale (built-ins always)."""
         names = set(touched)
         return [n for n, e in self.exports.items()
                 if n in ("runs", "artifacts") or names & self._inputs[n]]
 
-    def stale(self, catalog_seq: int) -> list[str]:
+    def stale(self, catalog_seq: int = 0) -> list[str]:
         """Exports older than the catalog, missing, or with other columns than their table
-        (a catalog migration added one): refreshed at start, before any ack."""
+        (a catalog migration added one): refreshed at start, before any ack.
+
+        "Older" is by the catalog's commit count, not by the highest sequence: a late lower
+        sequence or an event_id demotion changes the catalog and leaves max(seq) as it was.
+        """
         manifest = read_manifest(self.folder)
+        commits = commit_count(self.cur)
         out = []
         for name in self.exports:
             entry = manifest.exports.get(name)
-            if (entry is None or entry.catalog_seq < catalog_seq
+            if (entry is None or entry.catalog_commit < commits
+                    or entry.catalog_seq < catalog_seq
                     or not (self.folder / entry.file).exists()
                     or not self._same_columns(name)):
                 out.append(name)
@@ -229,27 +329,135 @@ class Exporter:
                 raise ConfigError(f"bad value for exports.{name}.sql: {first}") from None
 
     def _define_views(self, names: Iterable[str]) -> list[str]:
-        """``data."<name>"``: the union by column name of the current files, plus run_id.
-        Returns the names that have no files yet."""
+        """``data."<name>"``: the union by column name of the current files that can be
+        read, plus busd's run_id (a file's own run_id column becomes ``file_run_id``).
+        Returns the names that have no readable files (yet)."""
         empty = []
         for name in names:
             files = self.cur.execute(
-                "SELECT run_id, path FROM catalog.artifacts_f WHERE name = ? ORDER BY run_id",
-                [name]).fetchall()
+                "SELECT run_id, path, coalesce(list_contains(json_extract_string("
+                "columns, '$[*].name'), 'run_id'), false) FROM catalog.artifacts_f "
+                "WHERE name = ? ORDER BY run_id", [name]).fetchall()
+            good: list[tuple[str, str]] = []
+            bad: dict[str, tuple[str, str]] = {}
+            own_run_id = False
+            for run_id, path, has_run_id in files:
+                why = self._problem(path)
+                if why is None:
+                    good.append((run_id, path))
+                    own_run_id = own_run_id or bool(has_run_id)
+                else:
+                    bad[run_id] = (path, why)
+            self._missing[name] = bad
+            self._count_missing()
+            self._checked_at = dt.datetime.now(dt.UTC)
+            self._view_files[name] = [p for _, p in good]
             view = f"data.main.{quote_ident(name)}"
-            if not files:
+            if not good:
                 empty.append(name)
                 self.cur.execute(f"CREATE OR REPLACE VIEW {view} AS "
                                  "SELECT NULL::VARCHAR AS run_id WHERE false")
                 continue
-            paths = ", ".join(sql_str(p) for _, p in files)
-            mapping = ", ".join(f"({sql_str(p)}, {sql_str(r)})" for r, p in files)
+            paths = ", ".join(sql_str(p) for _, p in good)
+            mapping = ", ".join(f"({sql_str(p)}, {sql_str(r)})" for r, p in good)
+            own = f", run_id AS {FILE_RUN_ID}" if own_run_id else ""
             self.cur.execute(
                 f"CREATE OR REPLACE VIEW {view} AS "
-                f"SELECT f.* EXCLUDE (filename), m.run_id FROM read_parquet([{paths}], "
-                f"union_by_name = true, filename = true) AS f "
-                f"JOIN (VALUES {mapping}) AS m(path, run_id) ON f.filename = m.path")
+                f"SELECT f.* EXCLUDE ({_FILE_COL}), m.run_id FROM ("
+                f"SELECT COLUMNS(lambda c: c <> 'run_id'){own} FROM read_parquet([{paths}], "
+                f"union_by_name = true, filename = {sql_str(_FILE_COL)})) AS f "
+                f"JOIN (VALUES {mapping}) AS m(path, run_id) ON f.{_FILE_COL} = m.path")
         return empty
+
+    # ---- committed files that are gone or unreadable -----------------------------------------
+    def _problem(self, path: str, *, deep: bool = True) -> str | None:
+        why = file_problem(path, deep=deep)
+        if why is not None or path not in self._damaged:
+            return why
+        key, damage = self._damaged[path]
+        if key == _stat_key(path):
+            return damage
+        del self._damaged[path]  # rewritten since: worth another try
+        return None
+
+    def _read_fails(self, path: str) -> str | None:
+        """Read a whole file with DuckDB (on a connection of its own: the refresh's
+        transaction is aborted); why that fails, or None."""
+        key = _stat_key(path)
+        if key is not None and self._read_whole.get(path) == key:
+            return None
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute(f"SELECT count(*) FROM read_parquet({sql_str(path)}) AS t "
+                        "WHERE hash(t) IS NOT NULL").fetchall()
+        except duckdb.Error as exc:
+            return "unreadable: " + str(exc).splitlines()[0]
+        finally:
+            con.close()
+        self._read_whole[path] = key
+        return None
+
+    def _blame(self, names: Iterable[str], error: str, tmp: Path) -> bool:
+        """After a refresh failed: the files of these views it failed on, remembered as
+        damaged (left out from now on). False when no file is to blame."""
+        if str(tmp) in error:
+            return False  # writing the export failed, not reading an artifact
+        files = [p for n in names for p in self._view_files.get(n, ())]
+        named = [(p, "unreadable: " + error.splitlines()[0]) for p in files if p in error]
+        if not named:  # DuckDB does not always say which file: read each one
+            named = [(p, why) for p in files if (why := self._read_fails(p)) is not None]
+        for path, why in named:
+            self._damaged[path] = (_stat_key(path), why)
+        return bool(named)
+
+    def sweep_due(self) -> bool:
+        return time.monotonic() >= self._next_sweep
+
+    def sweep(self) -> MissingFiles:
+        """Check every committed artifact's file (stat; the files exports read, a few bytes
+        more), and record the result in the manifest when it changed."""
+        started = time.monotonic()
+        before = self.missing_files()
+        for path in list(self._damaged):  # a read error may have been passing
+            if self._read_fails(path) is None:
+                del self._damaged[path]
+        self._read_whole.clear()
+        try:
+            rows = self.cur.execute(
+                "SELECT name, run_id, path FROM catalog.artifacts_f WHERE path IS NOT NULL")
+            missing: dict[str, dict[str, tuple[str, str]]] = {}
+            while chunk := rows.fetchmany(10_000):
+                for name, run_id, path in chunk:
+                    why = self._problem(path, deep=name in self._view_names)
+                    if why is not None:
+                        missing.setdefault(name, {})[run_id] = (path, why)
+        except duckdb.Error as exc:
+            raise StorageError(f"checking artifact files failed: {exc}") from exc
+        finally:
+            took = time.monotonic() - started
+            self._next_sweep = time.monotonic() + max(SWEEP_EVERY_S, SWEEP_SHARE * took)
+        self._missing = missing
+        self._count_missing()
+        self._checked_at = dt.datetime.now(dt.UTC)
+        report = self.missing_files()
+        if (report.count, report.paths) != (before.count, before.paths):
+            manifest = read_manifest(self.folder)
+            manifest.artifacts_missing = report
+            write_bytes_atomic(self.folder / MANIFEST, _encode(manifest))
+        return report
+
+    def _count_missing(self) -> None:
+        # one int, so that other threads (the daemon's metrics) read it safely
+        self.missing_count = sum(len(files) for files in self._missing.values())
+
+    def missing_files(self) -> MissingFiles:
+        paths = sorted({p for files in self._missing.values() for p, _ in files.values()})
+        return MissingFiles(self.missing_count, paths[:MISSING_LISTED], self._checked_at)
+
+    def missing_detail(self) -> list[tuple[str, str, str, str]]:
+        """(name, run_id, path, why) of every file found gone or unreadable, sorted."""
+        return sorted((name, run_id, path, why) for name, files in self._missing.items()
+                      for run_id, (path, why) in files.items())
 
     def refresh(self, names: Sequence[str], changed: Changed | None = None
                 ) -> tuple[list[ExportResult], int]:
@@ -257,21 +465,35 @@ class Exporter:
 
         ``changed``: what the transactions since the last refresh changed; a partitioned
         export then rewrites only the parts holding those rows (None: all of them)."""
+        if self.sweep_due():
+            self.sweep()
+        for left in range(_PASSES - 1, -1, -1):
+            try:
+                return self._refresh_pass(names, changed)
+            except _DamagedFile as exc:
+                if not left:  # the export loop retries; what was found stays left out
+                    raise StorageError(f"export refresh failed: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def _refresh_pass(self, names: Sequence[str], changed: Changed | None
+                      ) -> tuple[list[ExportResult], int]:
         results: list[ExportResult] = []
         cur = self.cur
         try:
             cur.execute("BEGIN")
             row = first_row(cur, "SELECT coalesce(max(seq), 0) FROM catalog.events_f")
             catalog_seq = int(row[0]) if row else 0
+            commits = commit_count(cur)
             for name in names:
                 if self.partition_seqs and name in PARTITIONABLE:
                     first_seqs = None if changed is None or name in self._whole_next \
                         else getattr(changed, name)
                     result: ExportResult | None = self._refresh_parts(
-                        self.exports[name], PARTITIONABLE[name], catalog_seq, first_seqs)
+                        self.exports[name], PARTITIONABLE[name], catalog_seq, first_seqs,
+                        commits)
                     self._whole_next.discard(name)
                 else:
-                    result = self._refresh_one(self.exports[name], catalog_seq)
+                    result = self._refresh_one(self.exports[name], catalog_seq, commits)
                 if result is not None:
                     results.append(result)
         except duckdb.Error as exc:
@@ -286,23 +508,32 @@ class Exporter:
         self._write_manifest(results, catalog_seq)
         return results, catalog_seq
 
-    def _refresh_one(self, export: ExportSettings, catalog_seq: int) -> ExportResult | None:
+    def _refresh_one(self, export: ExportSettings, catalog_seq: int,
+                     commits: int) -> ExportResult | None:
         """Rewrite one export; None while one of its ``data.*`` inputs has no files yet."""
         started = time.perf_counter()
-        if self._define_views(data_names(export.sql)):
+        inputs = data_names(export.sql)
+        if self._define_views(inputs):
             return None
         final = self.folder / f"{export.name}.parquet"
         tmp = self.folder / f".{export.name}.parquet.tmp-{os.getpid()}"
-        rows = self._copy(export.sql, tmp)
+        try:
+            rows = self._copy(export.sql, tmp)
+        except duckdb.Error as exc:
+            if inputs and self._blame(inputs, str(exc), tmp):
+                raise _DamagedFile(str(exc).splitlines()[0]) from None
+            raise
         size = tmp.stat().st_size
         faults.hit("during_export")
         durable_replace(tmp, final)
+        self.files_written += 1
         faults.hit("after_rename")
         return ExportResult(export.name, final.name, rows, size, catalog_seq,
-                            dt.datetime.now(dt.UTC), time.perf_counter() - started)
+                            dt.datetime.now(dt.UTC), time.perf_counter() - started,
+                            catalog_commit=commits)
 
     def _refresh_parts(self, export: ExportSettings, table: str, catalog_seq: int,
-                       first_seqs: set[int] | None) -> ExportResult:
+                       first_seqs: set[int] | None, commits: int) -> ExportResult:
         """Rewrite the part files of the rows with these ``first_seq`` (None: every part,
         and parts that no longer hold rows are removed)."""
         started = time.perf_counter()
@@ -325,6 +556,7 @@ class Exporter:
             self._copy(f"SELECT * FROM {table} WHERE {where}", tmp)
             faults.hit("during_export")
             durable_replace(tmp, final)
+            self.files_written += 1
             faults.hit("after_rename")
         if first_seqs is None:
             gone = [f for f in folder.glob(PART_GLOB)
@@ -337,7 +569,7 @@ class Exporter:
         size = sum(f.stat().st_size for f in folder.glob(PART_GLOB))
         return ExportResult(export.name, f"{export.name}/", int(row[0]) if row else 0, size,
                             catalog_seq, dt.datetime.now(dt.UTC),
-                            time.perf_counter() - started, len(parts))
+                            time.perf_counter() - started, len(parts), commits)
 
     def _copy(self, sql: str, tmp: Path) -> int:
         """``COPY (sql)`` to a Parquet file; the number of rows written."""
@@ -354,16 +586,22 @@ class Exporter:
         manifest = read_manifest(self.folder)
         for r in results:
             manifest.exports[r.name] = ManifestEntry(r.path, r.rows, r.bytes, r.catalog_seq,
-                                                     r.refreshed_at, round(r.duration_s * 1000, 3))
+                                                     r.refreshed_at, round(r.duration_s * 1000, 3),
+                                                     r.catalog_commit)
         for gone in set(manifest.exports) - set(self.exports):
             del manifest.exports[gone]
         manifest.catalog_seq = min((e.catalog_seq for e in manifest.exports.values()),
                                    default=catalog_seq)
         manifest.written_at = dt.datetime.now(dt.UTC)
-        data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
-        write_bytes_atomic(self.folder / MANIFEST, data)
+        manifest.artifacts_missing = self.missing_files()
+        write_bytes_atomic(self.folder / MANIFEST, _encode(manifest))
+
+
+def _encode(manifest: Manifest) -> bytes:
+    return msgspec.json.format(msgspec.json.encode(manifest), indent=2)
 
 
 def manifest_rows(results: Sequence[ExportResult]) -> list[tuple[Any, ...]]:
+    """``exports_d`` rows, in its column order."""
     return [(r.name, r.path, r.rows, r.bytes, r.catalog_seq, r.refreshed_at,
-             round(r.duration_s * 1000, 3)) for r in results]
+             round(r.duration_s * 1000, 3), r.catalog_commit) for r in results]

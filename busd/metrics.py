@@ -32,7 +32,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "busd_commit_duration_seconds", "busd_export_duration_seconds",
     "busd_export_last_success_timestamp_seconds", "busd_export_failures_total",
     "busd_event_latency_seconds", "busd_catalog_seq", "busd_nats_connected", "busd_build_info",
-    "busd_up", "busd_ready", "busd_active",
+    "busd_up", "busd_ready", "busd_active", "busd_artifacts_missing",
 )
 
 
@@ -69,6 +69,10 @@ class Metrics:
                                        "Time from publish (stream timestamp) to ack.",
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.catalog_seq = Gauge("busd_catalog_seq", "Last stream sequence applied.", registry=r)
+        self.artifacts_missing = Gauge(
+            "busd_artifacts_missing",
+            "Committed artifacts whose file is gone or unreadable (checked periodically and "
+            "at each refresh); they are left out of the data views.", registry=r)
         self.nats_connected = Gauge("busd_nats_connected", "1 while connected to NATS.",
                                     registry=r)
         self.build_info = Gauge("busd_build_info", "Always 1; the version is a label.",

@@ -27,7 +27,14 @@ from busd.api import poison_of
 from busd.catalog import COMPARED, Catalog, Changed, Claim, Known, Sibling, sql_str
 from busd.config import Settings
 from busd.errors import BusdError, CatalogLocked
-from busd.exports import Exporter, fsync_dir, fsync_path, read_manifest, reader_sql
+from busd.exports import (
+    Exporter,
+    file_problem,
+    fsync_dir,
+    fsync_path,
+    read_manifest,
+    reader_sql,
+)
 from busd.fold import Folder
 
 REPLAY_BATCH = 5000  # events per fetch and per catalog transaction
@@ -178,6 +185,9 @@ class VerifyReport:
     differences: list[Difference]
     counts: dict[str, int]
     replay: ReplayResult
+    # committed artifacts whose file is gone or unreadable: (name, run_id, path, why). A
+    # replay rejects their events now, so the catalogs differ for them.
+    missing: list[tuple[str, str, str, str]] = field(default_factory=list)
 
 
 async def verify(s: Settings, nc: Any, *, poison: dict[int, str] | None = None,
@@ -201,7 +211,20 @@ async def verify(s: Settings, nc: Any, *, poison: dict[int, str] | None = None,
         live_open = True
         upto = live.catalog_seq()
         poison = poison_of(live) if poison is None else poison
+        committed = live.con.execute(
+            "SELECT name, run_id, path FROM catalog.artifacts_f WHERE path IS NOT NULL"
+        ).fetchall()
         live.close()
+    if not live_open:  # busd serve holds the catalog: what its artifacts export says
+        exported = reader_sql(s.exports_path, "artifacts")
+        con = duckdb.connect(":memory:")
+        try:
+            committed = [] if exported is None else con.execute(
+                f"SELECT name, run_id, path FROM {exported}").fetchall()
+        finally:
+            con.close()
+    missing = sorted((str(n), str(r), str(p), why) for n, r, p in committed
+                     if (why := file_problem(str(p))) is not None)
     try:
         replayed = Catalog(tmp)
         try:
@@ -211,6 +234,7 @@ async def verify(s: Settings, nc: Any, *, poison: dict[int, str] | None = None,
             else:
                 report = _compare_exports(s, replayed, limit)
             report.replay = result
+            report.missing = missing
             return report
         finally:
             replayed.close()

@@ -91,7 +91,7 @@ def test_a_version_1_catalog_gets_first_seq_from_its_log(tmp_path: Path) -> None
     con.close()
     catalog = Catalog(path)
     try:
-        assert catalog.schema_version() == 2
+        assert catalog.schema_version() == 3
         assert catalog.con.execute(
             "SELECT seq, first_seq FROM catalog.artifacts_f").fetchall() == [(9, 3)]
     finally:
