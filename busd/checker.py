@@ -39,7 +39,7 @@ Result = list[CheckedArtifact] | InvalidEvent | FileUnavailable
 _CHUNK_MIN = 32  # events per worker request, at least (a request costs ~0.1 ms)
 _HEADER = 4  # bytes of length before each message
 _FLUSH_S = 0.1  # a worker sends what it has checked at least this often, while it checks
-_START_S = 10.0  # a fresh worker imports pyarrow before its first answer: allowed on top
+_START_S = 30.0  # a fresh worker imports pyarrow, then says it is ready
 _KILL_WAIT_S = 5.0  # a killed worker stuck in the kernel is left behind after this
 
 
@@ -144,6 +144,7 @@ def worker_main() -> None:  # pragma: no cover - runs in the worker process
         out.write(_frame(_encoder.encode(items)))
         out.flush()
 
+    send([])  # ready: imports done (the parent's timeouts start from here)
     while True:
         header = inp.read(_HEADER)
         if len(header) < _HEADER:
@@ -180,17 +181,25 @@ class WorkerStalled(Exception):
         self.answers = answers
 
 
+_reaping: set[asyncio.Future[int]] = set()  # killed workers not exited yet
+
+
 class _Worker:
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.lock = asyncio.Lock()
-        self.fresh = False  # started, and not answered yet: still importing
+        self.fresh = False  # started, its "ready" not read yet
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "busd.checker", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, limit=1 << 26)
         self.fresh = True
+
+    @staticmethod
+    async def _frame(stdout: asyncio.StreamReader) -> bytes:
+        header = await stdout.readexactly(_HEADER)
+        return await stdout.readexactly(int.from_bytes(header, "little"))
 
     async def ensure(self) -> None:
         if self.proc is None or self.proc.returncode is not None:
@@ -206,17 +215,17 @@ class _Worker:
             assert proc is not None and proc.stdin is not None and proc.stdout is not None
             started = time.monotonic()
             answers: list[_Answer] = []
-            sent = False
             try:
-                while True:
-                    async with asyncio.timeout(timeout_s + (_START_S if self.fresh else 0.0)):
-                        if not sent:
-                            proc.stdin.write(request)
-                            sent = True
-                            await proc.stdin.drain()
-                        header = await proc.stdout.readexactly(_HEADER)
-                        frame = await proc.stdout.readexactly(int.from_bytes(header, "little"))
+                if self.fresh:  # its imports take a while, once
+                    async with asyncio.timeout(_START_S):
+                        await self._frame(proc.stdout)
                     self.fresh = False
+                    started = time.monotonic()
+                proc.stdin.write(request)
+                while True:
+                    async with asyncio.timeout(timeout_s):
+                        await proc.stdin.drain()
+                        frame = await self._frame(proc.stdout)
                     answers += _answer_decoder.decode(frame)
                     if len(answers) >= count:
                         break
@@ -237,13 +246,15 @@ class _Worker:
             return answers
 
     async def _reap(self) -> None:
-        """Kill it; one stuck in an uninterruptible read is left behind, not waited for."""
+        """Kill it and go on: one in a read the kernel will not interrupt (a hung network
+        or FUSE filesystem) exits only when that read returns, and is reaped then."""
         proc, self.proc = self.proc, None
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), _KILL_WAIT_S)
+            task = asyncio.ensure_future(proc.wait())
+            _reaping.add(task)
+            task.add_done_callback(_reaping.discard)
 
     async def close(self) -> None:
         proc, self.proc = self.proc, None

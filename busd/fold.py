@@ -32,7 +32,7 @@ from busd.errors import (
     TransientError,
 )
 from busd.source import Delivery
-from busd.validate import CheckedArtifact
+from busd.validate import CONTENT_REASONS, CheckedArtifact
 
 RECHECK_MAX_S = 10.0  # an event whose files the machine failed to read is checked again
 REPLAY_RECHECKS = 3  # replay has no message to keep in hand: it checks again, then gives up
@@ -298,6 +298,9 @@ class Folder:
             return
         item.nak_delay_s = min(remaining_s, max(2.0 ** (item.d.delivered - 1),
                                                 remaining_s / tries_left))
+        if exc.reason in CONTENT_REASONS and item.d.delivered == 1:
+            # a file that stops changing now is judged once settled, not a while later
+            item.nak_delay_s = min(item.nak_delay_s, self.s.verify.settle_s + 0.5)
 
     async def _validate(self, items: Sequence[tuple[Decided, ev.ArtifactEvent]]) -> Checks:
         """Each event's checked artifacts (or why they fail), by ``id`` of its item."""
