@@ -318,15 +318,20 @@ class Exporter:
         While a ``data.*`` input has no files yet its columns are unknown, so only the
         syntax of such an export can be checked."""
         for name, export in self.exports.items():
-            empty = self._define_views(data_names(export.sql))
-            try:
-                if empty:
-                    self.cur.extract_statements(export.sql)
-                else:
-                    self.cur.execute(f"SELECT * FROM ({export.sql}) LIMIT 0")
-            except duckdb.Error as exc:
-                first = str(exc).splitlines()[0]
-                raise ConfigError(f"bad value for exports.{name}.sql: {first}") from None
+            inputs = data_names(export.sql)
+            for left in range(_PASSES - 1, -1, -1):
+                try:
+                    if self._define_views(inputs):
+                        self.cur.extract_statements(export.sql)
+                    else:
+                        self.cur.execute(f"SELECT * FROM ({export.sql}) LIMIT 0")
+                    break
+                except duckdb.Error as exc:
+                    # a damaged artifact file is no fault of the configuration
+                    if left and inputs and self._blame(inputs, str(exc), None):
+                        continue
+                    first = str(exc).splitlines()[0]
+                    raise ConfigError(f"bad value for exports.{name}.sql: {first}") from None
 
     def _define_views(self, names: Iterable[str]) -> list[str]:
         """``data."<name>"``: the union by column name of the current files that can be
@@ -397,10 +402,10 @@ class Exporter:
         self._read_whole[path] = key
         return None
 
-    def _blame(self, names: Iterable[str], error: str, tmp: Path) -> bool:
+    def _blame(self, names: Iterable[str], error: str, tmp: Path | None) -> bool:
         """After a refresh failed: the files of these views it failed on, remembered as
         damaged (left out from now on). False when no file is to blame."""
-        if str(tmp) in error:
+        if tmp is not None and str(tmp) in error:
             return False  # writing the export failed, not reading an artifact
         files = [p for n in names for p in self._view_files.get(n, ())]
         named = [(p, "unreadable: " + error.splitlines()[0]) for p in files if p in error]
@@ -513,11 +518,11 @@ class Exporter:
         """Rewrite one export; None while one of its ``data.*`` inputs has no files yet."""
         started = time.perf_counter()
         inputs = data_names(export.sql)
-        if self._define_views(inputs):
-            return None
         final = self.folder / f"{export.name}.parquet"
         tmp = self.folder / f".{export.name}.parquet.tmp-{os.getpid()}"
         try:
+            if self._define_views(inputs):  # a view reads the files' footers already
+                return None
             rows = self._copy(export.sql, tmp)
         except duckdb.Error as exc:
             if inputs and self._blame(inputs, str(exc), tmp):

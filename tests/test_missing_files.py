@@ -6,7 +6,6 @@ keeps refreshing, and the file is reported by the gauge, ``busd status`` and ``b
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import urllib.request
 from pathlib import Path
@@ -30,6 +29,9 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(b"not a parquet file, overwritten by a cleanup job\n" * 3)
     elif how == "truncated":  # the Parquet magic at the start, no footer
         path.write_bytes(path.read_bytes()[:20])
+    elif how == "footer":  # the magic bytes right, what lies between them not
+        data = path.read_bytes()
+        path.write_bytes(data[:4] + b"\x07" * 200 + (30).to_bytes(4, "little") + b"PAR1")
     elif how == "directory":  # root reads everything: a folder is what it cannot read
         path.unlink()
         path.mkdir()
@@ -63,7 +65,7 @@ def exported_runs(bus: Bus, name: str) -> list[str]:
                       .column("run_id").to_pylist()))
 
 
-@pytest.mark.parametrize("how", ["deleted", "garbage", "truncated", "directory"])
+@pytest.mark.parametrize("how", ["deleted", "garbage", "truncated", "footer", "directory"])
 def test_a_vanished_file_never_stops_the_bus(bus: Bus, how: str) -> None:
     port = free_port()
     cfg = bus.write_config(metrics={"listen": f"127.0.0.1:{port}"}, exports=[LATEST])
@@ -111,10 +113,11 @@ def test_a_vanished_file_never_stops_the_bus(bus: Bus, how: str) -> None:
         ("committed",)] * 3
 
 
-def test_a_file_gone_while_busd_is_down_does_not_block_its_start(bus: Bus) -> None:
+@pytest.mark.parametrize("how", ["deleted", "footer"])
+def test_a_file_gone_while_busd_is_down_does_not_block_its_start(bus: Bus, how: str) -> None:
     bus.publish([bus.event("run-a"), bus.event("run-b")])
     bus.drain()
-    shutil.rmtree(bus.artifacts / "run-a")
+    damage(bus.artifacts / "run-a" / "fills.parquet", how)
     # an export configured since: stale, refreshed at start before anything is acked
     cfg = bus.write_config(exports=[LATEST])
     bus.publish([bus.event("run-c")])
