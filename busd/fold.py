@@ -314,7 +314,7 @@ class Folder:
                      if isinstance(checks[id(item)], FileUnavailable)]
             if not again:
                 break
-            await asyncio.sleep(2.0 ** attempt)
+            await asyncio.sleep(0.5 * 2.0 ** attempt)
             results = await self.checker.check([event.artifacts for _, event in again])
             checks.update((id(item), r) for (item, _), r in zip(again, results, strict=True))
         if self.replay:

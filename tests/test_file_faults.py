@@ -188,3 +188,21 @@ def test_a_stalled_check_does_not_stop_a_shutdown(bus: Bus, faultfs: FaultFS) ->
 def test_bad_verify_timings_name_their_key(bus: Bus, key: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"verify.{key}"):
         bus.settings(verify={key: value})
+
+
+def test_a_rebuild_on_a_failing_disk_fails_rather_than_reject(bus: Bus, faultfs: FaultFS) -> None:
+    """Replay has no message to keep in hand: it checks again a few times, then gives up
+    with exit 1, and the live catalog stays as it was."""
+    bus.publish([_event(bus, faultfs, "kept")])
+    assert bus.drain().outcomes == {"committed": 1}
+    faultfs.set("kept/fills.parquet", read=errno.EIO)
+    cfg = bus.write_config()
+    done = bus.cli("rebuild", "--config", str(cfg), timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "EIO" in done.stderr
+    assert faultfs.hits().get("kept/fills.parquet:read", 0) >= 4  # checked again, 3 times
+    assert _outcomes(bus) == [("kept", "committed", None)]
+    faultfs.clear()
+    done = bus.cli("rebuild", "--config", str(cfg), timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _outcomes(bus) == [("kept", "committed", None)]
