@@ -65,8 +65,9 @@ def test_an_error_of_the_machine_is_retried_and_costs_no_delivery(
     kind, code = fault
     bus.publish([_event(bus, faultfs, "flaky"), _event(bus, faultfs, "fine")])
     faultfs.set("flaky/fills.parquet", **{kind: code})
-    # max_deliver 3: a nak per retry would make it poison on its second delivery
-    proc = _serve_drain(bus, consumer={"max_deliver": 3, "ack_wait_s": 10},
+    # max_deliver 3: a nak per retry (or a redelivery after ack_wait, 2 s, for want of an
+    # in-progress signal) would make it poison on its second delivery
+    proc = _serve_drain(bus, consumer={"max_deliver": 3, "ack_wait_s": 2},
                         verify={"file_wait_s": 1})
     wait_for(lambda: bus.log().count("the machine failed to read files") >= 3, 20,
              "the check to be retried several times")
