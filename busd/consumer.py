@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from busd import api, faults, log, source
+from busd import api, faults, lag, log, sdnotify, source
 from busd.catalog import Batch, Catalog, Changed, Claim, Known, Sibling
 from busd.config import Settings, parse_hostport
 from busd.embedded import EmbeddedServer
@@ -35,9 +35,10 @@ from busd.errors import (
 )
 from busd.exports import Exporter, manifest_rows
 from busd.fold import Decided, Folded, Folder, Prepared, merge
+from busd.inflight import Ledger
 from busd.metrics import Metrics, MetricsServer
 from busd.sdnotify import SdNotifier
-from busd.settle import Waiting, outcome_line, settle
+from busd.settle import Rechecks, outcome_line, settle, settlement
 from busd.standby import Backfill, Follower, Lease, LeaseLost, follow_until_leader
 
 T = TypeVar("T")
@@ -77,8 +78,8 @@ class Daemon:
         self.src: source.PullSource | None = None
         self.settler: source.Settler | None = None
         self.metrics_server: MetricsServer | None = None
-        self._waiting: list[Waiting] = []
-        self._waiting_seqs: set[int] = set()
+        self.ledger = Ledger()  # every delivery held and not settled yet
+        self.rechecks = Rechecks()  # held, not nak'ed: the machine failed to read their files
         self._generation = 0
         self._exported_generation = 0  # the generation the last export refresh covered
         self._touched: set[str] = set()
@@ -93,7 +94,6 @@ class Daemon:
         self._export_rows: dict[str, tuple[Any, ...]] = {}  # latest exports_d row per export
         self._active = True
         self._catalog_seq = 0
-        self._in_hand: Sequence[source.Delivery] = ()  # batches waiting for the commit before
         self._last_refresh_s = 0.0
         self._pinged_at = 0.0
         self._ping_every_s = self.notify.watchdog_interval_s() or 1.0
@@ -186,7 +186,7 @@ class Daemon:
         await self.src.start()
         self.settler = source.Settler(self.nc)
         answers = api.Answers(self._on_writer, self.catalog, list(self.exporter.exports),
-                              self._waiting_seqs, self._refresh)
+                              self.ledger.waiting, self._refresh)
         await self.nc.subscribe(api.subject(s.nats.consumer, "*"), cb=answers.respond)
         await self._measure_lag()  # before ready: an alert must never see a lag of 0 it is not
         self.log.info("busd ready", stream=s.nats.stream, consumer=s.nats.consumer,
@@ -204,7 +204,8 @@ class Daemon:
         self.metrics.ready.set(0)
         if self.src is not None:
             await self.src.stop()  # unsubscribe first: nothing arrives after the naks below
-            leftovers = self.src.take_buffered()
+            # what is held and not acked goes back to the server now, not after ack_wait
+            leftovers = [*self.ledger.held(), *self.src.take_buffered()]
             await self._send([(d.reply, source.nak_body(0)) for d in leftovers])
         if self.lease is not None and self._fatal is None and self._active:
             await self.lease.release()
@@ -262,7 +263,7 @@ class Daemon:
                 await self._activate()
                 tg.start_soon(self._export_loop)
                 tg.start_soon(self._artifacts_loop)
-                tg.start_soon(self._housekeeping)
+                tg.start_soon(self._keeper)
                 await self._fetch_loop()
                 await self._finish()
             tg.cancel_scope.cancel()
@@ -360,29 +361,22 @@ class Daemon:
         c = self.s.consumer
         try:
             while not self.stopping:
-                if self.lease is not None and self.lease.due():
-                    await self._lease_ok(renew=True)
-                    if self._fatal is not None:  # lost it: not one more ack
-                        return
                 if self._backfill is not None and self._backfill.due():
                     await self._committed()  # the backfill reads the catalog, then commits
                     if await self._backfill.step():
                         self._backfill = None
-                    self._alive()
                 try:
                     batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
                                                  prefetch=lambda: not self.stopping)
                 except ConsumerGone as exc:
                     await self._recreate_consumer(str(exc))
                     continue
+                batch = [*self.rechecks.due(time.monotonic()), *batch]
                 if batch:
                     await self._handle(batch)
                     self.stats.batches += 1
-                    self._alive()
                 else:
                     await self._committed()
-                    if not self._waiting or self._exporting_recently():
-                        self._alive()
                     if self.drain and await self._drained():
                         return
                 if self._fatal is not None:
@@ -399,17 +393,12 @@ class Daemon:
         self.src.reset()
 
     def _alive(self) -> None:
-        """Ping systemd's watchdog, from the main loop only and only after progress (a batch
-        handled, or idle with nothing owed), at most once per half watchdog period. A hung
-        loop stops the pings and systemd restarts busd."""
+        """Ping systemd's watchdog at most once per half watchdog period: from the keeper
+        while active (never waiting for a batch), from the follow loop in standby."""
         now = time.monotonic()
         if now - self._pinged_at >= self._ping_every_s:
             self._pinged_at = now
             self.notify.watchdog()
-
-    def _exporting_recently(self) -> bool:
-        """Acks wait on exports, but the export loop is still trying (a full disk, say)."""
-        return time.monotonic() - self._export_attempt_at < 2 * self._ping_every_s
 
     async def _committed(self) -> None:
         """Wait for the batch whose commit is under way (and its settlement)."""
@@ -418,7 +407,7 @@ class Daemon:
             await task
 
     async def _drained(self) -> bool:
-        if self._waiting or self._touched or self._backfill is not None:
+        if self.ledger.waiting or self._touched or self._backfill is not None:
             return False
         pending, ack_pending = await source.consumer_state(self.nc, self.s)
         return pending == 0 and ack_pending == 0
@@ -426,7 +415,7 @@ class Daemon:
     async def _finish(self) -> None:
         """Shutdown: export and settle everything committed, within the grace period."""
         with anyio.move_on_after(self.s.consumer.shutdown_grace_s):
-            while (self._waiting or self._touched) and self._fatal is None:
+            while (self.ledger.waiting or self._touched) and self._fatal is None:
                 self._export_wanted.set()
                 self._export_idle.clear()
                 await self._export_idle.wait()
@@ -439,8 +428,8 @@ class Daemon:
         group reads the catalog only once the previous commit is done."""
         assert self.folder is not None
         held = list(batch)
+        self.ledger.hold(batch, time.monotonic())
         parts = [self.folder.prepare(batch)]
-        self._in_hand = held
         try:
             await self._gather(held, parts)
             await self._committed()
@@ -449,7 +438,6 @@ class Daemon:
                 p.cancel()
             raise
         folded = await self.folder.finish(merge(parts))
-        self._in_hand = ()
         self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, held))
 
     async def _gather(self, held: list[source.Delivery], parts: list[Prepared]) -> None:
@@ -471,6 +459,7 @@ class Daemon:
                 return  # the fetch loop's next fetch meets it again, and declares it again
             if not more:
                 return
+            self.ledger.hold(more, time.monotonic())
             parts.append(self.folder.prepare(more))
             held.extend(more)
             size += sum(len(d.data) for d in more)
@@ -511,13 +500,12 @@ class Daemon:
             except StorageError as exc:
                 if self.stopping or self._fatal is not None:
                     raise TransientError(f"stopping with a batch not committed: {exc}") from None
+                # everything held stays ours meanwhile (the keeper says it is in progress)
                 self.log.error("catalog commit failed; retrying", error=str(exc),
                                retry_in_s=delay_s)
-                # everything held stays ours meanwhile, without costing a delivery
-                held = [*batch, *self._in_hand, *(self.src.buffered() if self.src else [])]
-                await self._progress([d.reply for d in held] + [w.d.reply for w in self._waiting])
                 await anyio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 10.0)
+        self._last_progress = time.monotonic()
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.artifacts.inc(len(rows.artifacts))
@@ -543,13 +531,15 @@ class Daemon:
             self.log.info("batch", first_seq=decided[0].d.seq, last_seq=decided[-1].d.seq,
                           **dict(settled.outcomes))
         if settled.waiting:  # acked after the export refresh that covers them
-            self._waiting += settled.waiting
-            self._waiting_seqs.update(w.d.seq for w in settled.waiting)
+            self.ledger.wait([w.d for w in settled.waiting], generation, time.monotonic())
             self._generation = generation
             self._touched.update(touched)
             self._export_wanted.set()
-        await self._send(settled.now)
-        if settled.now:
+        await self._send(settled.now)  # not sent: the server redelivers, the fold decides again
+        self.ledger.release(item.d.seq for item in decided
+                            if settlement(item.outcome) != "ack" and item.recheck_s is None)
+        self.rechecks.hold(settled.held, time.monotonic())  # still in the ledger, kept alive
+        if settled.now or settled.held:
             self._last_progress = time.monotonic()
 
     async def _send(self, items: Sequence[tuple[str, bytes]]) -> bool:
@@ -573,8 +563,6 @@ class Daemon:
             return False
         return True
 
-    async def _progress(self, replies: Sequence[str]) -> None:
-        await self._send([(r, source.PROGRESS) for r in replies])
 
     # ---- exports -------------------------------------------------------------------------
     async def _export_loop(self) -> None:
@@ -617,7 +605,6 @@ class Daemon:
         """Refresh exports; ``changed`` (rows committed since the last refresh) lets a
         partitioned export rewrite only its parts holding them. None: all parts."""
         assert self.exporter is not None and self.catalog is not None
-        self._export_attempt_at = time.monotonic()
         try:
             async with self._export_lock:  # the export loop and `busd export` share it
                 results, _seq = await self._on_exporter(self.exporter.refresh, names, changed)
@@ -663,58 +650,98 @@ class Daemon:
                 self.log.warning("could not record exports_d", error=str(exc))
 
     async def _ack_through(self, generation: int) -> None:
-        done = [w for w in self._waiting if w.generation <= generation]
+        done = self.ledger.ackable(generation)
         if not done:
             return
-        self._waiting = [w for w in self._waiting if w.generation > generation]
         faults.hit("before_ack")
         if not await self._send([(w.d.reply, source.ACK) for w in done]):
-            self._waiting = done + self._waiting  # housekeeping acks them once it can
-            return
+            return  # they stay in the ledger: the keeper acks them once it can
         faults.hit("after_ack")
+        self.ledger.release(w.d.seq for w in done)
         now = time.time()
         for w in done:
-            self._waiting_seqs.discard(w.d.seq)
             self.metrics.event_latency.observe(max(0.0, now - w.d.published_ns / 1e9))
         self._last_progress = time.monotonic()
 
-    # ---- housekeeping: lag, in-progress, stall -------------------------------------------
+    # ---- the keeper: lag, in-progress, stall, lease --------------------------------------
     async def _measure_lag(self) -> None:
         pending, ack_pending = await source.consumer_state(self.nc, self.s)
         self._backlog = pending + ack_pending
         self.metrics.pending.set(pending)
         self.metrics.ack_pending.set(ack_pending)
+        self.metrics.bound(self.s.nats.stream, self.s.nats.consumer)
+        age_s = 0.0
+        if self._backlog:  # the age needs two more requests: only while something waits
+            age_s = await lag.oldest_unsettled_age_s(self.nc.jetstream(), self.s.nats.stream,
+                                                     self.s.nats.consumer)
+        self.metrics.oldest_unsettled_age.set(age_s)
 
-    async def _housekeeping(self) -> None:
-        ack_wait_s = self.s.consumer.ack_wait_s
+    async def _keeper(self) -> None:
+        """Keep-alives that never wait for a batch: the watchdog and the stall check, the
+        lease, and (with NATS round trips) lag, in-progress signals and late acks. Each runs
+        on its own, so a slow file check, commit, refresh or NATS call delays none of them."""
+        async with anyio.create_task_group() as tg:
+            assert self.exporter is not None
+            tg.start_soon(self._watchdog_loop, self.exporter)
+            if self.lease is not None:
+                tg.start_soon(self._lease_loop)
+            tg.start_soon(self._nats_loop)
+
+    async def _watchdog_loop(self, exporter: Exporter) -> None:
+        """Ping the watchdog; exit on a stall: a backlog and, for ``stall_s``, no ack, no
+        commit and no export refresh advancing (a slow refresh is no stall)."""
+        stall_s, exported = self.s.consumer.stall_s, exporter.progress()
+        while True:
+            await anyio.sleep(min(1.0, self._ping_every_s))
+            self._alive()
+            advanced = exporter.progress()
+            if advanced != exported:
+                exported, self._last_progress = advanced, time.monotonic()
+            now = time.monotonic()
+            if self._backlog == 0 and not self.ledger:
+                self._last_progress = now
+            elif now - self._last_progress > stall_s:
+                self._fatal = Stalled(f"no progress for {stall_s:.0f}s with {self._backlog} "
+                                      "messages waiting")
+                self.stopping = True
+                return
+
+    async def _lease_loop(self) -> None:
+        while self.lease is not None:
+            await anyio.sleep(min(1.0, self.lease.ttl_s / 10))
+            if self.lease is not None and self.lease.due():
+                await self._lease_ok(renew=True)
+
+    async def _nats_loop(self) -> None:
+        every_s = self.s.consumer.ack_wait_s / 3
+        buffered_told = time.monotonic()
         while True:
             await anyio.sleep(1.0)
             try:
                 await self._measure_lag()
-            except Exception as exc:  # noqa: BLE001 - NATS down (it reconnects) or the consumer gone
-                if "not found" in str(exc).lower():
-                    try:
-                        await self._recreate_consumer(str(exc))
-                    except ConsumerGone as gone:
-                        self._fatal = gone
-                        self.stopping = True
-                        return
+            except ConsumerGone as exc:  # the durable consumer was deleted: declare it again
+                try:
+                    await self._recreate_consumer(str(exc))
+                except ConsumerGone as gone:
+                    self._fatal = gone
+                    self.stopping = True
+                    return
+            except Exception:  # noqa: BLE001 - NATS down: it reconnects
+                pass
             await self._record_exports_when_idle()
-            if any(w.generation <= self._exported_generation for w in self._waiting):
+            self.notify.status_every(sdnotify.active_status(self.stats.outcomes,
+                                                            *self.metrics.lag()))
+            if not self.nc.is_connected:
+                continue
+            if self.ledger.ackable(self._exported_generation):
                 await self._ack_through(self._exported_generation)  # acks that could not go
             now = time.monotonic()
-            old = [w for w in self._waiting if now - w.since > ack_wait_s / 3]
-            for w in old:
-                w.since = now
-            await self._progress([w.d.reply for w in old])
-            if self._backlog == 0 and not self._waiting:
-                self._last_progress = now
-            elif now - self._last_progress > self.s.consumer.stall_s:
-                self._fatal = Stalled(
-                    f"no progress for {self.s.consumer.stall_s:.0f}s with {self._backlog} "
-                    "messages waiting")
-                self.stopping = True
-                return
+            replies = self.ledger.due_progress(now, every_s)
+            if self.src is not None and now - buffered_told >= every_s:
+                buffered_told = now
+                replies += [d.reply for d in self.src.buffered()]
+            with anyio.move_on_after(every_s):
+                await self._send([(r, source.PROGRESS) for r in replies])
 
 
 async def serve(settings: Settings, *, drain: bool = False) -> Stats:

@@ -467,8 +467,12 @@ def nak_body(delay_s: float) -> bytes:
 
 
 async def consumer_state(nc: Client, s: Settings) -> tuple[int, int]:
-    """(num_pending, num_ack_pending) of the durable consumer."""
-    info = await nc.jetstream().consumer_info(s.nats.stream, s.nats.consumer)
+    """(num_pending, num_ack_pending) of the durable consumer; ConsumerGone when it (or its
+    stream) no longer exists."""
+    try:
+        info = await nc.jetstream().consumer_info(s.nats.stream, s.nats.consumer)
+    except NotFoundError as exc:
+        raise ConsumerGone(f"consumer {s.nats.consumer} not found: {exc}") from None
     return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
 

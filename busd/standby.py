@@ -16,6 +16,7 @@ after its last lease check.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -61,6 +62,9 @@ class Lease:
         self.revision = 0
         self.renewed_at = 0.0
         self.kv: Any = None
+        # renewals (the keeper) and checks (before acks) run concurrently: a check that read
+        # the key after a renewal landed but before its answer would see "another" revision
+        self._one_at_a_time = asyncio.Lock()
 
     async def open(self) -> None:
         try:
@@ -80,22 +84,25 @@ class Lease:
 
     async def renew(self) -> None:
         """Extend the lease; raise LeaseLost if someone else holds it now."""
-        try:
-            self.revision = await self.kv.update(self.key, self.me.encode(), last=self.revision)
-        except KeyWrongLastSequenceError:
-            raise LeaseLost(f"lost the lease {self.bucket}/{self.key} to "
-                            f"{await self.holder() or 'nobody (expired)'}") from None
-        self.renewed_at = time.monotonic()
+        async with self._one_at_a_time:
+            try:
+                self.revision = await self.kv.update(self.key, self.me.encode(),
+                                                     last=self.revision)
+            except KeyWrongLastSequenceError:
+                raise LeaseLost(f"lost the lease {self.bucket}/{self.key} to "
+                                f"{await self.holder() or 'nobody (expired)'}") from None
+            self.renewed_at = time.monotonic()
 
     def due(self) -> bool:
         return time.monotonic() - self.renewed_at > self.ttl_s / 3
 
     async def check(self) -> None:
         """Before an ack: the key must still carry our revision."""
-        try:
-            entry = await self.kv.get(self.key)
-        except KeyNotFoundError:
-            raise LeaseLost(f"the lease {self.bucket}/{self.key} expired") from None
+        async with self._one_at_a_time:
+            try:
+                entry = await self.kv.get(self.key)
+            except KeyNotFoundError:
+                raise LeaseLost(f"the lease {self.bucket}/{self.key} expired") from None
         if entry.revision != self.revision:
             raise LeaseLost(f"lost the lease {self.bucket}/{self.key} to "
                             f"{(entry.value or b'').decode()}")

@@ -1,0 +1,176 @@
+"""Keep-alives never wait for a batch (issue 11, items 2 and 7), on a real `busd serve`.
+
+A file check held up (its worker processes SIGSTOPped, as a hung NFS read would hold them)
+must not stop the systemd watchdog pings nor the in-progress signals that keep the server
+from redelivering the message; an export refresh longer than ``consumer.stall_s`` is slow,
+not stalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from support import Bus, on_jetstream, wait_for
+from test_sdnotify import FakeSystemd
+
+
+@pytest.fixture
+def systemd() -> Iterator[FakeSystemd]:
+    with tempfile.TemporaryDirectory(prefix="busd-notify-") as folder:
+        path = str(Path(folder) / "notify.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            sock.settimeout(1)
+            yield FakeSystemd(sock, path)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (busd's file-check workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def messages_until(systemd: FakeSystemd, wanted: str, within_s: float) -> list[str]:
+    got: list[str] = []
+    deadline = time.monotonic() + within_s
+    while wanted not in got and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            got += systemd.receive()
+    assert wanted in got, f"no {wanted} within {within_s}s: {got}"
+    return got
+
+
+def exported_runs(bus: Bus) -> set[str]:
+    path = bus.data / "exports" / "runs.parquet"
+    if not path.exists():
+        return set()
+    return set(pq.read_table(path, columns=["run_id"]).column("run_id").to_pylist())
+
+
+def redelivered(bus: Bus) -> int:
+    async def info(js: Any) -> int:
+        return int((await js.consumer_info("ARTIFACTS", "busd")).num_redelivered or 0)
+
+    return on_jetstream(bus.url, info)
+
+
+def test_a_stuck_file_check_stops_neither_the_watchdog_nor_the_in_progress_signals(
+        bus: Bus, systemd: FakeSystemd) -> None:
+    cfg = bus.write_config(consumer={"ack_wait_s": 2})
+    proc = bus.spawn("serve", "--config", str(cfg),
+                     env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "1000000"})
+    try:
+        messages_until(systemd, "READY=1", 30)
+        workers = children(proc.pid)
+        assert workers, "no file-check worker processes"
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            bus.publish([bus.event("held-up")])
+            # three ack waits with the check held: pings every half second all along
+            pings, deadline = 0, time.monotonic() + 6
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    pings += systemd.receive().count("WATCHDOG=1")
+            assert pings >= 8, f"{pings} watchdog pings in 6 s with a file check held up"
+            assert proc.poll() is None
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: "held-up" in exported_runs(bus), 30, "the held-up run exported")
+        # told in progress all along: the server never delivered it a second time
+        assert redelivered(bus) == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, bus.log()[-3000:]
+
+
+# seconds of work (a large data.* view would take as long), a small result
+SLOW_SQL = "SELECT i, md5(i::VARCHAR) AS h FROM range(400000000) t(i) WHERE i % 1000 = 0"
+
+
+def test_an_export_refresh_longer_than_stall_s_is_no_stall(bus: Bus) -> None:
+    """The configured export takes seconds (a large ``data.*`` view would); busd with
+    ``stall_s = 1`` keeps going while it advances, and acks once it is done."""
+    cfg = bus.write_config(
+        consumer={"stall_s": 1},
+        exports=[{"name": "slow", "sql": SLOW_SQL, "depends_on": ["fills"]}])
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        wait_for(lambda: "busd ready" in bus.log(), 30, "busd ready")
+        bus.publish([bus.event(f"r{i}") for i in range(3)])
+        wait_for(lambda: ({"r0", "r1", "r2"} <= exported_runs(bus) and
+                 (bus.data / "exports" / "slow.parquet").exists()) or proc.poll() is not None,
+                 60, "the runs exported")
+        assert proc.poll() is None, bus.log()[-3000:]
+
+        def acked() -> bool:
+            async def info(js: Any) -> bool:
+                ci = await js.consumer_info("ARTIFACTS", "busd")
+                return int(ci.num_ack_pending or 0) == 0 and int(ci.num_pending or 0) == 0
+            return on_jetstream(bus.url, info)
+
+        wait_for(lambda: acked() or proc.poll() is not None, 60, "every event acked")
+        assert proc.poll() is None, bus.log()[-3000:]
+        assert "no progress" not in bus.log()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]
+    manifest = json.loads((bus.data / "exports" / "_manifest.json").read_text())
+    slow_ms = manifest["exports"]["slow"]["duration_ms"]
+    assert slow_ms > 1500, f"the slow export took {slow_ms} ms: not longer than stall_s"
+
+
+def test_the_lag_gauges_are_measured_before_ready(bus: Bus) -> None:
+    """An alert reading the lag right after a restart sees the backlog, never a 0 that
+    was only not measured yet."""
+    shared = str(bus.parquet("shared/fills.parquet"))
+    bus.publish([bus.event(f"r{i}", [{"name": "fills", "path": shared}]) for i in range(300)])
+    port = free_port()
+    cfg = bus.write_config(metrics={"listen": f"127.0.0.1:{port}"})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(base + "/readyz", timeout=1) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return proc.poll() is not None
+
+    try:
+        wait_for(ready, 30, "/readyz")
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        lag = sum(float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith(("busd_consumer_pending_messages",
+                                      "busd_consumer_ack_pending_messages")))
+        assert lag > 0, "ready with a backlog of 300, and the lag gauges read 0"
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, bus.log()[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
