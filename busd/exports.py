@@ -94,6 +94,16 @@ class Manifest(msgspec.Struct):
     artifacts_missing: MissingFiles = msgspec.field(default_factory=MissingFiles)
 
 
+# Exports are for every reader, whatever busd's umask (the unit's keeps the catalog private).
+READABLE_FILE = 0o644
+READABLE_DIR = 0o755
+
+
+def readable_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # a folder made by someone else keeps its mode
+        folder.chmod(READABLE_DIR)
+
+
 def fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
     fd = os.open(path, flags)
     try:
@@ -108,6 +118,8 @@ def fsync_dir(folder: Path) -> None:
 
 def durable_replace(tmp: Path, final: Path) -> None:
     """fsync ``tmp``, rename it over ``final``, fsync the folder. A failed fsync is fatal."""
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, READABLE_FILE)
     try:
         fsync_path(tmp)
     except OSError as exc:
@@ -241,6 +253,7 @@ class Exporter:
         self._read_whole: dict[str, tuple[int, ...] | None] = {}
         self._view_files: dict[str, list[str]] = {}  # the files each view reads now
         folder.mkdir(parents=True, exist_ok=True)
+        readable_dir(folder)
         self.cur.execute("ATTACH IF NOT EXISTS ':memory:' AS data")
         # query_progress() then tells, from another thread, that a long refresh advances
         self.cur.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false;"
@@ -426,7 +439,10 @@ class Exporter:
         for path in list(self._damaged):  # a read error may have been passing
             if self._read_fails(path) is None:
                 del self._damaged[path]
-        self._read_whole.clear()
+        # a file read whole without error is not read again while unchanged (an export
+        # that fails for its own reasons must not re-read all its files every minute)
+        in_views = {p for files in self._view_files.values() for p in files}
+        self._read_whole = {p: k for p, k in self._read_whole.items() if p in in_views}
         try:
             rows = self.cur.execute(
                 "SELECT name, run_id, path FROM catalog.artifacts_f WHERE path IS NOT NULL")
@@ -545,6 +561,7 @@ class Exporter:
         span = self.partition_seqs
         folder = self.folder / export.name
         folder.mkdir(exist_ok=True)
+        readable_dir(folder)
         part_of = f"coalesce(first_seq, 0) // {span}"
         if first_seqs is None:
             parts = {int(p) for (p,) in self.cur.execute(
