@@ -475,11 +475,6 @@ class Exporter:
         paths = sorted({p for files in self._missing.values() for p, _ in files.values()})
         return MissingFiles(self.missing_count, paths[:MISSING_LISTED], self._checked_at)
 
-    def missing_detail(self) -> list[tuple[str, str, str, str]]:
-        """(name, run_id, path, why) of every file found gone or unreadable, sorted."""
-        return sorted((name, run_id, path, why) for name, files in self._missing.items()
-                      for run_id, (path, why) in files.items())
-
     def refresh(self, names: Sequence[str], changed: Changed | None = None
                 ) -> tuple[list[ExportResult], int]:
         """Rewrite these exports from one snapshot; then the manifest. Returns (results, seq).
