@@ -1,7 +1,10 @@
-"""Prometheus metrics and the health endpoints (contract §7), on a private registry.
+"""Prometheus metrics and the health endpoints (docs/reference/metrics.md), on a private
+registry.
 
 Metrics are set at stage boundaries by the consumer; this module only defines them and serves
 ``/metrics``, ``/healthz`` and ``/readyz`` from a small HTTP thread bound to loopback by default.
+The standard ``process_*`` and ``python_*`` collectors are registered on the same registry, as
+operators expect of any Prometheus client.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -33,7 +39,12 @@ METRIC_NAMES: tuple[str, ...] = (
     "busd_export_last_success_timestamp_seconds", "busd_export_failures_total",
     "busd_event_latency_seconds", "busd_catalog_seq", "busd_nats_connected", "busd_build_info",
     "busd_up", "busd_ready", "busd_active", "busd_artifacts_missing",
+    "busd_oldest_unsettled_age_seconds", "busd_consumer_info",
 )
+
+# The label names prometheus-nats-exporter gives JetStream's own series, so a dashboard joins
+# busd's with the server's with a plain `on (stream_name, consumer_name)`.
+CONSUMER_LABELS = ("stream_name", "consumer_name")
 
 
 class Metrics:
@@ -46,6 +57,17 @@ class Metrics:
                              registry=r)
         self.ack_pending = Gauge("busd_consumer_ack_pending_messages",
                                  "Messages delivered to busd and not yet acked.", registry=r)
+        self.oldest_unsettled_age = Gauge(
+            "busd_oldest_unsettled_age_seconds",
+            "Lag in time: age (now minus its stream timestamp) of the oldest message the "
+            "consumer has not settled yet, i.e. the first stored message after the consumer's "
+            "ack floor, whether busd holds it, waits to redeliver it or has not fetched it yet; "
+            "0 when nothing is pending or awaiting an ack.", registry=r)
+        self.consumer_info = Gauge(
+            "busd_consumer_info",
+            "Always 1 on the instance bound to the durable consumer; its labels name the "
+            "stream and consumer, to join busd's series with the NATS server's.",
+            list(CONSUMER_LABELS), registry=r)
         self.events = Counter("busd_events_total", "Stream messages by outcome.", ["outcome"],
                               registry=r)
         self.rejections = Counter("busd_rejections_total", "Rejected messages by reason.",
@@ -86,6 +108,9 @@ class Metrics:
                            registry=r)
         self.build_info.labels(version=__version__).set(1)
         self.up.set(1)
+        ProcessCollector(registry=r)  # memory, CPU, open files
+        PlatformCollector(registry=r)  # python_info
+        GCCollector(registry=r)
         # Pre-create every label value so dashboards and alerts see zeros, not gaps.
         for outcome in Outcome:
             self.events.labels(outcome=outcome.value)
@@ -96,6 +121,16 @@ class Metrics:
         for name in names:
             self.export_failures.labels(export=name)
             self.export_seconds.labels(export=name)
+
+    def bound(self, stream: str, consumer: str) -> None:
+        """Name the stream and consumer this instance consumes (``busd_consumer_info``)."""
+        labels = dict(zip(CONSUMER_LABELS, (stream, consumer), strict=True))
+        self.consumer_info.labels(**labels).set(1)
+
+    def lag(self) -> tuple[int, int, float]:
+        """(pending, ack pending, oldest unsettled age in seconds) as last measured."""
+        return (int(self.pending._value.get()), int(self.ack_pending._value.get()),
+                float(self.oldest_unsettled_age._value.get()))
 
     def is_ready(self) -> bool:
         return bool(self.ready._value.get())

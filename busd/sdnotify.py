@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class SdNotifier:
         env = os.environ if environ is None else environ
         self._address = _socket_address(env.get("NOTIFY_SOCKET", ""))
         self._watchdog_interval_s = _watchdog_interval_s(env, os.getpid())
+        self._status_at: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -58,6 +60,16 @@ class SdNotifier:
             assignments.append(f"EXTEND_TIMEOUT_USEC={int(extend_start_s * 1_000_000)}")
         return self.notify(*assignments)
 
+    def status_every(self, text: str, every_s: float = 5.0) -> bool:
+        """:meth:`status`, at most once per ``every_s``: a loop may call it each turn without
+        flooding systemd (every STATUS= is a message to PID 1). True when sent."""
+        now = time.monotonic()
+        if self._address is None or (self._status_at is not None
+                                     and now - self._status_at < every_s):
+            return False
+        self._status_at = now
+        return self.status(text)
+
     def watchdog_interval_s(self) -> float | None:
         """How often to ping: half of ``$WATCHDOG_USEC``, or None when no watchdog is armed.
 
@@ -78,6 +90,15 @@ class SdNotifier:
             log.warning("sd_notify %s failed: %s", assignments[0].split("=", 1)[0], exc)
             return False
         return True
+
+
+def active_status(outcomes: Mapping[str, int], pending: int, ack_pending: int,
+                  oldest_s: float) -> str:
+    """The active daemon's ``systemctl status`` line: what it did since it started, and its
+    lag in messages and in time."""
+    done = ", ".join(f"{outcomes.get(o, 0):,} {o}" for o in ("committed", "duplicate", "rejected"))
+    return (f"active: {done}; lag {pending:,} pending, {ack_pending:,} awaiting ack, "
+            f"oldest unsettled {oldest_s:.0f} s")
 
 
 def _socket_address(path: str) -> str | bytes | None:

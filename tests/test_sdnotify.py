@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from support import Bus
 
-from busd.sdnotify import SdNotifier
+from busd.sdnotify import SdNotifier, active_status
 
 
 class FakeSystemd:
@@ -78,6 +78,24 @@ def test_status_stays_one_assignment(fake_systemd: FakeSystemd) -> None:
     notifier = SdNotifier({"NOTIFY_SOCKET": fake_systemd.address})
     notifier.status("line one\nREADY=1")
     assert fake_systemd.receive() == ["STATUS=line one READY=1"]
+
+
+def test_status_every_sends_at_most_once_per_interval(fake_systemd: FakeSystemd) -> None:
+    notifier = SdNotifier({"NOTIFY_SOCKET": fake_systemd.address})
+    assert notifier.status_every("one", every_s=0.3)
+    assert not notifier.status_every("two", every_s=0.3)
+    assert fake_systemd.receive() == ["STATUS=one"]
+    assert fake_systemd.nothing_waiting()
+    time.sleep(0.35)
+    assert notifier.status_every("three", every_s=0.3)
+    assert fake_systemd.receive() == ["STATUS=three"]
+    assert not SdNotifier({}).status_every("nobody listens")
+
+
+def test_active_status_line() -> None:
+    line = active_status({"committed": 1234, "rejected": 2}, 5, 3, 61.4)
+    assert line == ("active: 1,234 committed, 0 duplicate, 2 rejected; lag 5 pending, "
+                    "3 awaiting ack, oldest unsettled 61 s")
 
 
 def test_several_assignments_in_one_datagram(fake_systemd: FakeSystemd) -> None:
@@ -154,9 +172,16 @@ def test_real_serve_notifies_ready_watchdog_and_stopping(fake_systemd: FakeSyste
         assert "busd ready" in bus.log()  # ready means bound: the log line comes first
         bus.publish([bus.event("r")])
         pings = 0
-        while pings < 3 and time.monotonic() < deadline:
-            pings += fake_systemd.receive().count("WATCHDOG=1")
+        statuses: list[str] = []
+        # STATUS= while active, not only while waiting for NATS or in standby: it shows the
+        # committed event within one status interval (5 s)
+        while (pings < 3 or not any("1 committed" in s for s in statuses)) \
+                and time.monotonic() < deadline:
+            datagram = fake_systemd.receive()
+            pings += datagram.count("WATCHDOG=1")
+            statuses += [a for a in datagram if a.startswith("STATUS=active: ")]
         assert pings >= 3
+        assert any("1 committed" in s and "lag " in s for s in statuses), statuses
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

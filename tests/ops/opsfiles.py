@@ -30,6 +30,7 @@ DASHBOARD = OPS / "grafana" / "busd.json"
 UNIT = OPS / "systemd" / "busd.service"
 NATS_CONF = OPS / "nats" / "nats-server.conf"
 CONFIG_EXAMPLE = OPS / "busd.toml.example"
+RUNBOOK = REPO / "docs" / "runbook.md"
 
 # What Grafana substitutes before a query reaches Prometheus, for evaluating panels outside it.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$instance": ".*"}

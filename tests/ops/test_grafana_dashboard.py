@@ -67,7 +67,8 @@ def test_required_panels_are_there() -> None:
     for title in ("Lag", "Throughput by outcome", "Rejections by reason", "Commit latency",
                   "Export latency p99 by export", "Export age", "Event latency (publish → ack)",
                   "Batch size", "Artifacts committed", "Catalog sequence", "NATS connected",
-                  "Build info"):
+                  "Build info", "Lag in time (oldest unsettled)", "Consumer (stream, consumer)",
+                  "Process memory", "Process CPU", "Open files"):
         assert title in titles
 
 

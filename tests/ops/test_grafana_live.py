@@ -35,7 +35,7 @@ from opsfiles import RULES, dashboard_queries, free_port, metric_names_in
 BUSD = [sys.executable, "-m", "busd"]
 DEADLINE_S = 60.0
 ALERTS = ("BusdDown", "BusdLagGrowing", "BusdRejections", "BusdExportStale",
-          "BusdExportFailures", "BusdNatsDisconnected", "BusdArtifactsMissing")
+          "BusdExportFailures", "BusdNatsDisconnected", "BusdArtifactsMissing", "BusdLagTooOld")
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -128,12 +128,41 @@ def test_exec_start_matches_the_cli(unit: Unit) -> None:
     assert "--config" in done.stdout
 
 
+CREDENTIAL_EXAMPLE = re.compile(r"(?m)^#(LoadCredential=([^:\s]+):(\S+))$")
+
+
+def test_credential_examples_name_config_keys() -> None:
+    examples = CREDENTIAL_EXAMPLE.findall(UNIT.read_text(encoding="utf-8"))
+    names = [name for _, name, _ in examples]
+    assert "nats.password" in names
+    for _, name, source in examples:
+        found = config._key_type(name.replace(".", "_", 1))
+        assert found is not None and found[0] == name, f"{name} is not a busd key"
+        assert source.startswith("/etc/busd/"), source
+
+
+def test_credentials_from_the_example_reach_the_settings(tmp_path: Path) -> None:
+    # What systemd does with the example lines: a copy of each file in $CREDENTIALS_DIRECTORY
+    # under the credential's name.
+    folder = tmp_path / "credentials"
+    folder.mkdir()
+    for _, name, _ in CREDENTIAL_EXAMPLE.findall(UNIT.read_text(encoding="utf-8")):
+        (folder / name).write_text(f"secret-of-{name}\n", encoding="utf-8")
+    settings = config.load(env={"CREDENTIALS_DIRECTORY": str(folder)})
+    assert settings.nats.user == "secret-of-nats.user"
+    assert settings.nats.password == "secret-of-nats.password"  # one trailing newline dropped
+
+
 def verifiable_copy(tmp_path: Path) -> Path:
+    """The unit as shipped, with ExecStart pointing at a binary that exists and the commented
+    examples (LoadCredential=) switched on, so systemd checks them too."""
     true = shutil.which("true")
     assert true
     text = UNIT.read_text(encoding="utf-8")
     text, n = re.subn(r"(?m)^ExecStart=\S+", f"ExecStart={true}", text)
     assert n == 1
+    text, n = CREDENTIAL_EXAMPLE.subn(r"\1", text)
+    assert n >= 1
     copy = tmp_path / "busd.service"
     copy.write_text(text, encoding="utf-8")
     return copy
