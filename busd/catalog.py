@@ -1,4 +1,4 @@
-"""The DuckDB catalog (contract §5): schema, migrations, and one transaction per batch.
+"""The DuckDB catalog (docs/reference/catalog.md): schema, migrations, a transaction per batch.
 
 The catalog is a fold over the stream. Committed events append rows to two logs
 (``artifact_log``, ``run_log``: one row per artifact or run *per committing sequence*), and

@@ -1,4 +1,4 @@
-"""The ``busd`` command line (contract §8). Errors are one line; exit codes are named."""
+"""The ``busd`` command line (docs/reference/commands.md). Errors are one line; exit codes named."""
 
 from __future__ import annotations
 

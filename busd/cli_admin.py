@@ -1,4 +1,4 @@
-"""Operator commands: rebuild, verify, export, rejections, outbox (contract §8)."""
+"""Operator commands: rebuild, verify, export, rejections, outbox (docs/reference/commands.md)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ class ExitCode(enum.IntEnum):
 
 
 class Reason(enum.StrEnum):
-    """Why an event was rejected; a closed set (contract §4)."""
+    """Why an event was rejected; a closed set (docs/reference/reasons.md)."""
 
     MALFORMED = "malformed"
     SCHEMA = "schema"

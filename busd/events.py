@@ -1,4 +1,4 @@
-"""The artifact event, schema version 1 (contract §3): types, decoding and the JSON Schema.
+"""The artifact event, schema version 1 (docs/reference/events.md): types, decoding, JSON Schema.
 
 ``decode`` turns raw message bytes into an :class:`ArtifactEvent` or raises
 :class:`~busd.errors.InvalidEvent` with one of the closed-set reasons. Decoding runs on the

@@ -1,13 +1,14 @@
-"""Golden exports (contract §6): Parquet files readers use instead of the DuckDB file.
+"""Golden exports (docs/reference/exports.md): Parquet files readers use, not the DuckDB file.
 
 Each file is written to a temporary name in the same folder, fsynced, renamed over the old
 one, and the folder fsynced: a reader sees the old file or the new one, never a partial one.
 ``_manifest.json`` is written last. A refresh runs on its own DuckDB cursor inside one
 read transaction, so it sees one snapshot of the catalog while the writer keeps committing.
 
-A committed artifact whose file is later deleted or damaged must not stop the bus (contract
-§4): the ``data."<name>"`` views leave out files that are gone or unreadable, and the exporter
-keeps count of them (checked at each refresh, and over every committed artifact now and then).
+A committed artifact whose file is later deleted or damaged must not stop the bus
+(docs/reference/daemon.md): the ``data."<name>"`` views leave out files that are gone or
+unreadable, and the exporter keeps count of them (checked at each refresh, and over every
+committed artifact now and then).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Check the files an event names (contract §3–§4): where they are, what they are.
+"""Check the files an event names (docs/reference/events.md): where they are, what they are.
 
 Every fact recorded about a file (size, rows, columns, checksum) comes from one open file
 descriptor, opened without following a final symlink and confirmed to lie inside an artifact

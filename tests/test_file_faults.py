@@ -1,6 +1,6 @@
-"""Files that fail the way storage fails (contract §4), under a real `busd serve`: errors of
-the machine are retried and never rejected, an unreadable file gets the patience of a missing
-one and then `file_unreadable`, a stalled read is bounded, and a file still being written is
+"""Files that fail the way storage fails (docs/reference/events.md), under a real `busd serve`:
+errors of the machine are retried and never rejected, an unreadable file gets the patience of a
+missing one and then `file_unreadable`, a stalled read is bounded, and a file still being written is
 judged only once it has stopped changing. The faults are served by a real FUSE filesystem
 (``faultfs.py``)."""
 

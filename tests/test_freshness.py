@@ -1,5 +1,5 @@
 """Export freshness is judged by what the catalog committed, not by the highest sequence
-(contract §6, issue 11 item 5): a commit that leaves max(seq) as it was (a late lower
+(docs/reference/exports.md, issue 11 item 5): a commit that leaves max(seq) as it was (a late lower
 sequence, an event_id demotion) and a crash before the refresh still get exported."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Committed artifacts whose file later vanishes or is damaged (contract §4, issue 11 items 4
-and 10): never a stop of the bus. The file is left out of ``data."<name>"``, every export
-keeps refreshing, and the file is reported by the gauge, ``busd status`` and ``busd verify``.
+"""Committed artifacts whose file later vanishes or is damaged (docs/reference/exports.md,
+issue 11 items 4 and 10): never a stop of the bus. The file is left out of ``data."<name>"``,
+every export keeps refreshing, and the file is reported by the gauge, ``busd status`` and
+``busd verify``.
 """
 
 from __future__ import annotations

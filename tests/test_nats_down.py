@@ -1,5 +1,5 @@
-"""NATS unreachable (contract §4): real processes against a port where nothing listens and
-against a listener that accepts connections but never speaks.
+"""NATS unreachable (docs/reference/daemon.md): real processes against a port where nothing
+listens and against a listener that accepts connections but never speaks.
 
 Every command but ``serve`` fails within ``nats.connect_timeout_s`` with one line naming the
 URL; ``submit --outbox`` keeps the event and exits 0; ``serve`` waits, says so, and starts

@@ -1,4 +1,5 @@
-"""Every rejection reason of contract §4, through the real daemon, with the daemon running on."""
+"""Every rejection reason in docs/reference/reasons.md, through the real daemon, which keeps
+running."""
 
 from __future__ import annotations
 

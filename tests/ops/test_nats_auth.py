@@ -1,4 +1,5 @@
-"""busd with each way of authenticating to NATS of contract §9, against a real nats-server.
+"""busd with each way of authenticating to NATS (docs/reference/configuration.md), against a
+real nats-server.
 
 Each test starts a nats-server that admits clients one way only — user and password, a token,
 an nkey, a credentials file (an operator, an account and a user, JWTs made here, a memory

@@ -158,7 +158,7 @@ def run(server: Server, body: Callable[[Session], Awaitable[None]]) -> Session:
 
 
 async def declare_stream(busd: Client) -> None:
-    """What `busd init` declares (contract §2), as user busd."""
+    """What `busd init` declares (docs/reference/nats.md), as user busd."""
     js = busd.jetstream()
     config = StreamConfig(name="ARTIFACTS", subjects=["artifacts.>"], storage=StorageType.FILE,
                           deny_delete=True, deny_purge=True, duplicate_window=3600.0)
