@@ -8,10 +8,18 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-try:
-    __version__ = version("busd")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0"
+
+def _installed_version() -> str:
+    # the full distribution, or the light one for producers (clients/python)
+    for distribution in ("busd", "busd-producer"):
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return "0.0.0"  # a source tree without install
+
+
+__version__ = _installed_version()
 
 _PRODUCER_API = ("ArtifactBus", "build_event", "describe", "submit_sync")
 __all__ = ["__version__", *_PRODUCER_API]
