@@ -12,6 +12,7 @@ inserted as Arrow tables, never row by row.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +275,7 @@ class Catalog:
         # The file is attached under another name: a database called "catalog" (the file's
         # stem) would make the schema name `catalog` ambiguous.
         self.con = duckdb.connect(":memory:")
+        created = not read_only and not path.exists()
         mode = " (READ_ONLY)" if read_only else ""
         try:
             self.con.execute(f"ATTACH {sql_str(path)} AS busd{mode}")
@@ -284,6 +286,8 @@ class Catalog:
                     f"the catalog {path} is in use by another process (is a busd serve running?)"
                 ) from None
             raise StorageError(f"cannot open the catalog {path}: {exc}") from None
+        if created:  # busd is its only writer; readers use the exports (a reader's lock
+            os.chmod(path, 0o600)  # on the file would keep busd serve from starting)
         self.con.execute("SET preserve_insertion_order = false")
         if not read_only:
             self.migrate()

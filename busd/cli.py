@@ -291,9 +291,10 @@ def validate(
 
 def _register_optional_commands() -> None:
     """Commands that live in their own modules (kept out of this file to keep it short)."""
-    from busd import bench, cli_admin
+    from busd import bench, cli_admin, cli_migrate
 
     cli_admin.register(app)
+    cli_migrate.register(app)
     bench.register(app)
 
 
