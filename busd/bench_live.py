@@ -32,10 +32,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from busd import source
 from busd.bench_env import StreamSpec, children_peak_rss_mb, event, peak_rss_mb, publish
 from busd.bench_measure import Ctx, LeanPull, _summary, _wait, median
-from busd.catalog import Catalog, Changed
+from busd.catalog import Catalog
 from busd.config import Settings
 from busd.errors import BusdError, TimedOut
 from busd.exports import Exporter
+from busd.model import Changed
 
 LATENCY = "busd_event_latency_seconds"
 FIXED_RATE = 1000.0

@@ -203,7 +203,7 @@ def catchup_child() -> None:  # pragma: no cover - runs in the child process
     """``python -c 'from busd.bench_measure import catchup_child; catchup_child()' CONFIG OUT``:
     time ``serve(settings, drain=True)`` from start to drained, in a process of its own."""
     from busd import config, log
-    from busd.consumer import serve
+    from busd.daemon import serve
 
     config_path, out_path = sys.argv[1], sys.argv[2]
     s = config.load(config_path, env={})

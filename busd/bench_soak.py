@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from busd import api, source
+from busd import model, source
 from busd.bench_env import children, event, memory_mb, publish
 from busd.bench_measure import Ctx
 from busd.errors import BusdError, TimedOut
@@ -83,8 +83,8 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
 async def _duckdb_mb(nc: Any, consumer: str) -> float | None:
     """DuckDB's own memory accounting inside the running busd (its request API)."""
     try:
-        reply = await nc.request(api.subject(consumer, "memory"), b"{}", timeout=2.0)
-        answer = api.decode(reply.data)
+        reply = await nc.request(model.subject(consumer, "memory"), b"{}", timeout=2.0)
+        answer = model.decode(reply.data)
     except Exception:  # noqa: BLE001 - not up yet, or busy: no figure this time
         return None
     if not isinstance(answer, dict) or "error" in answer:

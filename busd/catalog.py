@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ import duckdb
 import pyarrow as pa
 
 from busd.errors import CatalogLocked, FatalStorageError, StorageError
+from busd.model import Batch, Changed, Claim, Known, Sibling
+from busd.sql import COMMITS_KEY, commit_count, first_row, sql_str
 
 _DDL_V1 = """
 CREATE SCHEMA IF NOT EXISTS catalog;
@@ -74,7 +75,6 @@ ALTER TABLE catalog.exports_d ADD COLUMN catalog_commit UBIGINT;
 """
 
 MIGRATIONS: dict[int, str] = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3}
-COMMITS_KEY = "commits"
 _EXPORTS_D_INSERT = "INSERT OR REPLACE INTO catalog.exports_d VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 # Tables compared by `busd verify`, with the wall-clock columns a replay cannot reproduce.
@@ -185,85 +185,10 @@ _DERIVE_RUNS = f"""
     GROUP BY l.run_id"""
 
 
-@dataclass
-class Batch:
-    """Rows of one batch, column-ordered as the ``*_COLUMNS`` tuples above."""
-
-    events: list[tuple[Any, ...]] = field(default_factory=list)
-    rejections: list[tuple[Any, ...]] = field(default_factory=list)
-    artifacts: list[tuple[Any, ...]] = field(default_factory=list)
-    runs: list[tuple[Any, ...]] = field(default_factory=list)
-    demotions: list[tuple[Any, ...]] = field(default_factory=list)
-    exports: list[tuple[Any, ...]] = field(default_factory=list)  # exports_d rows
-
-    def __bool__(self) -> bool:
-        return bool(self.events)
-
-
-@dataclass
-class Changed:
-    """The ``first_seq`` of every ``runs_d`` and ``artifacts_f`` row transactions changed
-    (what a partitioned export rewrites); None: rows may have moved or gone, rewrite all."""
-
-    runs: set[int] | None = field(default_factory=set)
-    artifacts: set[int] | None = field(default_factory=set)
-
-    def update(self, other: Changed) -> None:
-        self.runs = None if self.runs is None or other.runs is None else self.runs | other.runs
-        self.artifacts = (None if self.artifacts is None or other.artifacts is None
-                          else self.artifacts | other.artifacts)
-
-
-@dataclass(frozen=True, slots=True)
-class Known:
-    """What the catalog already holds for a stream sequence."""
-
-    outcome: str
-    reason: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """The committed sequence that holds an event_id, and its payload's hash."""
-
-    payload_hash: str
-    seq: int
-    in_batch: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Sibling:
-    """A later sequence that carried the same event_id (committed, duplicate or conflict)."""
-
-    seq: int
-    payload_hash: str
-    outcome: str
-    reason: str | None
-
-
 def to_arrow(rows: Sequence[tuple[Any, ...]], columns: Columns) -> pa.Table:
     cols = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
     return pa.table({name: pa.array(values, type=typ)
                      for (name, typ), values in zip(columns, cols, strict=True)})
-
-
-def first_row(con: duckdb.DuckDBPyConnection, sql: str,
-              params: Sequence[Any] | None = None) -> tuple[Any, ...] | None:
-    """The first row, reading the result to its end: a result left open (``fetchone``)
-    makes DuckDB refuse the next ``register`` on that connection."""
-    rows = con.execute(sql, params or []).fetchall()
-    return tuple(rows[0]) if rows else None
-
-
-def commit_count(con: duckdb.DuckDBPyConnection) -> int:
-    """How many transactions have changed the catalog (as of ``con``'s snapshot)."""
-    row = first_row(con, "SELECT value FROM catalog.meta WHERE key = ?", [COMMITS_KEY])
-    return int(row[0]) if row else 0
-
-
-def sql_str(text: str | Path) -> str:
-    """A SQL string literal (paths and names are data, never SQL)."""
-    return "'" + str(text).replace("'", "''") + "'"
 
 
 class Catalog:

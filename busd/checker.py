@@ -31,7 +31,7 @@ import msgspec
 
 from busd import faults, log
 from busd.errors import FileNotYetThere, FileUnavailable, InvalidEvent, Reason, TransientError
-from busd.events import Artifact
+from busd.model import Artifact
 from busd.validate import CheckedArtifact, ChecksumPolicy, check_artifacts
 
 Result = list[CheckedArtifact] | InvalidEvent | FileUnavailable

@@ -19,6 +19,7 @@ import typer
 from busd import __version__, config, log
 from busd import events as ev
 from busd.errors import BusdError, CatalogLocked, ConfigError, ExitCode, InvalidEvent
+from busd.sql import quote_ident, sql_str
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="busd: the artifact bus. NATS JetStream in, DuckDB catalog and "
@@ -77,7 +78,7 @@ def serve(
     drain: Annotated[bool, typer.Option(help="Return once the stream is fully consumed.")] = False,
 ) -> None:
     """Run the daemon (embedded nats-server when nats.url is empty)."""
-    from busd.consumer import serve as run_serve
+    from busd.daemon import serve as run_serve
 
     s = settings(config_path)
     asyncio.run(run_serve(s, drain=drain))
@@ -181,7 +182,7 @@ def status(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
                                "delivered_seq": ci.delivered.stream_seq if ci.delivered else None,
                                "ack_floor_seq": ci.ack_floor.stream_seq if ci.ack_floor else None}
             if s.ha.enabled:
-                from busd.standby import Lease
+                from busd.ha.lease import Lease
 
                 lease = Lease(nc, s)
                 await lease.open()
@@ -220,8 +221,8 @@ def query(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
 ) -> None:
     """Read-only SQL over the golden exports; never opens (or locks) the catalog."""
-    from busd.catalog import sql_str
-    from busd.exports import export_names, quote_ident, reader_sql
+
+    from busd.exports import export_names, reader_sql
 
     s = settings(config_path)
     folder = s.exports_path

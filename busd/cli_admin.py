@@ -12,9 +12,10 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from busd import api, config, source
+from busd import config, model, source
 from busd.catalog import Catalog
 from busd.cli import ConfigOpt, JsonOpt, guarded, settings
+from busd.daemon import answers
 from busd.embedded import EmbeddedServer
 from busd.errors import BusdError, CatalogLocked, ConfigError, ExitCode, TransientError
 from busd.producer import ArtifactBus, flush_outbox, nats_url
@@ -55,13 +56,13 @@ async def ask_daemon(s: config.Settings, verb: str, args: dict[str, Any],
             raise
         return None
     try:
-        reply = await nc.request(api.subject(s.nats.consumer, verb), api.encode(args),
+        reply = await nc.request(model.subject(s.nats.consumer, verb), model.encode(args),
                                  timeout=timeout_s)
     except Exception:  # noqa: BLE001 - no responders or a timeout: no daemon runs
         return None
     finally:
         await nc.close()
-    answer = api.decode(reply.data)
+    answer = model.decode(reply.data)
     if isinstance(answer, dict) and "error" in answer:
         raise BusdError(f"busd serve answered: {answer['error']}")
     return answer
@@ -197,7 +198,7 @@ def register(app: typer.Typer) -> None:
         args = {"reason": reason, "producer": producer, "since": since, "limit": limit}
         rows = asyncio.run(ask_daemon(s, "rejections", args))
         if rows is None:
-            rows = from_catalog(s, api.list_rejections, **args)
+            rows = from_catalog(s, answers.list_rejections, **args)
         if as_json:
             typer.echo(json.dumps(rows))
             return
@@ -212,7 +213,7 @@ def register(app: typer.Typer) -> None:
         s = settings(config_path)
         row = asyncio.run(ask_daemon(s, "rejection", {"seq": seq}))
         if row is None:
-            row = from_catalog(s, api.get_rejection, seq)
+            row = from_catalog(s, answers.get_rejection, seq)
         if not row:
             raise ConfigError(f"no rejection at sequence {seq}")
         typer.echo(json.dumps(row, indent=2))
@@ -229,7 +230,7 @@ def register(app: typer.Typer) -> None:
                 for seq in seqs:
                     row = await ask_daemon(s, "rejection", {"seq": seq})
                     if row is None:
-                        row = from_catalog(s, api.get_rejection, seq)
+                        row = from_catalog(s, answers.get_rejection, seq)
                     if not row:
                         raise ConfigError(f"no rejection at sequence {seq}")
                     payload = (bytes.fromhex(row["payload_hex"]) if row.get("payload_hex")

@@ -122,3 +122,15 @@ class Rejected(BusdError):
     """A submitted event was rejected by busd (``busd submit --wait``)."""
 
     exit_code = ExitCode.REJECTED
+
+
+class LeaseLost(BusdError):
+    """Another instance holds the HA lease: this one must not ack anything any more."""
+
+
+class KeyConflict(BusdError):
+    """A KV key was created or changed by someone else first (compare-and-set failed)."""
+
+
+class KeyMissing(BusdError):
+    """A KV key does not exist (never created, deleted, or expired by the bucket's TTL)."""

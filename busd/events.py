@@ -7,61 +7,21 @@ caller's thread; the nesting depth is bounded *before* msgspec sees the bytes (m
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import re
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 
 from busd.errors import InvalidEvent, Reason
-
-SCHEMA_VERSION = 1
-MAX_PAYLOAD_BYTES = 1024 * 1024
-MAX_ARTIFACTS = 1000
-MAX_DEPTH = 64
-IDENT_PATTERN = r"^[A-Za-z0-9._:/-]{1,200}$"
-
-Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=IDENT_PATTERN)]
-Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
-PathText = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
-Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
-Short = Annotated[str, msgspec.Meta(max_length=200)]
-
-
-class Artifact(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """One file a job wrote. ``rows``, ``bytes`` and ``sha256`` are checked when given."""
-
-    name: Ident
-    path: PathText
-    rows: Count | None = None
-    bytes: Count | None = None
-    sha256: Sha256Hex | None = None
-    meta: dict[str, Any] | None = None
-
-
-class Run(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """The job that produced the artifacts."""
-
-    run_id: Ident
-    kind: Ident
-    status: Short | None = None
-    started_at: dt.datetime | None = None
-    finished_at: dt.datetime | None = None
-    params: dict[str, Any] | None = None
-    code_version: Short | None = None
-    parent_run_id: Ident | None = None
-
-
-class ArtifactEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """One finished job: its run and the 1–1000 artifacts it wrote."""
-
-    schema_version: int
-    run: Run
-    artifacts: Annotated[list[Artifact], msgspec.Meta(min_length=1, max_length=MAX_ARTIFACTS)]
-    event_id: Ident | None = None
-    producer: Ident | None = None
-
+from busd.model import (
+    IDENT_PATTERN,
+    MAX_ARTIFACTS,
+    MAX_DEPTH,
+    MAX_PAYLOAD_BYTES,
+    SCHEMA_VERSION,
+    ArtifactEvent,
+)
 
 _decoder = msgspec.json.Decoder(ArtifactEvent)
 _loose = msgspec.json.Decoder()

@@ -29,9 +29,10 @@ import duckdb
 import msgspec
 
 from busd import faults
-from busd.catalog import Changed, commit_count, first_row, sql_str
 from busd.config import ExportSettings, Settings
 from busd.errors import ConfigError, FatalStorageError, StorageError
+from busd.model import Changed
+from busd.sql import commit_count, first_row, sql_str
 
 MANIFEST = "_manifest.json"
 # In no particular order: sorting a million artifacts took a third of a refresh.

@@ -13,14 +13,13 @@ import asyncio
 import datetime as dt
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
 
 from busd import events as ev
-from busd import faults, log
-from busd.catalog import Batch, Claim, Known, Sibling
+from busd import faults, log, model
 from busd.checker import Checker
 from busd.config import Settings
 from busd.errors import (
@@ -31,7 +30,7 @@ from busd.errors import (
     Reason,
     TransientError,
 )
-from busd.source import Delivery
+from busd.model import Batch, Claim, Decided, Delivery, Folded, Known, Sibling
 from busd.validate import CONTENT_REASONS, CheckedArtifact
 
 RECHECK_MAX_S = 10.0  # an event whose files the machine failed to read is checked again
@@ -39,38 +38,11 @@ REPLAY_RECHECKS = 3  # replay has no message to keep in hand: it checks again, t
 Checks = dict[int, list[CheckedArtifact] | InvalidEvent | FileUnavailable]
 
 
-@dataclass(slots=True)
-class Decided:
-    """A delivery with its outcome, or none yet: a file still awaited (nak after
-    ``nak_delay_s``), or one the machine failed to read (``recheck_s``: kept in hand and
-    checked again after that long, which costs no delivery)."""
-
-    d: Delivery
-    outcome: Outcome | None
-    reason: Reason | None = None
-    detail: str = ""
-    event_id: str | None = None
-    producer: str = ""
-    run_id: str | None = None
-    payload_hash: str = ""
-    n_artifacts: int = 0
-    nak_delay_s: float = 0.0
-    recheck_s: float | None = None
-    known: bool = False  # recorded by an earlier delivery: settle again, change nothing
-
-
-@dataclass
-class Folded:
-    decided: list[Decided]
-    rows: Batch
-    touched: set[str] = field(default_factory=set)  # artifact names committed
-
-
 @dataclass
 class Prepared:
     """A batch decoded, its files being checked."""
 
-    decoded: list[tuple[Decided, ev.ArtifactEvent | None]]
+    decoded: list[tuple[Decided, model.ArtifactEvent | None]]
     copies: list[Delivery]
     checks: asyncio.Future[Checks]
 
@@ -83,7 +55,7 @@ def merge(parts: Sequence[Prepared]) -> Prepared:
     sequence in two of them is decided once, the other delivery settled as its copy."""
     if len(parts) == 1:
         return parts[0]
-    decoded: list[tuple[Decided, ev.ArtifactEvent | None]] = []
+    decoded: list[tuple[Decided, model.ArtifactEvent | None]] = []
     copies: list[Delivery] = []
     seen: set[int] = set()
     for p in parts:
@@ -181,7 +153,7 @@ class Folder:
         ids = [item.event_id for item, event in decoded if event is not None and item.event_id]
         known, claims = await self.store.lookup([item.d.seq for item, _ in decoded], ids)
         decided: list[Decided] = []
-        fresh: list[tuple[Decided, ev.ArtifactEvent]] = []
+        fresh: list[tuple[Decided, model.ArtifactEvent]] = []
         for item, event in decoded:
             k = known.get(item.d.seq)
             if k is not None:
@@ -235,7 +207,7 @@ class Folder:
                               recheck_in_s=held[0].recheck_s)
         return Folded(decided, rows, touched)
 
-    def _decode(self, d: Delivery) -> tuple[Decided, ev.ArtifactEvent | None]:
+    def _decode(self, d: Delivery) -> tuple[Decided, model.ArtifactEvent | None]:
         payload_hash = ev.payload_sha256(d.data)
         item = Decided(d, None, event_id=ev.usable_msg_id(d.msg_id) or payload_hash,
                        producer=ev.producer_of(d.subject), payload_hash=payload_hash)
@@ -302,7 +274,7 @@ class Folder:
             # a file that stops changing now is judged once settled, not a while later
             item.nak_delay_s = min(item.nak_delay_s, self.s.verify.settle_s + 0.5)
 
-    async def _validate(self, items: Sequence[tuple[Decided, ev.ArtifactEvent]]) -> Checks:
+    async def _validate(self, items: Sequence[tuple[Decided, model.ArtifactEvent]]) -> Checks:
         """Each event's checked artifacts (or why they fail), by ``id`` of its item."""
         if not items:
             return {}
@@ -339,7 +311,7 @@ def reject(item: Decided, reason: Reason, detail: str) -> None:
     item.detail = detail
 
 
-def log_rows(rows: Batch, item: Decided, event: ev.ArtifactEvent,
+def log_rows(rows: Batch, item: Decided, event: model.ArtifactEvent,
              checked: Sequence[CheckedArtifact], now: dt.datetime) -> None:
     d, run = item.d, event.run
     published = d.published_at

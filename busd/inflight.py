@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from busd.source import Delivery
+from busd.model import Delivery
 
 
 @dataclass(slots=True)

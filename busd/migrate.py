@@ -36,10 +36,11 @@ import duckdb
 import msgspec
 
 from busd import events as ev
-from busd import validate
+from busd import model, validate
 from busd.config import Settings
 from busd.errors import BusdError, ConfigError, FileUnavailable, InvalidEvent, TransientError
-from busd.exports import quote_ident, reader_sql
+from busd.exports import reader_sql
+from busd.sql import quote_ident
 
 DEFAULT_PRODUCER = "busd.import"
 # below the 1 MiB payload limit with room for the run and the JSON around the artifacts
@@ -76,7 +77,7 @@ class Report:
 class Plan:
     """Events to publish; the report already counts what was found there or skipped."""
 
-    events: list[ev.ArtifactEvent]
+    events: list[model.ArtifactEvent]
     report: Report
 
 
@@ -120,7 +121,7 @@ def ident(text: str) -> str:
     return f"{clean[:150]}-{digest}"
 
 
-def with_event_id(event: ev.ArtifactEvent, prefix: str) -> ev.ArtifactEvent:
+def with_event_id(event: model.ArtifactEvent, prefix: str) -> model.ArtifactEvent:
     """The event with a stable id: ``prefix``, then a fingerprint of the rest of the event."""
     fingerprint = hashlib.sha256(
         ev.encode(msgspec.structs.replace(event, event_id=None))).hexdigest()[:20]
@@ -130,13 +131,13 @@ def with_event_id(event: ev.ArtifactEvent, prefix: str) -> ev.ArtifactEvent:
     return msgspec.structs.replace(event, event_id=event_id)
 
 
-def chunks(artifacts: Sequence[ev.Artifact]) -> Iterator[list[ev.Artifact]]:
+def chunks(artifacts: Sequence[model.Artifact]) -> Iterator[list[model.Artifact]]:
     """At most 1000 artifacts and well under 1 MiB of JSON per event."""
-    chunk: list[ev.Artifact] = []
+    chunk: list[model.Artifact] = []
     size = 0
     for art in artifacts:
         cost = len(art.name) + len(art.path.encode()) + 200
-        if chunk and (len(chunk) == ev.MAX_ARTIFACTS or size + cost > _PAYLOAD_BUDGET):
+        if chunk and (len(chunk) == model.MAX_ARTIFACTS or size + cost > _PAYLOAD_BUDGET):
             yield chunk
             chunk, size = [], 0
         chunk.append(art)
@@ -145,8 +146,8 @@ def chunks(artifacts: Sequence[ev.Artifact]) -> Iterator[list[ev.Artifact]]:
         yield chunk
 
 
-def checked(art: ev.Artifact, s: Settings, checksum: validate.ChecksumPolicy
-            ) -> ev.Artifact | str:
+def checked(art: model.Artifact, s: Settings, checksum: validate.ChecksumPolicy
+            ) -> model.Artifact | str:
     """The artifact with what its file says (size, rows, checksum by policy), or why busd
     would not take it."""
     try:
@@ -232,10 +233,10 @@ def plan_files(s: Settings, folders: Sequence[Path] | None, *, producer: str, ki
     total = sum(_size(p) for p in todo)
     done = 0
     now = time.time()
-    events: list[ev.ArtifactEvent] = []
+    events: list[model.ArtifactEvent] = []
     for folder, paths in sorted(by_folder.items()):
         run_id = run_id_for(folder, roots)
-        arts: list[ev.Artifact] = []
+        arts: list[model.Artifact] = []
         for path in paths:
             size = _size(path)
             done += size
@@ -252,7 +253,7 @@ def plan_files(s: Settings, folders: Sequence[Path] | None, *, producer: str, ki
                                                   f"--min-age {min_age_s:g}s): still being "
                                                   "written?"))
                 continue
-            art = checked(ev.Artifact(name=ident(path.stem), path=str(path)), s, "always")
+            art = checked(model.Artifact(name=ident(path.stem), path=str(path)), s, "always")
             progress("reading files", done, total)
             if isinstance(art, str):
                 report.skipped.append((str(path), art))
@@ -261,11 +262,11 @@ def plan_files(s: Settings, folders: Sequence[Path] | None, *, producer: str, ki
         if run_id is None:
             continue
         rel = folder.relative_to(next(r for r in roots if validate.inside(str(folder), [r])))
-        run = ev.Run(run_id=run_id, kind=kind, status=status,
+        run = model.Run(run_id=run_id, kind=kind, status=status,
                         params={"imported_from": rel.as_posix()})
         for chunk in chunks(arts):
-            event = with_event_id(ev.ArtifactEvent(
-                schema_version=ev.SCHEMA_VERSION, run=run, artifacts=chunk,
+            event = with_event_id(model.ArtifactEvent(
+                schema_version=model.SCHEMA_VERSION, run=run, artifacts=chunk,
                 producer=producer), run_id)
             _add(event, known, events, report)
     progress("reading files", total, total)
@@ -279,7 +280,7 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _add(event: ev.ArtifactEvent, known: Committed, events: list[ev.ArtifactEvent],
+def _add(event: model.ArtifactEvent, known: Committed, events: list[model.ArtifactEvent],
          report: Report) -> None:
     what = f"run {event.run.run_id}"
     if event.event_id in known.event_ids:
@@ -454,7 +455,7 @@ def plan_catalog(s: Settings, legacy: Path, mapping: LegacyMap, map_path: Path,
     known = committed(s)
     runs, by_run = read_legacy(legacy, mapping, map_path)
     base = Path(mapping.path_base) if mapping.path_base else s.roots[0]
-    events: list[ev.ArtifactEvent] = []
+    events: list[model.ArtifactEvent] = []
     seen: set[str] = set()
     for i, row in enumerate(runs):
         progress("reading the legacy catalog", i, len(runs))
@@ -467,14 +468,14 @@ def plan_catalog(s: Settings, legacy: Path, mapping: LegacyMap, map_path: Path,
             report.skipped.append((f"run {run_id}", "no artifacts"))
             continue
         try:
-            run = ev.Run(
+            run = model.Run(
                 run_id=run_id, kind=row.get("kind") or mapping.kind or "",
                 status=row.get("status") or mapping.status,
                 started_at=_timestamp(row.get("started_at"), "started_at"),
                 finished_at=_timestamp(row.get("finished_at"), "finished_at"),
                 params=_json_object(row.get("params"), "params"),
                 code_version=row.get("code_version"), parent_run_id=row.get("parent_run_id"))
-            arts = [ev.Artifact(name=a["name"] or "",
+            arts = [model.Artifact(name=a["name"] or "",
                                    path=str(base / a["path"]) if a["path"] else "",
                                    rows=a.get("rows"), bytes=a.get("bytes"),
                                    sha256=str(a["sha256"]).lower() if a.get("sha256") else None,
@@ -486,13 +487,13 @@ def plan_catalog(s: Settings, legacy: Path, mapping: LegacyMap, map_path: Path,
         producer = ident(row.get("producer") or mapping.producer)
         prefix = ident(f"import:{run_id}")
         for chunk in chunks(arts):
-            event = with_event_id(ev.ArtifactEvent(
-                schema_version=ev.SCHEMA_VERSION, run=run, artifacts=chunk,
+            event = with_event_id(model.ArtifactEvent(
+                schema_version=model.SCHEMA_VERSION, run=run, artifacts=chunk,
                 producer=producer), prefix)
             if event.event_id in known.event_ids:
                 _add(event, known, events, report)
                 continue
-            good: list[ev.Artifact] = []
+            good: list[model.Artifact] = []
             for art in chunk:
                 found = checked(art, s, s.verify.checksum)
                 if isinstance(found, str):

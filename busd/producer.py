@@ -16,13 +16,13 @@ from typing import Any
 import msgspec
 import pyarrow.parquet as pq
 
-from busd import api, source
 from busd import events as ev
+from busd import model, source
 from busd.config import NatsSettings, Settings, parse_hostport
 from busd.errors import BusdError, ConfigError, Rejected, TimedOut, TransientError
 
 
-def describe(name: str, path: str | Path) -> ev.Artifact:
+def describe(name: str, path: str | Path) -> model.Artifact:
     """An artifact entry with the file's absolute path, size, Parquet rows and SHA-256."""
     p = Path(path).absolute()
     try:
@@ -35,7 +35,7 @@ def describe(name: str, path: str | Path) -> ev.Artifact:
         rows = int(pq.read_metadata(p).num_rows)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds
         raise ConfigError(f"artifact {name}: {path} is not a Parquet file ({exc})") from None
-    return ev.Artifact(name=name, path=str(p), rows=rows, bytes=size, sha256=digest)
+    return model.Artifact(name=name, path=str(p), rows=rows, bytes=size, sha256=digest)
 
 
 def build_event(
@@ -49,16 +49,16 @@ def build_event(
     event_id: str | None = None,
     code_version: str | None = None,
     parent_run_id: str | None = None,
-) -> ev.ArtifactEvent:
+) -> model.ArtifactEvent:
     """An event for one finished run; the default event id is stable for the same files."""
     artifacts = [describe(name, path) for name, path in files.items()]
     if event_id is None:
         fingerprint = hashlib.sha256(
             "".join(f"{a.name}={a.sha256};" for a in artifacts).encode()).hexdigest()[:16]
         event_id = f"{run_id}:{fingerprint}"
-    event = ev.ArtifactEvent(
-        schema_version=ev.SCHEMA_VERSION, event_id=event_id, producer=producer,
-        run=ev.Run(run_id=run_id, kind=kind, status=status, params=params,
+    event = model.ArtifactEvent(
+        schema_version=model.SCHEMA_VERSION, event_id=event_id, producer=producer,
+        run=model.Run(run_id=run_id, kind=kind, status=status, params=params,
                    code_version=code_version, parent_run_id=parent_run_id),
         artifacts=artifacts,
     )
@@ -96,7 +96,7 @@ class ArtifactBus:
         if self.nc is not None:
             await self.nc.close()
 
-    async def publish(self, event: ev.ArtifactEvent, *, timeout_s: float = 10.0) -> int:
+    async def publish(self, event: model.ArtifactEvent, *, timeout_s: float = 10.0) -> int:
         """Publish and wait for the PubAck; return the stream sequence."""
         subject = self.subject_for(event)
         payload = ev.encode(event)
@@ -115,11 +115,11 @@ class ArtifactBus:
 
     async def wait(self, seq: int, *, timeout_s: float = 60.0) -> dict[str, Any]:
         """Block until busd settled sequence ``seq``; raise Rejected or TimedOut."""
-        subject = api.subject(self.s.nats.consumer, "outcome")
+        subject = model.subject(self.s.nats.consumer, "outcome")
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                reply = await self.nc.request(subject, api.encode({"seq": seq}), timeout=2.0)
+                reply = await self.nc.request(subject, model.encode({"seq": seq}), timeout=2.0)
                 answer: dict[str, Any] = msgspec.json.decode(reply.data)
             except Exception:  # noqa: BLE001 - no busd answering yet: keep waiting
                 answer = {"state": "pending"}
@@ -131,10 +131,10 @@ class ArtifactBus:
                 raise TimedOut(f"sequence {seq} was not settled within {timeout_s:.0f}s")
             await asyncio.sleep(0.1)
 
-    def subject_for(self, event: ev.ArtifactEvent) -> str:
+    def subject_for(self, event: model.ArtifactEvent) -> str:
         return f"{self.prefix}.{event.producer or self.producer}"
 
-    async def submit(self, event: ev.ArtifactEvent, *, wait: bool = False,
+    async def submit(self, event: model.ArtifactEvent, *, wait: bool = False,
                      timeout_s: float = 60.0) -> dict[str, Any]:
         seq = await self.publish(event, timeout_s=min(timeout_s, 10.0))
         if not wait:
@@ -142,7 +142,7 @@ class ArtifactBus:
         return await self.wait(seq, timeout_s=timeout_s)
 
 
-def submit_sync(settings: Settings, event: ev.ArtifactEvent, *, wait: bool = False,
+def submit_sync(settings: Settings, event: model.ArtifactEvent, *, wait: bool = False,
                 timeout_s: float = 60.0, producer: str = "busd.submit",
                 outbox: Path | None = None) -> dict[str, Any]:
     """Blocking form of :meth:`ArtifactBus.submit`, for scripts.

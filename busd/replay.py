@@ -20,22 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from nats.js import api
 
 from busd import source
-from busd.api import poison_of
-from busd.catalog import COMPARED, Catalog, Changed, Claim, Known, Sibling, sql_str
+from busd.catalog import COMPARED, Catalog
 from busd.config import Settings
+from busd.daemon.answers import poison_of
 from busd.errors import BusdError, CatalogLocked
-from busd.exports import (
-    Exporter,
-    file_problem,
-    fsync_dir,
-    fsync_path,
-    read_manifest,
-    reader_sql,
-)
+from busd.exports import Exporter, file_problem, fsync_dir, fsync_path, read_manifest, reader_sql
 from busd.fold import Folder
+from busd.model import Changed, Claim, Known, Sibling
+from busd.sql import sql_str
 
 REPLAY_BATCH = 5000  # events per fetch and per catalog transaction
 
@@ -78,18 +72,14 @@ async def replay_into(
     poison: dict[int, str] | None = None, progress: Progress | None = None,
 ) -> ReplayResult:
     """Fold the stream (up to ``upto_seq``, default: its last sequence now) into ``catalog``."""
-    js = nc.jetstream()
-    info = await js.stream_info(s.nats.stream)
-    first, last = int(info.state.first_seq or 0), int(info.state.last_seq or 0)
+    first, last = await source.stream_bounds(nc, s.nats.stream)
     target = last if upto_seq is None else min(upto_seq, last)
     result = ReplayResult()
     started = time.perf_counter()
     if target == 0 or first > target:
         return result
     name = f"busd-replay-{uuid.uuid4().hex[:12]}"
-    await js.add_consumer(s.nats.stream, api.ConsumerConfig(
-        name=name, ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
-        inactive_threshold=60.0, mem_storage=True, num_replicas=1))
+    await source.add_reader(nc, s.nats.stream, name, 1, idle_s=60.0)
     pull = source.PullSource(nc, s.nats.stream, name)
     await pull.start()
     folder = Folder(s, ReplayStore(catalog, nc, s.nats.stream), replay=True,
@@ -133,7 +123,7 @@ async def replay_into(
         await folder.close()
         await pull.stop()
         with contextlib.suppress(Exception):
-            await js.delete_consumer(s.nats.stream, name)
+            await source.delete_consumer(nc, s.nats.stream, name)
     result.seconds = time.perf_counter() - started
     return result
 

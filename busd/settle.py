@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from busd import source
+from busd import model
 from busd.errors import Outcome
-from busd.fold import Decided
+from busd.model import Decided
 
 Action = Literal["ack", "term", "nak"]
 
@@ -34,14 +34,14 @@ def settlement(outcome: Outcome | None) -> Action:
 
 def wire_body(action: Action, delay_s: float = 0.0) -> bytes:
     """What settles a message now: a term, or a nak with its delay (acks wait for exports)."""
-    return source.TERM if action == "term" else source.nak_body(delay_s)
+    return model.TERM if action == "term" else model.nak_body(delay_s)
 
 
 @dataclass(slots=True)
 class Waiting:
     """A committed delivery waiting for the export refresh that covers it."""
 
-    d: source.Delivery
+    d: model.Delivery
     generation: int
     since: float
 
@@ -84,7 +84,7 @@ def settle(decided: Sequence[Decided], generation: int, since: float) -> Settled
 class _Due:
     at: float
     seq: int
-    d: source.Delivery = field(compare=False)
+    d: model.Delivery = field(compare=False)
 
 
 class Rechecks:
@@ -103,14 +103,14 @@ class Rechecks:
             assert item.recheck_s is not None
             self._due[item.d.seq] = _Due(now + item.recheck_s, item.d.seq, item.d)
 
-    def due(self, now: float) -> list[source.Delivery]:
+    def due(self, now: float) -> list[model.Delivery]:
         """Those to check again now (they leave; the fold decides them again)."""
         ready = sorted(e for e in self._due.values() if e.at <= now)
         for e in ready:
             del self._due[e.seq]
         return [e.d for e in ready]
 
-    def held(self) -> list[source.Delivery]:
+    def held(self) -> list[model.Delivery]:
         return [e.d for e in self._due.values()]
 
 

@@ -10,47 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import nats
-from nats.aio.client import Client
+from nats.aio.client import Client as Client  # the type of a connection, for callers
 from nats.aio.msg import Msg
 from nats.js import api
-from nats.js.errors import NotFoundError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 
 from busd.config import NatsSettings, Settings, is_nkey_seed
-from busd.errors import BusdError, ConfigError, ConsumerGone, TransientError
+from busd.errors import (
+    BusdError,
+    ConfigError,
+    ConsumerGone,
+    KeyConflict,
+    KeyMissing,
+    TransientError,
+)
+from busd.model import Delivery
 
 MAX_MSG_BYTES = 1024 * 1024
 DUPLICATE_WINDOW_S = 3600.0
-
-
-@dataclass(slots=True)
-class Delivery:
-    """One stream message as delivered to busd."""
-
-    seq: int
-    subject: str
-    data: bytes
-    headers: dict[str, str] | None
-    reply: str
-    delivered: int
-    published_ns: int
-
-    @property
-    def published_at(self) -> dt.datetime:
-        return dt.datetime.fromtimestamp(self.published_ns / 1e9, dt.UTC)
-
-    @property
-    def msg_id(self) -> str | None:
-        return self.headers.get("Nats-Msg-Id") if self.headers else None
 
 
 def parse_ack_subject(reply: str) -> tuple[int, int, int]:
@@ -457,15 +447,6 @@ class Settler:
             await self.nc.flush(timeout=10)
 
 
-ACK = b"+ACK"
-TERM = b"+TERM"
-PROGRESS = b"+WPI"
-
-
-def nak_body(delay_s: float) -> bytes:
-    return b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode()
-
-
 async def consumer_state(nc: Client, s: Settings) -> tuple[int, int]:
     """(num_pending, num_ack_pending) of the durable consumer; ConsumerGone when it (or its
     stream) no longer exists."""
@@ -481,3 +462,99 @@ async def stored_payload(nc: Client, stream: str, seq: int) -> bytes:
     """The payload of one stored message, read back from the stream by sequence."""
     msg = await nc.jetstream().get_msg(stream, seq)
     return bytes(msg.data or b"")
+
+
+# ---- the rest of what busd asks of NATS: readers, the HA lease's bucket, requests --------
+async def add_reader(nc: Client, stream: str, name: str, start_seq: int, *,
+                     idle_s: float) -> None:
+    """An ephemeral, ack-less consumer from ``start_seq`` (replay, the standby, backfill);
+    the server deletes it after ``idle_s`` without a pull."""
+    await nc.jetstream().add_consumer(stream, api.ConsumerConfig(
+        name=name, ack_policy=api.AckPolicy.NONE,
+        deliver_policy=(api.DeliverPolicy.BY_START_SEQUENCE if start_seq > 1
+                        else api.DeliverPolicy.ALL),
+        opt_start_seq=start_seq if start_seq > 1 else None,
+        inactive_threshold=idle_s, mem_storage=True, num_replicas=1))
+
+
+async def delete_consumer(nc: Client, stream: str, name: str) -> None:
+    await nc.jetstream().delete_consumer(stream, name)
+
+
+async def stream_bounds(nc: Client, stream: str) -> tuple[int, int]:
+    """(first, last) sequence the stream holds now."""
+    info = await nc.jetstream().stream_info(stream)
+    return int(info.state.first_seq or 0), int(info.state.last_seq or 0)
+
+
+async def ack_floor(nc: Client, s: Settings) -> int:
+    """The durable consumer's ack floor: every sequence up to it is settled."""
+    info = await nc.jetstream().consumer_info(s.nats.stream, s.nats.consumer)
+    return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+
+
+async def delivered_seq(nc: Client, s: Settings) -> int:
+    """The highest sequence the durable consumer has delivered (0 if it was never bound):
+    whoever held the lease before could ack, even late, any message up to here."""
+    try:
+        info = await nc.jetstream().consumer_info(s.nats.stream, s.nats.consumer)
+    except NotFoundError:
+        return 0
+    return int(info.delivered.stream_seq or 0) if info.delivered else 0
+
+
+async def next_stored_seq(nc: Client, stream: str, seq: int) -> int | None:
+    """The first sequence at or after ``seq`` still in the stream; None past its end."""
+    try:
+        found = (await nc.jetstream().get_msg(stream, seq, subject=">", next=True)).seq
+    except NotFoundError:
+        return None
+    return None if found is None else int(found)
+
+
+async def request(nc: Client, subject: str, data: bytes, *, timeout_s: float) -> bytes:
+    """A core NATS request; its answer's payload."""
+    reply = await nc.request(subject, data, timeout=timeout_s)
+    return bytes(reply.data or b"")
+
+
+class Bucket:
+    """One KV bucket (the HA lease): compare-and-set on keys, busd's errors, no nats types."""
+
+    def __init__(self, kv: Any) -> None:
+        self._kv = kv
+
+    @classmethod
+    async def open(cls, nc: Client, bucket: str, ttl_s: float) -> Bucket:
+        """The bucket, created with this TTL (file storage, no history) if it is missing."""
+        js = nc.jetstream()
+        try:
+            return cls(await js.key_value(bucket))
+        except BucketNotFoundError:
+            return cls(await js.create_key_value(api.KeyValueConfig(
+                bucket=bucket, ttl=ttl_s, history=1, storage=api.StorageType.FILE)))
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Create the key; its revision. KeyConflict when it exists."""
+        try:
+            return int(await self._kv.create(key, value))
+        except KeyWrongLastSequenceError:
+            raise KeyConflict(key) from None
+
+    async def update(self, key: str, value: bytes, *, last: int) -> int:
+        """Set the key if its revision is still ``last``; the new revision, or KeyConflict."""
+        try:
+            return int(await self._kv.update(key, value, last=last))
+        except KeyWrongLastSequenceError:
+            raise KeyConflict(key) from None
+
+    async def get(self, key: str) -> tuple[int, bytes]:
+        """(revision, value); KeyMissing when it is not there."""
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError:
+            raise KeyMissing(key) from None
+        return int(entry.revision), bytes(entry.value or b"")
+
+    async def delete(self, key: str, *, last: int) -> None:
+        await self._kv.delete(key, last=last)

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from busd import faults
 from busd.errors import FileNotYetThere, FileUnavailable, InvalidEvent, Reason
-from busd.events import Artifact, ArtifactEvent
+from busd.model import Artifact, ArtifactEvent
 
 ChecksumPolicy = Literal["always", "if_given", "never"]
 _HASH_CHUNK = 1 << 20

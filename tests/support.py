@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from busd import config, source
-from busd.catalog import Batch
-from busd.consumer import Stats, serve
+from busd.daemon import Stats, serve
 from busd.embedded import EmbeddedServer
+from busd.model import Batch
 
 BUSD = [sys.executable, "-m", "busd"]
 

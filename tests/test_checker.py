@@ -13,7 +13,7 @@ from support import Bus, sha256_file, wait_for
 
 from busd.checker import Checker, Result
 from busd.errors import FileNotYetThere, InvalidEvent
-from busd.events import Artifact
+from busd.model import Artifact
 
 
 def _artifact_cases(bus: Bus) -> list[list[Artifact]]:

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from busd import config
-from busd.catalog import COMPARED, Catalog, Sibling
+from busd.catalog import COMPARED, Catalog
 from busd.fold import Folder
-from busd.source import Delivery
+from busd.model import Delivery, Sibling
 
 ROOT = Path(tempfile.mkdtemp(prefix="busd-fold-"))
 FILES = {}

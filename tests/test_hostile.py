@@ -35,9 +35,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import Bus
 
-from busd import events, validate
+from busd import events, model, validate
 from busd.errors import FileNotYetThere, InvalidEvent, Reason
-from busd.events import Artifact
+from busd.model import Artifact
 
 SUBJECT = "artifacts.lab.sim"
 REASONS = {r.value for r in Reason}
@@ -178,7 +178,7 @@ def assert_closed(exc: InvalidEvent) -> None:
     exc.detail.encode("utf-8")  # storable in rejections_f.detail (no lone surrogates)
 
 
-def decode_once(payload: bytes) -> events.ArtifactEvent | InvalidEvent:
+def decode_once(payload: bytes) -> model.ArtifactEvent | InvalidEvent:
     try:
         return events.decode(payload)
     except InvalidEvent as exc:  # any other exception fails the test
@@ -195,7 +195,7 @@ def outcome(world: World, payload: bytes, msg_id: str | None = None,
         assert isinstance(again, InvalidEvent)
         assert (first.reason, first.detail) == (again.reason, again.detail)
         return first.reason.value
-    assert isinstance(again, events.ArtifactEvent) and again == first
+    assert isinstance(again, model.ArtifactEvent) and again == first
     event = first
     assert events.decode(events.encode(event)) == event  # what the catalog stores re-reads
     try:
@@ -615,8 +615,8 @@ DECODE_CASES: dict[str, tuple[Callable[[World], bytes], str]] = {
     # an unclosed string of escaped quotes made the depth scan quadratic (~20 min at 1 MiB)
     "unclosed_escapes": (lambda w: b'"' + b'\\"' * 500_000 + b"[" * 65, "malformed"),
     # size
-    "one_mib_ok": (lambda w: padded(w, events.MAX_PAYLOAD_BYTES), "ok"),
-    "one_mib_plus_one": (lambda w: padded(w, events.MAX_PAYLOAD_BYTES + 1), "too_large"),
+    "one_mib_ok": (lambda w: padded(w, model.MAX_PAYLOAD_BYTES), "ok"),
+    "one_mib_plus_one": (lambda w: padded(w, model.MAX_PAYLOAD_BYTES + 1), "too_large"),
     "1001_artifacts": (lambda w: dumps({**w.base, "artifacts": [
         {"name": f"a{i}", "path": "x"} for i in range(1001)]}).encode(), "too_large"),
     # not JSON, not an object, not UTF-8

@@ -15,11 +15,11 @@ from typing import Any
 import nats
 from support import Bus
 
-from busd import api
+from busd import model
 from busd.catalog import Catalog
 from busd.checker import Checker
+from busd.ha.follower import Follower
 from busd.replay import ReplayStore
-from busd.standby import Follower
 
 
 def test_the_standby_folds_nothing_the_active_quarantined(bus: Bus) -> None:
@@ -36,7 +36,7 @@ def test_the_standby_folds_nothing_the_active_quarantined(bus: Bus) -> None:
             if answering:
                 await msg.respond(json.dumps(poison).encode())
 
-        await nc.subscribe(api.subject(s.nats.consumer, "poison"), cb=respond)
+        await nc.subscribe(model.subject(s.nats.consumer, "poison"), cb=respond)
         active = await nc.jetstream().pull_subscribe_bind("busd", "ARTIFACTS")
         fine, quarantined, later = await active.fetch(3, timeout=5)
         catalog = Catalog(bus.root / "standby.duckdb")

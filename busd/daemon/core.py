@@ -1,10 +1,13 @@
 """The daemon: fetch → decode → validate → commit → export → settle, in batches.
 
 This module orchestrates; the stages it calls (events, validate, catalog, exports) never call
-each other. Settlement is decided in one place, :mod:`busd.settle`. Nothing is acked before the
-catalog commit *and* the export refresh covering it are durable; rejections are terminated once
-their rejection row is committed. A transient failure keeps the messages in hand (and tells
-the server they are in progress) rather than nak'ing them, so it never eats into max_deliver.
+each other. The export loop is the publisher's (:mod:`busd.daemon.publisher`), keep-alives
+are the keeper's (:mod:`busd.daemon.keeper`); the fetch loop and the commits are here.
+Settlement is decided in one place, :mod:`busd.settle`, and every ack goes out from
+``_ack_through``. Nothing is acked before the catalog commit *and* the export refresh
+covering it are durable; rejections are terminated once their rejection row is committed. A
+transient failure keeps the messages in hand (and tells the server they are in progress)
+rather than nak'ing them, so it never eats into max_deliver.
 """
 
 from __future__ import annotations
@@ -21,25 +24,31 @@ from typing import Any, TypeVar
 
 import anyio
 
-from busd import api, faults, lag, log, sdnotify, source
-from busd.catalog import Batch, Catalog, Changed, Claim, Known, Sibling
+from busd import faults, log, model, source
+from busd.catalog import Catalog
 from busd.config import Settings, parse_hostport
+from busd.daemon.answers import Answers
+from busd.daemon.keeper import Keeper, Progress
+from busd.daemon.publisher import Publisher
 from busd.embedded import EmbeddedServer
 from busd.errors import (
     ConsumerGone,
     FatalStorageError,
+    LeaseLost,
     Outcome,
-    Stalled,
     StorageError,
     TransientError,
 )
-from busd.exports import Exporter, manifest_rows
-from busd.fold import Decided, Folded, Folder, Prepared, merge
+from busd.exports import Exporter
+from busd.fold import Folder, Prepared, merge
+from busd.ha.backfill import Backfill
+from busd.ha.follower import Follower, follow_until_leader
+from busd.ha.lease import Lease
 from busd.inflight import Ledger
 from busd.metrics import Metrics, MetricsServer
+from busd.model import Batch, Claim, Decided, Folded, Known, Sibling
 from busd.sdnotify import SdNotifier
 from busd.settle import Rechecks, outcome_line, settle, settlement
-from busd.standby import Backfill, Follower, Lease, LeaseLost, follow_until_leader
 
 T = TypeVar("T")
 GROUP_BYTES = 64 << 20  # a group commit stops gathering at this many bytes of payloads
@@ -78,26 +87,17 @@ class Daemon:
         self.src: source.PullSource | None = None
         self.settler: source.Settler | None = None
         self.metrics_server: MetricsServer | None = None
+        self.publisher: Publisher | None = None
+        self.keeper: Keeper | None = None
         self.ledger = Ledger()  # every delivery held and not settled yet
         self.rechecks = Rechecks()  # held, not nak'ed: the machine failed to read their files
-        self._generation = 0
-        self._exported_generation = 0  # the generation the last export refresh covered
-        self._touched: set[str] = set()
-        self._changed = Changed()  # rows committed since the last refresh (partitioned exports)
-        self._export_wanted = asyncio.Event()
-        self._export_idle = asyncio.Event()
-        self._export_lock = asyncio.Lock()
-        self._last_progress = time.monotonic()
-        self._backlog = 0
+        self.progress = Progress()
         self._fatal: BaseException | None = None
         self._commit_task: asyncio.Future[None] | None = None
-        self._export_rows: dict[str, tuple[Any, ...]] = {}  # latest exports_d row per export
         self._active = True
         self._catalog_seq = 0
-        self._last_refresh_s = 0.0
         self._pinged_at = 0.0
         self._ping_every_s = self.notify.watchdog_interval_s() or 1.0
-        self._export_attempt_at = 0.0
         self._debug = log.debug_enabled()
 
     # ---- threads -------------------------------------------------------------------------
@@ -117,6 +117,9 @@ class Daemon:
         self.catalog = await self._on_writer(Catalog, s.catalog_path)
         self.exporter = await self._on_writer(Exporter.of, self.catalog.cursor(), s)
         await self._on_exporter(self.exporter.check)
+        self.publisher = Publisher(self.exporter, self.catalog, metrics=self.metrics,
+                                   on_exporter=self._on_exporter, on_writer=self._on_writer,
+                                   progress=self.progress.mark)
         self.metrics.watch_exports(list(self.exporter.exports))
         self.folder = Folder(s, self)
         await self.folder.checker.start()
@@ -133,9 +136,9 @@ class Daemon:
             self.log.warning("stream breaks a promise", stream=s.nats.stream, problem=problem)
 
     async def _connect_when_up(self, url: str) -> Any:
-        """Connect, however long NATS takes to answer (contract §4: serve waits, says so at
-        once and every WAITING_SAID_EVERY_S, in the log and to systemd, and stays unready).
-        None when told to stop meanwhile."""
+        """Connect, however long NATS takes to answer (docs/reference/daemon.md: serve waits,
+        says so at once and every WAITING_SAID_EVERY_S, in the log and to systemd, and stays
+        unready). None when told to stop meanwhile."""
         nc: Any = None
         said_at: float | None = None
         what = f"waiting for NATS at {url}"
@@ -174,6 +177,7 @@ class Daemon:
         """Bind the durable consumer and start serving (after winning the lease, with HA)."""
         s = self.s
         assert self.catalog is not None and self.exporter is not None
+        assert self.publisher is not None
         await source.ensure_consumer(self.nc, s)
         seq = await self._on_writer(self.catalog.catalog_seq)
         self._catalog_seq = seq
@@ -181,14 +185,23 @@ class Daemon:
         stale = await self._on_exporter(self.exporter.stale, seq)
         if stale:
             self.log.info("refreshing exports older than the catalog", exports=stale)
-            await self._refresh(stale)
+            await self.publisher.refresh(stale)
         self.src = source.PullSource(self.nc, s.nats.stream, s.nats.consumer)
         await self.src.start()
         self.settler = source.Settler(self.nc)
-        answers = api.Answers(self._on_writer, self.catalog, list(self.exporter.exports),
-                              self.ledger.waiting, self._refresh)
-        await self.nc.subscribe(api.subject(s.nats.consumer, "*"), cb=answers.respond)
-        await self._measure_lag()  # before ready: an alert must never see a lag of 0 it is not
+        answers = Answers(self._on_writer, self.catalog, list(self.exporter.exports),
+                          self.ledger.waiting, self.publisher.refresh)
+        await self.nc.subscribe(model.subject(s.nats.consumer, "*"), cb=answers.respond)
+        publisher = self.publisher
+        self.keeper = Keeper(
+            s, self.nc, self.src, ledger=self.ledger, exporter=self.exporter,
+            metrics=self.metrics, notify=self.notify, progress=self.progress,
+            outcomes=lambda: dict(self.stats.outcomes), lease=self.lease,
+            lease_ok=lambda renew: self._lease_ok(renew=renew), send=self._send,
+            ack_late=lambda: self._ack_through(publisher.exported_generation),
+            record_exports=lambda: publisher.record_when_idle(self._commit_task is not None),
+            recreate_consumer=self._recreate_consumer)
+        await self.keeper.measure_lag()  # before ready: an alert must never see a lag of 0
         self.log.info("busd ready", stream=s.nats.stream, consumer=s.nats.consumer,
                       catalog=str(s.catalog_path), catalog_seq=seq)
         self.metrics.ready.set(1)
@@ -206,7 +219,7 @@ class Daemon:
             await self.src.stop()  # unsubscribe first: nothing arrives after the naks below
             # what is held and not acked goes back to the server now, not after ack_wait
             leftovers = [*self.ledger.held(), *self.src.take_buffered()]
-            await self._send([(d.reply, source.nak_body(0)) for d in leftovers])
+            await self._send([(d.reply, model.nak_body(0)) for d in leftovers])
         if self.lease is not None and self._fatal is None and self._active:
             await self.lease.release()
         if self._backfill is not None:
@@ -225,8 +238,9 @@ class Daemon:
         # the export thread's cursor must be idle before the catalog's connection closes
         await anyio.to_thread.run_sync(self._export_pool.shutdown)
         if self.catalog is not None:
-            with contextlib.suppress(Exception):
-                await self._record_exports_when_idle()
+            if self.publisher is not None:
+                with contextlib.suppress(Exception):
+                    await self.publisher.record_when_idle(False)
             await self._on_writer(self.catalog.close)
         self._writer.shutdown()
         if self.embedded is not None:
@@ -241,8 +255,9 @@ class Daemon:
             await self.start()
             await self._serve()
         except BaseExceptionGroup as group:  # one failure in a task: report it, not the group
-            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
-                raise group.exceptions[0] from None
+            leaves = _leaves(group)
+            if len(leaves) == 1 and isinstance(leaves[0], Exception):
+                raise leaves[0] from None
             raise
         finally:
             self.notify.stopping()
@@ -250,7 +265,8 @@ class Daemon:
                 await self.close()
         if self._fatal is not None:
             raise self._fatal
-        self.log.info("busd stopped", batches=self.stats.batches, exports=self.stats.exports,
+        exports = self.publisher.refreshes if self.publisher is not None else 0
+        self.log.info("busd stopped", batches=self.stats.batches, exports=exports,
                       **dict(self.stats.outcomes))
         return self.stats
 
@@ -261,9 +277,10 @@ class Daemon:
                 await self._standby()
             if not self.stopping:
                 await self._activate()
-                tg.start_soon(self._export_loop)
-                tg.start_soon(self._artifacts_loop)
-                tg.start_soon(self._keeper)
+                assert self.publisher is not None and self.keeper is not None
+                tg.start_soon(self.publisher.run, self._ack_through)
+                tg.start_soon(self.publisher.sweep_loop)
+                tg.start_soon(self.keeper.run)
                 await self._fetch_loop()
                 await self._finish()
             tg.cancel_scope.cancel()
@@ -271,7 +288,7 @@ class Daemon:
     # ---- hot standby ---------------------------------------------------------------------
     async def _standby(self) -> None:
         """Follow the stream into our own catalog until we win the lease (or are stopped)."""
-        assert self.exporter is not None
+        assert self.publisher is not None
         self.lease = Lease(self.nc, self.s)
         await self.lease.open()
         if await self.lease.acquire():
@@ -286,14 +303,9 @@ class Daemon:
         assert self.folder is not None
         follower = Follower(self.s, self.nc, self, self._commit_rows, self.folder.checker)
         await follower.start(await self._on_writer(self.catalog.catalog_seq))
-        exporter = self.exporter
-
-        async def refresh(touched: set[str]) -> None:
-            changed, self._changed = self._changed, Changed()
-            await self._refresh(exporter.due(touched), changed)
-
         try:
-            leader = await follow_until_leader(self.lease, follower, refresh, self._alive,
+            leader = await follow_until_leader(self.lease, follower,
+                                               self.publisher.refresh_changed, self._alive,
                                                lambda: self.stopping)
         finally:
             await follower.stop()
@@ -304,26 +316,24 @@ class Daemon:
 
     async def _start_backfill(self, quarantined: dict[int, str] | None = None) -> None:
         assert self.catalog is not None and self.folder is not None
+        assert self.publisher is not None
         catalog = self.catalog
-
-        def committed(touched: set[str]) -> None:
-            self._touched |= touched
-            self._export_wanted.set()
-
         self._backfill = await Backfill.start(
             self.s, self.nc, self, self._commit_rows, self.folder.checker,
             lambda after: self._on_writer(catalog.recorded_through, after), quarantined or {},
-            committed)
+            self.publisher.touched)
 
     async def _lease_ok(self, *, renew: bool = False) -> bool:
-        """Renew or check the lease. Lost: stop acking for good (exit 1 follows). A NATS
-        error: not now (nothing is settled; the messages wait or are redelivered)."""
-        assert self.lease is not None
+        """Renew or check the lease. Lost: stop acking for good and raise LeaseLost, which
+        ends the daemon (exit 1). A NATS error: False, not now (nothing is settled; the
+        messages wait or are redelivered)."""
+        if self.lease is None:
+            return False
         try:
             await (self.lease.renew() if renew else self.lease.check())
         except LeaseLost as exc:
             self._lost_lease(exc)
-            return False
+            raise
         except Exception as exc:  # noqa: BLE001 - NATS reconnecting: decide later
             self.log.warning("cannot reach the lease; not settling now", error=str(exc))
             return False
@@ -342,11 +352,11 @@ class Daemon:
         self.settler = None
 
     async def _commit_rows(self, rows: Batch) -> None:
-        assert self.catalog is not None
-        # awaited first: the export loop may swap self._changed while the commit runs, and
-        # these changes belong to the set the next refresh takes, not the one it took
+        assert self.catalog is not None and self.publisher is not None
+        # awaited first: the export loop may take the changes while the commit runs, and
+        # these belong to the set the next refresh takes, not to the one it took
         changed = await self._on_writer(self.catalog.commit, rows)
-        self._changed.update(changed)
+        self.publisher.committed(changed)
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
@@ -393,8 +403,8 @@ class Daemon:
         self.src.reset()
 
     def _alive(self) -> None:
-        """Ping systemd's watchdog at most once per half watchdog period: from the keeper
-        while active (never waiting for a batch), from the follow loop in standby."""
+        """Ping systemd's watchdog at most once per half watchdog period, from the follow
+        loop in standby (the keeper pings while active)."""
         now = time.monotonic()
         if now - self._pinged_at >= self._ping_every_s:
             self._pinged_at = now
@@ -407,21 +417,21 @@ class Daemon:
             await task
 
     async def _drained(self) -> bool:
-        if self.ledger.waiting or self._touched or self._backfill is not None:
+        assert self.publisher is not None
+        if self.ledger.waiting or self.publisher.pending() or self._backfill is not None:
             return False
         pending, ack_pending = await source.consumer_state(self.nc, self.s)
         return pending == 0 and ack_pending == 0
 
     async def _finish(self) -> None:
         """Shutdown: export and settle everything committed, within the grace period."""
+        assert self.publisher is not None
         with anyio.move_on_after(self.s.consumer.shutdown_grace_s):
-            while (self.ledger.waiting or self._touched) and self._fatal is None:
-                self._export_wanted.set()
-                self._export_idle.clear()
-                await self._export_idle.wait()
+            while (self.ledger.waiting or self.publisher.pending()) and self._fatal is None:
+                await self.publisher.until_idle()
 
     # ---- one batch -----------------------------------------------------------------------
-    async def _handle(self, batch: Sequence[source.Delivery]) -> None:
+    async def _handle(self, batch: Sequence[model.Delivery]) -> None:
         """Decode a batch and check its files while the previous batch commits; batches
         that arrive during that commit join this one (a group commit: under a backlog one
         transaction, export refresh and ack flush cover up to ``commit_max`` events). The
@@ -440,7 +450,7 @@ class Daemon:
         folded = await self.folder.finish(merge(parts))
         self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, held))
 
-    async def _gather(self, held: list[source.Delivery], parts: list[Prepared]) -> None:
+    async def _gather(self, held: list[model.Delivery], parts: list[Prepared]) -> None:
         """While the previous commit runs, fetch and prepare what is already coming: up to
         ``commit_max`` events and ``GROUP_BYTES`` of payloads (events may be 1 MiB each), and
         only while the file checks keep up — slow checks (large files to hash) must not
@@ -464,10 +474,10 @@ class Daemon:
             held.extend(more)
             size += sum(len(d.data) for d in more)
 
-    async def _commit_and_settle(self, folded: Folded, batch: Sequence[source.Delivery]) -> None:
+    async def _commit_and_settle(self, folded: Folded, batch: Sequence[model.Delivery]) -> None:
+        assert self.publisher is not None
         if folded.rows:
-            folded.rows.exports = list(self._export_rows.values())
-            self._export_rows = {}
+            folded.rows.exports = self.publisher.take_rows()
             await self._commit(folded.rows, batch)
             faults.hit("after_commit")
         await self._settle_batch(folded.decided, folded.touched)
@@ -485,15 +495,15 @@ class Daemon:
     async def payload(self, seq: int) -> bytes:
         return await source.stored_payload(self.nc, self.s.nats.stream, seq)
 
-    async def _commit(self, rows: Batch, batch: Sequence[source.Delivery]) -> None:
+    async def _commit(self, rows: Batch, batch: Sequence[model.Delivery]) -> None:
         """One catalog transaction; a transient failure is retried with the batch in hand."""
-        assert self.catalog is not None
+        assert self.catalog is not None and self.publisher is not None
         delay_s = 0.5
         while True:
             started = time.perf_counter()
             try:
                 changed = await self._on_writer(self.catalog.commit, rows)
-                self._changed.update(changed)  # after the await: see _commit_rows
+                self.publisher.committed(changed)  # after the await: see _commit_rows
                 break
             except FatalStorageError:
                 raise
@@ -505,7 +515,7 @@ class Daemon:
                                retry_in_s=delay_s)
                 await anyio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 10.0)
-        self._last_progress = time.monotonic()
+        self.progress.mark()
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.artifacts.inc(len(rows.artifacts))
@@ -513,8 +523,8 @@ class Daemon:
         self.metrics.catalog_seq.set(self._catalog_seq)
 
     async def _settle_batch(self, decided: Sequence[Decided], touched: set[str]) -> None:
-        generation = self._generation + 1
-        settled = settle(decided, generation, time.monotonic())
+        assert self.publisher is not None
+        settled = settle(decided, 0, time.monotonic())
         for item in settled.new:
             if item.outcome is not Outcome.COMMITTED or self._debug:
                 level, message, fields = outcome_line(item)
@@ -531,16 +541,14 @@ class Daemon:
             self.log.info("batch", first_seq=decided[0].d.seq, last_seq=decided[-1].d.seq,
                           **dict(settled.outcomes))
         if settled.waiting:  # acked after the export refresh that covers them
+            generation = self.publisher.want(touched)
             self.ledger.wait([w.d for w in settled.waiting], generation, time.monotonic())
-            self._generation = generation
-            self._touched.update(touched)
-            self._export_wanted.set()
         await self._send(settled.now)  # not sent: the server redelivers, the fold decides again
         self.ledger.release(item.d.seq for item in decided
                             if settlement(item.outcome) != "ack" and item.recheck_s is None)
         self.rechecks.hold(settled.held, time.monotonic())  # still in the ledger, kept alive
         if settled.now or settled.held:
-            self._last_progress = time.monotonic()
+            self.progress.mark()
 
     async def _send(self, items: Sequence[tuple[str, bytes]]) -> bool:
         """Send settlements; False when they could not go out now (the caller keeps acks)."""
@@ -550,7 +558,7 @@ class Daemon:
             return False
         # the lease is checked before anything is settled for good (ack or term); naks and
         # progress never settle, they may go out whoever holds the lease
-        final = any(body in (source.ACK, source.TERM) for _, body in items)
+        final = any(body in (model.ACK, model.TERM) for _, body in items)
         if final and self.lease is not None:
             if not await self._lease_ok():
                 return False
@@ -564,184 +572,28 @@ class Daemon:
         return True
 
 
-    # ---- exports -------------------------------------------------------------------------
-    async def _export_loop(self) -> None:
-        delay_s = 0.5
-        while True:
-            if not self._export_wanted.is_set():
-                self._export_idle.set()
-            await self._export_wanted.wait()
-            self._export_wanted.clear()
-            assert self.exporter is not None
-            generation = self._generation
-            touched, self._touched = self._touched, set()
-            changed, self._changed = self._changed, Changed()
-            names = self.exporter.due(touched)
-            try:
-                await self._refresh(names, changed)
-            except FatalStorageError as exc:  # a failed fsync: never retried, never acked
-                self._fatal = exc
-                self.stopping = True
-                self._export_idle.set()
-                return
-            except StorageError as exc:
-                self.log.error("export refresh failed; acks wait", error=str(exc),
-                               retry_in_s=delay_s)
-                self._touched |= touched
-                self._changed.update(changed)
-                await anyio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 30.0)
-                self._export_wanted.set()
-                continue
-            delay_s = 0.5
-            self._exported_generation = generation
-            await self._ack_through(generation)
-            # Exports take at most about half the time: a refresh that took d seconds is
-            # followed by a pause of d (at most 2 s) in which further batches commit and
-            # coalesce into the next one. Small catalogs refresh in milliseconds.
-            await anyio.sleep(min(self._last_refresh_s, 2.0))
-
-    async def _refresh(self, names: Sequence[str], changed: Changed | None = None) -> None:
-        """Refresh exports; ``changed`` (rows committed since the last refresh) lets a
-        partitioned export rewrite only its parts holding them. None: all parts."""
-        assert self.exporter is not None and self.catalog is not None
-        try:
-            async with self._export_lock:  # the export loop and `busd export` share it
-                results, _seq = await self._on_exporter(self.exporter.refresh, names, changed)
-        except StorageError:
-            for name in names:
-                self.metrics.export_failures.labels(export=name).inc()
-            raise
-        self.stats.exports += 1
-        self.metrics.artifacts_missing.set(self.exporter.missing_count)
-        self._last_refresh_s = sum(r.duration_s for r in results)
-        stamp = time.time()
-        for r in results:
-            self.metrics.export_seconds.labels(export=r.name).observe(r.duration_s)
-            self.metrics.export_last_success.labels(export=r.name).set(stamp)
-        # exports_d rows ride along with the next batch's transaction (one fsync fewer per
-        # refresh); housekeeping writes them on their own when the stream is idle
-        self._export_rows.update((row[0], row) for row in manifest_rows(results))
-
-    async def _artifacts_loop(self) -> None:
-        """Committed files that vanish are counted while no refresh runs, too (the check
-        shares the export thread and its lock, and never waits behind a refresh)."""
-        while self.exporter is not None:
-            await anyio.sleep(1.0)
-            if not self.exporter.sweep_due() or self._export_lock.locked():
-                continue
-            try:
-                async with self._export_lock:
-                    await self._on_exporter(self.exporter.sweep)
-            except FatalStorageError as exc:
-                self._fatal = exc
-                self.stopping = True
-                return
-            except StorageError as exc:
-                self.log.warning("could not check the artifact files", error=str(exc))
-            self.metrics.artifacts_missing.set(self.exporter.missing_count)
-
-    async def _record_exports_when_idle(self) -> None:
-        if self._export_rows and self._commit_task is None and self.catalog is not None:
-            rows, self._export_rows = list(self._export_rows.values()), {}
-            try:
-                await self._on_writer(self.catalog.record_exports, rows)
-            except StorageError as exc:
-                self.log.warning("could not record exports_d", error=str(exc))
-
     async def _ack_through(self, generation: int) -> None:
+        """Ack every committed message a refresh of ``generation`` covers (the only acks)."""
         done = self.ledger.ackable(generation)
         if not done:
             return
         faults.hit("before_ack")
-        if not await self._send([(w.d.reply, source.ACK) for w in done]):
+        if not await self._send([(w.d.reply, model.ACK) for w in done]):
             return  # they stay in the ledger: the keeper acks them once it can
         faults.hit("after_ack")
         self.ledger.release(w.d.seq for w in done)
         now = time.time()
         for w in done:
             self.metrics.event_latency.observe(max(0.0, now - w.d.published_ns / 1e9))
-        self._last_progress = time.monotonic()
+        self.progress.mark()
 
-    # ---- the keeper: lag, in-progress, stall, lease --------------------------------------
-    async def _measure_lag(self) -> None:
-        pending, ack_pending = await source.consumer_state(self.nc, self.s)
-        self._backlog = pending + ack_pending
-        self.metrics.pending.set(pending)
-        self.metrics.ack_pending.set(ack_pending)
-        self.metrics.bound(self.s.nats.stream, self.s.nats.consumer)
-        age_s = 0.0
-        if self._backlog:  # the age needs two more requests: only while something waits
-            age_s = await lag.oldest_unsettled_age_s(self.nc.jetstream(), self.s.nats.stream,
-                                                     self.s.nats.consumer)
-        self.metrics.oldest_unsettled_age.set(age_s)
 
-    async def _keeper(self) -> None:
-        """Keep-alives that never wait for a batch: the watchdog and the stall check, the
-        lease, and (with NATS round trips) lag, in-progress signals and late acks. Each runs
-        on its own, so a slow file check, commit, refresh or NATS call delays none of them."""
-        async with anyio.create_task_group() as tg:
-            assert self.exporter is not None
-            tg.start_soon(self._watchdog_loop, self.exporter)
-            if self.lease is not None:
-                tg.start_soon(self._lease_loop)
-            tg.start_soon(self._nats_loop)
-
-    async def _watchdog_loop(self, exporter: Exporter) -> None:
-        """Ping the watchdog; exit on a stall: a backlog and, for ``stall_s``, no ack, no
-        commit and no export refresh advancing (a slow refresh is no stall)."""
-        stall_s, exported = self.s.consumer.stall_s, exporter.progress()
-        while True:
-            await anyio.sleep(min(1.0, self._ping_every_s))
-            self._alive()
-            advanced = exporter.progress()
-            if advanced != exported:
-                exported, self._last_progress = advanced, time.monotonic()
-            now = time.monotonic()
-            if self._backlog == 0 and not self.ledger:
-                self._last_progress = now
-            elif now - self._last_progress > stall_s:
-                self._fatal = Stalled(f"no progress for {stall_s:.0f}s with {self._backlog} "
-                                      "messages waiting")
-                self.stopping = True
-                return
-
-    async def _lease_loop(self) -> None:
-        while self.lease is not None:
-            await anyio.sleep(min(1.0, self.lease.ttl_s / 10))
-            if self.lease is not None and self.lease.due():
-                await self._lease_ok(renew=True)
-
-    async def _nats_loop(self) -> None:
-        every_s = self.s.consumer.ack_wait_s / 3
-        buffered_told = time.monotonic()
-        while True:
-            await anyio.sleep(1.0)
-            try:
-                await self._measure_lag()
-            except ConsumerGone as exc:  # the durable consumer was deleted: declare it again
-                try:
-                    await self._recreate_consumer(str(exc))
-                except ConsumerGone as gone:
-                    self._fatal = gone
-                    self.stopping = True
-                    return
-            except Exception:  # noqa: BLE001 - NATS down: it reconnects
-                pass
-            await self._record_exports_when_idle()
-            self.notify.status_every(sdnotify.active_status(self.stats.outcomes,
-                                                            *self.metrics.lag()))
-            if not self.nc.is_connected:
-                continue
-            if self.ledger.ackable(self._exported_generation):
-                await self._ack_through(self._exported_generation)  # acks that could not go
-            now = time.monotonic()
-            replies = self.ledger.due_progress(now, every_s)
-            if self.src is not None and now - buffered_told >= every_s:
-                buffered_told = now
-                replies += [d.reply for d in self.src.buffered()]
-            with anyio.move_on_after(every_s):
-                await self._send([(r, source.PROGRESS) for r in replies])
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions of a group and of the groups inside it (task groups nest)."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 async def serve(settings: Settings, *, drain: bool = False) -> Stats:

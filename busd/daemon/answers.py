@@ -13,15 +13,9 @@ import functools
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
-import msgspec
-
-from busd.catalog import Catalog, first_row
-
-SUBJECT = "busd.api.{consumer}.{verb}"
-
-
-def subject(consumer: str, verb: str) -> str:
-    return SUBJECT.format(consumer=consumer, verb=verb)
+from busd.catalog import Catalog
+from busd.model import decode, encode
+from busd.sql import first_row
 
 
 def outcome_of(catalog: Catalog, seq: int) -> dict[str, Any]:
@@ -96,14 +90,6 @@ def _is_utf8(data: bytes) -> bool:
 
 def _plain(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(v.isoformat() if isinstance(v, dt.datetime) else v for v in row)
-
-
-def encode(value: Any) -> bytes:
-    return msgspec.json.encode(value)
-
-
-def decode(data: bytes) -> Any:
-    return msgspec.json.decode(data) if data else {}
 
 
 class Answers:

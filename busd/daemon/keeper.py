@@ -1,0 +1,132 @@
+"""The keeper: keep-alives that never wait for a batch.
+
+Three loops of their own: the systemd watchdog and the stall check (no network at all), the
+HA lease renewal, and the loop that needs NATS round trips (lag gauges, in-progress signals
+for everything in the in-flight ledger, acks that could not go out, ``STATUS=`` lines). A
+slow file check, commit, refresh or NATS call therefore delays none of them. A stall (a
+backlog and, for ``consumer.stall_s``, no ack, no commit and no export refresh advancing)
+raises :class:`~busd.errors.Stalled`, which ends the daemon's task group.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+
+from busd import lag, model, sdnotify, source
+from busd.config import Settings
+from busd.errors import ConsumerGone, Stalled
+from busd.exports import Exporter
+from busd.ha.lease import Lease
+from busd.inflight import Ledger
+from busd.metrics import Metrics
+from busd.sdnotify import SdNotifier
+
+
+@dataclass
+class Progress:
+    """When the daemon last made progress: an ack, a commit, or a refresh done."""
+
+    at: float = field(default_factory=time.monotonic)
+
+    def mark(self) -> None:
+        self.at = time.monotonic()
+
+
+class Keeper:
+    """Built once the consumer is bound; :meth:`run` runs until the daemon stops."""
+
+    def __init__(self, s: Settings, nc: source.Client, src: source.PullSource, *,
+                 ledger: Ledger, exporter: Exporter, metrics: Metrics, notify: SdNotifier,
+                 progress: Progress, outcomes: Callable[[], dict[str, int]],
+                 lease: Lease | None, lease_ok: Callable[[bool], Awaitable[bool]],
+                 send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
+                 ack_late: Callable[[], Awaitable[None]],
+                 record_exports: Callable[[], Awaitable[None]],
+                 recreate_consumer: Callable[[str], Awaitable[None]]) -> None:
+        self.settings, self.nc, self.src = s, nc, src
+        self.ledger, self.exporter, self.metrics, self.notify = ledger, exporter, metrics, notify
+        self.progress, self.outcomes = progress, outcomes
+        self.lease, self.lease_ok = lease, lease_ok
+        self.send, self.ack_late, self.record_exports = send, ack_late, record_exports
+        self.recreate_consumer = recreate_consumer
+        self.backlog = 0  # pending + ack pending, as last measured
+        self._pinged_at = 0.0
+        self._ping_every_s = notify.watchdog_interval_s() or 1.0
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watchdog_loop)
+            if self.lease is not None:
+                tg.start_soon(self._lease_loop, self.lease)
+            tg.start_soon(self._nats_loop)
+
+    def alive(self) -> None:
+        """Ping systemd's watchdog, at most once per half watchdog period."""
+        now = time.monotonic()
+        if now - self._pinged_at >= self._ping_every_s:
+            self._pinged_at = now
+            self.notify.watchdog()
+
+    async def measure_lag(self) -> None:
+        s = self.settings
+        pending, ack_pending = await source.consumer_state(self.nc, s)
+        self.backlog = pending + ack_pending
+        self.metrics.pending.set(pending)
+        self.metrics.ack_pending.set(ack_pending)
+        self.metrics.bound(s.nats.stream, s.nats.consumer)
+        age_s = 0.0
+        if self.backlog:  # the age needs two more requests: only while something waits
+            age_s = await lag.oldest_unsettled_age_s(self.nc.jetstream(), s.nats.stream,
+                                                     s.nats.consumer)
+        self.metrics.oldest_unsettled_age.set(age_s)
+
+    async def _watchdog_loop(self) -> None:
+        stall_s, exported = self.settings.consumer.stall_s, self.exporter.progress()
+        while True:
+            await anyio.sleep(min(1.0, self._ping_every_s))
+            self.alive()
+            advanced = self.exporter.progress()  # a long refresh advancing is progress
+            if advanced != exported:
+                exported = advanced
+                self.progress.mark()
+            if self.backlog == 0 and not self.ledger:
+                self.progress.mark()
+            elif time.monotonic() - self.progress.at > stall_s:
+                raise Stalled(f"no progress for {stall_s:.0f}s with {self.backlog} "
+                              "messages waiting")
+
+    async def _lease_loop(self, lease: Lease) -> None:
+        """Renew the lease; a NATS error is retried at the next tick, a lost lease raises."""
+        while True:
+            await anyio.sleep(min(1.0, lease.ttl_s / 10))
+            if lease.due():
+                await self.lease_ok(True)
+
+    async def _nats_loop(self) -> None:
+        every_s = self.settings.consumer.ack_wait_s / 3
+        buffered_told = time.monotonic()
+        while True:
+            await anyio.sleep(1.0)
+            try:
+                await self.measure_lag()
+            except ConsumerGone as exc:  # deleted under busd: declared again, or raised
+                await self.recreate_consumer(str(exc))
+            except Exception:  # noqa: BLE001 - NATS down: it reconnects
+                pass
+            await self.record_exports()
+            self.notify.status_every(sdnotify.active_status(self.outcomes(),
+                                                            *self.metrics.lag()))
+            if not self.nc.is_connected:
+                continue
+            await self.ack_late()
+            now = time.monotonic()
+            replies = self.ledger.due_progress(now, every_s)
+            if now - buffered_told >= every_s:
+                buffered_told = now
+                replies += [d.reply for d in self.src.buffered()]
+            with anyio.move_on_after(every_s):
+                await self.send([(r, model.PROGRESS) for r in replies])

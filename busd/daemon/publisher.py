@@ -1,0 +1,161 @@
+"""The publisher: export refreshes, coalesced, and the acks that wait for them.
+
+It owns what has changed since the last refresh (the artifact names touched, the rows a
+partitioned export rewrites, the generation of the newest commit waiting for its export) and
+the export thread. Every commit hands its changes over with :meth:`committed` once its
+transaction is done; the export loop takes them all, refreshes once, and only then has the
+daemon ack everything of that generation or older. A failed refresh keeps the acks waiting
+and is retried; a failed fsync raises :class:`~busd.errors.FatalStorageError`, which ends
+the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+
+from busd import log
+from busd.catalog import Catalog
+from busd.errors import FatalStorageError, StorageError
+from busd.exports import Exporter, manifest_rows
+from busd.metrics import Metrics
+from busd.model import Changed
+
+OnThread = Callable[..., Awaitable[Any]]
+
+
+class Publisher:
+    def __init__(self, exporter: Exporter, catalog: Catalog, *, metrics: Metrics,
+                 on_exporter: OnThread, on_writer: OnThread,
+                 progress: Callable[[], None]) -> None:
+        self.exporter, self.catalog, self.metrics = exporter, catalog, metrics
+        self.on_exporter, self.on_writer, self.progress = on_exporter, on_writer, progress
+        self.log = log.get()
+        self.generation = 0  # of the newest commit whose messages wait for a refresh
+        self.exported_generation = 0  # the newest generation a finished refresh covers
+        self.refreshes = 0
+        self._touched: set[str] = set()
+        self._changed = Changed()  # rows committed since the last refresh (partitioned exports)
+        self._rows: dict[str, tuple[Any, ...]] = {}  # latest exports_d row per export
+        self._wanted = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._lock = asyncio.Lock()  # the export loop, sweeps and `busd export` share it
+        self._last_refresh_s = 0.0
+
+    # ---- what commits hand over ------------------------------------------------------------
+    def committed(self, changed: Changed) -> None:
+        """A transaction is done: its rows are for the next refresh to take."""
+        self._changed.update(changed)
+
+    def want(self, touched: set[str]) -> int:
+        """Messages committed now wait for a refresh: the generation they wait for."""
+        self.generation += 1
+        self._touched |= touched
+        self._wanted.set()
+        return self.generation
+
+    def touched(self, names: set[str]) -> None:
+        """Rows committed with no message to ack (the standby, a backfill)."""
+        self._touched |= names
+        self._wanted.set()
+
+    def pending(self) -> bool:
+        return bool(self._touched)
+
+    def take_rows(self) -> list[tuple[Any, ...]]:
+        """exports_d rows to ride along with the next transaction (one fsync fewer)."""
+        rows, self._rows = list(self._rows.values()), {}
+        return rows
+
+    # ---- the loop ------------------------------------------------------------------------
+    async def run(self, ack_through: Callable[[int], Awaitable[None]]) -> None:
+        delay_s = 0.5
+        while True:
+            if not self._wanted.is_set():
+                self._idle.set()
+            await self._wanted.wait()
+            self._wanted.clear()
+            generation = self.generation
+            touched, self._touched = self._touched, set()
+            changed, self._changed = self._changed, Changed()
+            names = self.exporter.due(touched)
+            try:
+                await self.refresh(names, changed)
+            except FatalStorageError:  # a failed fsync: never retried, never acked
+                raise
+            except StorageError as exc:
+                self.log.error("export refresh failed; acks wait", error=str(exc),
+                               retry_in_s=delay_s)
+                self._touched |= touched
+                self._changed.update(changed)
+                await anyio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 30.0)
+                self._wanted.set()
+                continue
+            delay_s = 0.5
+            self.exported_generation = generation
+            await ack_through(generation)
+            # Exports take at most about half the time: a refresh that took d seconds is
+            # followed by a pause of d (at most 2 s) in which further batches commit and
+            # coalesce into the next one. Small catalogs refresh in milliseconds.
+            await anyio.sleep(min(self._last_refresh_s, 2.0))
+
+    async def until_idle(self) -> None:
+        """One more pass of the loop over whatever is pending (shutdown)."""
+        self._wanted.set()
+        self._idle.clear()
+        await self._idle.wait()
+
+    async def refresh(self, names: Sequence[str], changed: Changed | None = None) -> None:
+        """Refresh exports; ``changed`` (rows committed since the last refresh) lets a
+        partitioned export rewrite only its parts holding them. None: all parts."""
+        try:
+            async with self._lock:
+                results, _seq = await self.on_exporter(self.exporter.refresh, names, changed)
+        except StorageError:
+            for name in names:
+                self.metrics.export_failures.labels(export=name).inc()
+            raise
+        self.refreshes += 1
+        self.progress()
+        self.metrics.artifacts_missing.set(self.exporter.missing_count)
+        self._last_refresh_s = sum(r.duration_s for r in results)
+        stamp = time.time()
+        for r in results:
+            self.metrics.export_seconds.labels(export=r.name).observe(r.duration_s)
+            self.metrics.export_last_success.labels(export=r.name).set(stamp)
+        self._rows.update((row[0], row) for row in manifest_rows(results))
+
+    async def refresh_changed(self, touched: set[str]) -> None:
+        """The standby's refresh after it followed a batch."""
+        changed, self._changed = self._changed, Changed()
+        await self.refresh(self.exporter.due(touched), changed)
+
+    async def sweep_loop(self) -> None:
+        """Committed files that vanish are counted while no refresh runs, too (the check
+        shares the export thread and its lock, and never waits behind a refresh)."""
+        while True:
+            await anyio.sleep(1.0)
+            if not self.exporter.sweep_due() or self._lock.locked():
+                continue
+            try:
+                async with self._lock:
+                    await self.on_exporter(self.exporter.sweep)
+            except FatalStorageError:
+                raise
+            except StorageError as exc:
+                self.log.warning("could not check the artifact files", error=str(exc))
+            self.metrics.artifacts_missing.set(self.exporter.missing_count)
+
+    async def record_when_idle(self, committing: bool) -> None:
+        """exports_d rows on their own transaction when no batch commit carries them."""
+        if self._rows and not committing:
+            rows = self.take_rows()
+            try:
+                await self.on_writer(self.catalog.record_exports, rows)
+            except StorageError as exc:
+                self.log.warning("could not record exports_d", error=str(exc))

@@ -1,0 +1,35 @@
+"""DuckDB helpers shared by the catalog and the exports (base layer): SQL literals, the
+first row of a query, and the catalog's commit counter, which judges export freshness."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+COMMITS_KEY = "commits"
+
+
+def first_row(con: duckdb.DuckDBPyConnection, sql: str,
+              params: Sequence[Any] | None = None) -> tuple[Any, ...] | None:
+    """The first row, reading the result to its end: a result left open (``fetchone``)
+    makes DuckDB refuse the next ``register`` on that connection."""
+    rows = con.execute(sql, params or []).fetchall()
+    return tuple(rows[0]) if rows else None
+
+
+def commit_count(con: duckdb.DuckDBPyConnection) -> int:
+    """How many transactions have changed the catalog (as of ``con``'s snapshot)."""
+    row = first_row(con, "SELECT value FROM catalog.meta WHERE key = ?", [COMMITS_KEY])
+    return int(row[0]) if row else 0
+
+
+def sql_str(text: str | Path) -> str:
+    """A SQL string literal (paths and names are data, never SQL)."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
