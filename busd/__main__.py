@@ -1,3 +1,3 @@
-from busd.cli import main
+from busd.cli.main import main
 
 main()

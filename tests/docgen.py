@@ -308,12 +308,12 @@ EXIT_DOCS = {
 def _cli_root() -> Any:
     import typer.main
 
-    from busd import cli
+    from busd.cli import main as cli  # the module
 
     names = {c.name or (c.callback.__name__ if c.callback else "")
              for c in cli.app.registered_commands}
     if "rebuild" not in names:  # main() registers these before it runs the app
-        cli._register_optional_commands()
+        cli.build_app()
     return typer.main.get_command(cli.app)
 
 
@@ -353,7 +353,7 @@ def commands() -> str:
     from busd.errors import ExitCode
 
     root = _cli_root()
-    lines = [header("the typer app of busd/cli.py"), "# Commands\n\n",
+    lines = [header("the typer app of busd/cli/main.py"), "# Commands\n\n",
              "Commands that read the configuration take `--config PATH` (see "
              "[configuration.md](configuration.md)). Errors are one line on stderr.\n\n",
              "## Exit codes\n\n| code | meaning |\n|---|---|\n"]

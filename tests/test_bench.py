@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from support import BUSD
 
-from busd.bench_live import Hist
+from busd.bench.live import Hist
 
 
 def _env(tmp: Path) -> dict[str, str]:

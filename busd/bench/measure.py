@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 
 from busd import source
-from busd.bench_env import BenchEnv, PoolFile, StreamSpec
+from busd.bench.env import BenchEnv, PoolFile, StreamSpec
 from busd.errors import BusdError, TimedOut
 
 Tick = Callable[[str, float, float | None], None]
@@ -48,7 +48,7 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def _summary(rates: list[float], **extra: Any) -> dict[str, Any]:
+def summary(rates: list[float], **extra: Any) -> dict[str, Any]:
     return {"status": "ok", "events_per_s": round(median(rates), 1),
             "runs_events_per_s": [round(r, 1) for r in rates], **extra}
 
@@ -156,7 +156,7 @@ async def measure_raw(ctx: Ctx) -> dict[str, Any]:
         rates.append(await pull_all(ctx.env.nc, ctx.stream.name, durable, ctx.events, None,
                                     lambda n: ctx.tick("", n, None),
                                     timeout_s=60 + ctx.events / 1000))
-    return _summary(rates, events=ctx.events, batch=500)
+    return summary(rates, events=ctx.events, batch=500)
 
 
 # ---- naive peer ---------------------------------------------------------------------------
@@ -195,12 +195,12 @@ async def measure_naive(ctx: Ctx) -> dict[str, Any]:
         finally:
             con.close()
             path.unlink(missing_ok=True)
-    return _summary(rates, events=sample)
+    return summary(rates, events=sample)
 
 
 # ---- busd catch-up ------------------------------------------------------------------------
 def catchup_child() -> None:  # pragma: no cover - runs in the child process
-    """``python -c 'from busd.bench_measure import catchup_child; catchup_child()' CONFIG OUT``:
+    """``python -c 'from busd.bench.measure import catchup_child; catchup_child()' CONFIG OUT``:
     time ``serve(settings, drain=True)`` from start to drained, in a process of its own."""
     from busd import config, log
     from busd.daemon import serve
@@ -221,10 +221,10 @@ def catchup_child() -> None:  # pragma: no cover - runs in the child process
         "outcomes": dict(stats.outcomes), "batches": stats.batches, "exports": stats.exports}))
 
 
-CHILD_CODE = "from busd.bench_measure import catchup_child; catchup_child()"
+CHILD_CODE = "from busd.bench.measure import catchup_child; catchup_child()"
 
 
-async def _wait(env: BenchEnv, proc: Any, timeout_s: float, what: str) -> int:
+async def wait_exit(env: BenchEnv, proc: Any, timeout_s: float, what: str) -> int:
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None:
         if time.monotonic() > deadline:
@@ -247,7 +247,7 @@ async def measure_catchup(ctx: Ctx) -> dict[str, Any]:
         began = time.perf_counter()
         proc = env.spawn([sys.executable, "-c", CHILD_CODE, str(config_path), str(out)],
                          f"{name}.log")
-        code = await _wait(env, proc, 60 + ctx.events / 200, "busd catch-up")
+        code = await wait_exit(env, proc, 60 + ctx.events / 200, "busd catch-up")
         wall = time.perf_counter() - began
         if code != 0 or not out.exists():
             raise BusdError(f"busd catch-up exited {code}: {env.log_tail(f'{name}.log')}")
@@ -261,7 +261,7 @@ async def measure_catchup(ctx: Ctx) -> dict[str, Any]:
         ctx.tick("", 1, None)
         shutil.rmtree(s.data_path, ignore_errors=True)  # catalogs of finished runs
     rates = [ctx.events / r["seconds"] for r in runs]
-    return _summary(
+    return summary(
         rates, events=ctx.events, checksum="if_given (sha256 given in every event)",
         seconds=round(median([r["seconds"] for r in runs]), 3),
         process_wall_s=round(median([r["process_wall_s"] for r in runs]), 3),

@@ -1,4 +1,5 @@
-"""``busd bench``: how fast busd is here, next to what the transport allows and a naive peer.
+"""``busd bench``'s run and report: how fast busd is here, next to what the transport
+allows and a naive peer.
 
 One run starts its own ``nats-server`` (free loopback port, temporary store, ``sync_interval:
 always``) or uses ``--nats-url``, writes one small real Parquet file per event, publishes the
@@ -13,25 +14,16 @@ costs other commands nothing.
 from __future__ import annotations
 
 import asyncio
-import json
-import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
-
-from busd.cli import guarded
-from busd.errors import ConfigError, ExitCode
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-    from busd.bench_env import BenchEnv
-    from busd.bench_measure import Ctx
+    from busd.bench.measure import Ctx
 
 DEFAULT_EVENTS = 50_000
 QUICK_EVENTS = 5_000
@@ -46,9 +38,9 @@ class Section:
 
 def sections() -> tuple[Section, ...]:
     """The report's sections, in the order they run. Adding one is one line here."""
-    from busd import bench_live as live
-    from busd import bench_measure as m
-    from busd import bench_soak as soak
+    from busd.bench import live as live
+    from busd.bench import measure as m
+    from busd.bench import soak as soak
 
     return (
         Section("raw", "raw limit", m.measure_raw),
@@ -85,7 +77,7 @@ class Ticker:
 
 async def prepare(ctx: Ctx) -> dict[str, Any]:
     """Start the server, write the Parquet pool, publish ``ctx.events`` events once."""
-    from busd import bench_env as be
+    from busd.bench import env as be
 
     env = ctx.env
     ctx.tick("starting nats-server" if not env.nats_url else "connecting", 0, None)
@@ -112,7 +104,7 @@ async def prepare(ctx: Ctx) -> dict[str, Any]:
 
 
 async def run_bench(ctx: Ctx) -> dict[str, Any]:
-    from busd import bench_env as be
+    from busd.bench import env as be
 
     env = ctx.env
     report: dict[str, Any] = {"date": be.today(), "machine": be.machine()}
@@ -287,77 +279,3 @@ def render(report: dict[str, Any]) -> None:
                       f" {setup['published']:,} events published (pipelined, window "
                       f"{setup['publish_window']}) at {setup['publish_events_per_s']:,.0f} ev/s")
     console.print(table)
-
-
-# ---- the command --------------------------------------------------------------------------
-def _sigterm(signum: int, frame: object) -> None:
-    """SIGTERM ends the bench as Ctrl-C does (asyncio cancels the run; cleanup follows)."""
-    signal.raise_signal(signal.SIGINT)
-
-
-@guarded
-def bench(
-    events: Annotated[int | None, typer.Option(
-        "--events", help=f"Events to pre-load (default {DEFAULT_EVENTS}).")] = None,
-    quick: Annotated[bool, typer.Option(
-        "--quick", help=f"A short run ({QUICK_EVENTS} events, 3 s live phases).")] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")
-                         ] = None,
-    runs: Annotated[int | None, typer.Option(
-        "--runs", help="Repeats of the cheap measurements (default 3, 1 with --quick).")
-                    ] = None,
-    nats_url: Annotated[str | None, typer.Option(
-        "--nats-url", help="Use this server instead of an embedded one.")] = None,
-    soak: Annotated[int, typer.Option(
-        "--soak", help="Also consume this many events, sampling RSS (1000000: the target).")
-                    ] = 0,
-) -> None:
-    """Measure busd here: raw limit, naive peer, catch-up, live latency, export refresh."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    from busd.bench_env import BenchEnv
-    from busd.bench_measure import Ctx
-
-    n = events if events is not None else (QUICK_EVENTS if quick else DEFAULT_EVENTS)
-    k = runs if runs is not None else (1 if quick else 3)
-    if not 100 <= n <= 5_000_000:
-        raise ConfigError("--events: between 100 and 5000000")
-    if not 1 <= k <= 20:
-        raise ConfigError("--runs: between 1 and 20")
-    if soak and not 1000 <= soak <= 10_000_000:
-        raise ConfigError("--soak: 0, or between 1000 and 10000000")
-    if nats_url is not None and not nats_url.startswith(("nats://", "tls://")):
-        raise ConfigError(f"--nats-url: {nats_url!r} is not a nats:// URL")
-    env: BenchEnv = BenchEnv(nats_url or None)
-    previous = signal.signal(signal.SIGTERM, _sigterm)
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                        MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=Console(stderr=True), transient=False)
-    ticker = Ticker(progress)
-    try:
-        with progress:
-            ctx = Ctx(env=env, events=n, runs=k, quick=quick, tick=ticker, soak=soak)
-            report = asyncio.run(run_bench(ctx))
-            ticker.finish()
-    finally:
-        env.close()
-        signal.signal(signal.SIGTERM, previous)
-    render(report)
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-    bad = [key for key, s in report.get("sections", {}).items() if s.get("status") == "failed"]
-    if bad:
-        typer.echo(f"busd: bench: failed: {', '.join(bad)}", err=True)
-        raise typer.Exit(int(ExitCode.RUNTIME))
-
-
-def register(app: typer.Typer) -> None:
-    app.command("bench")(bench)

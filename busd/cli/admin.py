@@ -3,80 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from busd import config, model, source
 from busd.catalog import Catalog
-from busd.cli import ConfigOpt, JsonOpt, guarded, settings
+from busd.cli.options import (
+    ConfigOpt,
+    JsonOpt,
+    ask_daemon,
+    from_catalog,
+    guarded,
+    nats_for,
+    settings,
+)
 from busd.daemon import answers
-from busd.embedded import EmbeddedServer
-from busd.errors import BusdError, CatalogLocked, ConfigError, ExitCode, TransientError
-from busd.producer import ArtifactBus, flush_outbox, nats_url
-
-
-@contextlib.asynccontextmanager
-async def nats_for(s: config.Settings, *, may_embed: bool = True) -> AsyncIterator[Any]:
-    """A connection to the configured NATS; with no ``nats.url`` and no busd serve running,
-    the embedded server is started on its store for the duration."""
-    embedded = None
-    try:
-        nc = await source.connect(s.nats, nats_url(s), reconnect=False)
-    except TransientError:
-        if s.nats.url or not may_embed:
-            raise
-        host, port = config.parse_hostport(s.nats.embedded_listen, "nats.embedded_listen")
-        embedded = EmbeddedServer(host, port, s.data_path / "nats")
-        nc = await source.connect(s.nats, embedded.start(), reconnect=False)
-    try:
-        yield nc
-    finally:
-        await nc.close()
-        if embedded is not None:
-            embedded.stop()
-
-
-async def ask_daemon(s: config.Settings, verb: str, args: dict[str, Any],
-                     timeout_s: float = 30.0) -> Any:
-    """One request to a running ``busd serve``; None when no daemon answers.
-
-    A configured NATS that does not answer is an error (exit 1 naming the URL); without
-    ``nats.url`` the embedded server only runs with ``busd serve``, so no answer means none
-    runs."""
-    try:
-        nc = await source.connect(s.nats, nats_url(s), reconnect=False)
-    except TransientError:
-        if s.nats.url:
-            raise
-        return None
-    try:
-        reply = await nc.request(model.subject(s.nats.consumer, verb), model.encode(args),
-                                 timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - no responders or a timeout: no daemon runs
-        return None
-    finally:
-        await nc.close()
-    answer = model.decode(reply.data)
-    if isinstance(answer, dict) and "error" in answer:
-        raise BusdError(f"busd serve answered: {answer['error']}")
-    return answer
-
-
-def from_catalog(s: config.Settings, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        catalog = Catalog(s.catalog_path, read_only=True)
-    except CatalogLocked:
-        raise BusdError("busd serve holds the catalog but did not answer; try again") from None
-    try:
-        return fn(catalog, *args, **kwargs)
-    finally:
-        catalog.close()
+from busd.errors import BusdError, CatalogLocked, ConfigError, ExitCode
+from busd.producer import ArtifactBus, flush_outbox
 
 
 def register(app: typer.Typer) -> None:

@@ -30,8 +30,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from busd import source
-from busd.bench_env import StreamSpec, children_peak_rss_mb, event, peak_rss_mb, publish
-from busd.bench_measure import Ctx, LeanPull, _summary, _wait, median
+from busd.bench.env import StreamSpec, children_peak_rss_mb, event, peak_rss_mb, publish
+from busd.bench.measure import Ctx, LeanPull, median, summary, wait_exit
 from busd.catalog import Catalog
 from busd.config import Settings
 from busd.errors import BusdError, TimedOut
@@ -383,7 +383,7 @@ async def measure_rebuild(ctx: Ctx) -> dict[str, Any]:
         ctx.tick(f"busd rebuild, run {k + 1}/{ctx.runs}", 0, 1)
         proc = env.spawn([sys.executable, "-m", "busd", "rebuild", "--config", str(config_path)],
                          f"{name}.log")
-        code = await _wait(env, proc, 60 + ctx.events / 200, "busd rebuild")
+        code = await wait_exit(env, proc, 60 + ctx.events / 200, "busd rebuild")
         text = env.log_tail(f"{name}.log", 4000)
         found = re.search(r"([\d,]+) events .* in ([\d.]+)s \(([\d,]+) ev/s\)", text)
         if code != 0 or found is None:
@@ -395,4 +395,4 @@ async def measure_rebuild(ctx: Ctx) -> dict[str, Any]:
         rates.append(events / float(found.group(2)))
         ctx.tick("", 1, None)
         shutil.rmtree(s.data_path, ignore_errors=True)
-    return _summary(rates, events=ctx.events, seconds=round(median(seconds), 3))
+    return summary(rates, events=ctx.events, seconds=round(median(seconds), 3))

@@ -5,69 +5,51 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import duckdb
-import msgspec
 import typer
 
-from busd import __version__, config, log
+from busd import __version__
 from busd import events as ev
-from busd.errors import BusdError, CatalogLocked, ConfigError, ExitCode, InvalidEvent
+from busd.cli.options import ConfigOpt, JsonOpt, guarded, settings
+from busd.errors import BusdError, ConfigError, ExitCode, InvalidEvent
 from busd.sql import quote_ident, sql_str
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="busd: the artifact bus. NATS JetStream in, DuckDB catalog and "
                        "Parquet exports out.")
-F = TypeVar("F", bound=Callable[..., Any])
-
-ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Path to busd.toml.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def fail(message: str, code: ExitCode) -> None:
-    typer.echo(f"busd: {message}", err=True)
-    raise typer.Exit(int(code))
+def versions() -> str:
+    """busd's version, and those of the nats-server binary, nats-py and duckdb in use."""
+    import subprocess
+    from importlib import metadata
+
+    from busd.embedded import server_binary
+
+    try:
+        out = subprocess.run([server_binary(), "--version"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout.split()
+        server = out[-1].lstrip("v") if out else "unknown"
+    except (OSError, subprocess.SubprocessError, BusdError):  # a report, not a failure
+        server = "not found"
+    return (f"busd {__version__} (nats-server {server}, nats-py {metadata.version('nats-py')}, "
+            f"duckdb {duckdb.__version__})")
 
 
-def guarded(fn: F) -> F:
-    """Turn busd errors into one line on stderr and the contract's exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except CatalogLocked as exc:
-            fail(str(exc), ExitCode.RUNTIME)
-        except BusdError as exc:
-            fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            fail("interrupted", ExitCode.RUNTIME)
-        except (typer.Exit, typer.Abort, typer.TyperException):
-            raise
-        except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-            fail(f"unexpected error: {type(exc).__name__}: {exc}", ExitCode.RUNTIME)
-        return None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def settings(path: str | None, **overrides: Any) -> config.Settings:
-    s = config.load(path, overrides=overrides or None)
-    log.configure(s.log_format)
-    return s
-
-
-@app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", help="Show the version.")] = False
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context,
+          version: Annotated[bool, typer.Option("--version", help="Show the versions.")] = False
           ) -> None:
     if version:
-        typer.echo(f"busd {__version__}")
+        typer.echo(versions())
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
         raise typer.Exit(0)
 
 
@@ -97,7 +79,7 @@ def init(config_path: ConfigOpt = None) -> None:
     catalog.close()
 
     async def go() -> list[str]:
-        from busd.cli_admin import nats_for
+        from busd.cli.options import nats_for
 
         async with nats_for(s) as nc:
             problems = await source.ensure_stream(nc, s)
@@ -290,20 +272,36 @@ def validate(
         raise typer.Exit(int(ExitCode.REJECTED))
 
 
-def _register_optional_commands() -> None:
-    """Commands that live in their own modules (kept out of this file to keep it short)."""
-    from busd import bench, cli_admin, cli_migrate
+def build_app() -> typer.Typer:
+    """The app with every command registered (the commands of their own modules are
+    registered here, once, so that importing them costs the others nothing)."""
+    if not _registered:
+        from busd.cli import admin, bench, migration
 
-    cli_admin.register(app)
-    cli_migrate.register(app)
-    bench.register(app)
+        admin.register(app)
+        migration.register(app)
+        bench.register(app)
+        _registered.append(True)
+    return app
+
+
+_registered: list[bool] = []
 
 
 def main() -> None:
-    _register_optional_commands()
+    """The ``busd`` command: a usage error is one line on stderr and exit 2 (not a panel)."""
+    build_app()
     try:
-        app()
-    except msgspec.ValidationError as exc:  # pragma: no cover - defensive
-        typer.echo(f"busd: {exc}", err=True)
-        sys.exit(int(ExitCode.USAGE))
-
+        code = app(standalone_mode=False)
+    except Exception as exc:  # noqa: BLE001 - typer vendors click: usage errors by shape
+        if getattr(exc, "exit_code", None) == ExitCode.USAGE and hasattr(exc, "format_message"):
+            ctx = getattr(exc, "ctx", None)
+            path = getattr(ctx, "command_path", "busd") or "busd"
+            typer.echo(f"{path}: {exc.format_message()}", err=True)
+            sys.exit(int(ExitCode.USAGE))
+        if type(exc).__name__ == "Abort":  # Ctrl-C while typer reads input
+            typer.echo("busd: interrupted", err=True)
+            sys.exit(int(ExitCode.RUNTIME))
+        typer.echo(f"busd: unexpected error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(int(ExitCode.RUNTIME))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 from busd import model, source
-from busd.bench_env import children, event, memory_mb, publish
-from busd.bench_measure import Ctx
+from busd.bench.env import children, event, memory_mb, publish
+from busd.bench.measure import Ctx
 from busd.errors import BusdError, TimedOut
 
 POOL_FILES = 1000  # distinct files the soak's events name

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from busd import config, migrate, source
-from busd.cli import ConfigOpt, JsonOpt, guarded, settings
+from busd.cli.options import ConfigOpt, JsonOpt, guarded, nats_for, settings
 
 ProducerOpt = Annotated[str | None, typer.Option(
     "--producer", help=f"Producer name (subject artifacts.<producer>); default "
@@ -42,7 +42,6 @@ def progress_bar() -> Iterator[Callable[[str, int, int], None]]:
 
 def run_import(s: config.Settings, plan_of: Callable[[Callable[[str, int, int], None]],
                                                      migrate.Plan], as_json: bool) -> None:
-    from busd.cli_admin import nats_for
 
     with progress_bar() as progress:
         plan = plan_of(progress)
