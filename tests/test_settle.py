@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from busd import model
@@ -145,6 +145,8 @@ def batches(draw: st.DrawFn) -> list[Decided]:
             for seq in range(1, n + 1)]
 
 
+# no deadline: the suite shares a small machine, and a slow example is not a wrong one
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches())
 def test_each_delivery_is_settled_exactly_once(items: list[Decided]) -> None:
     out = settle(items, generation=3, since=1.0)
