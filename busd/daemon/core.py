@@ -28,31 +28,28 @@ from busd import faults, log, model, source
 from busd.catalog import Catalog
 from busd.config import Settings, parse_hostport
 from busd.daemon.answers import Answers
+from busd.daemon.committer import Committer
+from busd.daemon.connect import connect_when_up
 from busd.daemon.keeper import Keeper, Progress
 from busd.daemon.publisher import Publisher
+from busd.daemon.store import LiveStore
 from busd.embedded import EmbeddedServer
 from busd.errors import (
     ConsumerGone,
-    FatalStorageError,
     LeaseLost,
-    Outcome,
-    StorageError,
-    TransientError,
 )
 from busd.exports import Exporter
-from busd.fold import Folder, Prepared, merge
+from busd.fold import Folder
 from busd.ha.backfill import Backfill
 from busd.ha.follower import Follower, follow_until_leader
 from busd.ha.lease import Lease
 from busd.inflight import Ledger
 from busd.metrics import Metrics, MetricsServer
-from busd.model import Batch, Claim, Decided, Folded, Known, Sibling
+from busd.model import Batch
 from busd.sdnotify import SdNotifier
-from busd.settle import Rechecks, outcome_line, settle, settlement
+from busd.settle import Rechecks
 
 T = TypeVar("T")
-GROUP_BYTES = 64 << 20  # a group commit stops gathering at this many bytes of payloads
-GATHER_CHECKS_S = 5.0  # ... or when the file checks it queued would take longer than this
 
 
 @dataclass
@@ -67,7 +64,7 @@ class Daemon:
 
     def __init__(self, settings: Settings, *, drain: bool = False,
                  metrics: Metrics | None = None) -> None:
-        self.s = settings
+        self.settings = settings
         self.drain = drain
         self.metrics = metrics or Metrics()
         self.log = log.get()
@@ -79,6 +76,7 @@ class Daemon:
             1, thread_name_prefix="busd-export")
         self.catalog: Catalog | None = None
         self.folder: Folder | None = None
+        self.store: LiveStore | None = None
         self.lease: Lease | None = None
         self._backfill: Backfill | None = None  # after winning the lease, see standby.py
         self.exporter: Exporter | None = None
@@ -93,9 +91,8 @@ class Daemon:
         self.rechecks = Rechecks()  # held, not nak'ed: the machine failed to read their files
         self.progress = Progress()
         self._fatal: BaseException | None = None
-        self._commit_task: asyncio.Future[None] | None = None
+        self.committer: Committer | None = None
         self._active = True
-        self._catalog_seq = 0
         self._pinged_at = 0.0
         self._ping_every_s = self.notify.watchdog_interval_s() or 1.0
         self._debug = log.debug_enabled()
@@ -109,7 +106,7 @@ class Daemon:
 
     # ---- start and stop ------------------------------------------------------------------
     async def start(self) -> None:
-        s = self.s
+        s = self.settings
         if s.metrics.listen:
             host, port = parse_hostport(s.metrics.listen, "metrics.listen")
             self.metrics_server = MetricsServer(self.metrics, host, port)
@@ -121,66 +118,30 @@ class Daemon:
                                    on_exporter=self._on_exporter, on_writer=self._on_writer,
                                    progress=self.progress.mark)
         self.metrics.watch_exports(list(self.exporter.exports))
-        self.folder = Folder(s, self)
-        await self.folder.checker.start()
         url = s.nats.url
         if not url:
             host, port = parse_hostport(s.nats.embedded_listen, "nats.embedded_listen")
             self.embedded = EmbeddedServer(host, port, s.data_path / "nats")
             url = await anyio.to_thread.run_sync(self.embedded.start)
             self.log.info("embedded nats-server started", url=url)
-        self.nc = await self._connect_when_up(url)
+        self.nc = await connect_when_up(s.nats, url, metrics=self.metrics, notify=self.notify,
+                                        on_state=self._on_nats_state)
         if self.nc is None:  # stopped before NATS answered
+            self.stopping = True
             return
+        self.store = LiveStore(self.catalog, self._on_writer, self.nc, s.nats.stream)
+        self.folder = Folder(s, self.store)
+        await self.folder.checker.start()
         for problem in await source.ensure_stream(self.nc, s):
             self.log.warning("stream breaks a promise", stream=s.nats.stream, problem=problem)
 
-    async def _connect_when_up(self, url: str) -> Any:
-        """Connect, however long NATS takes to answer (docs/reference/daemon.md: serve waits,
-        says so at once and every WAITING_SAID_EVERY_S, in the log and to systemd, and stays
-        unready). None when told to stop meanwhile."""
-        nc: Any = None
-        said_at: float | None = None
-        what = f"waiting for NATS at {url}"
-        self.metrics.nats_connected.set(0)
-
-        async def attempts() -> None:
-            nonlocal nc, said_at
-            while nc is None:
-                try:
-                    nc = await source.connect(self.s.nats, url, on_state=self._on_nats_state)
-                except source.NatsUnreachable as exc:
-                    if said_at is None or time.monotonic() - said_at >= \
-                            source.WAITING_SAID_EVERY_S:
-                        said_at = time.monotonic()
-                        self.log.warning(what, url=url, error=str(exc))
-                        self.notify.status(what, extend_start_s=2 * source.WAITING_SAID_EVERY_S)
-                    await anyio.sleep(source.WAITING_RETRY_S)
-            tg.cancel_scope.cancel()
-
-        async def stop_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-                async for signum in received:
-                    self.log.info("stopping", signal=signal.Signals(signum).name)
-                    self.stopping = True
-                    tg.cancel_scope.cancel()
-                    return
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(stop_signal)
-            tg.start_soon(attempts)
-        if said_at is not None and nc is not None:
-            self.log.info("NATS answered", url=url)
-        return nc
-
     async def _activate(self) -> None:
         """Bind the durable consumer and start serving (after winning the lease, with HA)."""
-        s = self.s
+        s = self.settings
         assert self.catalog is not None and self.exporter is not None
         assert self.publisher is not None
         await source.ensure_consumer(self.nc, s)
         seq = await self._on_writer(self.catalog.catalog_seq)
-        self._catalog_seq = seq
         self.metrics.catalog_seq.set(seq)
         stale = await self._on_exporter(self.exporter.stale, seq)
         if stale:
@@ -193,13 +154,20 @@ class Daemon:
                           self.ledger.waiting, self.publisher.refresh)
         await self.nc.subscribe(model.subject(s.nats.consumer, "*"), cb=answers.respond)
         publisher = self.publisher
+        assert self.folder is not None
+        self.committer = Committer(
+            s.consumer, self.src, folder=self.folder, catalog=self.catalog,
+            on_writer=self._on_writer, publisher=publisher, ledger=self.ledger,
+            rechecks=self.rechecks, metrics=self.metrics, progress=self.progress,
+            outcomes=self.stats.outcomes, catalog_seq=seq, send=self._send,
+            stopping=lambda: self.stopping)
         self.keeper = Keeper(
             s, self.nc, self.src, ledger=self.ledger, exporter=self.exporter,
             metrics=self.metrics, notify=self.notify, progress=self.progress,
             outcomes=lambda: dict(self.stats.outcomes), lease=self.lease,
             lease_ok=lambda renew: self._lease_ok(renew=renew), send=self._send,
             ack_late=lambda: self._ack_through(publisher.exported_generation),
-            record_exports=lambda: publisher.record_when_idle(self._commit_task is not None),
+            record_exports=lambda: publisher.record_when_idle(self._committing()),
             recreate_consumer=self._recreate_consumer)
         await self.keeper.measure_lag()  # before ready: an alert must never see a lag of 0
         self.log.info("busd ready", stream=s.nats.stream, consumer=s.nats.consumer,
@@ -229,10 +197,9 @@ class Daemon:
                 await self.nc.drain()
             except Exception:  # noqa: BLE001 - closing anyway
                 await self.nc.close()
-        task, self._commit_task = self._commit_task, None
-        if task is not None:
+        if self.committer is not None:
             with contextlib.suppress(Exception):
-                await task
+                await self.committer.committed()
         if self.folder is not None:
             await self.folder.close()
         # the export thread's cursor must be idle before the catalog's connection closes
@@ -273,7 +240,7 @@ class Daemon:
     async def _serve(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
-            if self.s.ha.enabled and not self.stopping:  # stopped while waiting for NATS
+            if self.settings.ha.enabled and not self.stopping:  # stopped while waiting for NATS
                 await self._standby()
             if not self.stopping:
                 await self._activate()
@@ -289,7 +256,7 @@ class Daemon:
     async def _standby(self) -> None:
         """Follow the stream into our own catalog until we win the lease (or are stopped)."""
         assert self.publisher is not None
-        self.lease = Lease(self.nc, self.s)
+        self.lease = Lease(self.nc, self.settings)
         await self.lease.open()
         if await self.lease.acquire():
             self._set_active(True)
@@ -299,9 +266,9 @@ class Daemon:
         self.notify.ready()
         self.notify.status("standby")
         self.log.info("standby: following the stream", holder=await self.lease.holder())
-        assert self.catalog is not None
-        assert self.folder is not None
-        follower = Follower(self.s, self.nc, self, self._commit_rows, self.folder.checker)
+        assert self.catalog is not None and self.folder is not None and self.store is not None
+        follower = Follower(self.settings, self.nc, self.store, self._commit_rows,
+                            self.folder.checker)
         await follower.start(await self._on_writer(self.catalog.catalog_seq))
         try:
             leader = await follow_until_leader(self.lease, follower,
@@ -316,10 +283,10 @@ class Daemon:
 
     async def _start_backfill(self, quarantined: dict[int, str] | None = None) -> None:
         assert self.catalog is not None and self.folder is not None
-        assert self.publisher is not None
+        assert self.publisher is not None and self.store is not None
         catalog = self.catalog
         self._backfill = await Backfill.start(
-            self.s, self.nc, self, self._commit_rows, self.folder.checker,
+            self.settings, self.nc, self.store, self._commit_rows, self.folder.checker,
             lambda after: self._on_writer(catalog.recorded_through, after), quarantined or {},
             self.publisher.touched)
 
@@ -366,13 +333,17 @@ class Daemon:
                 self.notify.stopping()
                 return
 
+    def _committing(self) -> bool:
+        return self.committer is not None and self.committer.committing()
+
     async def _fetch_loop(self) -> None:
-        assert self.src is not None
-        c = self.s.consumer
+        assert self.src is not None and self.committer is not None
+        committer = self.committer
+        c = self.settings.consumer
         try:
             while not self.stopping:
                 if self._backfill is not None and self._backfill.due():
-                    await self._committed()  # the backfill reads the catalog, then commits
+                    await committer.committed()  # the backfill reads the catalog, then commits
                     if await self._backfill.step():
                         self._backfill = None
                 try:
@@ -383,22 +354,22 @@ class Daemon:
                     continue
                 batch = [*self.rechecks.due(time.monotonic()), *batch]
                 if batch:
-                    await self._handle(batch)
+                    await committer.handle(batch)
                     self.stats.batches += 1
                 else:
-                    await self._committed()
+                    await committer.committed()
                     if self.drain and await self._drained():
                         return
                 if self._fatal is not None:
                     return
         finally:
-            await self._committed()
+            await committer.committed()
 
     async def _recreate_consumer(self, why: str) -> None:
         """The durable consumer was deleted under busd: say so and declare it again (the
         catalog recognises what it already holds); if the stream is gone too, exit."""
         self.log.error("the durable consumer is gone; recreating it", reason=why)
-        await source.redeclare_consumer(self.nc, self.s)
+        await source.redeclare_consumer(self.nc, self.settings)
         assert self.src is not None
         self.src.reset()
 
@@ -410,145 +381,19 @@ class Daemon:
             self._pinged_at = now
             self.notify.watchdog()
 
-    async def _committed(self) -> None:
-        """Wait for the batch whose commit is under way (and its settlement)."""
-        task, self._commit_task = self._commit_task, None
-        if task is not None:
-            await task
-
     async def _drained(self) -> bool:
         assert self.publisher is not None
         if self.ledger.waiting or self.publisher.pending() or self._backfill is not None:
             return False
-        pending, ack_pending = await source.consumer_state(self.nc, self.s)
+        pending, ack_pending = await source.consumer_state(self.nc, self.settings)
         return pending == 0 and ack_pending == 0
 
     async def _finish(self) -> None:
         """Shutdown: export and settle everything committed, within the grace period."""
         assert self.publisher is not None
-        with anyio.move_on_after(self.s.consumer.shutdown_grace_s):
+        with anyio.move_on_after(self.settings.consumer.shutdown_grace_s):
             while (self.ledger.waiting or self.publisher.pending()) and self._fatal is None:
                 await self.publisher.until_idle()
-
-    # ---- one batch -----------------------------------------------------------------------
-    async def _handle(self, batch: Sequence[model.Delivery]) -> None:
-        """Decode a batch and check its files while the previous batch commits; batches
-        that arrive during that commit join this one (a group commit: under a backlog one
-        transaction, export refresh and ack flush cover up to ``commit_max`` events). The
-        group reads the catalog only once the previous commit is done."""
-        assert self.folder is not None
-        held = list(batch)
-        self.ledger.hold(batch, time.monotonic())
-        parts = [self.folder.prepare(batch)]
-        try:
-            await self._gather(held, parts)
-            await self._committed()
-        except BaseException:
-            for p in parts:
-                p.cancel()
-            raise
-        folded = await self.folder.finish(merge(parts))
-        self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, held))
-
-    async def _gather(self, held: list[model.Delivery], parts: list[Prepared]) -> None:
-        """While the previous commit runs, fetch and prepare what is already coming: up to
-        ``commit_max`` events and ``GROUP_BYTES`` of payloads (events may be 1 MiB each), and
-        only while the file checks keep up — slow checks (large files to hash) must not
-        queue minutes of work behind one commit, past the watchdog and the ack wait."""
-        assert self.folder is not None and self.src is not None
-        c, task = self.s.consumer, self._commit_task
-        size = sum(len(d.data) for d in held)
-        while (task is not None and not task.done() and len(held) < c.commit_max
-               and size < GROUP_BYTES and not self.stopping
-               and self.folder.checker.seconds_for(
-                   sum(len(p.decoded) for p in parts if not p.checks.done())) < GATHER_CHECKS_S):
-            try:
-                more = await self.src.fetch(c.batch_max, c.batch_wait_ms, until=task,
-                                            prefetch=lambda: not self.stopping)
-            except ConsumerGone:
-                return  # the fetch loop's next fetch meets it again, and declares it again
-            if not more:
-                return
-            self.ledger.hold(more, time.monotonic())
-            parts.append(self.folder.prepare(more))
-            held.extend(more)
-            size += sum(len(d.data) for d in more)
-
-    async def _commit_and_settle(self, folded: Folded, batch: Sequence[model.Delivery]) -> None:
-        assert self.publisher is not None
-        if folded.rows:
-            folded.rows.exports = self.publisher.take_rows()
-            await self._commit(folded.rows, batch)
-            faults.hit("after_commit")
-        await self._settle_batch(folded.decided, folded.touched)
-
-    # the fold's Store: catalog reads on the writer thread, payloads from the stream
-    async def lookup(self, seqs: Sequence[int], event_ids: Sequence[str]
-                     ) -> tuple[dict[int, Known], dict[str, Claim]]:
-        assert self.catalog is not None
-        return await self._on_writer(self.catalog.lookup, seqs, event_ids)
-
-    async def siblings(self, event_id: str, after_seq: int) -> list[Sibling]:
-        assert self.catalog is not None
-        return await self._on_writer(self.catalog.siblings, event_id, after_seq)
-
-    async def payload(self, seq: int) -> bytes:
-        return await source.stored_payload(self.nc, self.s.nats.stream, seq)
-
-    async def _commit(self, rows: Batch, batch: Sequence[model.Delivery]) -> None:
-        """One catalog transaction; a transient failure is retried with the batch in hand."""
-        assert self.catalog is not None and self.publisher is not None
-        delay_s = 0.5
-        while True:
-            started = time.perf_counter()
-            try:
-                changed = await self._on_writer(self.catalog.commit, rows)
-                self.publisher.committed(changed)  # after the await: see _commit_rows
-                break
-            except FatalStorageError:
-                raise
-            except StorageError as exc:
-                if self.stopping or self._fatal is not None:
-                    raise TransientError(f"stopping with a batch not committed: {exc}") from None
-                # everything held stays ours meanwhile (the keeper says it is in progress)
-                self.log.error("catalog commit failed; retrying", error=str(exc),
-                               retry_in_s=delay_s)
-                await anyio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 10.0)
-        self.progress.mark()
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.artifacts.inc(len(rows.artifacts))
-        self._catalog_seq = max(self._catalog_seq, max(r[0] for r in rows.events))
-        self.metrics.catalog_seq.set(self._catalog_seq)
-
-    async def _settle_batch(self, decided: Sequence[Decided], touched: set[str]) -> None:
-        assert self.publisher is not None
-        settled = settle(decided, 0, time.monotonic())
-        for item in settled.new:
-            if item.outcome is not Outcome.COMMITTED or self._debug:
-                level, message, fields = outcome_line(item)
-                getattr(self.log, level)(message, **fields)
-        for item in settled.naks:
-            self.log.info("file missing; retrying later", seq=item.d.seq,
-                          event_id=item.event_id, delay_s=round(item.nak_delay_s, 1))
-        self.stats.outcomes.update(settled.outcomes)
-        for outcome, n in settled.outcomes.items():
-            self.metrics.events.labels(outcome=outcome).inc(n)
-        for reason, n in settled.reasons.items():
-            self.metrics.rejections.labels(reason=reason).inc(n)
-        if settled.outcomes:  # one line per batch; each committed event at debug
-            self.log.info("batch", first_seq=decided[0].d.seq, last_seq=decided[-1].d.seq,
-                          **dict(settled.outcomes))
-        if settled.waiting:  # acked after the export refresh that covers them
-            generation = self.publisher.want(touched)
-            self.ledger.wait([w.d for w in settled.waiting], generation, time.monotonic())
-        await self._send(settled.now)  # not sent: the server redelivers, the fold decides again
-        self.ledger.release(item.d.seq for item in decided
-                            if settlement(item.outcome) != "ack" and item.recheck_s is None)
-        self.rechecks.hold(settled.held, time.monotonic())  # still in the ledger, kept alive
-        if settled.now or settled.held:
-            self.progress.mark()
 
     async def _send(self, items: Sequence[tuple[str, bytes]]) -> bool:
         """Send settlements; False when they could not go out now (the caller keeps acks)."""

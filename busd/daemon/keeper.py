@@ -80,8 +80,7 @@ class Keeper:
         self.metrics.bound(s.nats.stream, s.nats.consumer)
         age_s = 0.0
         if self.backlog:  # the age needs two more requests: only while something waits
-            age_s = await lag.oldest_unsettled_age_s(self.nc.jetstream(), s.nats.stream,
-                                                     s.nats.consumer)
+            age_s = await lag.lag_age_s(self.nc, s)
         self.metrics.oldest_unsettled_age.set(age_s)
 
     async def _watchdog_loop(self) -> None:
