@@ -1,4 +1,5 @@
-"""Settings: built once from TOML < environment < flags, frozen, passed explicitly.
+"""Settings: built once from a nats context < TOML < NATS_* < BUSD_* < flags, frozen, passed
+explicitly.
 
 This is the only module that reads ``os.environ`` for configuration. Unknown or misspelt keys
 are errors that name the key, never silently ignored.
@@ -38,6 +39,12 @@ class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tls_cert: str = ""
     tls_key: str = ""
     connect_timeout_s: float = 5.0
+    context: str = ""  # a nats CLI context; "" uses the one `nats context select` chose, if any
+    name: str = ""  # the connection's name in server monitoring; "" is busd@<host>
+    inbox_prefix: str = "_INBOX_busd"  # busd's private inboxes: deliveries, replies, PubAcks
+    js_domain: str = ""  # JetStream domain (leafnodes): its API is $JS.<domain>.API
+    js_api_prefix: str = ""  # JetStream API prefix of an account import; "" is the server's own
+    bind_only: bool = False  # use a stream and consumer managed elsewhere; never create/update
 
 
 class ConsumerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -259,6 +266,94 @@ def find_config(explicit: str | None, env: Mapping[str, str]) -> Path | None:
     return local if local.is_file() else None
 
 
+# ---- the NATS ecosystem's own settings: NATS_* variables and nats CLI contexts ------------
+# Precedence, lowest first: defaults < nats context < busd.toml < NATS_* < systemd credentials
+# < BUSD_* < flags (docs/reference/configuration.md says why).
+NATS_ENV: dict[str, str] = {  # the variables the nats CLI reads, as busd keys
+    "NATS_URL": "url", "NATS_CREDS": "creds", "NATS_NKEY": "nkey_seed", "NATS_USER": "user",
+    "NATS_PASSWORD": "password", "NATS_CA": "tls_ca", "NATS_CERT": "tls_cert",
+    "NATS_KEY": "tls_key", "NATS_CONTEXT": "context", "NATS_JSDOMAIN": "js_domain"}
+CONTEXT_KEYS: dict[str, str] = {  # a nats CLI context file's keys, as busd keys
+    "url": "url", "creds": "creds", "nkey": "nkey_seed", "user": "user", "password": "password",
+    "token": "token", "ca": "tls_ca", "cert": "tls_cert", "key": "tls_key",
+    "jetstream_domain": "js_domain", "jetstream_api_prefix": "js_api_prefix",
+    "inbox_prefix": "inbox_prefix"}
+_FILE_KEYS = frozenset({"creds", "nkey_seed", "tls_ca", "tls_cert", "tls_key"})
+# One way of authenticating per layer: a layer that names one replaces a lower layer's other.
+_AUTH_METHODS = ({"creds"}, {"nkey_seed"}, {"user", "password"}, {"token"})
+_CONTEXT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
+
+
+def _nats_env(env: Mapping[str, str]) -> dict[str, Any]:
+    nats = {key: env[name] for name, key in NATS_ENV.items() if env.get(name)}
+    return {"nats": nats} if nats else {}
+
+
+def _home(env: Mapping[str, str]) -> Path | None:
+    return Path(env["HOME"]) if env.get("HOME") else None
+
+
+def nats_config_dir(env: Mapping[str, str]) -> Path | None:
+    """Where the nats CLI keeps its contexts: ``$XDG_CONFIG_HOME/nats``, else
+    ``~/.config/nats``."""
+    if env.get("XDG_CONFIG_HOME"):
+        return Path(env["XDG_CONFIG_HOME"]) / "nats"
+    home = _home(env)
+    return home / ".config" / "nats" if home else None
+
+
+def _selected_context(env: Mapping[str, str]) -> tuple[str, str]:
+    """(name, where it was chosen) of the context ``nats context select`` chose, or ("", "")."""
+    folder = nats_config_dir(env)
+    chosen = folder / "context.txt" if folder else None
+    if chosen is None or not chosen.is_file():
+        return "", ""
+    return _read_secret(chosen, "nats context").strip(), str(chosen)
+
+
+def _context_layer(name: str, chosen_by: str, env: Mapping[str, str]) -> dict[str, Any]:
+    """The [nats] keys a nats CLI context file gives (its unknown keys are the CLI's own)."""
+    what = f"nats context {name!r} ({chosen_by})"
+    if not _CONTEXT_NAME.match(name) or ".." in name:
+        raise ConfigError(f"{what}: not a context name")
+    folder = nats_config_dir(env)
+    path = folder / "context" / f"{name}.json" if folder else None
+    if path is None or not path.is_file():
+        raise ConfigError(f"{what}: no such context"
+                          + (f" ({path} does not exist)" if path else " (no HOME)"))
+    try:
+        data = json.loads(_read_secret(path, what))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what}: {path} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {path} is not a JSON object")
+    out: dict[str, Any] = {}
+    for ctx_key, key in CONTEXT_KEYS.items():
+        value = data.get(ctx_key)
+        if value in (None, ""):
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(f"{what}: {ctx_key} in {path} must be a string")
+        home = _home(env)
+        if key in _FILE_KEYS and value.startswith("~/") and home is not None:
+            value = str(home / value[2:])  # the nats CLI expands ~ in a context's paths
+        out[key] = value
+    return out
+
+
+def _layer(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``; a [nats] way of authenticating in ``over`` drops the
+    other ways ``base`` had (a context's creds must not meet busd.toml's user and password)."""
+    given = over.get("nats")
+    if isinstance(given, Mapping) and isinstance(base.get("nats"), dict):
+        for method in _AUTH_METHODS:
+            if method & set(given):
+                others = set().union(*(m for m in _AUTH_METHODS if m is not method))
+                base = {**base, "nats": {k: v for k, v in base["nats"].items()
+                                         if k not in others}}
+    return _merge(base, over)
+
+
 def load(
     explicit: str | None = None,
     env: Mapping[str, str] | None = None,
@@ -275,9 +370,15 @@ def load(
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    data = _merge(_merge(data, _credentials(env)), _env_overrides(env))
-    if overrides:
-        data = _merge(data, overrides)
+    for layer in (_nats_env(env), _credentials(env), _env_overrides(env), overrides or {}):
+        data = _layer(data, layer)
+    nats = data.get("nats")
+    name = str(nats.get("context", "")) if isinstance(nats, dict) else ""
+    chosen_by = "nats.context"
+    if not name:
+        name, chosen_by = _selected_context(env)
+    if name:  # the context is the lowest layer: every other setting overrides it
+        data = _layer({"nats": {**_context_layer(name, chosen_by, env), "context": name}}, data)
     where = f"{path}: " if path else ""
     try:
         settings = msgspec.convert(data, Settings, strict=False)
@@ -355,6 +456,7 @@ def _check(s: Settings, where: str) -> None:
             if not re.match(r"^(nats|tls|ws|wss)://[^\s/]+$", url.strip()):
                 raise bad("nats.url", f"{url.strip()!r} is not a nats:// URL")
     _check_nats_auth(s.nats, bad)
+    _check_nats_names(s.nats, bad)
     names: set[str] = set()
     for i, export in enumerate(s.exports):
         if not _IDENT.match(export.name) or export.name.startswith("_"):
@@ -418,6 +520,23 @@ def _check_nats_auth(n: NatsSettings, bad: Callable[[str, str], ConfigError]) ->
                       ("nats.tls_key", n.tls_key)):
         if path:
             readable(key, path)
+
+
+_SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")  # no wildcards
+
+
+def _check_nats_names(n: NatsSettings, bad: Callable[[str, str], ConfigError]) -> None:
+    if not _SUBJECT_PREFIX.match(n.inbox_prefix):
+        raise bad("nats.inbox_prefix", f"{n.inbox_prefix!r} is not a subject prefix "
+                                       "(tokens of letters, digits, _, - and $, no wildcards)")
+    if n.js_domain and not re.match(r"^[A-Za-z0-9_-]{1,64}$", n.js_domain):
+        raise bad("nats.js_domain", f"{n.js_domain!r}: letters, digits, _ and - only")
+    if n.js_api_prefix and not _SUBJECT_PREFIX.match(n.js_api_prefix):
+        raise bad("nats.js_api_prefix", f"{n.js_api_prefix!r} is not a subject prefix")
+    if n.js_domain and n.js_api_prefix:
+        raise bad("nats.js_api_prefix", "set nats.js_domain or nats.js_api_prefix, not both")
+    if len(n.name) > 200 or any(not c.isprintable() for c in n.name):
+        raise bad("nats.name", "at most 200 printable characters")
 
 
 def parse_hostport(text: str, key: str) -> tuple[str, int]:

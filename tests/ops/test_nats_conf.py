@@ -1,9 +1,10 @@
 """ops/nats/nats-server.conf against a real nats-server: JetStream fsyncs, and the permissions.
 
-Producers may publish only to artifacts.<own name> (and get their PubAck), never read the
-stream or call the JetStream API; busd manages and consumes the stream but can never delete or
-purge it. The server runs from a copy of the file with only its ports and store moved into
-the test's folder.
+Producers may publish only to artifacts.<own name> (and get their PubAck on their own inbox
+prefix), never read the stream, busd's deliveries (on busd's private inbox prefix) or another
+producer's events, nor call the JetStream API; busd manages and consumes the stream, keeps its
+HA lease in KV and answers `busd submit --wait`, but can never delete or purge it. The
+server runs from a copy of the file with only its ports and store moved into the test's folder.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from opsfiles import NATS_CONF, free_port
 BUSD_PASSWORD = "busd-test-password"
 BUSD_HASH = "$2b$10$mQij1UGhrC/qtXisp1ycF.N4ds7fqnEsd.HYCWg9hZtnQFtCsZEXC"
 LAB_PASSWORD = "lab-test-password"
+BACKTEST_PASSWORD = "backtest-test-password"
+# each user's inbox prefix, as the file's comments tell clients to connect
+INBOX_PREFIX = {"busd": "_INBOX_busd", "lab-simulation": "_INBOX_lab-simulation",
+                "lab-backtest": "_INBOX_lab-backtest"}
 SYS_PASSWORD = "sys-test-password"
 SECRETS = {
     "NATS_BUSD_PASSWORD": f'"{BUSD_HASH}"',
@@ -66,8 +71,20 @@ class Server:
         return data
 
 
-def local_copy(tmp_path: Path, port: int, http_port: int) -> Path:
+def second_producer(text: str) -> str:
+    """The file's producer entry copied for lab.backtest, as its comment says to."""
+    start = text.index("      {\n        user: lab-simulation")
+    end = text.index("\n      }\n", start) + len("\n      }\n")
+    entry = (text[start:end].replace("lab.simulation", "lab.backtest")
+             .replace("lab-simulation", "lab-backtest")
+             .replace("$NATS_LAB_SIMULATION_PASSWORD", f'"{BACKTEST_PASSWORD}"'))
+    return text[:end] + entry + text[end:]
+
+
+def local_copy(tmp_path: Path, port: int, http_port: int, *, two_producers: bool = False) -> Path:
     text = NATS_CONF.read_text(encoding="utf-8")
+    if two_producers:
+        text = second_producer(text)
     replacements = [
         (r'(?m)^(\s*store_dir:\s*)"[^"]*"', rf'\g<1>"{tmp_path / "jetstream"}"'),
         (r"(?m)^listen: \S+", f"listen: 127.0.0.1:{port}"),
@@ -82,10 +99,10 @@ def local_copy(tmp_path: Path, port: int, http_port: int) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(tmp_path: Path) -> Iterator[Server]:
+def running_server(tmp_path: Path, *, two_producers: bool = False) -> Iterator[Server]:
     """nats-server on a copy of ops/nats/nats-server.conf, until the block ends."""
     port, http_port = free_port(), free_port()
-    conf = local_copy(tmp_path, port, http_port)
+    conf = local_copy(tmp_path, port, http_port, two_producers=two_producers)
     log_path = tmp_path / "nats.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)],
@@ -132,7 +149,8 @@ class Session:
         # Kept before connecting: a refused connection still has a socket to close.
         self.clients.append(nc)
         await nc.connect(self.url, user=user, password=password, error_cb=on_error,
-                         allow_reconnect=False, connect_timeout=5)
+                         allow_reconnect=False, connect_timeout=5,
+                         inbox_prefix=INBOX_PREFIX.get(user, "_INBOX"))
         return nc
 
     async def close(self) -> None:
@@ -324,8 +342,60 @@ def test_system_account_answers_server_requests(server: Server) -> None:
     run(server, body)
 
 
+def test_producer_sees_neither_busd_deliveries_nor_another_producers_events(
+        tmp_path: Path) -> None:
+    """The security hole of issue 14: with `_INBOX.>` open to every user, a producer read every
+    event busd pulled. Now busd's inboxes are its own and each producer has only its own."""
+    async def body(s: Session) -> None:
+        busd = await s.connect("busd", BUSD_PASSWORD)
+        await declare_stream(busd)
+        simulation = await s.connect("lab-simulation", LAB_PASSWORD)
+        backtest = await s.connect("lab-backtest", BACKTEST_PASSWORD)
+        # what the producer may subscribe to: its own inboxes; everything else is refused
+        own = await simulation.subscribe("_INBOX_lab-simulation.>")
+        spies = [await simulation.subscribe(subject) for subject in
+                 ("_INBOX_busd.>", "_INBOX.>", ">", "artifacts.lab.backtest", "$JS.ACK.>")]
+        await simulation.flush()
+        # another producer stores an event with its PubAck; busd pulls it on its inbox
+        ack = await backtest.jetstream().publish(
+            "artifacts.lab.backtest", b'{"secret": "backtest"}',
+            headers={"Nats-Msg-Id": "spy-1"})
+        pull = await busd.jetstream().pull_subscribe_bind("busd", "ARTIFACTS")
+        msgs = await pull.fetch(1, timeout=5)
+        assert msgs[0].metadata.sequence.stream == ack.seq
+        assert msgs[0].data == b'{"secret": "backtest"}'
+        assert msgs[0].reply.startswith("$JS.ACK.")
+        await msgs[0].ack_sync()
+        # and the spying producer saw nothing of it
+        for sub in (own, *spies):
+            with pytest.raises(nats.errors.TimeoutError):
+                await sub.next_msg(timeout=DENIED_S)
+        # its own PubAcks still come back on its own prefix
+        mine = await simulation.jetstream().publish(
+            "artifacts.lab.simulation", b"{}", headers={"Nats-Msg-Id": "spy-2"})
+        assert mine.seq == ack.seq + 1
+
+    with running_server(tmp_path, two_producers=True) as server:
+        session = run(server, body)
+    for subject in ("_INBOX_busd.>", "_INBOX.>", ">", "artifacts.lab.backtest", "$JS.ACK.>"):
+        assert session.denied(f'subscription to "{subject}"'), (subject, session.errors)
+
+
+def test_busd_cannot_use_the_common_inbox(server: Server) -> None:
+    """busd itself is held to its private prefix: a client left on `_INBOX` gets nothing."""
+    async def body(s: Session) -> None:
+        busd = await s.connect("busd", BUSD_PASSWORD)
+        sub = await busd.subscribe("_INBOX.>")
+        await busd.flush()
+        with pytest.raises(nats.errors.TimeoutError):
+            await sub.next_msg(timeout=DENIED_S)
+
+    assert run(server, body).denied('subscription to "_INBOX.>"')
+
+
 def test_real_busd_works_within_these_permissions(tmp_path: Path) -> None:
-    """busd init / serve as user busd, `busd submit --wait` as a producer, end to end."""
+    """busd init / serve (with the HA lease in KV) as user busd, `busd submit --wait` as a
+    producer, end to end, with not one permissions violation on the server."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -340,10 +410,12 @@ def test_real_busd_works_within_these_permissions(tmp_path: Path) -> None:
             f'artifact_roots = ["{artifacts}"]\n'
             f'[nats]\nurl = "{server.url}"\nuser = "busd"\n'
             '[consumer]\nbatch_wait_ms = 50\n'
+            '[ha]\nenabled = true\nlease_ttl_s = 5\n'
             '[metrics]\nlisten = ""\n', encoding="utf-8")
         busd_env = server_env(BUSD_NATS_PASSWORD=BUSD_PASSWORD)
         producer_env = server_env(BUSD_NATS_USER="lab-simulation",
-                                  BUSD_NATS_PASSWORD=LAB_PASSWORD)
+                                  BUSD_NATS_PASSWORD=LAB_PASSWORD,
+                                  BUSD_NATS_INBOX_PREFIX="_INBOX_lab-simulation")
         busd = [sys.executable, "-m", "busd"]
 
         init = subprocess.run([*busd, "init", "--config", str(config)], env=busd_env,
@@ -362,8 +434,24 @@ def test_real_busd_works_within_these_permissions(tmp_path: Path) -> None:
                     env=producer_env, capture_output=True, text=True, timeout=90, check=False)
                 assert submit.returncode == 0, submit.stderr + log_path.read_text()
                 assert json.loads(submit.stdout)["outcome"] == "committed", submit.stdout
+                assert lease_holder(server) != b"", "the HA lease is not in KV"
             finally:
                 stop(serve)
         assert serve.returncode == 0, log_path.read_text()
         server_log = (tmp_path / "nats.log").read_text()
         assert "Violation" not in server_log, server_log
+
+
+def lease_holder(server: Server) -> bytes:
+    """The value of busd's HA lease key (busd_leases/busd), read as user busd."""
+    async def go() -> bytes:
+        session = Session(server.url)
+        try:
+            busd = await session.connect("busd", BUSD_PASSWORD)
+            entry = await (await busd.jetstream().key_value("busd_leases")).get("busd")
+            return bytes(entry.value or b"")
+        finally:
+            await session.close()
+
+    return asyncio.run(go())
+

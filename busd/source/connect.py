@@ -1,0 +1,277 @@
+"""Connecting to NATS: credentials, TLS, the connection's name, busd's private inbox prefix,
+and the JetStream domain or API prefix every JetStream request of the connection goes to.
+
+The connection carries its JetStream settings: ``nc.jetstream()`` on a connection made here
+(and :func:`jetstream`) talks to the configured domain or API prefix, never a hard-coded one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client as Client  # the type of a connection, for callers
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.protocol.parser import AUTHORIZATION_VIOLATION
+
+from busd.config import NatsSettings, is_nkey_seed
+from busd.errors import BusdError, ConfigError, TransientError
+
+
+def _tls_context(n: NatsSettings) -> ssl.SSLContext | None:
+    """Verify the server against ``tls_ca`` (else the system's CAs), present ``tls_cert``."""
+    if not (n.tls_ca or n.tls_cert):
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=n.tls_ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"bad value for nats.tls_ca: {n.tls_ca}: {_why(exc)}") from None
+    if n.tls_cert:
+        try:
+            ctx.load_cert_chain(n.tls_cert, n.tls_key or None, password=_no_password)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"bad value for nats.tls_cert/nats.tls_key: {n.tls_cert}: "
+                              f"{_why(exc)}") from None
+    return ctx
+
+
+def _no_password() -> str:
+    raise ssl.SSLError("the key is encrypted: busd needs an unencrypted nats.tls_key")
+
+
+def _why(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)  # set by OpenSSL, not on an SSLError made here
+    if isinstance(exc, ssl.SSLError) and reason:
+        return str(reason).lower().replace("_", " ")
+    if isinstance(exc, ssl.SSLError) and exc.args:
+        return str(exc.args[-1])
+    return str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+
+
+def _refusal(n: NatsSettings, exc: BaseException) -> str | None:
+    """Why the server turned busd away for good (credentials, certificates), or None when
+    trying again may help (no server yet, a timeout)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the server's TLS certificate is not trusted ({exc.verify_message}): "
+                "check nats.tls_ca and the host name in nats.url")
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS refused ({_why(exc)}): check nats.tls_ca, nats.tls_cert and "
+                "nats.tls_key")
+    if _auth_refused(exc):
+        text = str(exc)
+        keys = [k for k in ("creds", "nkey_seed", "user", "token") if getattr(n, k)]
+        used = ", ".join(f"nats.{k}" for k in keys) if keys else "no credentials configured"
+        return f"credentials refused ({text.removeprefix('nats: ').strip()}; {used})"
+    return None
+
+
+
+def api_prefix(n: NatsSettings) -> str:
+    """The JetStream API prefix of the configured domain or account import (``nats.js_domain``,
+    ``nats.js_api_prefix``), else the server's own API."""
+    if n.js_domain:
+        return f"$JS.{n.js_domain}.API"
+    return n.js_api_prefix or api.DEFAULT_PREFIX
+
+
+def _auth_refused(exc: BaseException) -> bool:
+    """The server refused the credentials. nats-py types this once connected, but a refusal
+    during the handshake is a plain Error carrying the server's ``-ERR`` line, whose text
+    is the protocol's only mark of its kind."""
+    if isinstance(exc, nats.errors.AuthorizationError | nats.errors.InvalidUserCredentialsError):
+        return True
+    if type(exc) is not nats.errors.Error:
+        return False
+    line = str(exc).lower()
+    return any(mark in line for mark in _AUTH_ERR_MARKS)
+
+
+# -ERR lines of a refusal: 'Authorization Violation', 'User Authentication Expired',
+# 'User Authentication Revoked', 'Authentication Timeout'
+_AUTH_ERR_MARKS = (AUTHORIZATION_VIOLATION.lower(), "authentication")
+
+
+class _Client(Client):
+    """A connection that knows busd's JetStream API prefix, and survives odd subjects.
+
+    nats-py decodes a message's subject strictly, but the server relays subjects that are
+    not UTF-8: one such publish would end nats-py's read loop and busd with it. Decode with
+    replacement instead; the event is then rejected like any other bad input."""
+
+    api_prefix: str = api.DEFAULT_PREFIX
+
+    def jetstream(self, **opts: Any) -> JetStreamContext:
+        if "prefix" not in opts and "domain" not in opts:
+            opts["prefix"] = self.api_prefix
+        return super().jetstream(**opts)
+
+    def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                       headers: dict[str, str] | None) -> Msg:
+        return self.msg_class(subject=subject.decode(errors="replace"),
+                              reply=reply.decode(errors="replace"), data=data, headers=headers,
+                              _client=self, _sid=sid)
+
+
+def jetstream(nc: Client) -> JetStreamContext:
+    """The JetStream context of the configured domain or API prefix (the one way busd gets
+    one)."""
+    if isinstance(nc, _Client):
+        return nc.jetstream()
+    return nc.jetstream(prefix=api.DEFAULT_PREFIX)
+
+
+def js_api_prefix(nc: Client) -> str:
+    """The JetStream API prefix this connection's requests go to."""
+    return nc.api_prefix if isinstance(nc, _Client) else api.DEFAULT_PREFIX
+
+
+def connection_name(n: NatsSettings, role: str | None, *, reconnect: bool) -> str:
+    """``nats.name`` for ``busd serve``; else ``<role>@<host>``: ``busd@<host>`` for the
+    daemon, ``busd-cli@<host>`` for the one-shot commands, ``busd-submit@<host>``..."""
+    if role is None and reconnect and n.name:
+        return n.name
+    role = role or ("busd" if reconnect else "busd-cli")
+    return f"{role}@{socket.gethostname()}"
+
+
+async def _close_quietly(nc: Client) -> None:
+    """Release a connection that failed to open; nats-py can hang closing one whose TLS
+    handshake failed, so this is bounded."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), 2.0)
+
+
+WAITING_SAID_EVERY_S = 30.0  # busd serve repeats "waiting for NATS" at least this often
+WAITING_RETRY_S = 0.5  # between two connection attempts while NATS is down
+
+
+class NatsUnreachable(TransientError):
+    """No NATS server answered within ``nats.connect_timeout_s``."""
+
+    def __init__(self, url: str, timeout_s: float, cause: BaseException) -> None:
+        super().__init__(f"cannot reach NATS at {url} within {float(timeout_s)}s "
+                         f"({_unreachable_why(cause)})")
+        self.url = url
+
+
+def _unreachable_why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc).removeprefix("nats: ").strip() or type(exc).__name__
+
+
+async def connect(
+    n: NatsSettings,
+    url: str,
+    *,
+    name: str | None = None,
+    on_state: Callable[[bool], None] | None = None,
+    reconnect: bool = True,
+) -> Client:
+    """Connect with the configured credentials; reconnect forever when ``reconnect``.
+
+    ``name`` is the role of the tool (``busd-submit``), shown as ``<name>@<host>`` in the
+    server's monitoring; without it the connection is named by :func:`connection_name`.
+    Inboxes (JetStream deliveries, request replies, PubAcks) use ``nats.inbox_prefix``, so
+    a server's permissions can keep them from every other user.
+
+    The first connection fails at once when the server refuses the credentials or the TLS
+    certificates (a :class:`BusdError`, exit 1): retrying cannot fix them. Any other failure
+    of the first connection is retried for at most ``nats.connect_timeout_s`` in all, then
+    :class:`NatsUnreachable`: a caller that must wait for NATS (``busd serve``) calls again.
+    """
+    connecting = True
+    last_error: list[BaseException] = []
+
+    async def disconnected() -> None:
+        if on_state and not connecting:
+            on_state(False)
+
+    async def reconnected() -> None:
+        if on_state:
+            on_state(True)
+
+    async def error(exc: Exception) -> None:
+        # nats-py reports each failed attempt here; raising ends its first-connect loop.
+        if connecting:
+            last_error[:] = [exc]
+            if _refusal(n, exc) is not None:
+                raise exc
+
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    options: dict[str, Any] = {
+        "servers": servers,
+        "name": connection_name(n, name, reconnect=reconnect),
+        "inbox_prefix": n.inbox_prefix,
+        # each server gets its share of the deadline: one that drops packets must not use it
+        # all before a live one of the same cluster is tried
+        "connect_timeout": n.connect_timeout_s / max(1, len(servers)),
+        # For the first connect: every server of the list, one retry each, and the deadline
+        # below bounds it all (without allow_reconnect nats-py gives up after the first
+        # server; max_reconnect_attempts=0 would retry a refusing server forever). Once
+        # connected, the caller's choice applies (set below).
+        "allow_reconnect": True,
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.5,
+        "disconnected_cb": disconnected,
+        "reconnected_cb": reconnected,
+        "error_cb": error,
+        "pending_size": 64 * 1024 * 1024,
+    }
+    if n.creds:
+        options["user_credentials"] = n.creds
+    if n.nkey_seed:
+        if is_nkey_seed(n.nkey_seed):
+            options["nkeys_seed_str"] = n.nkey_seed.strip()
+        else:
+            options["nkeys_seed"] = n.nkey_seed
+    if n.user:
+        options["user"] = n.user
+        options["password"] = n.password
+    if n.token:
+        options["token"] = n.token
+    tls = _tls_context(n)
+    if tls is not None:
+        options["tls"] = tls
+    nc = _Client()
+    nc.api_prefix = api_prefix(n)
+    try:
+        # nats-py bounds each attempt, not the loop over attempts and servers around them.
+        async with asyncio.timeout(n.connect_timeout_s):
+            await nc.connect(**options)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        await _close_quietly(nc)
+        refused = _refusal(n, exc)
+        if refused is not None:
+            raise BusdError(f"NATS at {url} refused busd: {refused}") from None
+        raise NatsUnreachable(url, n.connect_timeout_s,
+                              last_error[0] if last_error else exc) from None
+    except Exception as exc:
+        await _close_quietly(nc)
+        if type(exc).__module__.split(".")[0] == "nkeys":  # a seed nkeys cannot decode
+            key = "nats.creds" if n.creds else "nats.nkey_seed"
+            raise ConfigError(f"bad value for {key}: not a valid nkey seed "
+                              f"({type(exc).__name__})") from None
+        raise
+    connecting = False
+    # nats-py reads both at each disconnection
+    nc.options["allow_reconnect"] = reconnect
+    nc.options["max_reconnect_attempts"] = -1 if reconnect else 0
+    if on_state:
+        on_state(True)
+    return nc
+
+
+async def request(nc: Client, subject: str, data: bytes, *, timeout_s: float) -> bytes:
+    """A core NATS request; its answer's payload."""
+    reply = await nc.request(subject, data, timeout=timeout_s)
+    return bytes(reply.data or b"")
