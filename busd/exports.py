@@ -21,20 +21,27 @@ import shutil
 import stat
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import duckdb
-import msgspec
 
 from busd import faults
 from busd.config import ExportSettings, Settings
+from busd.durable import durable_replace, fsync_dir, readable_dir, write_bytes_atomic
 from busd.errors import ConfigError, FatalStorageError, StorageError
+from busd.manifest import (
+    MANIFEST,
+    PART_GLOB,
+    ExportResult,
+    ManifestEntry,
+    MissingFiles,
+    encode_manifest,
+    read_manifest,
+    reader_sql,
+)
 from busd.model import Changed
-from busd.sql import commit_count, first_row, sql_str
+from busd.sql import commit_count, first_row, quote_ident, sql_str
 
-MANIFEST = "_manifest.json"
 # In no particular order: sorting a million artifacts took a third of a refresh.
 BUILTIN: tuple[ExportSettings, ...] = (
     ExportSettings(name="runs", sql="SELECT * FROM catalog.runs_d"),
@@ -45,133 +52,14 @@ BUILTIN: tuple[ExportSettings, ...] = (
 # With ``export_partition_seqs`` set: these exports are folders of part files, a part per
 # that many stream sequences of each row's first commit (``first_seq``).
 PARTITIONABLE = {"runs": "catalog.runs_d", "artifacts": "catalog.artifacts_f"}
-PART_GLOB = "part-*.parquet"
 
-# In ``data."<name>"``, busd's ``run_id`` keeps its name; a file's own ``run_id`` column is
-# renamed to this.
+# in data."<name>", busd's run_id keeps its name; a file's own run_id column gets this one
 FILE_RUN_ID = "file_run_id"
 _FILE_COL = "_busd_file"  # read_parquet's filename column: no artifact names a column so
 MISSING_LISTED = 10  # files named in the manifest and by `busd status`
 SWEEP_EVERY_S = 60.0  # every committed artifact's file is checked at most this often,
 SWEEP_SHARE = 30  # ... and for at most 1/30 of the export thread's time
 _PASSES = 5  # a refresh that fails on a damaged file is retried without it this many times
-
-
-@dataclass(frozen=True, slots=True)
-class ExportResult:
-    name: str
-    path: str
-    rows: int
-    bytes: int
-    catalog_seq: int
-    refreshed_at: dt.datetime
-    duration_s: float
-    parts: int = 0  # part files rewritten (partitioned exports)
-    catalog_commit: int = 0  # the catalog's commit count in the snapshot it was written from
-
-
-class ManifestEntry(msgspec.Struct):
-    file: str  # "<name>.parquet", or "<name>/" for a folder of part files
-    rows: int
-    bytes: int
-    catalog_seq: int
-    refreshed_at: dt.datetime
-    duration_ms: float = 0.0
-    # what freshness is judged by: written by a busd before it, 0, which is always stale
-    catalog_commit: int = 0
-
-
-class MissingFiles(msgspec.Struct):
-    """Committed artifacts whose file is gone or unreadable, as last checked."""
-
-    count: int = 0
-    paths: list[str] = msgspec.field(default_factory=list)  # the first few, sorted
-    checked_at: dt.datetime | None = None
-
-
-class Manifest(msgspec.Struct):
-    catalog_seq: int = 0
-    written_at: dt.datetime | None = None
-    exports: dict[str, ManifestEntry] = msgspec.field(default_factory=dict)
-    artifacts_missing: MissingFiles = msgspec.field(default_factory=MissingFiles)
-
-
-# Exports are for every reader, whatever busd's umask (the unit's keeps the catalog private).
-READABLE_FILE = 0o644
-READABLE_DIR = 0o755
-
-
-def readable_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # a folder made by someone else keeps its mode
-        folder.chmod(READABLE_DIR)
-
-
-def fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(folder: Path) -> None:
-    fsync_path(folder, os.O_RDONLY | os.O_DIRECTORY)
-
-
-def durable_replace(tmp: Path, final: Path) -> None:
-    """fsync ``tmp``, rename it over ``final``, fsync the folder. A failed fsync is fatal."""
-    with contextlib.suppress(OSError):
-        os.chmod(tmp, READABLE_FILE)
-    try:
-        fsync_path(tmp)
-    except OSError as exc:
-        # After a failed fsync the page cache can no longer be trusted (fsyncgate): exit.
-        raise FatalStorageError(f"fsync of {tmp} failed: {exc.strerror}") from exc
-    try:
-        os.replace(tmp, final)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(f"cannot rename {tmp.name} to {final}: {exc.strerror}") from exc
-    try:
-        fsync_dir(final.parent)
-    except OSError as exc:
-        raise FatalStorageError(f"fsync of {final.parent} failed: {exc.strerror}") from exc
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
-    durable_replace(tmp, path)
-
-
-def read_manifest(folder: Path) -> Manifest:
-    try:
-        return msgspec.json.decode((folder / MANIFEST).read_bytes(), type=Manifest)
-    except (OSError, msgspec.DecodeError):
-        return Manifest()
-
-
-def reader_sql(folder: Path, name: str) -> str | None:
-    """``read_parquet(...)`` of one export as it lies in ``folder`` (a file, or a folder of
-    part files); None when it is not there."""
-    parts = folder / name
-    if any(parts.glob(PART_GLOB)):
-        return f"read_parquet({sql_str(str(parts / PART_GLOB))})"
-    single = folder / f"{name}.parquet"
-    return f"read_parquet({sql_str(single)})" if single.exists() else None
-
-
-def export_names(folder: Path) -> list[str]:
-    """Exports present in ``folder``, by name."""
-    names = {f.stem for f in folder.glob("*.parquet")}
-    if folder.is_dir():
-        names |= {d.name for d in folder.iterdir() if d.is_dir() and any(d.glob(PART_GLOB))}
-    return sorted(names)
 
 
 def file_problem(path: str, *, deep: bool = True) -> str | None:
@@ -215,10 +103,6 @@ def _stat_key(path: str) -> tuple[int, ...] | None:
 
 class _DamagedFile(Exception):
     """A refresh failed on a file that passed the cheap checks; it is left out next pass."""
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def data_names(sql: str) -> set[str]:
@@ -466,7 +350,7 @@ class Exporter:
         if (report.count, report.paths) != (before.count, before.paths):
             manifest = read_manifest(self.folder)
             manifest.artifacts_missing = report
-            write_bytes_atomic(self.folder / MANIFEST, _encode(manifest))
+            write_bytes_atomic(self.folder / MANIFEST, encode_manifest(manifest))
         return report
 
     def _count_missing(self) -> None:
@@ -613,14 +497,4 @@ class Exporter:
                                    default=catalog_seq)
         manifest.written_at = dt.datetime.now(dt.UTC)
         manifest.artifacts_missing = self.missing_files()
-        write_bytes_atomic(self.folder / MANIFEST, _encode(manifest))
-
-
-def _encode(manifest: Manifest) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(manifest), indent=2)
-
-
-def manifest_rows(results: Sequence[ExportResult]) -> list[tuple[Any, ...]]:
-    """``exports_d`` rows, in its column order."""
-    return [(r.name, r.path, r.rows, r.bytes, r.catalog_seq, r.refreshed_at,
-             round(r.duration_s * 1000, 3), r.catalog_commit) for r in results]
+        write_bytes_atomic(self.folder / MANIFEST, encode_manifest(manifest))

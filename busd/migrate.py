@@ -39,7 +39,7 @@ from busd import events as ev
 from busd import model, validate
 from busd.config import Settings
 from busd.errors import BusdError, ConfigError, FileUnavailable, InvalidEvent, TransientError
-from busd.exports import reader_sql
+from busd.manifest import reader_sql
 from busd.sql import quote_ident
 
 DEFAULT_PRODUCER = "busd.import"

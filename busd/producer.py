@@ -183,7 +183,7 @@ class OutboxEntry(msgspec.Struct):
 
 def to_outbox(folder: Path, subject: str, payload: bytes, headers: dict[str, str]) -> Path:
     """Write the event atomically (temp file, fsync, rename); names sort in submission order."""
-    from busd.exports import write_bytes_atomic
+    from busd.durable import write_bytes_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in headers.get("Nats-Msg-Id", ""))

@@ -25,9 +25,11 @@ from busd import source
 from busd.catalog import COMPARED, Catalog
 from busd.config import Settings
 from busd.daemon.answers import poison_of
+from busd.durable import fsync_dir, fsync_path
 from busd.errors import BusdError, CatalogLocked
-from busd.exports import Exporter, file_problem, fsync_dir, fsync_path, read_manifest, reader_sql
+from busd.exports import Exporter, file_problem
 from busd.fold import Folder
+from busd.manifest import read_manifest, reader_sql
 from busd.model import Changed, Claim, Known, Sibling
 from busd.sql import sql_str
 

@@ -22,7 +22,7 @@ import pytest
 from support import Bus, on_jetstream, wait_for
 from test_cli import free_port
 
-from busd.exports import read_manifest
+from busd.manifest import read_manifest
 
 
 class Publisher:

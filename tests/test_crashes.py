@@ -8,7 +8,7 @@ import threading
 import pytest
 from support import Bus, wait_for
 
-from busd.exports import read_manifest
+from busd.manifest import read_manifest
 
 
 def run_until_killed(bus: Bus, point: str, skip: int = 0) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 from support import Bus, wait_for
 
-from busd.exports import read_manifest
+from busd.manifest import read_manifest
 
 SLOW_SQL = "SELECT i, md5(i::VARCHAR) AS h FROM range(150000000) t(i) WHERE i % 1000 = 0"
 

@@ -13,7 +13,8 @@ import pytest
 from support import Bus, committed_batch, wait_for
 
 from busd.catalog import _DDL_V1, _DDL_V2, Catalog
-from busd.exports import Exporter, read_manifest
+from busd.exports import Exporter
+from busd.manifest import read_manifest
 
 LATEST = {"name": "latest_fills", "depends_on": ["fills"],
           "sql": "SELECT run_id, x FROM data.fills"}

@@ -17,7 +17,7 @@ import pytest
 from support import Bus, on_jetstream, wait_for
 from test_cli import free_port
 
-from busd.exports import read_manifest
+from busd.manifest import read_manifest
 
 LATEST = {"name": "latest_fills", "depends_on": ["fills"],
           "sql": "SELECT run_id, x FROM data.fills"}

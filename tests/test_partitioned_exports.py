@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 from support import Bus, committed_batch, wait_for
 
 from busd.catalog import _DDL_V1, Catalog
-from busd.exports import Exporter, read_manifest
+from busd.exports import Exporter
+from busd.manifest import read_manifest
 from busd.model import Changed
 
 SPAN = 1000

@@ -10,7 +10,7 @@ import duckdb
 import pyarrow.parquet as pq
 from support import Bus, sha256_file
 
-from busd.exports import read_manifest
+from busd.manifest import read_manifest
 
 
 def test_core_and_jetstream_publish_both_commit(bus: Bus) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from support import Bus, wait_for
 from test_cli import free_port
 
-from busd.exports import read_manifest
+from busd.manifest import read_manifest
 
 TABLES = {"runs_d": "", "artifacts_f": " EXCLUDE (committed_at)",
           "events_f": " EXCLUDE (committed_at)",

@@ -139,7 +139,7 @@ def submit(
 def status(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Stream, consumer, lag, last commit and export freshness."""
     from busd import source
-    from busd.exports import read_manifest
+    from busd.manifest import read_manifest
     from busd.producer import nats_url
 
     s = settings(config_path)
@@ -204,7 +204,7 @@ def query(
 ) -> None:
     """Read-only SQL over the golden exports; never opens (or locks) the catalog."""
 
-    from busd.exports import export_names, reader_sql
+    from busd.manifest import export_names, reader_sql
 
     s = settings(config_path)
     folder = s.exports_path

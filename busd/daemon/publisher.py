@@ -21,7 +21,8 @@ import anyio
 from busd import log
 from busd.catalog import Catalog
 from busd.errors import FatalStorageError, StorageError
-from busd.exports import Exporter, manifest_rows
+from busd.exports import Exporter
+from busd.manifest import manifest_rows
 from busd.metrics import Metrics
 from busd.model import Changed
 
