@@ -317,7 +317,8 @@ class LegacyMap:
     path_base: str | None
 
 
-def load_map(path: Path, *, producer: str | None = None) -> LegacyMap:
+def load_map(  # noqa: C901 - one flat check per key of the map
+        path: Path, *, producer: str | None = None) -> LegacyMap:
     """Read and check the map; a missing or unknown key is exit 2 naming it."""
     where = f"--map {path}"
     try:

@@ -169,7 +169,7 @@ def _unreachable_why(exc: BaseException) -> str:
     return str(exc).removeprefix("nats: ").strip() or type(exc).__name__
 
 
-async def connect(
+async def connect(  # noqa: C901 - the options nats-py takes, one by one
     n: NatsSettings,
     url: str,
     *,
