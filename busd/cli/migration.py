@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from busd import config, migrate, source
 from busd.cli.options import ConfigOpt, JsonOpt, guarded, nats_for, settings
+from busd.legacy import load_map, plan_catalog
 
 ProducerOpt = Annotated[str | None, typer.Option(
     "--producer", help=f"Producer name (subject artifacts.<producer>); default "
@@ -98,8 +99,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The runs and artifacts of a legacy catalog: one event per run."""
         s = settings(config_path)
-        mapping = migrate.load_map(map_path, producer=producer)
-        run_import(s, lambda progress: migrate.plan_catalog(s, legacy, mapping, map_path,
+        mapping = load_map(map_path, producer=producer)
+        run_import(s, lambda progress: plan_catalog(s, legacy, mapping, map_path,
                                                             progress), as_json)
 
     @app.command()
