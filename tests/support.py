@@ -1,17 +1,21 @@
 """Test support: a real nats-server per test, real DuckDB files, real Parquet; no mocks.
 
-Each test gets a free loopback port and its own store.
+Each test gets a free loopback port and its own store. The helpers live here; the fixtures
+that use them (``nats_server``, ``bus``, ...) and the pytest hooks are in ``conftest.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,7 +27,6 @@ import duckdb
 import nats
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from busd import config, source
 from busd.daemon import Stats, serve
@@ -31,27 +34,6 @@ from busd.embedded import EmbeddedServer
 from busd.model import Batch
 
 BUSD = [sys.executable, "-m", "busd"]
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--long", action="store_true", help="run long soak and chaos tests")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    from hypothesis import settings
-
-    settings.register_profile("long", max_examples=2000, deadline=None)
-    if config.getoption("--long"):
-        settings.load_profile("long")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--long"):
-        return
-    skip = pytest.mark.skip(reason="long run: use --long")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
 
 
 def toml_value(value: Any) -> str:
@@ -248,23 +230,6 @@ class Bus:
         return path.read_text() if path.exists() else ""
 
 
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    server = EmbeddedServer("127.0.0.1", 0, tmp_path / "nats-store")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def bus(tmp_path: Path, nats_server: EmbeddedServer) -> Iterator[Bus]:
-    b = Bus(tmp_path, nats_server)
-    b.artifacts.mkdir(parents=True, exist_ok=True)
-    b.init()
-    yield b
-    b.reap()
-
-
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -308,3 +273,39 @@ def committed_batch(seq: int, run_id: str) -> Batch:
     batch.runs.append((seq, run_id, "sim", "lab", "succeeded", None, None, None, None, None,
                        now, event_id))
     return batch
+
+
+class FakeSystemd:
+    """Binds the notification socket and reads what the service sends."""
+
+    def __init__(self, sock: socket.socket, address: str) -> None:
+        self.sock = sock
+        self.address = address
+
+    def receive(self) -> list[str]:
+        data = self.sock.recv(4096)
+        return data.decode("utf-8").split("\n")
+
+    def nothing_waiting(self) -> bool:
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            self.sock.recv(4096)
+        except BlockingIOError:
+            return True
+        finally:
+            self.sock.settimeout(timeout)
+        return False
+
+
+@contextlib.contextmanager
+def notify_socket(timeout_s: float) -> Iterator[FakeSystemd]:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET, reads bounded by
+    ``timeout_s``."""
+    # A short directory: socket paths are limited to ~108 bytes, pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="busd-notify-") as folder:
+        path = str(Path(folder) / "notify.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            sock.settimeout(timeout_s)
+            yield FakeSystemd(sock, path)

@@ -8,33 +8,18 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from faultfs import FaultFS, mounted, usable
+from faultfs import FaultFS
 from support import Bus, wait_for
 
 from busd.errors import ConfigError
-
-
-@pytest.fixture
-def faultfs(bus: Bus) -> Iterator[FaultFS]:
-    """``bus.artifacts`` seen through a fault filesystem, which is busd's artifact root."""
-    why = usable()
-    if why is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"FUSE is needed here: {why}")
-        pytest.skip(f"FUSE unavailable: {why}")
-    with mounted(bus.artifacts, bus.root / "mnt", bus.root / "faultfs.log") as fs:
-        bus.overrides = {**bus.overrides, "artifact_roots": [str(fs.mountpoint)]}
-        yield fs
 
 
 def _event(bus: Bus, fs: FaultFS, run_id: str, **artifact: Any) -> dict[str, Any]:

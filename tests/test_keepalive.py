@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,18 +21,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from support import Bus, on_jetstream, wait_for
-from test_sdnotify import FakeSystemd
+from support import Bus, FakeSystemd, notify_socket, on_jetstream, wait_for
 
 
 @pytest.fixture
 def systemd() -> Iterator[FakeSystemd]:
-    with tempfile.TemporaryDirectory(prefix="busd-notify-") as folder:
-        path = str(Path(folder) / "notify.sock")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(path)
-            sock.settimeout(1)
-            yield FakeSystemd(sock, path)
+    with notify_socket(timeout_s=1) as fake:  # short reads: the tests poll against deadlines
+        yield fake
 
 
 def children(pid: int) -> list[int]:

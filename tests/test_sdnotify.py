@@ -6,48 +6,14 @@ import contextlib
 import os
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import Bus
+from support import Bus, FakeSystemd
 
 from busd.sdnotify import SdNotifier, active_status
-
-
-class FakeSystemd:
-    """Binds the notification socket and reads what the service sends."""
-
-    def __init__(self, sock: socket.socket, address: str) -> None:
-        self.sock = sock
-        self.address = address
-
-    def receive(self) -> list[str]:
-        data = self.sock.recv(4096)
-        return data.decode("utf-8").split("\n")
-
-    def nothing_waiting(self) -> bool:
-        self.sock.setblocking(False)
-        try:
-            self.sock.recv(4096)
-        except BlockingIOError:
-            return True
-        finally:
-            self.sock.settimeout(5)
-        return False
-
-
-@pytest.fixture
-def fake_systemd() -> Iterator[FakeSystemd]:
-    # A short directory: socket paths are limited to ~108 bytes, pytest's tmp_path can be longer.
-    with tempfile.TemporaryDirectory(prefix="busd-notify-") as folder:
-        path = str(Path(folder) / "notify.sock")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind(path)
-            sock.settimeout(5)
-            yield FakeSystemd(sock, path)
 
 
 @pytest.fixture
