@@ -26,8 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 # ---- the rules, as data ------------------------------------------------------------------------
 # Base: types, settings, errors, logging; they import no other busd module but each other.
 BASE = ("busd.model", "busd.config", "busd.errors", "busd.log", "busd.sql", "busd.faults")
-# Base as well, as long as they import only base (else they are simply not base).
-BASE_IF_PURE = ("busd.sdnotify", "busd.inflight")
+# Base as well, as long as they import only base (else they are simply not base): leaves that
+# many layers share — systemd's notify socket, the in-flight ledger, durable file writes and
+# the exports' on-disk format (split out of exports.py; replay, orphans and the CLI read it).
+BASE_IF_PURE = ("busd.sdnotify", "busd.inflight", "busd.durable", "busd.manifest")
 # Stages: one job each; they import only the base layer.
 STAGES = ("busd.source", "busd.events", "busd.validate", "busd.checker", "busd.catalog",
           "busd.exports")
