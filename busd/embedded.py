@@ -43,12 +43,16 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def server_config(host: str, port: int, store_dir: Path, extra: str = "") -> str:
+def server_config(host: str, port: int, store_dir: Path, extra: str = "",
+                  jetstream_extra: str = "") -> str:
+    """``extra``: more top-level settings; ``jetstream_extra``: more of the jetstream block
+    (``domain: hub`` for a JetStream domain)."""
     listen = f"[{host}]" if ":" in host else host
     return (
         f'listen: "{listen}:{port if port else -1}"\n'
         "max_payload: 1MB\n"
-        f"jetstream {{\n  store_dir: {_q(store_dir)}\n  sync_interval: always\n}}\n"
+        f"jetstream {{\n  store_dir: {_q(store_dir)}\n  sync_interval: always\n"
+        f"{jetstream_extra}}}\n"
         f"{extra}"
     )
 
@@ -60,13 +64,15 @@ def _q(path: Path) -> str:
 class EmbeddedServer:
     """A child ``nats-server`` process; ``start`` waits until it accepts clients."""
 
-    def __init__(self, host: str, port: int, store_dir: Path, *, extra_config: str = "") -> None:
+    def __init__(self, host: str, port: int, store_dir: Path, *, extra_config: str = "",
+                 jetstream_config: str = "") -> None:
         if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
             raise ConfigError(f"bad value for nats.embedded_listen: {host} is not loopback")
         self.host = host
         self.port = port
         self.store_dir = store_dir
         self.extra_config = extra_config
+        self.jetstream_config = jetstream_config
         self.proc: subprocess.Popen[bytes] | None = None
         self.log: list[str] = []
         self._ready = threading.Event()
@@ -80,7 +86,8 @@ class EmbeddedServer:
     def start(self, timeout_s: float = 20.0) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
-        conf.write_text(server_config(self.host, self.port, self.store_dir, self.extra_config))
+        conf.write_text(server_config(self.host, self.port, self.store_dir, self.extra_config,
+                                     self.jetstream_config))
         self.proc = subprocess.Popen(
             [server_binary(), "-c", str(conf)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

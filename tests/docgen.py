@@ -82,6 +82,24 @@ KEY_DOCS = {
     "nats.tls_key": "Client key for mutual TLS.",
     "nats.connect_timeout_s": "How long every command but `serve` waits for NATS before it "
                               "fails with exit 1 (`serve` keeps waiting).",
+    "nats.context": "A `nats` CLI context (`~/.config/nats/context/<name>.json`, or under "
+                    "`$XDG_CONFIG_HOME`); also `NATS_CONTEXT` or `--context`. `\"\"` uses the "
+                    "context `nats context select` chose, if any. Its settings are the lowest "
+                    "layer: everything else overrides them ([../nats-clients.md]"
+                    "(../nats-clients.md)).",
+    "nats.name": "The connection's name in the server's monitoring (`/connz`, `nats server "
+                 "report connections`) for `busd serve`; `\"\"` is `busd@<host>`. Other "
+                 "commands are `busd-cli@<host>`, `busd-submit@<host>`.",
+    "nats.inbox_prefix": "Prefix of busd's inboxes (pull deliveries, API replies, PubAcks): "
+                         "NATS permissions that allow only busd to subscribe to `<prefix>.>` "
+                         "keep the events it pulls from every other user (ops/nats).",
+    "nats.js_domain": "JetStream domain of the stream (leafnodes): every JetStream request "
+                      "goes to `$JS.<domain>.API`.",
+    "nats.js_api_prefix": "JetStream API prefix of an account import (multi-account setups); "
+                          "`\"\"` is the server's own API. Not with `js_domain`.",
+    "nats.bind_only": "Use a stream and consumer managed elsewhere (Terraform, an operator): "
+                      "never create or update them; `busd init` and `busd serve` exit 1 naming "
+                      "the one that is missing.",
     "consumer.batch_max": "Messages per fetch.",
     "consumer.batch_wait_ms": "How long a fetch waits to fill a batch.",
     "consumer.commit_max": "Batches delivered while a commit runs join the next transaction, "
@@ -146,9 +164,11 @@ def configuration() -> str:
     env_key = config._key_type  # the same lookup `busd` uses to read the environment
     lines = [header("the settings structs in busd/config.py"), "# Configuration\n\n",
              "busd reads `busd.toml` (found by `--config`, then `$BUSD_CONFIG`, then "
-             "`./busd.toml`; with none, the defaults below). Precedence, lowest first: the "
-             "file, systemd credentials, the environment, command-line flags. A bad value or an "
-             "unknown key exits 2 naming the key.\n\n",
+             "`./busd.toml`; with none, the defaults below). Precedence, lowest first: a "
+             "`nats` CLI context, the file, the `NATS_*` variables the `nats` CLI reads, systemd "
+             "credentials, the `BUSD_*` variables, command-line flags ([../nats-clients.md]"
+             "(../nats-clients.md) says why and lists the `NATS_*` variables). A bad value or "
+             "an unknown key exits 2 naming the key.\n\n",
              "- **Environment**: every key below can be set with the variable in the "
              "*environment* column. A list takes comma-separated values or a JSON array.\n",
              "- **`_FILE`**: the variable with `_FILE` appended reads the value from a file "
@@ -437,14 +457,16 @@ def nats() -> str:
     stream = {k: v for k, v in source.stream_config(s).as_dict().items() if v is not None}
     consumer = {k: v for k, v in source.consumer_config(s).as_dict().items() if v is not None}
     return "".join([
-        header("what busd/source.py declares with the default settings"),
+        header("what busd/source/admin.py declares with the default settings"),
         "# Stream and consumer settings\n\n",
         "`busd serve` and `busd init` create the stream if it is missing and create or update "
         "the durable consumer, with these JetStream settings (the defaults of "
         "[configuration.md](configuration.md); durations in nanoseconds, as the JetStream API "
         "carries them). A stream that exists with settings that break busd's promises "
         "(retention other than limits, a max age, message or byte limits, delete or purge "
-        "allowed, a shorter duplicate window) is reported, not changed.\n\n",
+        "allowed, a shorter duplicate window) is reported, not changed. With "
+        "`nats.bind_only = true` busd creates and updates neither: a stream and consumer "
+        "managed elsewhere are used as they are, and a missing one is named (exit 1).\n\n",
         "## Stream\n\n```json\n", json.dumps(stream, indent=2, sort_keys=True, default=str),
         "\n```\n\n## Durable consumer\n\n```json\n",
         json.dumps(consumer, indent=2, sort_keys=True, default=str), "\n```\n"])

@@ -22,7 +22,7 @@ from nats.js.errors import (
 
 from busd.config import Settings
 from busd.errors import BusdError, ConsumerGone, KeyConflict, KeyMissing
-from busd.source.connect import Client, jetstream
+from busd.source.connect import Client, jetstream, js_api_prefix
 
 MAX_MSG_BYTES = 1024 * 1024
 DUPLICATE_WINDOW_S = 3600.0
@@ -213,6 +213,23 @@ async def next_stored_seq(nc: Client, stream: str, seq: int) -> int | None:
 
 
 
+class _PutThrough:
+    """A JetStream context whose publishes to ``$KV.`` go through ``prefix`` (the KV
+    write subject of another JetStream domain: ``$JS.<domain>.API.$KV.<bucket>.<key>``)."""
+
+    def __init__(self, js: Any, prefix: str) -> None:
+        self._js = js
+        self._prefix = prefix
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._js, name)
+
+    async def publish(self, subject: str, *args: Any, **kwargs: Any) -> Any:
+        if subject.startswith("$KV."):
+            subject = f"{self._prefix}.{subject}"
+        return await self._js.publish(subject, *args, **kwargs)
+
+
 class Bucket:
     """One KV bucket (the HA lease): compare-and-set on keys, busd's errors, no nats types."""
 
@@ -224,10 +241,16 @@ class Bucket:
         """The bucket, created with this TTL (file storage, no history) if it is missing."""
         js = jetstream(nc)
         try:
-            return cls(await js.key_value(bucket))
+            kv: Any = await js.key_value(bucket)
         except BucketNotFoundError:
-            return cls(await js.create_key_value(api.KeyValueConfig(
-                bucket=bucket, ttl=ttl_s, history=1, storage=api.StorageType.FILE)))
+            kv = await js.create_key_value(api.KeyValueConfig(
+                bucket=bucket, ttl=ttl_s, history=1, storage=api.StorageType.FILE))
+        prefix = js_api_prefix(nc)
+        if prefix != api.DEFAULT_PREFIX:
+            # nats-py writes a key to $KV.<bucket>.<key> on the local server; in another
+            # domain (or account) the write goes through its API prefix, as nats.go does
+            kv._js = _PutThrough(kv._js, prefix)
+        return cls(kv)
 
     async def create(self, key: str, value: bytes) -> int:
         """Create the key; its revision. KeyConflict when it exists."""

@@ -60,6 +60,8 @@ class PullSource:
             if status == "100":  # idle heartbeat or flow control
                 return
             token = msg.subject.rsplit(".", 1)[-1]
+            # a status reply is typed by its code; 409 and 404 carry several meanings that
+            # only the server's description tells apart (there is no error code in them)
             description = headers.get("Description", "")
             if status == "409" and "deleted" in description.lower():
                 self._gone = description
