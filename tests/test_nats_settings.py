@@ -332,6 +332,18 @@ def test_nats_url_alone(bus: Bus) -> None:
     env = {"NATS_URL": bus.url, "BUSD_ARTIFACT_ROOTS": str(bus.artifacts),
            "BUSD_METRICS_LISTEN": "", "BUSD_CONSUMER_BATCH_WAIT_MS": "50"}
     commits(bus, "nats-url-1", env=env)
+    # on that server, not on an embedded one busd would start without a URL
+    assert not (bus.data / "nats").exists()
+    assert streams_on(bus.url) == ["ARTIFACTS"]
+
+    async def stored() -> int:
+        nc = await source.connect(NatsSettings(), bus.url, reconnect=False)
+        try:
+            return int((await source.jetstream(nc).stream_info("ARTIFACTS")).state.messages)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(stored()) == 1
 
 
 # ---- 5. bind-only: a stream and consumer managed elsewhere -----------------------------------
