@@ -167,9 +167,20 @@ def worker_main() -> None:  # pragma: no cover - runs in the worker process
 class WorkerDied(Exception):
     """A worker process exited while it checked a request; ``answers`` came before."""
 
-    def __init__(self, why: str, answers: list[_Answer]) -> None:
+    def __init__(self, why: str, answers: list[_Answer], *, crashed: bool = True) -> None:
         super().__init__(why)
         self.answers = answers
+        self.crashed = crashed  # by a signal of its own faults, not killed from outside
+
+
+# what a process dies of when the code it runs crashes (a file that breaks the reader)
+_CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL,
+                      signal.SIGFPE})
+
+
+def _crash_signal(returncode: int | None) -> bool:
+    """A death by a crash signal; an exit status or SIGKILL/SIGTERM says nothing of a file."""
+    return returncode is not None and returncode < 0 and -returncode in _CRASHES
 
 
 class WorkerStalled(Exception):
@@ -234,7 +245,8 @@ class _Worker:
                 raise WorkerStalled(answers) from None
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 await self._reap()
-                raise WorkerDied(f"exit status {proc.returncode}", answers) from exc
+                raise WorkerDied(f"exit status {proc.returncode}", answers,
+                                 crashed=_crash_signal(proc.returncode)) from exc
             except asyncio.CancelledError:
                 # its answer would be read by the next request: this worker is done
                 self.proc = None
@@ -394,6 +406,9 @@ class Checker:
                 results.append(self._stalled(1))
             except WorkerDied as exc:
                 await self._must_work(worker)
+                if not exc.crashed:  # killed from outside (the OOM killer, an operator)
+                    results.append(FileUnavailable(f"the checking process was killed ({exc})"))
+                    continue
                 results.append(InvalidEvent(
                     Reason.NOT_PARQUET,
                     f"checking its files killed the checking process ({exc}): a file that "

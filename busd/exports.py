@@ -1,14 +1,10 @@
 """Golden exports (docs/reference/exports.md): Parquet files readers use, not the DuckDB file.
 
-Each file is written to a temporary name in the same folder, fsynced, renamed over the old
-one, and the folder fsynced: a reader sees the old file or the new one, never a partial one.
-``_manifest.json`` is written last. A refresh runs on its own DuckDB cursor inside one
-read transaction, so it sees one snapshot of the catalog while the writer keeps committing.
-
-A committed artifact whose file is later deleted or damaged must not stop the bus
-(docs/reference/daemon.md): the ``data."<name>"`` views leave out files that are gone or
-unreadable, and the exporter keeps count of them (checked at each refresh, and over every
-committed artifact now and then).
+Each file is replaced durably (:mod:`busd.durable`), ``_manifest.json`` last. A refresh runs on
+its own DuckDB cursor in one read transaction: one snapshot while the writer keeps committing.
+The ``data."<name>"`` views leave out committed files that are gone or unreadable, which are
+counted (at each refresh, and over every committed artifact now and then): a vanished file
+never stops the bus (docs/reference/daemon.md).
 """
 
 from __future__ import annotations
@@ -47,7 +43,6 @@ BUILTIN: tuple[ExportSettings, ...] = (
     ExportSettings(name="runs", sql="SELECT * FROM catalog.runs_d"),
     ExportSettings(name="artifacts", sql="SELECT * FROM catalog.artifacts_f"),
 )
-
 
 # With ``export_partition_seqs`` set: these exports are folders of part files, a part per
 # that many stream sequences of each row's first commit (``first_seq``).
@@ -145,6 +140,7 @@ class Exporter:
         self.cur.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false;"
                          " SET progress_bar_time = 0")
         self.files_written = 0  # export and part files replaced, ever
+        self.refreshing_since: float | None = None  # monotonic start of the refresh under way
         self.remove_leftovers()
 
     @classmethod
@@ -367,15 +363,19 @@ class Exporter:
 
         ``changed``: what the transactions since the last refresh changed; a partitioned
         export then rewrites only the parts holding those rows (None: all of them)."""
-        if self.sweep_due():
-            self.sweep()
-        for left in range(_PASSES - 1, -1, -1):
-            try:
-                return self._refresh_pass(names, changed)
-            except _DamagedFile as exc:
-                if not left:  # the export loop retries; what was found stays left out
-                    raise StorageError(f"export refresh failed: {exc}") from None
-        raise AssertionError("unreachable")
+        self.refreshing_since = time.monotonic()
+        try:
+            if self.sweep_due():
+                self.sweep()
+            for left in range(_PASSES - 1, -1, -1):
+                try:
+                    return self._refresh_pass(names, changed)
+                except _DamagedFile as exc:
+                    if not left:  # the export loop retries; what was found stays left out
+                        raise StorageError(f"export refresh failed: {exc}") from None
+            raise AssertionError("unreachable")
+        finally:
+            self.refreshing_since = None
 
     def _refresh_pass(self, names: Sequence[str], changed: Changed | None
                       ) -> tuple[list[ExportResult], int]:

@@ -43,8 +43,12 @@ def hit(point: str) -> None:
 
 
 def hit_for(point: str, key: str) -> None:
-    """``point`` armed as ``point:<text>``: SIGKILL when ``key`` contains ``<text>``."""
+    """``point`` armed as ``point:<text>``: a crash (SIGSEGV, as a file that breaks the
+    Parquet reader would cause; no core file) when ``key`` contains ``<text>``."""
     if not _loaded:
         _load()
     if _armed is not None and _armed.startswith(point + ":") and _armed[len(point) + 1:] in key:
-        os.kill(os.getpid(), signal.SIGKILL)
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.kill(os.getpid(), signal.SIGSEGV)

@@ -149,8 +149,11 @@ def _judge(fd: int, actual: str, st: os.stat_result, art: Artifact, checksum: Ch
     publishes before its file is complete, or storage that shows it late)."""
     try:
         return _check_file(fd, actual, st, art, checksum)
-    except OSError as exc:
-        raise _os_error(exc, art.name, actual) from None
+    except OSError as exc:  # the file is open: a failed read is the machine's, whatever errno
+        code = errno.errorcode.get(exc.errno or 0, "no errno")
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOENT):
+            raise _os_error(exc, art.name, actual) from None
+        raise FileUnavailable(f"{art.name}: {actual}: {exc.strerror or exc} ({code})") from None
     except InvalidEvent as exc:
         if settle_s <= 0 or exc.reason not in CONTENT_REASONS:
             raise
@@ -285,7 +288,11 @@ def _parquet_footer(fd: int, size: int, whole: bytes | None, name: str, path: st
         schema = meta.schema.to_arrow_schema()
         rows = int(meta.num_rows)
     except (pa.ArrowException, OSError, ValueError, IndexError, TypeError) as exc:
-        raise bad(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, pa.ArrowMemoryError) or "bad_alloc" in why:  # the machine's
+            raise FileUnavailable(f"{name}: {path}: out of memory reading its footer: {why}"
+                                  ) from None
+        raise bad(why) from None
     if rows < 0:  # a damaged footer can say so; artifacts_f.rows would record it
         raise bad(f"its footer says {rows} rows")
     columns_json, schema_hash = _columns(schema)

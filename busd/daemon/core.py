@@ -167,7 +167,6 @@ class Daemon:
             outcomes=lambda: dict(self.stats.outcomes), lease=self.lease,
             lease_ok=lambda renew: self._lease_ok(renew=renew), send=self._send,
             ack_late=lambda: self._ack_through(publisher.exported_generation),
-            record_exports=lambda: publisher.record_when_idle(self._committing()),
             recreate_consumer=self._recreate_consumer)
         await self.keeper.measure_lag()  # before ready: an alert must never see a lag of 0
         self.log.info("busd ready", stream=s.nats.stream, consumer=s.nats.consumer,
@@ -246,7 +245,7 @@ class Daemon:
                 await self._activate()
                 assert self.publisher is not None and self.keeper is not None
                 tg.start_soon(self.publisher.run, self._ack_through)
-                tg.start_soon(self.publisher.sweep_loop)
+                tg.start_soon(self.publisher.sweep_loop, self._committing)
                 tg.start_soon(self.keeper.run)
                 await self._fetch_loop()
                 await self._finish()
@@ -271,9 +270,12 @@ class Daemon:
                             self.folder.checker)
         await follower.start(await self._on_writer(self.catalog.catalog_seq))
         try:
-            leader = await follow_until_leader(self.lease, follower,
-                                               self.publisher.refresh_changed, self._alive,
-                                               lambda: self.stopping)
+            async with anyio.create_task_group() as pings:  # never waiting for a batch
+                pings.start_soon(self._ping_while_standby)
+                leader = await follow_until_leader(self.lease, follower,
+                                                   self.publisher.refresh_changed, self._alive,
+                                                   lambda: self.stopping)
+                pings.cancel_scope.cancel()
         finally:
             await follower.stop()
         if leader:
@@ -372,6 +374,11 @@ class Daemon:
         await source.redeclare_consumer(self.nc, self.settings)
         assert self.src is not None
         self.src.reset()
+
+    async def _ping_while_standby(self) -> None:
+        while True:
+            await anyio.sleep(min(1.0, self._ping_every_s))
+            self._alive()
 
     def _alive(self) -> None:
         """Ping systemd's watchdog at most once per half watchdog period, from the follow

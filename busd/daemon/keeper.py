@@ -1,9 +1,9 @@
 """The keeper: keep-alives that never wait for a batch.
 
-Three loops of their own: the systemd watchdog and the stall check (no network at all), the
-HA lease renewal, and the loop that needs NATS round trips (lag gauges, in-progress signals
-for everything in the in-flight ledger, acks that could not go out, ``STATUS=`` lines). A
-slow file check, commit, refresh or NATS call therefore delays none of them. A stall (a
+Loops of their own: the systemd watchdog and the stall check (no network at all), the HA
+lease renewal, in-progress signals for everything in the in-flight ledger (and acks that
+could not go out), and the lag gauges with the ``STATUS=`` line. None does catalog I/O, so a
+slow file check, commit, refresh, disk or NATS request delays none of the others. A stall (a
 backlog and, for ``consumer.stall_s``, no ack, no commit and no export refresh advancing)
 raises :class:`~busd.errors.Stalled`, which ends the daemon's task group.
 """
@@ -25,6 +25,8 @@ from busd.inflight import Ledger
 from busd.metrics import Metrics
 from busd.sdnotify import SdNotifier
 
+REFRESH_PATIENCE = 10  # a refresh that shows no progress counts as working this many stall_s
+
 
 @dataclass
 class Progress:
@@ -45,13 +47,12 @@ class Keeper:
                  lease: Lease | None, lease_ok: Callable[[bool], Awaitable[bool]],
                  send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
                  ack_late: Callable[[], Awaitable[None]],
-                 record_exports: Callable[[], Awaitable[None]],
                  recreate_consumer: Callable[[str], Awaitable[None]]) -> None:
         self.settings, self.nc, self.src = s, nc, src
         self.ledger, self.exporter, self.metrics, self.notify = ledger, exporter, metrics, notify
         self.progress, self.outcomes = progress, outcomes
         self.lease, self.lease_ok = lease, lease_ok
-        self.send, self.ack_late, self.record_exports = send, ack_late, record_exports
+        self.send, self.ack_late = send, ack_late
         self.recreate_consumer = recreate_consumer
         self.backlog = 0  # pending + ack pending, as last measured
         self._pinged_at = 0.0
@@ -62,7 +63,8 @@ class Keeper:
             tg.start_soon(self._watchdog_loop)
             if self.lease is not None:
                 tg.start_soon(self._lease_loop, self.lease)
-            tg.start_soon(self._nats_loop)
+            tg.start_soon(self._progress_loop)
+            tg.start_soon(self._lag_loop)
 
     def alive(self) -> None:
         """Ping systemd's watchdog, at most once per half watchdog period."""
@@ -88,8 +90,12 @@ class Keeper:
         while True:
             await anyio.sleep(min(1.0, self._ping_every_s))
             self.alive()
-            advanced = self.exporter.progress()  # a long refresh advancing is progress
-            if advanced != exported:
+            # a long refresh is progress while it advances (files written, query progress),
+            # and for up to REFRESH_PATIENCE stall periods while it runs at all: DuckDB gives
+            # no progress for some queries (a recursive CTE), or plateaus (a sort)
+            advanced, since = self.exporter.progress(), self.exporter.refreshing_since
+            if advanced != exported or (
+                    since is not None and time.monotonic() - since < REFRESH_PATIENCE * stall_s):
                 exported = advanced
                 self.progress.mark()
             if self.backlog == 0 and not self.ledger:
@@ -105,9 +111,27 @@ class Keeper:
             if lease.due():
                 await self.lease_ok(True)
 
-    async def _nats_loop(self) -> None:
+    async def _progress_loop(self) -> None:
+        """In-progress signals for everything in hand, and acks that could not go out: no
+        catalog I/O, no lag requests in the way, each send bounded in time."""
         every_s = self.settings.consumer.ack_wait_s / 3
         buffered_told = time.monotonic()
+        while True:
+            await anyio.sleep(min(1.0, every_s / 2))
+            if not self.nc.is_connected:
+                continue
+            now = time.monotonic()
+            replies = self.ledger.due_progress(now, every_s)
+            if now - buffered_told >= every_s:
+                buffered_told = now
+                replies += [d.reply for d in self.src.buffered()]
+            with anyio.move_on_after(every_s):
+                await self.send([(r, model.PROGRESS) for r in replies])
+            with anyio.move_on_after(every_s):
+                await self.ack_late()
+
+    async def _lag_loop(self) -> None:
+        """Lag gauges and the STATUS= line (NATS requests that may be slow)."""
         while True:
             await anyio.sleep(1.0)
             try:
@@ -116,16 +140,5 @@ class Keeper:
                 await self.recreate_consumer(str(exc))
             except Exception:  # noqa: BLE001 - NATS down: it reconnects
                 pass
-            await self.record_exports()
             self.notify.status_every(sdnotify.active_status(self.outcomes(),
                                                             *self.metrics.lag()))
-            if not self.nc.is_connected:
-                continue
-            await self.ack_late()
-            now = time.monotonic()
-            replies = self.ledger.due_progress(now, every_s)
-            if now - buffered_told >= every_s:
-                buffered_told = now
-                replies += [d.reply for d in self.src.buffered()]
-            with anyio.move_on_after(every_s):
-                await self.send([(r, model.PROGRESS) for r in replies])

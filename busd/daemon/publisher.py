@@ -136,11 +136,13 @@ class Publisher:
         changed, self._changed = self._changed, Changed()
         await self.refresh(self.exporter.due(touched), changed)
 
-    async def sweep_loop(self) -> None:
+    async def sweep_loop(self, committing: Callable[[], bool]) -> None:
         """Committed files that vanish are counted while no refresh runs, too (the check
-        shares the export thread and its lock, and never waits behind a refresh)."""
+        shares the export thread and its lock, and never waits behind a refresh); exports_d
+        rows no batch commit carried are recorded on their own."""
         while True:
             await anyio.sleep(1.0)
+            await self.record_when_idle(committing())
             if not self.exporter.sweep_due() or self._lock.locked():
                 continue
             try:
