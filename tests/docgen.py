@@ -569,9 +569,9 @@ MANIFEST_DOCS = {
 
 
 def manifest() -> str:
-    from busd import exports
+    from busd import manifest as exports
 
-    lines = [header("the Manifest structs of busd/exports.py"),
+    lines = [header("the Manifest structs of busd/manifest.py"),
              "# The exports manifest\n\n",
              f"`data/exports/{exports.MANIFEST}` is rewritten atomically after every refresh, "
              "last, after the export files it names: a reader that reads it first and then "
