@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Literal, get_args
 
-POINTS = ("after_decode", "during_validate", "after_commit", "during_export", "after_rename",
-          "before_ack", "after_ack", "after_lease_check")
-PAUSES = ("after_lease_check",)
+Point = Literal["after_decode", "during_validate", "after_commit", "during_export",
+                "after_rename", "before_ack", "after_ack", "after_lease_check"]
+POINTS: tuple[Point, ...] = get_args(Point)
+PAUSES: tuple[Point, ...] = ("after_lease_check",)
 
 _armed: str | None = None
 _skip = 0
@@ -30,7 +32,7 @@ def _load() -> None:
     _loaded = True
 
 
-def hit(point: str) -> None:
+def hit(point: Point) -> None:
     global _skip
     if not _loaded:
         _load()

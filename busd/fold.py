@@ -98,7 +98,7 @@ class Folder:
     def __init__(self, settings: Settings, store: Store, *, replay: bool = False,
                  quarantined: dict[int, str] | None = None,
                  checker: Checker | None = None) -> None:
-        self.s = settings
+        self.settings = settings
         self.store = store
         self.quarantined = quarantined or {}  # replay: poison decided by the live catalog
         self.replay = replay  # replaying history: no waiting for files, no poison
@@ -211,7 +211,7 @@ class Folder:
         payload_hash = ev.payload_sha256(d.data)
         item = Decided(d, None, event_id=ev.usable_msg_id(d.msg_id) or payload_hash,
                        producer=ev.producer_of(d.subject), payload_hash=payload_hash)
-        if not self.replay and d.delivered >= self.s.consumer.max_deliver - 1:
+        if not self.replay and d.delivered >= self.settings.consumer.max_deliver - 1:
             reject(item, Reason.POISON,
                    f"delivered {d.delivered} times without reaching an outcome")
             return item, None
@@ -261,9 +261,9 @@ class Folder:
         """Retry a file not there, not readable or still changing, with backoff until
         ``verify.file_wait_s``, then reject it for that reason."""
         waited_s = max(0.0, time.time() - item.d.published_ns / 1e9)
-        remaining_s = self.s.verify.file_wait_s - waited_s
+        remaining_s = self.settings.verify.file_wait_s - waited_s
         # keep two deliveries in reserve so a slow file never turns into `poison`
-        tries_left = self.s.consumer.max_deliver - 3 - item.d.delivered
+        tries_left = self.settings.consumer.max_deliver - 3 - item.d.delivered
         if self.replay or remaining_s <= 0 or tries_left <= 0:
             # no wall-clock figure in the detail: a replay must write the same words
             reject(item, exc.reason, exc.detail)
@@ -272,7 +272,7 @@ class Folder:
                                                 remaining_s / tries_left))
         if exc.reason in CONTENT_REASONS and item.d.delivered == 1:
             # a file that stops changing now is judged once settled, not a while later
-            item.nak_delay_s = min(item.nak_delay_s, self.s.verify.settle_s + 0.5)
+            item.nak_delay_s = min(item.nak_delay_s, self.settings.verify.settle_s + 0.5)
 
     async def _validate(self, items: Sequence[tuple[Decided, model.ArtifactEvent]]) -> Checks:
         """Each event's checked artifacts (or why they fail), by ``id`` of its item."""

@@ -82,14 +82,14 @@ class ArtifactBus:
 
     def __init__(self, settings: Settings, *, producer: str = "busd.submit",
                  prefix: str = "artifacts") -> None:
-        self.s = settings
+        self.settings = settings
         self.producer = producer
         self.prefix = prefix
         self.nc: Any = None
 
     async def __aenter__(self) -> ArtifactBus:
-        self.nc = await source.connect(self.s.nats, nats_url(self.s), name="busd-submit",
-                                       reconnect=False)
+        self.nc = await source.connect(self.settings.nats, nats_url(self.settings),
+                                       name="busd-submit", reconnect=False)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -115,7 +115,7 @@ class ArtifactBus:
 
     async def wait(self, seq: int, *, timeout_s: float = 60.0) -> dict[str, Any]:
         """Block until busd settled sequence ``seq``; raise Rejected or TimedOut."""
-        subject = model.subject(self.s.nats.consumer, "outcome")
+        subject = model.subject(self.settings.nats.consumer, "outcome")
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -27,7 +27,7 @@ class Follower:
     def __init__(self, s: Settings, nc: source.Client, store: Store,
                  commit: Callable[[Batch], Awaitable[None]], checker: Checker,
                  quarantined: dict[int, str] | None = None) -> None:
-        self.s, self.nc, self.store, self.commit = s, nc, store, commit
+        self.settings, self.nc, self.store, self.commit = s, nc, store, commit
         self.name = f"busd-standby-{uuid.uuid4().hex[:10]}"
         self.pull: source.PullSource | None = None
         self.folder = Folder(s, store, replay=True, checker=checker,
@@ -45,10 +45,10 @@ class Follower:
     async def start(self, after_seq: int) -> None:
         """Follow from the sequence after the last one our catalog holds."""
         self._held = []
-        await source.add_reader(self.nc, self.s.nats.stream, self.name, after_seq + 1,
+        await source.add_reader(self.nc, self.settings.nats.stream, self.name, after_seq + 1,
                                 idle_s=30.0)
         self.through = after_seq
-        self.pull = source.PullSource(self.nc, self.s.nats.stream, self.name)
+        self.pull = source.PullSource(self.nc, self.settings.nats.stream, self.name)
         await self.pull.start()
 
     async def step(self) -> tuple[int, set[str]]:
@@ -59,7 +59,7 @@ class Follower:
         busd, is decided by the active first and the standby follows that decision.
         Sequences the catalog already holds are skipped before their files are checked."""
         assert self.pull is not None
-        c = self.s.consumer
+        c = self.settings.consumer
         fetched: list[model.Delivery] = []
         if len(self._held) < c.batch_max:
             try:
@@ -97,14 +97,14 @@ class Follower:
         check the files of, a message the active quarantined: then the floor stays where it
         was, and nothing new is folded until both reads succeed in that order."""
         try:
-            floor = await source.ack_floor(self.nc, self.s)
+            floor = await source.ack_floor(self.nc, self.settings)
         except Exception:  # noqa: BLE001 - no durable consumer (yet), NATS down: not now
             return self.floor
         if floor <= self.floor:
             return self.floor  # nothing new settled: the poison list we hold covers it
         try:
-            answer = model.decode(await source.request(
-                self.nc, model.subject(self.s.nats.consumer, "poison"), b"{}", timeout_s=1.0))
+            subject = model.subject(self.settings.nats.consumer, "poison")
+            answer = model.decode(await source.request(self.nc, subject, b"{}", timeout_s=1.0))
         except Exception:  # noqa: BLE001 - the active does not answer: fold nothing new
             return self.floor
         if not isinstance(answer, dict) or "error" in answer:
@@ -116,7 +116,7 @@ class Follower:
         if self.pull is not None:
             await self.pull.stop()
         with contextlib.suppress(Exception):
-            await source.delete_consumer(self.nc, self.s.nats.stream, self.name)
+            await source.delete_consumer(self.nc, self.settings.nats.stream, self.name)
 
 
 async def follow_until_leader(lease: Lease, follower: Follower,
