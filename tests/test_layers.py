@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # ---- the rules, as data ------------------------------------------------------------------------
 # Base: types, settings, errors, logging; they import no other busd module but each other.
-BASE = ("busd.model", "busd.config", "busd.errors", "busd.log", "busd.sql", "busd.faults")
+BASE = ("busd.model", "busd.config", "busd.config_nats", "busd.errors", "busd.log", "busd.sql",
+        "busd.faults")
 # Base as well, as long as they import only base (else they are simply not base): leaves that
 # many layers share — systemd's notify socket, the in-flight ledger, durable file writes and
 # the exports' on-disk format (split out of exports.py; replay, orphans and the CLI read it).
@@ -255,8 +256,8 @@ def test_relative_import_in_a_package(tmp_path: Path) -> None:
 def test_base_importing_a_stage_is_reported(tmp_path: Path) -> None:
     root = write_tree(tmp_path, {"errors.py": "from busd.catalog import Catalog\n"})
     assert violations(root) == ["busd/errors.py:1 imports busd.catalog: the base layer imports "
-                                "only base (busd.config, busd.errors, busd.faults, busd.log, "
-                                "busd.model, busd.sql)"]
+                                "only base (busd.config, busd.config_nats, busd.errors, "
+                                "busd.faults, busd.log, busd.model, busd.sql)"]
 
 
 def test_base_if_pure(tmp_path: Path) -> None:
