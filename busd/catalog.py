@@ -89,52 +89,110 @@ _TS = pa.timestamp("us", tz="UTC")
 Columns = tuple[tuple[str, pa.DataType], ...]
 
 EVENT_COLUMNS: Columns = (
-    ("seq", pa.uint64()), ("event_id", pa.string()), ("payload_sha256", pa.string()),
-    ("subject", pa.string()), ("producer", pa.string()), ("run_id", pa.string()),
-    ("outcome", pa.string()), ("reason", pa.string()), ("n_artifacts", pa.int32()),
-    ("published_at", _TS), ("committed_at", _TS),
+    ("seq", pa.uint64()),
+    ("event_id", pa.string()),
+    ("payload_sha256", pa.string()),
+    ("subject", pa.string()),
+    ("producer", pa.string()),
+    ("run_id", pa.string()),
+    ("outcome", pa.string()),
+    ("reason", pa.string()),
+    ("n_artifacts", pa.int32()),
+    ("published_at", _TS),
+    ("committed_at", _TS),
 )
 REJECTION_COLUMNS: Columns = (
-    ("seq", pa.uint64()), ("subject", pa.string()), ("event_id", pa.string()),
-    ("reason", pa.string()), ("detail", pa.string()), ("payload", pa.binary()),
-    ("deliveries", pa.int32()), ("published_at", _TS), ("rejected_at", _TS),
+    ("seq", pa.uint64()),
+    ("subject", pa.string()),
+    ("event_id", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("payload", pa.binary()),
+    ("deliveries", pa.int32()),
+    ("published_at", _TS),
+    ("rejected_at", _TS),
 )
 ARTIFACT_LOG_COLUMNS: Columns = (
-    ("run_id", pa.string()), ("name", pa.string()), ("seq", pa.uint64()), ("path", pa.string()),
-    ("format", pa.string()), ("rows", pa.int64()), ("bytes", pa.int64()),
-    ("sha256", pa.string()), ("columns", pa.string()), ("schema_hash", pa.string()),
-    ("meta", pa.string()), ("event_id", pa.string()), ("published_at", _TS),
+    ("run_id", pa.string()),
+    ("name", pa.string()),
+    ("seq", pa.uint64()),
+    ("path", pa.string()),
+    ("format", pa.string()),
+    ("rows", pa.int64()),
+    ("bytes", pa.int64()),
+    ("sha256", pa.string()),
+    ("columns", pa.string()),
+    ("schema_hash", pa.string()),
+    ("meta", pa.string()),
+    ("event_id", pa.string()),
+    ("published_at", _TS),
     ("committed_at", _TS),
 )
 RUN_LOG_COLUMNS: Columns = (
-    ("seq", pa.uint64()), ("run_id", pa.string()), ("kind", pa.string()),
-    ("producer", pa.string()), ("status", pa.string()), ("started_at", _TS),
-    ("finished_at", _TS), ("params", pa.string()), ("code_version", pa.string()),
-    ("parent_run_id", pa.string()), ("published_at", _TS), ("event_id", pa.string()),
+    ("seq", pa.uint64()),
+    ("run_id", pa.string()),
+    ("kind", pa.string()),
+    ("producer", pa.string()),
+    ("status", pa.string()),
+    ("started_at", _TS),
+    ("finished_at", _TS),
+    ("params", pa.string()),
+    ("code_version", pa.string()),
+    ("parent_run_id", pa.string()),
+    ("published_at", _TS),
+    ("event_id", pa.string()),
 )
-_MERGED_COLUMNS: Columns = (("run_id", pa.string()), ("name", pa.string()),
-                           ("version", pa.int32()), ("first_seq", pa.uint64()))
+_MERGED_COLUMNS: Columns = (
+    ("run_id", pa.string()),
+    ("name", pa.string()),
+    ("version", pa.int32()),
+    ("first_seq", pa.uint64()),
+)
 DEMOTION_COLUMNS: Columns = (
-    ("seq", pa.uint64()), ("outcome", pa.string()), ("reason", pa.string()),
-    ("detail", pa.string()), ("payload", pa.binary()),
+    ("seq", pa.uint64()),
+    ("outcome", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("payload", pa.binary()),
 )
 
-_ARTIFACT_FIELDS = ("path", "format", "rows", "bytes", "sha256", "columns", "schema_hash",
-                    "meta", "event_id")
-_RUN_FIELDS = ("kind", "producer", "status", "started_at", "finished_at", "params",
-               "code_version", "parent_run_id")
+_ARTIFACT_FIELDS = (
+    "path",
+    "format",
+    "rows",
+    "bytes",
+    "sha256",
+    "columns",
+    "schema_hash",
+    "meta",
+    "event_id",
+)
+_RUN_FIELDS = (
+    "kind",
+    "producer",
+    "status",
+    "started_at",
+    "finished_at",
+    "params",
+    "code_version",
+    "parent_run_id",
+)
+
 
 def _higher(table: str, seq_col: str, columns: Sequence[str]) -> str:
     """SET items that keep, per column, the value of the row with the higher sequence."""
-    return ", ".join(f"{c} = CASE WHEN EXCLUDED.{seq_col} > {table}.{seq_col} "
-                     f"THEN EXCLUDED.{c} ELSE {table}.{c} END" for c in columns)
+    return ", ".join(
+        f"{c} = CASE WHEN EXCLUDED.{seq_col} > {table}.{seq_col} "
+        f"THEN EXCLUDED.{c} ELSE {table}.{c} END"
+        for c in columns
+    )
 
 
 # The usual path, incremental: merge the batch's rows per key into the derived tables (the
 # primary-key index finds the existing row; nothing scans the catalog).
 _MERGE_ARTIFACTS = f"""
     INSERT INTO catalog.artifacts_f
-    SELECT run_id, name, {', '.join(f'arg_max({c}, seq)' for c in _ARTIFACT_FIELDS)},
+    SELECT run_id, name, {", ".join(f"arg_max({c}, seq)" for c in _ARTIFACT_FIELDS)},
            max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq),
            min(seq)
     FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)
@@ -148,7 +206,7 @@ _MERGE_ARTIFACTS = f"""
 
 _MERGE_RUNS = f"""
     INSERT INTO catalog.runs_d
-    SELECT l.run_id, {', '.join(f'arg_max(l.{c}, l.seq)' for c in _RUN_FIELDS)},
+    SELECT l.run_id, {", ".join(f"arg_max(l.{c}, l.seq)" for c in _RUN_FIELDS)},
            coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
            arg_max(l.published_at, l.seq), arg_max(l.event_id, l.seq)
     FROM stage_runs l LEFT JOIN new_keys n USING (run_id)
@@ -166,7 +224,7 @@ _MERGE_RUNS = f"""
 # After a demotion (rare): recompute the affected keys from the logs.
 _DERIVE_ARTIFACTS = f"""
     INSERT INTO catalog.artifacts_f
-    SELECT run_id, name, {', '.join(f'arg_max({c}, seq)' for c in _ARTIFACT_FIELDS)},
+    SELECT run_id, name, {", ".join(f"arg_max({c}, seq)" for c in _ARTIFACT_FIELDS)},
            max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq),
            min(seq)
     FROM catalog.artifact_log SEMI JOIN touched_keys USING (run_id, name)
@@ -174,7 +232,7 @@ _DERIVE_ARTIFACTS = f"""
 
 _DERIVE_RUNS = f"""
     INSERT INTO catalog.runs_d
-    SELECT l.run_id, {', '.join(f'arg_max(l.{c}, l.seq)' for c in _RUN_FIELDS)},
+    SELECT l.run_id, {", ".join(f"arg_max(l.{c}, l.seq)" for c in _RUN_FIELDS)},
            coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
            arg_max(l.published_at, l.seq), arg_max(l.event_id, l.seq)
     FROM catalog.run_log l
@@ -187,8 +245,12 @@ _DERIVE_RUNS = f"""
 
 def to_arrow(rows: Sequence[tuple[Any, ...]], columns: Columns) -> pa.Table:
     cols = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
-    return pa.table({name: pa.array(values, type=typ)
-                     for (name, typ), values in zip(columns, cols, strict=True)})
+    return pa.table(
+        {
+            name: pa.array(values, type=typ)
+            for (name, typ), values in zip(columns, cols, strict=True)
+        }
+    )
 
 
 class Catalog:
@@ -236,13 +298,17 @@ class Catalog:
                 self.con.execute(MIGRATIONS[version])
                 self.con.execute(
                     "INSERT OR REPLACE INTO catalog.meta VALUES ('schema_version', ?)",
-                    [str(version)])
+                    [str(version)],
+                )
                 self.con.execute("COMMIT")
         return self.schema_version()
 
     def schema_version(self) -> int:
-        exists = first_row(self.con, "SELECT count(*) FROM information_schema.tables "
-                           "WHERE table_schema = 'catalog' AND table_name = 'meta'")
+        exists = first_row(
+            self.con,
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_schema = 'catalog' AND table_name = 'meta'",
+        )
         if not exists or not exists[0]:
             return 0
         row = first_row(self.con, "SELECT value FROM catalog.meta WHERE key = 'schema_version'")
@@ -260,14 +326,19 @@ class Catalog:
         row = first_row(self.con, "SELECT min(seq) FROM catalog.events_f WHERE seq > ?", [after])
         if not row or row[0] != after + 1:
             return after
-        row = first_row(self.con, """
+        row = first_row(
+            self.con,
+            """
             SELECT min(seq) FROM (SELECT seq, lead(seq) OVER (ORDER BY seq) AS next_seq
                                   FROM catalog.events_f WHERE seq > ?)
-            WHERE next_seq IS NULL OR next_seq > seq + 1""", [after])
+            WHERE next_seq IS NULL OR next_seq > seq + 1""",
+            [after],
+        )
         return int(row[0]) if row and row[0] is not None else after
 
-    def lookup(self, seqs: Sequence[int], event_ids: Iterable[str]
-               ) -> tuple[dict[int, Known], dict[str, Claim]]:
+    def lookup(
+        self, seqs: Sequence[int], event_ids: Iterable[str]
+    ) -> tuple[dict[int, Known], dict[str, Claim]]:
         """Outcomes already recorded for these sequences, and who holds these event ids."""
         return self.known(seqs), self.claims(event_ids)
 
@@ -276,7 +347,8 @@ class Catalog:
             return {}
         rows = self.con.execute(
             "SELECT seq, outcome, reason FROM catalog.events_f WHERE seq BETWEEN ? AND ?",
-            [min(seqs), max(seqs)]).fetchall()
+            [min(seqs), max(seqs)],
+        ).fetchall()
         wanted = set(seqs)
         return {int(s): Known(o, r) for s, o, r in rows if s in wanted}
 
@@ -287,14 +359,17 @@ class Catalog:
         rows = self.con.execute(
             "SELECT event_id, payload_sha256, seq FROM catalog.events_f "
             "WHERE outcome = 'committed' AND event_id IN (SELECT unnest(?::VARCHAR[]))",
-            [ids]).fetchall()
+            [ids],
+        ).fetchall()
         return {str(e): Claim(str(h), int(s)) for e, h, s in rows}
 
     def siblings(self, event_id: str, after_seq: int) -> list[Sibling]:
         rows = self.con.execute(
             "SELECT seq, payload_sha256, outcome, reason FROM catalog.events_f "
             "WHERE event_id = ? AND seq > ? AND (outcome IN ('committed', 'duplicate') "
-            "OR reason = 'event_id_conflict') ORDER BY seq", [event_id, after_seq]).fetchall()
+            "OR reason = 'event_id_conflict') ORDER BY seq",
+            [event_id, after_seq],
+        ).fetchall()
         return [Sibling(int(q), str(h), str(o), r) for q, h, o, r in rows]
 
     def commit(self, batch: Batch) -> Changed:
@@ -336,8 +411,11 @@ class Catalog:
         # A sequence below what the catalog holds (a file that appeared late, a redelivery)
         # can lower a key's first_seq: its row moves to a lower part of a partitioned
         # export and its old part must be rewritten too. Rare: then everything is.
-        row = first_row(con, "SELECT (SELECT min(seq) FROM stage_events) "
-                             "< (SELECT coalesce(max(seq), 0) FROM catalog.events_f)")
+        row = first_row(
+            con,
+            "SELECT (SELECT min(seq) FROM stage_events) "
+            "< (SELECT coalesce(max(seq), 0) FROM catalog.events_f)",
+        )
         late = bool(row and row[0])
         # Sequences already applied (a redelivery racing its own first delivery) are dropped
         # here, so nothing below ever counts one twice.
@@ -347,17 +425,28 @@ class Catalog:
             WHERE seq NOT IN (SELECT seq FROM catalog.events_f
                               WHERE seq BETWEEN (SELECT min(seq) FROM stage_events)
                                             AND (SELECT max(seq) FROM stage_events))""")
-        con.execute("INSERT INTO catalog.events_f SELECT * FROM stage_events "
-                    "WHERE seq IN (SELECT seq FROM fresh)")
-        con.execute("INSERT INTO catalog.rejections_f SELECT * FROM stage_rejections "
-                    "WHERE seq IN (SELECT seq FROM fresh)")
-        con.execute("INSERT INTO catalog.artifact_log SELECT * FROM stage_artifacts "
-                    "WHERE seq IN (SELECT seq FROM fresh)")
-        con.execute("INSERT INTO catalog.run_log SELECT * FROM stage_runs "
-                    "WHERE seq IN (SELECT seq FROM fresh)")
+        con.execute(
+            "INSERT INTO catalog.events_f SELECT * FROM stage_events "
+            "WHERE seq IN (SELECT seq FROM fresh)"
+        )
+        con.execute(
+            "INSERT INTO catalog.rejections_f SELECT * FROM stage_rejections "
+            "WHERE seq IN (SELECT seq FROM fresh)"
+        )
+        con.execute(
+            "INSERT INTO catalog.artifact_log SELECT * FROM stage_artifacts "
+            "WHERE seq IN (SELECT seq FROM fresh)"
+        )
+        con.execute(
+            "INSERT INTO catalog.run_log SELECT * FROM stage_runs "
+            "WHERE seq IN (SELECT seq FROM fresh)"
+        )
         # a batch of sequences all applied before changes nothing: exports stay fresh
-        con.execute("UPDATE catalog.meta SET value = (value::UBIGINT + 1)::VARCHAR "
-                    "WHERE key = ? AND EXISTS (SELECT 1 FROM fresh)", [COMMITS_KEY])
+        con.execute(
+            "UPDATE catalog.meta SET value = (value::UBIGINT + 1)::VARCHAR "
+            "WHERE key = ? AND EXISTS (SELECT 1 FROM fresh)",
+            [COMMITS_KEY],
+        )
         if demotions:
             con.execute("""
                 CREATE OR REPLACE TEMP TABLE touched_keys AS SELECT DISTINCT run_id, name
@@ -366,11 +455,14 @@ class Catalog:
                 CREATE OR REPLACE TEMP TABLE touched_runs AS SELECT DISTINCT run_id
                 FROM stage_runs WHERE seq IN (SELECT seq FROM fresh)""")
             self._demote()
-            con.execute("DELETE FROM catalog.artifacts_f a USING touched_keys t "
-                        "WHERE a.run_id = t.run_id AND a.name = t.name")
+            con.execute(
+                "DELETE FROM catalog.artifacts_f a USING touched_keys t "
+                "WHERE a.run_id = t.run_id AND a.name = t.name"
+            )
             con.execute(_DERIVE_ARTIFACTS)
-            con.execute("DELETE FROM catalog.runs_d "
-                        "WHERE run_id IN (SELECT run_id FROM touched_runs)")
+            con.execute(
+                "DELETE FROM catalog.runs_d WHERE run_id IN (SELECT run_id FROM touched_runs)"
+            )
             con.execute(_DERIVE_RUNS)
             return Changed(None, None)  # a key's first_seq may have changed, or it is gone
         # a key is new when its version is just this batch's count of it
@@ -400,8 +492,9 @@ class Catalog:
         con.execute("""
             INSERT INTO touched_runs SELECT DISTINCT run_id FROM catalog.run_log
             WHERE seq IN (SELECT seq FROM stage_demotions)""")
-        con.execute("DELETE FROM catalog.artifact_log "
-                    "WHERE seq IN (SELECT seq FROM stage_demotions)")
+        con.execute(
+            "DELETE FROM catalog.artifact_log WHERE seq IN (SELECT seq FROM stage_demotions)"
+        )
         con.execute("DELETE FROM catalog.run_log WHERE seq IN (SELECT seq FROM stage_demotions)")
         con.execute("""
             UPDATE catalog.events_f SET outcome = d.outcome, reason = d.reason
@@ -410,8 +503,9 @@ class Catalog:
             CREATE OR REPLACE TEMP TABLE kept_payloads AS
             SELECT seq, payload FROM catalog.rejections_f
             WHERE seq IN (SELECT seq FROM stage_demotions)""")
-        con.execute("DELETE FROM catalog.rejections_f "
-                    "WHERE seq IN (SELECT seq FROM stage_demotions)")
+        con.execute(
+            "DELETE FROM catalog.rejections_f WHERE seq IN (SELECT seq FROM stage_demotions)"
+        )
         con.execute("""
             INSERT INTO catalog.rejections_f
             SELECT e.seq, e.subject, e.event_id, d.reason, d.detail,

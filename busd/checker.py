@@ -43,8 +43,12 @@ _START_S = 30.0  # a fresh worker imports pyarrow, then says it is ready
 _KILL_WAIT_S = 5.0  # a killed worker stuck in the kernel is left behind after this
 
 
-def check_one(artifacts: Sequence[Artifact], roots: Sequence[Path], checksum: ChecksumPolicy,
-              settle_s: float = 0.0) -> Result:
+def check_one(
+    artifacts: Sequence[Artifact],
+    roots: Sequence[Path],
+    checksum: ChecksumPolicy,
+    settle_s: float = 0.0,
+) -> Result:
     """One event's artifacts, or why they fail (permanently, for now, or by the machine)."""
     try:
         return check_artifacts(artifacts, roots, checksum, settle_s)
@@ -53,12 +57,17 @@ def check_one(artifacts: Sequence[Artifact], roots: Sequence[Path], checksum: Ch
     except (OSError, MemoryError) as exc:  # the machine, not the file: check again later
         return FileUnavailable(f"could not be checked: {type(exc).__name__}: {exc}")
     except (ValueError, RuntimeError) as exc:  # odd paths
-        return InvalidEvent(Reason.NOT_PARQUET,
-                            f"could not be checked: {type(exc).__name__}: {exc}")
+        return InvalidEvent(
+            Reason.NOT_PARQUET, f"could not be checked: {type(exc).__name__}: {exc}"
+        )
 
 
-def check_all(events: Sequence[Sequence[Artifact]], roots: Sequence[Path],
-              checksum: ChecksumPolicy, settle_s: float = 0.0) -> list[Result]:
+def check_all(
+    events: Sequence[Sequence[Artifact]],
+    roots: Sequence[Path],
+    checksum: ChecksumPolicy,
+    settle_s: float = 0.0,
+) -> list[Result]:
     """Check each event's artifacts; an event's result is its artifacts or why it failed."""
     return [check_one(artifacts, roots, checksum, settle_s) for artifacts in events]
 
@@ -115,14 +124,19 @@ def _with_meta(result: Result, artifacts: Sequence[Artifact]) -> Result:
     """Put back each artifact's ``meta`` (as JSON), which workers are not sent."""
     if not isinstance(result, list) or all(a.meta is None for a in artifacts):
         return result
-    return [msgspec.structs.replace(checked, meta=None if art.meta is None
-                                    else msgspec.json.encode(art.meta).decode())
-            for checked, art in zip(result, artifacts, strict=True)]
+    return [
+        msgspec.structs.replace(
+            checked, meta=None if art.meta is None else msgspec.json.encode(art.meta).decode()
+        )
+        for checked, art in zip(result, artifacts, strict=True)
+    ]
 
 
 def _timed_out(timeout_s: float) -> FileUnavailable:
-    return FileUnavailable(f"checking its files took longer than {timeout_s:g}s "
-                           "(verify.check_timeout_s): a stalled read?")
+    return FileUnavailable(
+        f"checking its files took longer than {timeout_s:g}s "
+        "(verify.check_timeout_s): a stalled read?"
+    )
 
 
 def _frame(payload: bytes) -> bytes:
@@ -154,8 +168,16 @@ def worker_main() -> None:  # pragma: no cover - runs in the worker process
         items: list[_Answer] = []
         sent_at = time.monotonic()
         for artifacts in req.events:
-            items.append(_to_wire(check_one(artifacts, roots, req.checksum,  # type: ignore[arg-type]
-                                            req.settle_s)))
+            items.append(
+                _to_wire(
+                    check_one(
+                        artifacts,
+                        roots,
+                        req.checksum,  # type: ignore[arg-type]
+                        req.settle_s,
+                    )
+                )
+            )
             if time.monotonic() - sent_at >= _FLUSH_S:
                 send(items)
                 items, sent_at = [], time.monotonic()
@@ -174,8 +196,7 @@ class WorkerDied(Exception):
 
 
 # what a process dies of when the code it runs crashes (a file that breaks the reader)
-_CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL,
-                      signal.SIGFPE})
+_CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE})
 
 
 def _crash_signal(returncode: int | None) -> bool:
@@ -203,8 +224,13 @@ class _Worker:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "busd.checker", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, limit=1 << 26)
+            sys.executable,
+            "-m",
+            "busd.checker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 26,
+        )
         self.fresh = True
 
     @staticmethod
@@ -216,8 +242,14 @@ class _Worker:
         if self.proc is None or self.proc.returncode is not None:
             await self.start()
 
-    async def ask(self, request: bytes, count: int, timeout_s: float, *,
-                  pace: Callable[[int, float], None] | None = None) -> list[_Answer]:
+    async def ask(
+        self,
+        request: bytes,
+        count: int,
+        timeout_s: float,
+        *,
+        pace: Callable[[int, float], None] | None = None,
+    ) -> list[_Answer]:
         """One request, its ``count`` answers; each frame of them must come within
         ``timeout_s``. ``pace(events, seconds)`` learns how long it took."""
         async with self.lock:
@@ -245,8 +277,11 @@ class _Worker:
                 raise WorkerStalled(answers) from None
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 await self._reap()
-                raise WorkerDied(f"exit status {proc.returncode}", answers,
-                                 crashed=_crash_signal(proc.returncode)) from exc
+                raise WorkerDied(
+                    f"exit status {proc.returncode}",
+                    answers,
+                    crashed=_crash_signal(proc.returncode),
+                ) from exc
             except asyncio.CancelledError:
                 # its answer would be read by the next request: this worker is done
                 self.proc = None
@@ -287,8 +322,13 @@ class _ThreadJob:
     """Checks on a daemon thread of its own: one stuck in a read can be left behind (it
     stops after that read), and never holds up busd's exit."""
 
-    def __init__(self, events: Sequence[Sequence[Artifact]], roots: Sequence[Path],
-                 checksum: ChecksumPolicy, settle_s: float) -> None:
+    def __init__(
+        self,
+        events: Sequence[Sequence[Artifact]],
+        roots: Sequence[Path],
+        checksum: ChecksumPolicy,
+        settle_s: float,
+    ) -> None:
         self.events, self.roots, self.checksum, self.settle_s = events, roots, checksum, settle_s
         self.results: list[Result] = []
         self.last = time.monotonic()  # when the last check finished
@@ -304,8 +344,7 @@ class _ThreadJob:
             for artifacts in self.events:
                 if self.abandoned:
                     return
-                self.results.append(check_one(artifacts, self.roots, self.checksum,
-                                              self.settle_s))
+                self.results.append(check_one(artifacts, self.roots, self.checksum, self.settle_s))
                 self.last = time.monotonic()
         finally:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -318,9 +357,16 @@ class Checker:
     progress for ``timeout_s`` is given up (its worker killed, its thread left behind): its
     event gets FileUnavailable, the others are checked on."""
 
-    def __init__(self, roots: Sequence[Path], checksum: ChecksumPolicy, *,
-                 processes: int, threads: int, settle_s: float = 0.0,
-                 timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        roots: Sequence[Path],
+        checksum: ChecksumPolicy,
+        *,
+        processes: int,
+        threads: int,
+        settle_s: float = 0.0,
+        timeout_s: float = 30.0,
+    ) -> None:
         self.roots = list(roots)
         self.checksum = checksum
         self.threads = threads
@@ -353,47 +399,61 @@ class Checker:
         if not self._workers:
             return await self._on_threads(events)
         n = max(1, min(len(self._workers), len(events) // _CHUNK_MIN))
-        parts = await asyncio.gather(*(self._on_worker(self._workers[i], part)
-                                       for i, part in enumerate(_slices(events, n))))
+        parts = await asyncio.gather(
+            *(self._on_worker(self._workers[i], part) for i, part in enumerate(_slices(events, n)))
+        )
         return [r for part in parts for r in part]
 
     def _request(self, events: Sequence[Sequence[Artifact]]) -> bytes:
         # without meta: the checks never read it, and JSON allows integers msgpack does not
         bare = [[Artifact(a.name, a.path, a.rows, a.bytes, a.sha256) for a in e] for e in events]
-        return _frame(_encoder.encode(_Request([str(r) for r in self.roots], self.checksum,
-                                               self.settle_s, bare)))
+        return _frame(
+            _encoder.encode(
+                _Request([str(r) for r in self.roots], self.checksum, self.settle_s, bare)
+            )
+        )
 
     def _stalled(self, events: int) -> FileUnavailable:
-        log.get().warning("a file check made no progress; its event is checked again later",
-                          timeout_s=self.timeout_s, events_in_request=events)
+        log.get().warning(
+            "a file check made no progress; its event is checked again later",
+            timeout_s=self.timeout_s,
+            events_in_request=events,
+        )
         return _timed_out(self.timeout_s)
 
-    async def _on_worker(self, worker: _Worker, events: Sequence[Sequence[Artifact]]
-                         ) -> list[Result]:
+    async def _on_worker(
+        self, worker: _Worker, events: Sequence[Sequence[Artifact]]
+    ) -> list[Result]:
         results: list[Result] = []
 
         def take(answers: list[_Answer]) -> None:
-            done = events[len(results):len(results) + len(answers)]
-            results.extend(_with_meta(_from_wire(a), e) for a, e in zip(answers, done,
-                                                                        strict=True))
+            done = events[len(results) : len(results) + len(answers)]
+            results.extend(_with_meta(_from_wire(a), e) for a, e in zip(answers, done, strict=True))
 
         while len(results) < len(events):
-            rest = events[len(results):]
+            rest = events[len(results) :]
             try:
-                take(await worker.ask(self._request(rest), len(rest), self.timeout_s,
-                                      pace=self._pace))
+                take(
+                    await worker.ask(
+                        self._request(rest), len(rest), self.timeout_s, pace=self._pace
+                    )
+                )
             except WorkerStalled as exc:  # the event after its answers hung: the rest go on
                 take(exc.answers)
                 results.append(self._stalled(len(rest)))
             except WorkerDied as exc:
                 take(exc.answers)
-                log.get().warning("a file-check worker died; checking its events one at a time",
-                                  events=len(events) - len(results), worker=str(exc))
-                results += await self._one_at_a_time(worker, events[len(results):])
+                log.get().warning(
+                    "a file-check worker died; checking its events one at a time",
+                    events=len(events) - len(results),
+                    worker=str(exc),
+                )
+                results += await self._one_at_a_time(worker, events[len(results) :])
         return results
 
-    async def _one_at_a_time(self, worker: _Worker, events: Sequence[Sequence[Artifact]]
-                             ) -> list[Result]:
+    async def _one_at_a_time(
+        self, worker: _Worker, events: Sequence[Sequence[Artifact]]
+    ) -> list[Result]:
         """Each event alone, so the one that kills a worker again is known — provided a
         fresh worker can work at all; if not, nothing is decided (and nothing acked)."""
         await self._must_work(worker)
@@ -409,10 +469,13 @@ class Checker:
                 if not exc.crashed:  # killed from outside (the OOM killer, an operator)
                     results.append(FileUnavailable(f"the checking process was killed ({exc})"))
                     continue
-                results.append(InvalidEvent(
-                    Reason.NOT_PARQUET,
-                    f"checking its files killed the checking process ({exc}): a file that "
-                    "crashes the Parquet reader?"))
+                results.append(
+                    InvalidEvent(
+                        Reason.NOT_PARQUET,
+                        f"checking its files killed the checking process ({exc}): a file that "
+                        "crashes the Parquet reader?",
+                    )
+                )
         return results
 
     async def _must_work(self, worker: _Worker) -> None:
@@ -420,8 +483,9 @@ class Checker:
         try:
             await worker.ask(self._request([]), 0, self.timeout_s)
         except (WorkerDied, WorkerStalled) as exc:
-            raise TransientError(f"file-check workers cannot run ({exc}); see their "
-                                 "errors above") from None
+            raise TransientError(
+                f"file-check workers cannot run ({exc}); see their errors above"
+            ) from None
 
     async def _on_threads(self, events: Sequence[Sequence[Artifact]]) -> list[Result]:
         if self._slots is None:
@@ -434,7 +498,7 @@ class Checker:
         assert self._slots is not None
         results: list[Result] = []
         while len(results) < len(events):
-            rest = events[len(results):]
+            rest = events[len(results) :]
             async with self._slots:  # a job left behind gives its slot back
                 job = _ThreadJob(rest, self.roots, self.checksum, self.settle_s)
                 job.start()
@@ -447,7 +511,7 @@ class Checker:
                             await asyncio.wait_for(job.done.wait(), left_s)
                 finally:
                     job.abandoned = not job.done.is_set()
-                got = list(job.results[:len(rest)])
+                got = list(job.results[: len(rest)])
             results += got
             if job.abandoned and len(got) < len(rest):
                 results.append(self._stalled(len(rest)))
@@ -457,7 +521,7 @@ class Checker:
 def _slices(items: Sequence[Sequence[Artifact]], n: int) -> list[Sequence[Sequence[Artifact]]]:
     """``n`` contiguous slices of about equal size (results are joined back in order)."""
     size = -(-len(items) // n)
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 if __name__ == "__main__":  # pragma: no cover

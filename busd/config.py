@@ -117,8 +117,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 _SECTIONS: dict[str, type[msgspec.Struct]] = {
-    "nats": NatsSettings, "consumer": ConsumerSettings, "verify": VerifySettings,
-    "metrics": MetricsSettings, "ha": HaSettings}
+    "nats": NatsSettings,
+    "consumer": ConsumerSettings,
+    "verify": VerifySettings,
+    "metrics": MetricsSettings,
+    "ha": HaSettings,
+}
 _TOP_LEVEL = ("data_dir", "artifact_roots", "log_format", "export_partition_seqs")
 
 
@@ -132,7 +136,7 @@ def _key_type(rest: str) -> tuple[str, Any] | None:
     for section, struct in _SECTIONS.items():
         if rest.startswith(section + "_"):
             fields = {f.name: f.type for f in msgspec.structs.fields(struct)}
-            key = rest[len(section) + 1:]
+            key = rest[len(section) + 1 :]
             return (f"{section}.{key}", fields[key]) if key in fields else None
     if rest in _TOP_LEVEL:
         fields = {f.name: f.type for f in msgspec.structs.fields(Settings)}
@@ -153,7 +157,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for name, raw in sorted(env.items()):
         if not name.startswith("BUSD_") or name == "BUSD_CONFIG" or name.startswith("BUSD_TEST_"):
             continue
-        rest = name[len("BUSD_"):].lower()
+        rest = name[len("BUSD_") :].lower()
         found = _key_type(rest)
         from_file = found is None and rest.endswith("_file")
         if from_file:
@@ -162,18 +166,21 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
             unknown = rest.removesuffix("_file") if from_file else rest
             for section in _SECTIONS:
                 if unknown.startswith(section + "_"):
-                    unknown = f"{section}.{unknown[len(section) + 1:]}"
+                    unknown = f"{section}.{unknown[len(section) + 1 :]}"
                     break
             raise ConfigError(f"environment variable {name}: unknown key {unknown}")
         key, kind = found
         if key in given:
-            raise ConfigError(f"environment variables {given[key]} and {name} both set {key}: "
-                              "use one")
+            raise ConfigError(
+                f"environment variables {given[key]} and {name} both set {key}: use one"
+            )
         given[key] = name
         if from_file:
             if key in _PATH_KEYS:
-                raise ConfigError(f"environment variable {name}: {key} is already a file's "
-                                  f"path; set {name.removesuffix('_FILE')} to it")
+                raise ConfigError(
+                    f"environment variable {name}: {key} is already a file's "
+                    f"path; set {name.removesuffix('_FILE')} to it"
+                )
             raw = read_secret(Path(raw), f"environment variable {name}")
         _put(out, key, _env_value(raw, kind, name))
     return out
@@ -189,8 +196,9 @@ def _credentials(env: Mapping[str, str]) -> dict[str, Any]:
     try:
         names = sorted(p.name for p in Path(folder).iterdir())
     except OSError as exc:
-        raise ConfigError(f"CREDENTIALS_DIRECTORY={folder}: cannot list it: "
-                          f"{exc.strerror or exc}") from None
+        raise ConfigError(
+            f"CREDENTIALS_DIRECTORY={folder}: cannot list it: {exc.strerror or exc}"
+        ) from None
     out: dict[str, Any] = {}
     for file_name in names:
         found = _key_type(file_name.replace(".", "_", 1)) if file_name.count(".") <= 1 else None
@@ -311,8 +319,9 @@ def _check(s: Settings, where: str) -> None:  # noqa: C901 - one flat check per 
     if not 3 <= c.max_deliver <= 100:
         raise bad("consumer.max_deliver", "must be between 3 and 100")
     if c.max_ack_pending < c.commit_max + c.batch_max:
-        raise bad("consumer.max_ack_pending",
-                  "must be at least consumer.commit_max + consumer.batch_max")
+        raise bad(
+            "consumer.max_ack_pending", "must be at least consumer.commit_max + consumer.batch_max"
+        )
     if c.stall_s <= 0:
         raise bad("consumer.stall_s", "must be positive")
     if c.shutdown_grace_s <= 0:
@@ -372,7 +381,8 @@ def is_nkey_seed(value: str) -> bool:
 
 
 def _check_nats_auth(  # noqa: C901 - one flat check per auth option
-        n: NatsSettings, bad: Callable[[str, str], ConfigError]) -> None:
+    n: NatsSettings, bad: Callable[[str, str], ConfigError]
+) -> None:
     """Files the credentials name must be readable now, not at the first connect; secrets are
     never echoed in the messages, paths are."""
 
@@ -395,8 +405,10 @@ def _check_nats_auth(  # noqa: C901 - one flat check per auth option
         text = readable("nats.creds", n.creds)
         # nats-py reads a file without these markers forever instead of failing.
         if "BEGIN NATS USER JWT" not in text or "BEGIN USER NKEY SEED" not in text:
-            raise bad("nats.creds", f"{n.creds} is not a NATS credentials file "
-                                    "(a user JWT and its nkey seed)")
+            raise bad(
+                "nats.creds",
+                f"{n.creds} is not a NATS credentials file (a user JWT and its nkey seed)",
+            )
     if n.nkey_seed:
         value = n.nkey_seed.strip()
         if is_nkey_seed(value):
@@ -412,8 +424,11 @@ def _check_nats_auth(  # noqa: C901 - one flat check per auth option
             raise bad("nats.nkey_seed", "must be a user nkey seed (SU...), not another kind")
     if n.tls_key and not n.tls_cert:
         raise bad("nats.tls_key", "needs nats.tls_cert")
-    for key, path in (("nats.tls_ca", n.tls_ca), ("nats.tls_cert", n.tls_cert),
-                      ("nats.tls_key", n.tls_key)):
+    for key, path in (
+        ("nats.tls_ca", n.tls_ca),
+        ("nats.tls_cert", n.tls_cert),
+        ("nats.tls_key", n.tls_key),
+    ):
         if path:
             readable(key, path)
 
@@ -423,8 +438,11 @@ _SUBJECT_PREFIX = re.compile(r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")  # no wil
 
 def _check_nats_names(n: NatsSettings, bad: Callable[[str, str], ConfigError]) -> None:
     if not _SUBJECT_PREFIX.match(n.inbox_prefix):
-        raise bad("nats.inbox_prefix", f"{n.inbox_prefix!r} is not a subject prefix "
-                                       "(tokens of letters, digits, _, - and $, no wildcards)")
+        raise bad(
+            "nats.inbox_prefix",
+            f"{n.inbox_prefix!r} is not a subject prefix "
+            "(tokens of letters, digits, _, - and $, no wildcards)",
+        )
     if n.js_domain and not re.match(r"^[A-Za-z0-9_-]{1,64}$", n.js_domain):
         raise bad("nats.js_domain", f"{n.js_domain!r}: letters, digits, _ and - only")
     if n.js_api_prefix and not _SUBJECT_PREFIX.match(n.js_api_prefix):
@@ -437,8 +455,9 @@ def _check_nats_names(n: NatsSettings, bad: Callable[[str, str], ConfigError]) -
 
 def parse_hostport(text: str, key: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` → (host, port); a ConfigError naming ``key`` otherwise."""
-    match = (re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text)
-             or re.match(r"^([^:\[\]]+):(\d+)$", text))
+    match = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(
+        r"^([^:\[\]]+):(\d+)$", text
+    )
     if not match:
         raise ConfigError(f"bad value for {key}: {text!r} is not host:port")
     port = int(match.group(2))

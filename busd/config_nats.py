@@ -35,14 +35,31 @@ def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 # Precedence, lowest first: defaults < nats context < busd.toml < NATS_* < systemd credentials
 # < BUSD_* < flags (docs/reference/configuration.md says why).
 NATS_ENV: dict[str, str] = {  # the variables the nats CLI reads, as busd keys
-    "NATS_URL": "url", "NATS_CREDS": "creds", "NATS_NKEY": "nkey_seed", "NATS_USER": "user",
-    "NATS_PASSWORD": "password", "NATS_CA": "tls_ca", "NATS_CERT": "tls_cert",
-    "NATS_KEY": "tls_key", "NATS_CONTEXT": "context", "NATS_JSDOMAIN": "js_domain"}
+    "NATS_URL": "url",
+    "NATS_CREDS": "creds",
+    "NATS_NKEY": "nkey_seed",
+    "NATS_USER": "user",
+    "NATS_PASSWORD": "password",
+    "NATS_CA": "tls_ca",
+    "NATS_CERT": "tls_cert",
+    "NATS_KEY": "tls_key",
+    "NATS_CONTEXT": "context",
+    "NATS_JSDOMAIN": "js_domain",
+}
 CONTEXT_KEYS: dict[str, str] = {  # a nats CLI context file's keys, as busd keys
-    "url": "url", "creds": "creds", "nkey": "nkey_seed", "user": "user", "password": "password",
-    "token": "token", "ca": "tls_ca", "cert": "tls_cert", "key": "tls_key",
-    "jetstream_domain": "js_domain", "jetstream_api_prefix": "js_api_prefix",
-    "inbox_prefix": "inbox_prefix"}
+    "url": "url",
+    "creds": "creds",
+    "nkey": "nkey_seed",
+    "user": "user",
+    "password": "password",
+    "token": "token",
+    "ca": "tls_ca",
+    "cert": "tls_cert",
+    "key": "tls_key",
+    "jetstream_domain": "js_domain",
+    "jetstream_api_prefix": "js_api_prefix",
+    "inbox_prefix": "inbox_prefix",
+}
 _FILE_KEYS = frozenset({"creds", "nkey_seed", "tls_ca", "tls_cert", "tls_key"})
 # One way of authenticating per layer: a layer that names one replaces a lower layer's other.
 _AUTH_METHODS = ({"creds"}, {"nkey_seed"}, {"user", "password"}, {"token"})
@@ -84,8 +101,9 @@ def context_layer(name: str, chosen_by: str, env: Mapping[str, str]) -> dict[str
     folder = nats_config_dir(env)
     path = folder / "context" / f"{name}.json" if folder else None
     if path is None or not path.is_file():
-        raise ConfigError(f"{what}: no such context"
-                          + (f" ({path} does not exist)" if path else " (no HOME)"))
+        raise ConfigError(
+            f"{what}: no such context" + (f" ({path} does not exist)" if path else " (no HOME)")
+        )
     try:
         data = json.loads(read_secret(path, what))
     except json.JSONDecodeError as exc:
@@ -114,6 +132,5 @@ def layered(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
         for method in _AUTH_METHODS:
             if method & set(given):
                 others = set().union(*(m for m in _AUTH_METHODS if m is not method))
-                base = {**base, "nats": {k: v for k, v in base["nats"].items()
-                                         if k not in others}}
+                base = {**base, "nats": {k: v for k, v in base["nats"].items() if k not in others}}
     return merge(base, over)

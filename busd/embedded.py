@@ -43,8 +43,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def server_config(host: str, port: int, store_dir: Path, extra: str = "",
-                  jetstream_extra: str = "") -> str:
+def server_config(
+    host: str, port: int, store_dir: Path, extra: str = "", jetstream_extra: str = ""
+) -> str:
     """``extra``: more top-level settings; ``jetstream_extra``: more of the jetstream block
     (``domain: hub`` for a JetStream domain)."""
     listen = f"[{host}]" if ":" in host else host
@@ -64,8 +65,15 @@ def _q(path: Path) -> str:
 class EmbeddedServer:
     """A child ``nats-server`` process; ``start`` waits until it accepts clients."""
 
-    def __init__(self, host: str, port: int, store_dir: Path, *, extra_config: str = "",
-                 jetstream_config: str = "") -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        store_dir: Path,
+        *,
+        extra_config: str = "",
+        jetstream_config: str = "",
+    ) -> None:
         if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
             raise ConfigError(f"bad value for nats.embedded_listen: {host} is not loopback")
         self.host = host
@@ -86,15 +94,19 @@ class EmbeddedServer:
     def start(self, timeout_s: float = 20.0) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
-        conf.write_text(server_config(self.host, self.port, self.store_dir, self.extra_config,
-                                     self.jetstream_config))
+        conf.write_text(
+            server_config(
+                self.host, self.port, self.store_dir, self.extra_config, self.jetstream_config
+            )
+        )
         self.proc = subprocess.Popen(
             [server_binary(), "-c", str(conf)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-        self._reader = threading.Thread(target=self._read_log, name="nats-server-log",
-                                        daemon=True)
+        self._reader = threading.Thread(target=self._read_log, name="nats-server-log", daemon=True)
         self._reader.start()
         deadline = time.monotonic() + timeout_s
         while not self._ready.wait(0.05):

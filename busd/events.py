@@ -60,12 +60,18 @@ def decode(payload: bytes) -> ArtifactEvent:
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:  # incl. bad UTF-8
         raise InvalidEvent(Reason.MALFORMED, f"not a JSON object: {exc}") from None
     if event.schema_version != SCHEMA_VERSION:
-        raise InvalidEvent(Reason.UNSUPPORTED_VERSION,
-                           f"schema_version {event.schema_version} (busd reads {SCHEMA_VERSION})")
+        raise InvalidEvent(
+            Reason.UNSUPPORTED_VERSION,
+            f"schema_version {event.schema_version} (busd reads {SCHEMA_VERSION})",
+        )
     run = event.run
-    for where, text in (("event_id", event.event_id), ("producer", event.producer),
-                        ("run.run_id", run.run_id), ("run.kind", run.kind),
-                        ("run.parent_run_id", run.parent_run_id)):
+    for where, text in (
+        ("event_id", event.event_id),
+        ("producer", event.producer),
+        ("run.run_id", run.run_id),
+        ("run.kind", run.kind),
+        ("run.parent_run_id", run.parent_run_id),
+    ):
         if text is not None and text.endswith("\n"):
             raise _newline(f"$.{where}")
     seen: set[str] = set()
@@ -99,12 +105,14 @@ def _explain(payload: bytes, message: str) -> InvalidEvent:
         return InvalidEvent(Reason.MALFORMED, f"not a JSON object but {type(loose).__name__}")
     version = loose.get("schema_version")
     if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
-        return InvalidEvent(Reason.UNSUPPORTED_VERSION,
-                            f"schema_version {version} (busd reads {SCHEMA_VERSION})")
+        return InvalidEvent(
+            Reason.UNSUPPORTED_VERSION, f"schema_version {version} (busd reads {SCHEMA_VERSION})"
+        )
     artifacts = loose.get("artifacts")
     if isinstance(artifacts, list) and len(artifacts) > MAX_ARTIFACTS:
-        return InvalidEvent(Reason.TOO_LARGE,
-                            f"{len(artifacts)} artifacts (at most {MAX_ARTIFACTS})")
+        return InvalidEvent(
+            Reason.TOO_LARGE, f"{len(artifacts)} artifacts (at most {MAX_ARTIFACTS})"
+        )
     return InvalidEvent(Reason.SCHEMA, message)
 
 
@@ -124,9 +132,10 @@ def resolve_identity(
     """Return (event_id, producer) for an event, checking the producer against the subject."""
     producer = producer_of(subject)
     if event.producer is not None and event.producer != producer:
-        raise InvalidEvent(Reason.PRODUCER_MISMATCH,
-                           f"event says producer {event.producer!r}, subject {subject!r} "
-                           f"says {producer!r}")
+        raise InvalidEvent(
+            Reason.PRODUCER_MISMATCH,
+            f"event says producer {event.producer!r}, subject {subject!r} says {producer!r}",
+        )
     event_id = event.event_id or usable_msg_id(msg_id) or payload_hash
     return event_id, producer
 

@@ -109,8 +109,14 @@ def data_names(sql: str) -> set[str]:
 class Exporter:
     """Refreshes exports from a cursor of the catalog's database (its own thread)."""
 
-    def __init__(self, cursor: duckdb.DuckDBPyConnection, folder: Path,
-                 configured: Sequence[ExportSettings], *, partition_seqs: int = 0) -> None:
+    def __init__(
+        self,
+        cursor: duckdb.DuckDBPyConnection,
+        folder: Path,
+        configured: Sequence[ExportSettings],
+        *,
+        partition_seqs: int = 0,
+    ) -> None:
         self.cur = cursor
         self.folder = folder
         self.partition_seqs = partition_seqs
@@ -119,8 +125,9 @@ class Exporter:
         self._whole_next = set(PARTITIONABLE) if partition_seqs else set()
         self.exports = {e.name: e for e in (*BUILTIN, *configured)}
         # an export without depends_on follows every data.* name its SQL reads
-        self._inputs = {e.name: set(e.depends_on) or data_names(e.sql)
-                        for e in self.exports.values()}
+        self._inputs = {
+            e.name: set(e.depends_on) or data_names(e.sql) for e in self.exports.values()
+        }
         # names some export reads as data.*: their files get the deep check in a sweep too
         self._view_names = {n for e in configured for n in data_names(e.sql)}
         # per artifact name, run_id -> (path, why) of committed files that cannot be read
@@ -137,8 +144,10 @@ class Exporter:
         readable_dir(folder)
         self.cur.execute("ATTACH IF NOT EXISTS ':memory:' AS data")
         # query_progress() then tells, from another thread, that a long refresh advances
-        self.cur.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false;"
-                         " SET progress_bar_time = 0")
+        self.cur.execute(
+            "SET enable_progress_bar = true; SET enable_progress_bar_print = false;"
+            " SET progress_bar_time = 0"
+        )
         self.files_written = 0  # export and part files replaced, ever
         self.refreshing_since: float | None = None  # monotonic start of the refresh under way
         self.remove_leftovers()
@@ -171,8 +180,11 @@ class Exporter:
     def due(self, touched: Iterable[str]) -> list[str]:
         """Export names a batch touching these artifact names makes stale (built-ins always)."""
         names = set(touched)
-        return [n for n, e in self.exports.items()
-                if n in ("runs", "artifacts") or names & self._inputs[n]]
+        return [
+            n
+            for n, e in self.exports.items()
+            if n in ("runs", "artifacts") or names & self._inputs[n]
+        ]
 
     def stale(self, catalog_seq: int = 0) -> list[str]:
         """Exports older than the catalog, missing, or with other columns than their table
@@ -186,10 +198,13 @@ class Exporter:
         out = []
         for name in self.exports:
             entry = manifest.exports.get(name)
-            if (entry is None or entry.catalog_commit < commits
-                    or entry.catalog_seq < catalog_seq
-                    or not (self.folder / entry.file).exists()
-                    or not self._same_columns(name)):
+            if (
+                entry is None
+                or entry.catalog_commit < commits
+                or entry.catalog_seq < catalog_seq
+                or not (self.folder / entry.file).exists()
+                or not self._same_columns(name)
+            ):
                 out.append(name)
         return out
 
@@ -200,8 +215,9 @@ class Exporter:
         if table is None or source is None:
             return True
         try:
-            exported = [r[0] for r in self.cur.execute(
-                f"DESCRIBE SELECT * FROM {source}").fetchall()]
+            exported = [
+                r[0] for r in self.cur.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
+            ]
         except duckdb.Error:
             return False  # unreadable: rewrite it
         wanted = [r[0] for r in self.cur.execute(f"DESCRIBE SELECT * FROM {table}").fetchall()]
@@ -237,7 +253,9 @@ class Exporter:
             files = self.cur.execute(
                 "SELECT run_id, path, coalesce(list_contains(json_extract_string("
                 "columns, '$[*].name'), 'run_id'), false) FROM catalog.artifacts_f "
-                "WHERE name = ? ORDER BY run_id", [name]).fetchall()
+                "WHERE name = ? ORDER BY run_id",
+                [name],
+            ).fetchall()
             good: list[tuple[str, str]] = []
             bad: dict[str, tuple[str, str]] = {}
             own_run_id = False
@@ -255,8 +273,9 @@ class Exporter:
             view = f"data.main.{quote_ident(name)}"
             if not good:
                 empty.append(name)
-                self.cur.execute(f"CREATE OR REPLACE VIEW {view} AS "
-                                 "SELECT NULL::VARCHAR AS run_id WHERE false")
+                self.cur.execute(
+                    f"CREATE OR REPLACE VIEW {view} AS SELECT NULL::VARCHAR AS run_id WHERE false"
+                )
                 continue
             paths = ", ".join(sql_str(p) for _, p in good)
             mapping = ", ".join(f"({sql_str(p)}, {sql_str(r)})" for r, p in good)
@@ -266,7 +285,8 @@ class Exporter:
                 f"SELECT f.* EXCLUDE ({_FILE_COL}), m.run_id FROM ("
                 f"SELECT COLUMNS(lambda c: c <> 'run_id'){own} FROM read_parquet([{paths}], "
                 f"union_by_name = true, filename = {sql_str(_FILE_COL)})) AS f "
-                f"JOIN (VALUES {mapping}) AS m(path, run_id) ON f.{_FILE_COL} = m.path")
+                f"JOIN (VALUES {mapping}) AS m(path, run_id) ON f.{_FILE_COL} = m.path"
+            )
         return empty
 
     # ---- committed files that are gone or unreadable -----------------------------------------
@@ -288,8 +308,9 @@ class Exporter:
             return None
         con = duckdb.connect(":memory:")
         try:
-            con.execute(f"SELECT count(*) FROM read_parquet({sql_str(path)}) AS t "
-                        "WHERE hash(t) IS NOT NULL").fetchall()
+            con.execute(
+                f"SELECT count(*) FROM read_parquet({sql_str(path)}) AS t WHERE hash(t) IS NOT NULL"
+            ).fetchall()
         except duckdb.Error as exc:
             return "unreadable: " + str(exc).splitlines()[0]
         finally:
@@ -327,7 +348,8 @@ class Exporter:
         self._read_whole = {p: k for p, k in self._read_whole.items() if p in in_views}
         try:
             rows = self.cur.execute(
-                "SELECT name, run_id, path FROM catalog.artifacts_f WHERE path IS NOT NULL")
+                "SELECT name, run_id, path FROM catalog.artifacts_f WHERE path IS NOT NULL"
+            )
             missing: dict[str, dict[str, tuple[str, str]]] = {}
             while chunk := rows.fetchmany(10_000):
                 for name, run_id, path in chunk:
@@ -357,8 +379,9 @@ class Exporter:
         paths = sorted({p for files in self._missing.values() for p, _ in files.values()})
         return MissingFiles(self.missing_count, paths[:MISSING_LISTED], self._checked_at)
 
-    def refresh(self, names: Sequence[str], changed: Changed | None = None
-                ) -> tuple[list[ExportResult], int]:
+    def refresh(
+        self, names: Sequence[str], changed: Changed | None = None
+    ) -> tuple[list[ExportResult], int]:
         """Rewrite these exports from one snapshot; then the manifest. Returns (results, seq).
 
         ``changed``: what the transactions since the last refresh changed; a partitioned
@@ -377,8 +400,9 @@ class Exporter:
         finally:
             self.refreshing_since = None
 
-    def _refresh_pass(self, names: Sequence[str], changed: Changed | None
-                      ) -> tuple[list[ExportResult], int]:
+    def _refresh_pass(
+        self, names: Sequence[str], changed: Changed | None
+    ) -> tuple[list[ExportResult], int]:
         results: list[ExportResult] = []
         cur = self.cur
         try:
@@ -388,11 +412,14 @@ class Exporter:
             commits = commit_count(cur)
             for name in names:
                 if self.partition_seqs and name in PARTITIONABLE:
-                    first_seqs = None if changed is None or name in self._whole_next \
+                    first_seqs = (
+                        None
+                        if changed is None or name in self._whole_next
                         else getattr(changed, name)
+                    )
                     result: ExportResult | None = self._refresh_parts(
-                        self.exports[name], PARTITIONABLE[name], catalog_seq, first_seqs,
-                        commits)
+                        self.exports[name], PARTITIONABLE[name], catalog_seq, first_seqs, commits
+                    )
                     self._whole_next.discard(name)
                 else:
                     result = self._refresh_one(self.exports[name], catalog_seq, commits)
@@ -410,8 +437,9 @@ class Exporter:
         self._write_manifest(results, catalog_seq)
         return results, catalog_seq
 
-    def _refresh_one(self, export: ExportSettings, catalog_seq: int,
-                     commits: int) -> ExportResult | None:
+    def _refresh_one(
+        self, export: ExportSettings, catalog_seq: int, commits: int
+    ) -> ExportResult | None:
         """Rewrite one export; None while one of its ``data.*`` inputs has no files yet."""
         started = time.perf_counter()
         inputs = data_names(export.sql)
@@ -430,12 +458,25 @@ class Exporter:
         durable_replace(tmp, final)
         self.files_written += 1
         faults.hit("after_rename")
-        return ExportResult(export.name, final.name, rows, size, catalog_seq,
-                            dt.datetime.now(dt.UTC), time.perf_counter() - started,
-                            catalog_commit=commits)
+        return ExportResult(
+            export.name,
+            final.name,
+            rows,
+            size,
+            catalog_seq,
+            dt.datetime.now(dt.UTC),
+            time.perf_counter() - started,
+            catalog_commit=commits,
+        )
 
-    def _refresh_parts(self, export: ExportSettings, table: str, catalog_seq: int,
-                       first_seqs: set[int] | None, commits: int) -> ExportResult:
+    def _refresh_parts(
+        self,
+        export: ExportSettings,
+        table: str,
+        catalog_seq: int,
+        first_seqs: set[int] | None,
+        commits: int,
+    ) -> ExportResult:
         """Rewrite the part files of the rows with these ``first_seq`` (None: every part,
         and parts that no longer hold rows are removed)."""
         started = time.perf_counter()
@@ -445,8 +486,10 @@ class Exporter:
         readable_dir(folder)
         part_of = f"coalesce(first_seq, 0) // {span}"
         if first_seqs is None:
-            parts = {int(p) for (p,) in self.cur.execute(
-                f"SELECT DISTINCT {part_of} FROM {table}").fetchall()} or {0}
+            parts = {
+                int(p)
+                for (p,) in self.cur.execute(f"SELECT DISTINCT {part_of} FROM {table}").fetchall()
+            } or {0}
         else:
             parts = {seq // span for seq in first_seqs}
         for part in sorted(parts):
@@ -462,24 +505,37 @@ class Exporter:
             self.files_written += 1
             faults.hit("after_rename")
         if first_seqs is None:
-            gone = [f for f in folder.glob(PART_GLOB)
-                    if not f.stem[5:].isdigit() or int(f.stem[5:]) not in parts]
+            gone = [
+                f
+                for f in folder.glob(PART_GLOB)
+                if not f.stem[5:].isdigit() or int(f.stem[5:]) not in parts
+            ]
             for f in gone:
                 f.unlink()
             if gone:
                 fsync_dir(folder)
         row = first_row(self.cur, f"SELECT count(*) FROM {table}")
         size = sum(f.stat().st_size for f in folder.glob(PART_GLOB))
-        return ExportResult(export.name, f"{export.name}/", int(row[0]) if row else 0, size,
-                            catalog_seq, dt.datetime.now(dt.UTC),
-                            time.perf_counter() - started, len(parts), commits)
+        return ExportResult(
+            export.name,
+            f"{export.name}/",
+            int(row[0]) if row else 0,
+            size,
+            catalog_seq,
+            dt.datetime.now(dt.UTC),
+            time.perf_counter() - started,
+            len(parts),
+            commits,
+        )
 
     def _copy(self, sql: str, tmp: Path) -> int:
         """``COPY (sql)`` to a Parquet file; the number of rows written."""
         try:
-            row = first_row(self.cur,  # COPY answers with the number of rows written
-                            f"COPY ({sql}) TO {sql_str(str(tmp))} "
-                            "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)")
+            row = first_row(
+                self.cur,  # COPY answers with the number of rows written
+                f"COPY ({sql}) TO {sql_str(str(tmp))} "
+                "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)",
+            )
         except duckdb.Error:
             tmp.unlink(missing_ok=True)
             raise
@@ -488,13 +544,20 @@ class Exporter:
     def _write_manifest(self, results: Sequence[ExportResult], catalog_seq: int) -> None:
         manifest = read_manifest(self.folder)
         for r in results:
-            manifest.exports[r.name] = ManifestEntry(r.path, r.rows, r.bytes, r.catalog_seq,
-                                                     r.refreshed_at, round(r.duration_s * 1000, 3),
-                                                     r.catalog_commit)
+            manifest.exports[r.name] = ManifestEntry(
+                r.path,
+                r.rows,
+                r.bytes,
+                r.catalog_seq,
+                r.refreshed_at,
+                round(r.duration_s * 1000, 3),
+                r.catalog_commit,
+            )
         for gone in set(manifest.exports) - set(self.exports):
             del manifest.exports[gone]
-        manifest.catalog_seq = min((e.catalog_seq for e in manifest.exports.values()),
-                                   default=catalog_seq)
+        manifest.catalog_seq = min(
+            (e.catalog_seq for e in manifest.exports.values()), default=catalog_seq
+        )
         manifest.written_at = dt.datetime.now(dt.UTC)
         manifest.artifacts_missing = self.missing_files()
         write_bytes_atomic(self.folder / MANIFEST, encode_manifest(manifest))

@@ -15,8 +15,16 @@ import os
 import signal
 from typing import Literal, get_args
 
-Point = Literal["after_decode", "during_validate", "after_commit", "during_export",
-                "after_rename", "before_ack", "after_ack", "after_lease_check"]
+Point = Literal[
+    "after_decode",
+    "during_validate",
+    "after_commit",
+    "during_export",
+    "after_rename",
+    "before_ack",
+    "after_ack",
+    "after_lease_check",
+]
 POINTS: tuple[Point, ...] = get_args(Point)
 PAUSES: tuple[Point, ...] = ("after_lease_check",)
 
@@ -49,7 +57,7 @@ def hit_for(point: str, key: str) -> None:
     Parquet reader would cause; no core file) when ``key`` contains ``<text>``."""
     if not _loaded:
         _load()
-    if _armed is not None and _armed.startswith(point + ":") and _armed[len(point) + 1:] in key:
+    if _armed is not None and _armed.startswith(point + ":") and _armed[len(point) + 1 :] in key:
         import resource
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -84,8 +84,9 @@ def merge(parts: Sequence[Prepared]) -> Prepared:
 class Store(Protocol):
     """What the fold reads: the catalog (on its writer thread) and stored payloads."""
 
-    async def lookup(self, seqs: Sequence[int], event_ids: Sequence[str]
-                     ) -> tuple[dict[int, Known], dict[str, Claim]]: ...
+    async def lookup(
+        self, seqs: Sequence[int], event_ids: Sequence[str]
+    ) -> tuple[dict[int, Known], dict[str, Claim]]: ...
 
     async def siblings(self, event_id: str, after_seq: int) -> list[Sibling]: ...
 
@@ -95,18 +96,29 @@ class Store(Protocol):
 class Folder:
     """Decides a batch."""
 
-    def __init__(self, settings: Settings, store: Store, *, replay: bool = False,
-                 quarantined: dict[int, str] | None = None,
-                 checker: Checker | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        replay: bool = False,
+        quarantined: dict[int, str] | None = None,
+        checker: Checker | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.quarantined = quarantined or {}  # replay: poison decided by the live catalog
         self.replay = replay  # replaying history: no waiting for files, no poison
         self.roots = settings.roots
         v = settings.verify
-        self.checker = checker or Checker(settings.roots, v.checksum, processes=v.processes,
-                                          threads=v.threads, settle_s=v.settle_s,
-                                          timeout_s=v.check_timeout_s)
+        self.checker = checker or Checker(
+            settings.roots,
+            v.checksum,
+            processes=v.processes,
+            threads=v.threads,
+            settle_s=v.settle_s,
+            timeout_s=v.check_timeout_s,
+        )
         self._rechecked: dict[int, int] = {}  # seq → times kept in hand for a recheck
 
     async def fold(self, batch: Sequence[Delivery]) -> Folded:
@@ -143,9 +155,18 @@ class Folder:
         by_seq = {item.d.seq: item for item in folded.decided}
         for d in p.copies:
             first = by_seq[d.seq]
-            folded.decided.append(Decided(d, first.outcome, first.reason, first.detail,
-                                          event_id=first.event_id, nak_delay_s=first.nak_delay_s,
-                                          recheck_s=first.recheck_s, known=True))
+            folded.decided.append(
+                Decided(
+                    d,
+                    first.outcome,
+                    first.reason,
+                    first.detail,
+                    event_id=first.event_id,
+                    nak_delay_s=first.nak_delay_s,
+                    recheck_s=first.recheck_s,
+                    known=True,
+                )
+            )
         return folded
 
     async def _decide(self, p: Prepared) -> Folded:
@@ -157,9 +178,16 @@ class Folder:
         for item, event in decoded:
             k = known.get(item.d.seq)
             if k is not None:
-                decided.append(Decided(item.d, Outcome(k.outcome),
-                                       None if k.reason is None else Reason(k.reason),
-                                       "already recorded", event_id=item.event_id, known=True))
+                decided.append(
+                    Decided(
+                        item.d,
+                        Outcome(k.outcome),
+                        None if k.reason is None else Reason(k.reason),
+                        "already recorded",
+                        event_id=item.event_id,
+                        known=True,
+                    )
+                )
                 continue
             decided.append(item)
             if event is not None:
@@ -185,8 +213,9 @@ class Folder:
                 if claim.payload_hash == item.payload_hash:
                     item.outcome = Outcome.DUPLICATE
                 else:
-                    reject(item, Reason.EVENT_ID_CONFLICT,
-                           conflict_detail(item.event_id, claim.seq))
+                    reject(
+                        item, Reason.EVENT_ID_CONFLICT, conflict_detail(item.event_id, claim.seq)
+                    )
                 continue
             item.outcome = Outcome.COMMITTED
             if claim is not None and not claim.in_batch:  # a later sequence held the claim
@@ -201,27 +230,37 @@ class Folder:
                 self._rechecked.pop(item.d.seq, None)
         held = [item for item in decided if item.recheck_s is not None]
         if held:
-            log.get().warning("the machine failed to read files; checking again later, "
-                              "messages kept in hand", events=len(held),
-                              first_seq=held[0].d.seq, detail=held[0].detail,
-                              recheck_in_s=held[0].recheck_s)
+            log.get().warning(
+                "the machine failed to read files; checking again later, messages kept in hand",
+                events=len(held),
+                first_seq=held[0].d.seq,
+                detail=held[0].detail,
+                recheck_in_s=held[0].recheck_s,
+            )
         return Folded(decided, rows, touched)
 
     def _decode(self, d: Delivery) -> tuple[Decided, model.ArtifactEvent | None]:
         payload_hash = ev.payload_sha256(d.data)
-        item = Decided(d, None, event_id=ev.usable_msg_id(d.msg_id) or payload_hash,
-                       producer=ev.producer_of(d.subject), payload_hash=payload_hash)
+        item = Decided(
+            d,
+            None,
+            event_id=ev.usable_msg_id(d.msg_id) or payload_hash,
+            producer=ev.producer_of(d.subject),
+            payload_hash=payload_hash,
+        )
         if not self.replay and d.delivered >= self.settings.consumer.max_deliver - 1:
-            reject(item, Reason.POISON,
-                   f"delivered {d.delivered} times without reaching an outcome")
+            reject(
+                item, Reason.POISON, f"delivered {d.delivered} times without reaching an outcome"
+            )
             return item, None
         if d.seq in self.quarantined:
             reject(item, Reason.POISON, self.quarantined[d.seq])
             return item, None
         try:
             event = ev.decode(d.data)
-            item.event_id, item.producer = ev.resolve_identity(event, d.subject, d.msg_id,
-                                                               payload_hash)
+            item.event_id, item.producer = ev.resolve_identity(
+                event, d.subject, d.msg_id, payload_hash
+            )
         except InvalidEvent as exc:
             reject(item, exc.reason, exc.detail)
             return item, None
@@ -241,11 +280,20 @@ class Folder:
                 rows.demotions.append((sib.seq, Outcome.DUPLICATE.value, None, None, None))
                 continue
             # a payload already kept in rejections_f is reused; else read it from the stream
-            payload = None if sib.reason == Reason.EVENT_ID_CONFLICT.value \
+            payload = (
+                None
+                if sib.reason == Reason.EVENT_ID_CONFLICT.value
                 else await self.store.payload(sib.seq)
-            rows.demotions.append((sib.seq, Outcome.REJECTED.value,
-                                   Reason.EVENT_ID_CONFLICT.value,
-                                   conflict_detail(winner.event_id, winner.d.seq), payload))
+            )
+            rows.demotions.append(
+                (
+                    sib.seq,
+                    Outcome.REJECTED.value,
+                    Reason.EVENT_ID_CONFLICT.value,
+                    conflict_detail(winner.event_id, winner.d.seq),
+                    payload,
+                )
+            )
 
     def _recheck(self, item: Decided, exc: FileUnavailable) -> None:
         """An error of the machine: no outcome, no nak (a nak would cost a delivery and bring
@@ -268,8 +316,9 @@ class Folder:
             # no wall-clock figure in the detail: a replay must write the same words
             reject(item, exc.reason, exc.detail)
             return
-        item.nak_delay_s = min(remaining_s, max(2.0 ** (item.d.delivered - 1),
-                                                remaining_s / tries_left))
+        item.nak_delay_s = min(
+            remaining_s, max(2.0 ** (item.d.delivered - 1), remaining_s / tries_left)
+        )
         if exc.reason in CONTENT_REASONS and item.d.delivered == 1:
             # a file that stops changing now is judged once settled, not a while later
             item.nak_delay_s = min(item.nak_delay_s, self.settings.verify.settle_s + 0.5)
@@ -282,11 +331,14 @@ class Folder:
         results = await self.checker.check([event.artifacts for _, event in items])
         checks: Checks = {id(item): r for (item, _), r in zip(items, results, strict=True)}
         for attempt in range(REPLAY_RECHECKS if self.replay else 0):
-            again = [(item, event) for item, event in items
-                     if isinstance(checks[id(item)], FileUnavailable)]
+            again = [
+                (item, event)
+                for item, event in items
+                if isinstance(checks[id(item)], FileUnavailable)
+            ]
             if not again:
                 break
-            await asyncio.sleep(0.5 * 2.0 ** attempt)
+            await asyncio.sleep(0.5 * 2.0**attempt)
             results = await self.checker.check([event.artifacts for _, event in again])
             checks.update((id(item), r) for (item, _), r in zip(again, results, strict=True))
         if self.replay:
@@ -311,27 +363,83 @@ def reject(item: Decided, reason: Reason, detail: str) -> None:
     item.detail = detail
 
 
-def log_rows(rows: Batch, item: Decided, event: model.ArtifactEvent,
-             checked: Sequence[CheckedArtifact], now: dt.datetime) -> None:
+def log_rows(
+    rows: Batch,
+    item: Decided,
+    event: model.ArtifactEvent,
+    checked: Sequence[CheckedArtifact],
+    now: dt.datetime,
+) -> None:
     d, run = item.d, event.run
     published = d.published_at
     for a in checked:
-        rows.artifacts.append((run.run_id, a.name, d.seq, a.path, a.format, a.rows, a.bytes,
-                               a.sha256, a.columns, a.schema_hash, a.meta, item.event_id,
-                               published, now))
+        rows.artifacts.append(
+            (
+                run.run_id,
+                a.name,
+                d.seq,
+                a.path,
+                a.format,
+                a.rows,
+                a.bytes,
+                a.sha256,
+                a.columns,
+                a.schema_hash,
+                a.meta,
+                item.event_id,
+                published,
+                now,
+            )
+        )
     params = None if run.params is None else msgspec.json.encode(run.params).decode()
-    rows.runs.append((d.seq, run.run_id, run.kind, item.producer, run.status, run.started_at,
-                      run.finished_at, params, run.code_version, run.parent_run_id, published,
-                      item.event_id))
+    rows.runs.append(
+        (
+            d.seq,
+            run.run_id,
+            run.kind,
+            item.producer,
+            run.status,
+            run.started_at,
+            run.finished_at,
+            params,
+            run.code_version,
+            run.parent_run_id,
+            published,
+            item.event_id,
+        )
+    )
 
 
 def event_rows(rows: Batch, item: Decided, now: dt.datetime) -> None:
     d = item.d
     assert item.outcome is not None
     reason = item.reason.value if item.reason else None
-    rows.events.append((d.seq, item.event_id, item.payload_hash, d.subject, item.producer,
-                        item.run_id, item.outcome.value, reason, item.n_artifacts,
-                        d.published_at, now))
+    rows.events.append(
+        (
+            d.seq,
+            item.event_id,
+            item.payload_hash,
+            d.subject,
+            item.producer,
+            item.run_id,
+            item.outcome.value,
+            reason,
+            item.n_artifacts,
+            d.published_at,
+            now,
+        )
+    )
     if item.outcome is Outcome.REJECTED:
-        rows.rejections.append((d.seq, d.subject, item.event_id, reason, item.detail,
-                                d.data, d.delivered, d.published_at, now))
+        rows.rejections.append(
+            (
+                d.seq,
+                d.subject,
+                item.event_id,
+                reason,
+                item.detail,
+                d.data,
+                d.delivered,
+                d.published_at,
+                now,
+            )
+        )

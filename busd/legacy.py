@@ -33,8 +33,18 @@ from busd.migrate import (
 )
 from busd.sql import quote_ident
 
-RUN_KEYS = ("table", "run_id", "kind", "producer", "status", "started_at", "finished_at",
-            "params", "code_version", "parent_run_id")
+RUN_KEYS = (
+    "table",
+    "run_id",
+    "kind",
+    "producer",
+    "status",
+    "started_at",
+    "finished_at",
+    "params",
+    "code_version",
+    "parent_run_id",
+)
 ARTIFACT_KEYS = ("table", "run_id", "name", "path", "rows", "bytes", "sha256", "meta")
 TOP_KEYS = ("producer", "kind", "status", "path_base", "runs", "artifacts")
 REQUIRED = {"runs": ("table", "run_id"), "artifacts": ("table", "run_id", "name", "path")}
@@ -54,7 +64,8 @@ class LegacyMap:
 
 
 def load_map(  # noqa: C901 - one flat check per key of the map
-        path: Path, *, producer: str | None = None) -> LegacyMap:
+    path: Path, *, producer: str | None = None
+) -> LegacyMap:
     """Read and check the map; a missing or unknown key is exit 2 naming it."""
     where = f"--map {path}"
     try:
@@ -72,8 +83,9 @@ def load_map(  # noqa: C901 - one flat check per key of the map
             raise ConfigError(f"{where}: `{section}` must be a table ([{section}])")
         for key, column in value.items():
             if key not in keys:
-                raise ConfigError(f"{where}: unknown key `{section}.{key}` "
-                                  f"(known: {', '.join(keys)})")
+                raise ConfigError(
+                    f"{where}: unknown key `{section}.{key}` (known: {', '.join(keys)})"
+                )
             if not isinstance(column, str) or not column:
                 raise ConfigError(f"{where}: `{section}.{key}` must be a column name")
         for key in REQUIRED[section]:
@@ -92,26 +104,42 @@ def load_map(  # noqa: C901 - one flat check per key of the map
     runs = table("runs", RUN_KEYS)
     kind = data.get("kind")
     if (runs is None or "kind" not in runs) and kind is None:
-        raise ConfigError(f"{where}: missing the required key `runs.kind` (a column) or "
-                          "`kind` (one kind for every run)")
-    return LegacyMap(runs, artifacts, producer or data.get("producer") or DEFAULT_PRODUCER,
-                     kind, data.get("status"), data.get("path_base"))
+        raise ConfigError(
+            f"{where}: missing the required key `runs.kind` (a column) or "
+            "`kind` (one kind for every run)"
+        )
+    return LegacyMap(
+        runs,
+        artifacts,
+        producer or data.get("producer") or DEFAULT_PRODUCER,
+        kind,
+        data.get("status"),
+        data.get("path_base"),
+    )
 
 
 def _table_sql(name: str) -> str:
     return ".".join(quote_ident(part) for part in name.split("."))
 
 
-def _select(con: duckdb.DuckDBPyConnection, where: str, section: str, columns: dict[str, str],
-            fields: Sequence[str], json_fields: Sequence[str], order: str) -> list[dict[str, Any]]:
+def _select(
+    con: duckdb.DuckDBPyConnection,
+    where: str,
+    section: str,
+    columns: dict[str, str],
+    fields: Sequence[str],
+    json_fields: Sequence[str],
+    order: str,
+) -> list[dict[str, Any]]:
     """The mapped columns of a legacy table, as dicts keyed by field; a table or column
     that is not there is exit 2 naming the key."""
     table = columns["table"]
     try:
         described = con.execute(f"DESCRIBE SELECT * FROM {_table_sql(table)}").fetchall()
     except duckdb.Error:
-        raise ConfigError(f"{where}: `{section}.table` = {table!r}: no such table in the legacy "
-                          "catalog") from None
+        raise ConfigError(
+            f"{where}: `{section}.table` = {table!r}: no such table in the legacy catalog"
+        ) from None
     types = {row[0]: str(row[1]) for row in described}
     items = []
     for field in fields:
@@ -119,13 +147,23 @@ def _select(con: duckdb.DuckDBPyConnection, where: str, section: str, columns: d
         if column is None:
             continue
         if column not in types:
-            raise ConfigError(f"{where}: `{section}.{field}` = {column!r}: no such column in "
-                              f"table {table}")
+            raise ConfigError(
+                f"{where}: `{section}.{field}` = {column!r}: no such column in table {table}"
+            )
         expr = quote_ident(column)
         if field in json_fields and types[column] not in _TEXT_TYPES:
             expr = f"to_json({expr})"
-        elif field in ("run_id", "name", "path", "parent_run_id", "kind", "status",
-                       "producer", "code_version", "sha256"):
+        elif field in (
+            "run_id",
+            "name",
+            "path",
+            "parent_run_id",
+            "kind",
+            "status",
+            "producer",
+            "code_version",
+            "sha256",
+        ):
             expr = f"CAST({expr} AS VARCHAR)"
         items.append(f"{expr} AS {quote_ident(field)}")
     cur = con.execute(f"SELECT {', '.join(items)} FROM {_table_sql(table)} ORDER BY {order}")
@@ -155,8 +193,9 @@ def _timestamp(value: Any, what: str) -> dt.datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-def read_legacy(legacy: Path, mapping: LegacyMap, map_path: Path
-                ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+def read_legacy(
+    legacy: Path, mapping: LegacyMap, map_path: Path
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Runs and, per run id, artifact rows of a legacy catalog, opened read-only."""
     if not legacy.is_file():
         raise ConfigError(f"LEGACY {legacy}: no such file")
@@ -169,10 +208,14 @@ def read_legacy(legacy: Path, mapping: LegacyMap, map_path: Path
             raise BusdError(f"LEGACY {legacy}: in use by another process: {text}") from None
         raise ConfigError(f"LEGACY {legacy}: cannot open it as DuckDB: {text}") from None
     try:
-        runs = (_select(con, where, "runs", mapping.runs, RUN_KEYS[1:], ("params",), "1")
-                if mapping.runs is not None else [])
-        arts = _select(con, where, "artifacts", mapping.artifacts, ARTIFACT_KEYS[1:], ("meta",),
-                       "1, 2")
+        runs = (
+            _select(con, where, "runs", mapping.runs, RUN_KEYS[1:], ("params",), "1")
+            if mapping.runs is not None
+            else []
+        )
+        arts = _select(
+            con, where, "artifacts", mapping.artifacts, ARTIFACT_KEYS[1:], ("meta",), "1, 2"
+        )
     finally:
         con.close()
     by_run: dict[str, list[dict[str, Any]]] = {}
@@ -184,8 +227,9 @@ def read_legacy(legacy: Path, mapping: LegacyMap, map_path: Path
     return runs, by_run
 
 
-def plan_catalog(s: Settings, legacy: Path, mapping: LegacyMap, map_path: Path,
-                 progress: Progress = no_progress) -> Plan:
+def plan_catalog(
+    s: Settings, legacy: Path, mapping: LegacyMap, map_path: Path, progress: Progress = no_progress
+) -> Plan:
     """One event per legacy run (more past 1000 artifacts) with the artifacts of its files
     busd would take."""
     report = Report()
@@ -206,27 +250,38 @@ def plan_catalog(s: Settings, legacy: Path, mapping: LegacyMap, map_path: Path,
             continue
         try:
             run = model.Run(
-                run_id=run_id, kind=row.get("kind") or mapping.kind or "",
+                run_id=run_id,
+                kind=row.get("kind") or mapping.kind or "",
                 status=row.get("status") or mapping.status,
                 started_at=_timestamp(row.get("started_at"), "started_at"),
                 finished_at=_timestamp(row.get("finished_at"), "finished_at"),
                 params=_json_object(row.get("params"), "params"),
-                code_version=row.get("code_version"), parent_run_id=row.get("parent_run_id"))
-            arts = [model.Artifact(name=a["name"] or "",
-                                   path=str(base / a["path"]) if a["path"] else "",
-                                   rows=a.get("rows"), bytes=a.get("bytes"),
-                                   sha256=str(a["sha256"]).lower() if a.get("sha256") else None,
-                                   meta=_json_object(a.get("meta"), "meta"))
-                    for a in rows]
+                code_version=row.get("code_version"),
+                parent_run_id=row.get("parent_run_id"),
+            )
+            arts = [
+                model.Artifact(
+                    name=a["name"] or "",
+                    path=str(base / a["path"]) if a["path"] else "",
+                    rows=a.get("rows"),
+                    bytes=a.get("bytes"),
+                    sha256=str(a["sha256"]).lower() if a.get("sha256") else None,
+                    meta=_json_object(a.get("meta"), "meta"),
+                )
+                for a in rows
+            ]
         except (ValueError, TypeError) as exc:
             report.skipped.append((f"run {run_id}", f"schema: {exc}"))
             continue
         producer = ident(row.get("producer") or mapping.producer)
         prefix = ident(f"import:{run_id}")
         for chunk in chunks(arts):
-            event = with_event_id(model.ArtifactEvent(
-                schema_version=model.SCHEMA_VERSION, run=run, artifacts=chunk,
-                producer=producer), prefix)
+            event = with_event_id(
+                model.ArtifactEvent(
+                    schema_version=model.SCHEMA_VERSION, run=run, artifacts=chunk, producer=producer
+                ),
+                prefix,
+            )
             if event.event_id in known.event_ids:
                 add_event(event, known, events, report)
                 continue
@@ -245,5 +300,3 @@ def plan_catalog(s: Settings, legacy: Path, mapping: LegacyMap, map_path: Path,
             add_event(event, known, events, report)
     progress("reading the legacy catalog", len(runs), len(runs))
     return Plan(events, report)
-
-

@@ -15,8 +15,11 @@ def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
     global _level
     _level = level
     json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    renderer: Any = (structlog.processors.JSONRenderer() if json_lines
-                     else structlog.dev.ConsoleRenderer(colors=False))
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_lines
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

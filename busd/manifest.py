@@ -87,5 +87,16 @@ def encode_manifest(manifest: Manifest) -> bytes:
 
 def manifest_rows(results: Sequence[ExportResult]) -> list[tuple[Any, ...]]:
     """``exports_d`` rows, in its column order."""
-    return [(r.name, r.path, r.rows, r.bytes, r.catalog_seq, r.refreshed_at,
-             round(r.duration_s * 1000, 3), r.catalog_commit) for r in results]
+    return [
+        (
+            r.name,
+            r.path,
+            r.rows,
+            r.bytes,
+            r.catalog_seq,
+            r.refreshed_at,
+            round(r.duration_s * 1000, 3),
+            r.catalog_commit,
+        )
+        for r in results
+    ]

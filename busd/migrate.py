@@ -62,11 +62,15 @@ class Report:
     seqs: list[int] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"published": {"events": self.published, "artifacts": self.published_artifacts},
-                "already_there": {"events": self.already_there,
-                                  "artifacts": self.already_there_artifacts},
-                "skipped": [{"item": what, "reason": why} for what, why in self.skipped],
-                "last_seq": max(self.seqs, default=None)}
+        return {
+            "published": {"events": self.published, "artifacts": self.published_artifacts},
+            "already_there": {
+                "events": self.already_there,
+                "artifacts": self.already_there_artifacts,
+            },
+            "skipped": [{"item": what, "reason": why} for what, why in self.skipped],
+            "last_seq": max(self.seqs, default=None),
+        }
 
 
 @dataclasses.dataclass
@@ -101,8 +105,9 @@ def committed(s: Settings) -> Committed:
         if runs is not None:
             ids.update(e for (e,) in con.execute(f"SELECT event_id FROM {runs}").fetchall() if e)
     except duckdb.Error as exc:
-        raise BusdError(f"cannot read the exports in {s.exports_path}: "
-                        f"{str(exc).splitlines()[0]}") from None
+        raise BusdError(
+            f"cannot read the exports in {s.exports_path}: {str(exc).splitlines()[0]}"
+        ) from None
     finally:
         con.close()
     return Committed(frozenset(paths), frozenset(ids))
@@ -120,7 +125,8 @@ def ident(text: str) -> str:
 def with_event_id(event: model.ArtifactEvent, prefix: str) -> model.ArtifactEvent:
     """The event with a stable id: ``prefix``, then a fingerprint of the rest of the event."""
     fingerprint = hashlib.sha256(
-        ev.encode(msgspec.structs.replace(event, event_id=None))).hexdigest()[:20]
+        ev.encode(msgspec.structs.replace(event, event_id=None))
+    ).hexdigest()[:20]
     event_id = f"{prefix}:{fingerprint}"
     if len(event_id) > 200:
         event_id = f"import:{hashlib.sha256(prefix.encode()).hexdigest()[:32]}:{fingerprint}"
@@ -142,8 +148,9 @@ def chunks(artifacts: Sequence[model.Artifact]) -> Iterator[list[model.Artifact]
         yield chunk
 
 
-def checked(art: model.Artifact, s: Settings, checksum: validate.ChecksumPolicy
-            ) -> model.Artifact | str:
+def checked(
+    art: model.Artifact, s: Settings, checksum: validate.ChecksumPolicy
+) -> model.Artifact | str:
     """The artifact with what its file says (size, rows, checksum by policy), or why busd
     would not take it."""
     try:
@@ -152,11 +159,13 @@ def checked(art: model.Artifact, s: Settings, checksum: validate.ChecksumPolicy
         return f"{exc.reason.value}: {exc.detail}"
     except FileUnavailable as exc:
         return f"unavailable: {exc.detail}"
-    return msgspec.structs.replace(art, path=found.path, rows=found.rows, bytes=found.bytes,
-                                   sha256=found.sha256)
+    return msgspec.structs.replace(
+        art, path=found.path, rows=found.rows, bytes=found.bytes, sha256=found.sha256
+    )
 
 
 # ---------------------------------------------------------------------------------- files
+
 
 def own_dirs(s: Settings) -> list[Path]:
     """busd's own folders under the data dir: never artifacts."""
@@ -173,9 +182,13 @@ def parquet_files(folders: Iterable[Path], s: Settings) -> Iterator[Path]:
     seen: set[str] = set()
     for folder in folders:
         for top, dirs, files in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                             and not validate.inside(os.path.realpath(os.path.join(top, d)), skip)
-                             and not os.path.join(top, d).startswith(catalog))
+            dirs[:] = sorted(
+                d
+                for d in dirs
+                if not d.startswith(".")
+                and not validate.inside(os.path.realpath(os.path.join(top, d)), skip)
+                and not os.path.join(top, d).startswith(catalog)
+            )
             for name in sorted(files):
                 if name.startswith(".") or not name.endswith(".parquet"):
                     continue
@@ -205,15 +218,24 @@ def scan_roots(s: Settings, folders: Sequence[Path] | None) -> list[Path]:
         if not resolved.is_dir():
             raise ConfigError(f"ROOT {folder}: not a folder")
         if not validate.inside(str(resolved), s.roots):
-            raise ConfigError(f"ROOT {folder}: not inside an artifact root (artifact_roots); "
-                              "busd would reject its files as path_outside_roots")
+            raise ConfigError(
+                f"ROOT {folder}: not inside an artifact root (artifact_roots); "
+                "busd would reject its files as path_outside_roots"
+            )
         out.append(resolved)
     return out
 
 
-def plan_files(s: Settings, folders: Sequence[Path] | None, *, producer: str, kind: str,
-               status: str | None, min_age_s: float,
-               progress: Progress = no_progress) -> Plan:
+def plan_files(
+    s: Settings,
+    folders: Sequence[Path] | None,
+    *,
+    producer: str,
+    kind: str,
+    status: str | None,
+    min_age_s: float,
+    progress: Progress = no_progress,
+) -> Plan:
     """One event per folder (more past 1000 files) for the Parquet files no committed
     artifact names yet."""
     report = Report()
@@ -245,9 +267,14 @@ def plan_files(s: Settings, folders: Sequence[Path] | None, *, producer: str, ki
                 report.skipped.append((str(path), f"file_unreadable: {exc.strerror}"))
                 continue
             if age < min_age_s:
-                report.skipped.append((str(path), f"changed {age:.0f}s ago (less than "
-                                                  f"--min-age {min_age_s:g}s): still being "
-                                                  "written?"))
+                report.skipped.append(
+                    (
+                        str(path),
+                        f"changed {age:.0f}s ago (less than "
+                        f"--min-age {min_age_s:g}s): still being "
+                        "written?",
+                    )
+                )
                 continue
             art = checked(model.Artifact(name=ident(path.stem), path=str(path)), s, "always")
             progress("reading files", done, total)
@@ -258,12 +285,16 @@ def plan_files(s: Settings, folders: Sequence[Path] | None, *, producer: str, ki
         if run_id is None:
             continue
         rel = folder.relative_to(next(r for r in roots if validate.inside(str(folder), [r])))
-        run = model.Run(run_id=run_id, kind=kind, status=status,
-                        params={"imported_from": rel.as_posix()})
+        run = model.Run(
+            run_id=run_id, kind=kind, status=status, params={"imported_from": rel.as_posix()}
+        )
         for chunk in chunks(arts):
-            event = with_event_id(model.ArtifactEvent(
-                schema_version=model.SCHEMA_VERSION, run=run, artifacts=chunk,
-                producer=producer), run_id)
+            event = with_event_id(
+                model.ArtifactEvent(
+                    schema_version=model.SCHEMA_VERSION, run=run, artifacts=chunk, producer=producer
+                ),
+                run_id,
+            )
             add_event(event, known, events, report)
     progress("reading files", total, total)
     return Plan(events, report)
@@ -276,8 +307,9 @@ def _size(path: Path) -> int:
         return 0
 
 
-def add_event(event: model.ArtifactEvent, known: Committed, events: list[model.ArtifactEvent],
-         report: Report) -> None:
+def add_event(
+    event: model.ArtifactEvent, known: Committed, events: list[model.ArtifactEvent], report: Report
+) -> None:
     what = f"run {event.run.run_id}"
     if event.event_id in known.event_ids:
         report.already_there += 1
@@ -293,8 +325,10 @@ def add_event(event: model.ArtifactEvent, known: Committed, events: list[model.A
 
 # ------------------------------------------------------------------------------ publishing
 
-async def publish(nc: Any, plan: Plan, *, timeout_s: float = 10.0,
-                  progress: Progress = no_progress) -> Report:
+
+async def publish(
+    nc: Any, plan: Plan, *, timeout_s: float = 10.0, progress: Progress = no_progress
+) -> Report:
     """Publish each event with ``Nats-Msg-Id`` = its id and wait for its PubAck; one the
     duplicate window dropped counts as already there."""
     js = nc.jetstream()
@@ -303,13 +337,18 @@ async def publish(nc: Any, plan: Plan, *, timeout_s: float = 10.0,
         progress("publishing", i, len(plan.events))
         subject = f"artifacts.{event.producer or DEFAULT_PRODUCER}"
         try:
-            ack = await js.publish(subject, ev.encode(event),
-                                   headers={"Nats-Msg-Id": event.event_id or ""},
-                                   timeout=timeout_s)
+            ack = await js.publish(
+                subject,
+                ev.encode(event),
+                headers={"Nats-Msg-Id": event.event_id or ""},
+                timeout=timeout_s,
+            )
         except Exception as exc:  # noqa: BLE001 - nats-py raises many kinds
-            raise TransientError(f"publish to {subject} failed after {report.published} "
-                                 f"events (run the import again to go on): "
-                                 f"{exc or type(exc).__name__}") from None
+            raise TransientError(
+                f"publish to {subject} failed after {report.published} "
+                f"events (run the import again to go on): "
+                f"{exc or type(exc).__name__}"
+            ) from None
         if ack.duplicate:
             report.already_there += 1
             report.already_there_artifacts += len(event.artifacts)
@@ -321,5 +360,13 @@ async def publish(nc: Any, plan: Plan, *, timeout_s: float = 10.0,
     return report
 
 
-__all__ = ["Committed", "Plan", "Report", "committed", "ident", "parquet_files", "plan_files",
-           "publish"]
+__all__ = [
+    "Committed",
+    "Plan",
+    "Report",
+    "committed",
+    "ident",
+    "parquet_files",
+    "plan_files",
+    "publish",
+]

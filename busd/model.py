@@ -122,8 +122,11 @@ class Changed:
 
     def update(self, other: Changed) -> None:
         self.runs = None if self.runs is None or other.runs is None else self.runs | other.runs
-        self.artifacts = (None if self.artifacts is None or other.artifacts is None
-                          else self.artifacts | other.artifacts)
+        self.artifacts = (
+            None
+            if self.artifacts is None or other.artifacts is None
+            else self.artifacts | other.artifacts
+        )
 
 
 @dataclass(frozen=True, slots=True)

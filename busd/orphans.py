@@ -46,13 +46,21 @@ class OrphanReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "catalog_seq": self.catalog_seq, "artifacts_export": self.export_found,
-            "committed_artifacts": self.committed, "files_scanned": self.scanned,
-            "orphans": {"count": self.orphan_count,
-                        "folders": [{"folder": folder, "count": len(files), "files": files}
-                                    for folder, files in sorted(self.orphans.items())]},
-            "gone": {"count": len(self.gone),
-                     "artifacts": [dataclasses.asdict(g) for g in self.gone]},
+            "catalog_seq": self.catalog_seq,
+            "artifacts_export": self.export_found,
+            "committed_artifacts": self.committed,
+            "files_scanned": self.scanned,
+            "orphans": {
+                "count": self.orphan_count,
+                "folders": [
+                    {"folder": folder, "count": len(files), "files": files}
+                    for folder, files in sorted(self.orphans.items())
+                ],
+            },
+            "gone": {
+                "count": len(self.gone),
+                "artifacts": [dataclasses.asdict(g) for g in self.gone],
+            },
         }
 
 
@@ -65,8 +73,9 @@ def committed_artifacts(s: Settings) -> tuple[bool, list[tuple[str, str, str]]]:
     try:
         rows = con.execute(f"SELECT run_id, name, path FROM {source} ORDER BY ALL").fetchall()
     except duckdb.Error as exc:
-        raise BusdError(f"cannot read the artifacts export in {s.exports_path}: "
-                        f"{str(exc).splitlines()[0]}") from None
+        raise BusdError(
+            f"cannot read the artifacts export in {s.exports_path}: {str(exc).splitlines()[0]}"
+        ) from None
     finally:
         con.close()
     return True, [(str(r), str(n), str(p)) for r, n, p in rows]
@@ -86,5 +95,6 @@ def find(s: Settings, folders: Sequence[Path] | None = None) -> OrphanReport:
         problem = file_problem(path, deep=False)
         if problem is not None:
             gone.append(Gone(run_id, name, path, problem))
-    return OrphanReport(read_manifest(s.exports_path).catalog_seq, found, len(rows), scanned,
-                        orphans, gone)
+    return OrphanReport(
+        read_manifest(s.exports_path).catalog_seq, found, len(rows), scanned, orphans, gone
+    )

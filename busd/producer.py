@@ -54,12 +54,21 @@ def build_event(
     artifacts = [describe(name, path) for name, path in files.items()]
     if event_id is None:
         fingerprint = hashlib.sha256(
-            "".join(f"{a.name}={a.sha256};" for a in artifacts).encode()).hexdigest()[:16]
+            "".join(f"{a.name}={a.sha256};" for a in artifacts).encode()
+        ).hexdigest()[:16]
         event_id = f"{run_id}:{fingerprint}"
     event = model.ArtifactEvent(
-        schema_version=model.SCHEMA_VERSION, event_id=event_id, producer=producer,
-        run=model.Run(run_id=run_id, kind=kind, status=status, params=params,
-                   code_version=code_version, parent_run_id=parent_run_id),
+        schema_version=model.SCHEMA_VERSION,
+        event_id=event_id,
+        producer=producer,
+        run=model.Run(
+            run_id=run_id,
+            kind=kind,
+            status=status,
+            params=params,
+            code_version=code_version,
+            parent_run_id=parent_run_id,
+        ),
         artifacts=artifacts,
     )
     try:  # the same checks busd applies, before anything is sent
@@ -80,16 +89,18 @@ def nats_url(s: Settings) -> str:
 class ArtifactBus:
     """Async producer client. ``async with ArtifactBus(settings) as bus: await bus.submit(…)``."""
 
-    def __init__(self, settings: Settings, *, producer: str = "busd.submit",
-                 prefix: str = "artifacts") -> None:
+    def __init__(
+        self, settings: Settings, *, producer: str = "busd.submit", prefix: str = "artifacts"
+    ) -> None:
         self.settings = settings
         self.producer = producer
         self.prefix = prefix
         self.nc: Any = None
 
     async def __aenter__(self) -> ArtifactBus:
-        self.nc = await source.connect(self.settings.nats, nats_url(self.settings),
-                                       name="busd-submit", reconnect=False)
+        self.nc = await source.connect(
+            self.settings.nats, nats_url(self.settings), name="busd-submit", reconnect=False
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -103,14 +114,22 @@ class ArtifactBus:
         headers = {"Nats-Msg-Id": event.event_id} if event.event_id else None
         return await self.publish_raw(subject, payload, headers, timeout_s=timeout_s)
 
-    async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str] | None,
-                          *, timeout_s: float = 10.0) -> int:
+    async def publish_raw(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None,
+        *,
+        timeout_s: float = 10.0,
+    ) -> int:
         try:
-            ack = await self.nc.jetstream().publish(subject, payload, headers=headers,
-                                                    timeout=timeout_s)
+            ack = await self.nc.jetstream().publish(
+                subject, payload, headers=headers, timeout=timeout_s
+            )
         except Exception as exc:  # noqa: BLE001 - nats-py raises many kinds
-            raise TransientError(f"publish to {subject} failed: {exc or type(exc).__name__}") \
-                from None
+            raise TransientError(
+                f"publish to {subject} failed: {exc or type(exc).__name__}"
+            ) from None
         return int(ack.seq)
 
     async def wait(self, seq: int, *, timeout_s: float = 60.0) -> dict[str, Any]:
@@ -134,17 +153,24 @@ class ArtifactBus:
     def subject_for(self, event: model.ArtifactEvent) -> str:
         return f"{self.prefix}.{event.producer or self.producer}"
 
-    async def submit(self, event: model.ArtifactEvent, *, wait: bool = False,
-                     timeout_s: float = 60.0) -> dict[str, Any]:
+    async def submit(
+        self, event: model.ArtifactEvent, *, wait: bool = False, timeout_s: float = 60.0
+    ) -> dict[str, Any]:
         seq = await self.publish(event, timeout_s=min(timeout_s, 10.0))
         if not wait:
             return {"seq": seq, "event_id": event.event_id, "state": "stored"}
         return await self.wait(seq, timeout_s=timeout_s)
 
 
-def submit_sync(settings: Settings, event: model.ArtifactEvent, *, wait: bool = False,
-                timeout_s: float = 60.0, producer: str = "busd.submit",
-                outbox: Path | None = None) -> dict[str, Any]:
+def submit_sync(
+    settings: Settings,
+    event: model.ArtifactEvent,
+    *,
+    wait: bool = False,
+    timeout_s: float = 60.0,
+    producer: str = "busd.submit",
+    outbox: Path | None = None,
+) -> dict[str, Any]:
     """Blocking form of :meth:`ArtifactBus.submit`, for scripts.
 
     With ``outbox``, an event that cannot be stored (NATS unreachable) is written there
@@ -164,10 +190,15 @@ def submit_sync(settings: Settings, event: model.ArtifactEvent, *, wait: bool = 
                 raise TimedOut(f"no answer from NATS within {timeout_s:.0f}s") from None
             raise
         bus = ArtifactBus(settings, producer=producer)
-        path = to_outbox(outbox, bus.subject_for(event), ev.encode(event),
-                         {"Nats-Msg-Id": event.event_id or ""})
-        return {"state": "outbox", "path": str(path), "event_id": event.event_id,
-                "error": str(exc) or type(exc).__name__}
+        path = to_outbox(
+            outbox, bus.subject_for(event), ev.encode(event), {"Nats-Msg-Id": event.event_id or ""}
+        )
+        return {
+            "state": "outbox",
+            "path": str(path),
+            "event_id": event.event_id,
+            "error": str(exc) or type(exc).__name__,
+        }
 
 
 __all__ = ["ArtifactBus", "NatsSettings", "build_event", "describe", "submit_sync"]

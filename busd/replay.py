@@ -46,8 +46,9 @@ class ReplayStore:
         self.nc = nc
         self.stream = stream
 
-    async def lookup(self, seqs: Sequence[int], event_ids: Sequence[str]
-                     ) -> tuple[dict[int, Known], dict[str, Claim]]:
+    async def lookup(
+        self, seqs: Sequence[int], event_ids: Sequence[str]
+    ) -> tuple[dict[int, Known], dict[str, Claim]]:
         return self.catalog.lookup(seqs, event_ids)
 
     async def siblings(self, event_id: str, after_seq: int) -> list[Sibling]:
@@ -70,8 +71,13 @@ class ReplayResult:
 
 
 async def replay_into(
-    s: Settings, nc: Any, catalog: Catalog, *, upto_seq: int | None = None,
-    poison: dict[int, str] | None = None, progress: Progress | None = None,
+    s: Settings,
+    nc: Any,
+    catalog: Catalog,
+    *,
+    upto_seq: int | None = None,
+    poison: dict[int, str] | None = None,
+    progress: Progress | None = None,
 ) -> ReplayResult:
     """Fold the stream (up to ``upto_seq``, default: its last sequence now) into ``catalog``."""
     first, last = await source.stream_bounds(nc, s.nats.stream)
@@ -84,8 +90,9 @@ async def replay_into(
     await source.add_reader(nc, s.nats.stream, name, 1, idle_s=60.0)
     pull = source.PullSource(nc, s.nats.stream, name)
     await pull.start()
-    folder = Folder(s, ReplayStore(catalog, nc, s.nats.stream), replay=True,
-                    quarantined=poison or {})
+    folder = Folder(
+        s, ReplayStore(catalog, nc, s.nats.stream), replay=True, quarantined=poison or {}
+    )
     writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="busd-replay")
     loop = asyncio.get_running_loop()
     pending: asyncio.Future[Changed] | None = None
@@ -108,8 +115,9 @@ async def replay_into(
             folded = await folder.finish(prepared)
             for item in folded.decided:
                 if item.outcome is not None:
-                    result.outcomes[item.outcome.value] = \
+                    result.outcomes[item.outcome.value] = (
                         result.outcomes.get(item.outcome.value, 0) + 1
+                    )
             pending = loop.run_in_executor(writer, catalog.commit, folded.rows)
             done = batch[-1].seq - first + 1
             result.events += len(batch)
@@ -182,8 +190,14 @@ class VerifyReport:
     missing: list[tuple[str, str, str, str]] = field(default_factory=list)
 
 
-async def verify(s: Settings, nc: Any, *, poison: dict[int, str] | None = None,
-                 workdir: Path | None = None, limit: int = 20) -> VerifyReport:
+async def verify(
+    s: Settings,
+    nc: Any,
+    *,
+    poison: dict[int, str] | None = None,
+    workdir: Path | None = None,
+    limit: int = 20,
+) -> VerifyReport:
     """Replay into a temporary catalog and compare it with the live one.
 
     When ``busd serve`` holds the catalog, the comparison is against its exports (runs and
@@ -211,12 +225,18 @@ async def verify(s: Settings, nc: Any, *, poison: dict[int, str] | None = None,
         exported = reader_sql(s.exports_path, "artifacts")
         con = duckdb.connect(":memory:")
         try:
-            committed = [] if exported is None else con.execute(
-                f"SELECT name, run_id, path FROM {exported}").fetchall()
+            committed = (
+                []
+                if exported is None
+                else con.execute(f"SELECT name, run_id, path FROM {exported}").fetchall()
+            )
         finally:
             con.close()
-    missing = sorted((str(n), str(r), str(p), why) for n, r, p in committed
-                     if (why := file_problem(str(p))) is not None)
+    missing = sorted(
+        (str(n), str(r), str(p), why)
+        for n, r, p in committed
+        if (why := file_problem(str(p))) is not None
+    )
     try:
         replayed = Catalog(tmp)
         try:
@@ -235,8 +255,9 @@ async def verify(s: Settings, nc: Any, *, poison: dict[int, str] | None = None,
             leftover.unlink(missing_ok=True)
 
 
-def _diff(con: duckdb.DuckDBPyConnection, table: str, left: str, right: str,
-          limit: int) -> tuple[list[Difference], int]:
+def _diff(
+    con: duckdb.DuckDBPyConnection, table: str, left: str, right: str, limit: int
+) -> tuple[list[Difference], int]:
     out: list[Difference] = []
     total = 0
     for side, a, b in (("live only", left, right), ("replay only", right, left)):
@@ -262,8 +283,13 @@ def _compare_catalogs(live_path: Path, replayed: Catalog, limit: int) -> VerifyR
     counts: dict[str, int] = {}
     try:
         for table in COMPARED:
-            diffs, n = _diff(con, table, _select(f"live.catalog.{table}", table),
-                             _select(f"busd.catalog.{table}", table), limit)
+            diffs, n = _diff(
+                con,
+                table,
+                _select(f"live.catalog.{table}", table),
+                _select(f"busd.catalog.{table}", table),
+                limit,
+            )
             differences += diffs
             counts[table] = n
     finally:
@@ -279,9 +305,9 @@ def _compare_exports(s: Settings, replayed: Catalog, limit: int) -> VerifyReport
         source = reader_sql(s.exports_path, export)
         if source is None:
             raise BusdError(f"the {export} export is missing from {s.exports_path}")
-        diffs, n = _diff(con, table, _select(source, table),
-                         _select(f"busd.catalog.{table}", table), limit)
+        diffs, n = _diff(
+            con, table, _select(source, table), _select(f"busd.catalog.{table}", table), limit
+        )
         differences += diffs
         counts[table] = n
-    return VerifyReport(["runs_d", "artifacts_f"], "exports", differences, counts,
-                        ReplayResult())
+    return VerifyReport(["runs_d", "artifacts_f"], "exports", differences, counts, ReplayResult())

@@ -64,8 +64,9 @@ class SdNotifier:
         """:meth:`status`, at most once per ``every_s``: a loop may call it each turn without
         flooding systemd (every STATUS= is a message to PID 1). True when sent."""
         now = time.monotonic()
-        if self._address is None or (self._status_at is not None
-                                     and now - self._status_at < every_s):
+        if self._address is None or (
+            self._status_at is not None and now - self._status_at < every_s
+        ):
             return False
         self._status_at = now
         return self.status(text)
@@ -92,13 +93,16 @@ class SdNotifier:
         return True
 
 
-def active_status(outcomes: Mapping[str, int], pending: int, ack_pending: int,
-                  oldest_s: float) -> str:
+def active_status(
+    outcomes: Mapping[str, int], pending: int, ack_pending: int, oldest_s: float
+) -> str:
     """The active daemon's ``systemctl status`` line: what it did since it started, and its
     lag in messages and in time."""
     done = ", ".join(f"{outcomes.get(o, 0):,} {o}" for o in ("committed", "duplicate", "rejected"))
-    return (f"active: {done}; lag {pending:,} pending, {ack_pending:,} awaiting ack, "
-            f"oldest unsettled {oldest_s:.0f} s")
+    return (
+        f"active: {done}; lag {pending:,} pending, {ack_pending:,} awaiting ack, "
+        f"oldest unsettled {oldest_s:.0f} s"
+    )
 
 
 def _socket_address(path: str) -> str | bytes | None:

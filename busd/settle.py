@@ -116,14 +116,22 @@ class Rechecks:
 
 def outcome_line(item: Decided) -> tuple[str, str, dict[str, Any]]:
     """(level, message, fields) of the log line for one new outcome."""
-    fields: dict[str, Any] = {"seq": item.d.seq, "event_id": item.event_id,
-                              "subject": item.d.subject,
-                              "outcome": item.outcome.value if item.outcome else None}
+    fields: dict[str, Any] = {
+        "seq": item.d.seq,
+        "event_id": item.event_id,
+        "subject": item.d.subject,
+        "outcome": item.outcome.value if item.outcome else None,
+    }
     if item.outcome is Outcome.REJECTED:
-        return "warning", "event rejected", {
-            "reason": item.reason.value if item.reason else None, "detail": item.detail,
-            **fields}
+        return (
+            "warning",
+            "event rejected",
+            {"reason": item.reason.value if item.reason else None, "detail": item.detail, **fields},
+        )
     if item.outcome is Outcome.DUPLICATE:
         return "info", "duplicate event", fields
-    return "debug", "event committed", {"run_id": item.run_id,
-                                        "artifacts": item.n_artifacts, **fields}
+    return (
+        "debug",
+        "event committed",
+        {"run_id": item.run_id, "artifacts": item.n_artifacts, **fields},
+    )

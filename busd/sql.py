@@ -12,8 +12,9 @@ import duckdb
 COMMITS_KEY = "commits"
 
 
-def first_row(con: duckdb.DuckDBPyConnection, sql: str,
-              params: Sequence[Any] | None = None) -> tuple[Any, ...] | None:
+def first_row(
+    con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None = None
+) -> tuple[Any, ...] | None:
     """The first row, reading the result to its end: a result left open (``fetchone``)
     makes DuckDB refuse the next ``register`` on that connection."""
     rows = con.execute(sql, params or []).fetchall()

@@ -62,11 +62,14 @@ def resolve(raw: str, roots: Sequence[Path]) -> str:
         path = roots[0] / path
     resolved = os.path.realpath(path)
     if not inside(resolved, roots):
-        raise InvalidEvent(Reason.PATH_OUTSIDE_ROOTS,
-                           f"{raw!r} resolves to {resolved!r}, outside the artifact roots")
+        raise InvalidEvent(
+            Reason.PATH_OUTSIDE_ROOTS,
+            f"{raw!r} resolves to {resolved!r}, outside the artifact roots",
+        )
     if not is_utf8(resolved):
-        raise InvalidEvent(Reason.NOT_PARQUET,
-                           f"{raw!r} resolves to {resolved!r}, a name that is not UTF-8")
+        raise InvalidEvent(
+            Reason.NOT_PARQUET, f"{raw!r} resolves to {resolved!r}, a name that is not UTF-8"
+        )
     return resolved
 
 
@@ -81,12 +84,23 @@ def is_utf8(path: str) -> bool:
 
 
 # errors that say something about the path itself, not about the machine reading it
-_ABOUT_THE_PATH = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.ENXIO, errno.ENODEV,
-                             errno.EISDIR, errno.EINVAL, errno.EOVERFLOW, errno.EFBIG,
-                             errno.ELOOP})
+_ABOUT_THE_PATH = frozenset(
+    {
+        errno.ENAMETOOLONG,
+        errno.ENOTDIR,
+        errno.ENXIO,
+        errno.ENODEV,
+        errno.EISDIR,
+        errno.EINVAL,
+        errno.EOVERFLOW,
+        errno.EFBIG,
+        errno.ELOOP,
+    }
+)
 # verdicts about what a file holds: final only once it has stopped changing
-CONTENT_REASONS = frozenset({Reason.SIZE_MISMATCH, Reason.CHECKSUM_MISMATCH, Reason.NOT_PARQUET,
-                             Reason.ROWS_MISMATCH})
+CONTENT_REASONS = frozenset(
+    {Reason.SIZE_MISMATCH, Reason.CHECKSUM_MISMATCH, Reason.NOT_PARQUET, Reason.ROWS_MISMATCH}
+)
 
 
 def check_artifact(
@@ -134,16 +148,21 @@ def _os_error(exc: OSError, name: str, path: str) -> InvalidEvent | FileUnavaila
     if exc.errno == errno.ENOENT:
         return FileNotYetThere(f"{name}: {path} does not exist")
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return FileNotYetThere(f"{name}: {path} is not readable by busd",
-                               Reason.FILE_UNREADABLE)
+        return FileNotYetThere(f"{name}: {path} is not readable by busd", Reason.FILE_UNREADABLE)
     if exc.errno in _ABOUT_THE_PATH:
         return InvalidEvent(Reason.NOT_PARQUET, f"{name}: {path}: {exc.strerror}")
     code = errno.errorcode.get(exc.errno or 0, "no errno")
     return FileUnavailable(f"{name}: {path}: {exc.strerror or exc} ({code})")
 
 
-def _judge(fd: int, actual: str, st: os.stat_result, art: Artifact, checksum: ChecksumPolicy,
-           settle_s: float) -> CheckedArtifact:
+def _judge(
+    fd: int,
+    actual: str,
+    st: os.stat_result,
+    art: Artifact,
+    checksum: ChecksumPolicy,
+    settle_s: float,
+) -> CheckedArtifact:
     """The file's checks, where a failed read is the machine's fault and a content verdict
     on a file changed less than ``settle_s`` ago is not final yet (a producer that
     publishes before its file is complete, or storage that shows it late)."""
@@ -199,8 +218,10 @@ def _confirm_open_file(
     except OSError:
         actual = resolved
     if not inside(actual, roots):
-        raise InvalidEvent(Reason.PATH_OUTSIDE_ROOTS,
-                           f"{art.name}: {art.path!r} was moved outside the roots while checked")
+        raise InvalidEvent(
+            Reason.PATH_OUTSIDE_ROOTS,
+            f"{art.name}: {art.path!r} was moved outside the roots while checked",
+        )
     if not is_utf8(actual):
         raise InvalidEvent(Reason.NOT_PARQUET, f"{art.name}: {actual!r} is not a UTF-8 name")
     st = os.fstat(fd)
@@ -215,22 +236,27 @@ def _check_file(
     """Size, footer and checksum of a regular file inside the roots, open on ``fd``."""
     size = st.st_size
     if art.bytes is not None and art.bytes != size:
-        raise InvalidEvent(Reason.SIZE_MISMATCH,
-                           f"{art.name}: event says {art.bytes} bytes, file has {size}")
+        raise InvalidEvent(
+            Reason.SIZE_MISMATCH, f"{art.name}: event says {art.bytes} bytes, file has {size}"
+        )
     # a small file is read whole, in one call, for both the footer and the checksum
     whole = os.pread(fd, size, 0) if size <= _READ_WHOLE else None
     if whole is not None and len(whole) != size:
         raise InvalidEvent(Reason.NOT_PARQUET, f"{art.name}: {actual} shrank while it was read")
     rows, columns_json, schema_hash = _parquet_footer(fd, size, whole, art.name, actual)
     if art.rows is not None and art.rows != rows:
-        raise InvalidEvent(Reason.ROWS_MISMATCH,
-                           f"{art.name}: event says {art.rows} rows, Parquet footer has {rows}")
+        raise InvalidEvent(
+            Reason.ROWS_MISMATCH,
+            f"{art.name}: event says {art.rows} rows, Parquet footer has {rows}",
+        )
     digest = art.sha256
     if checksum == "always" or (checksum == "if_given" and art.sha256 is not None):
         digest = _sha256(fd, whole)
         if art.sha256 is not None and art.sha256 != digest:
-            raise InvalidEvent(Reason.CHECKSUM_MISMATCH,
-                               f"{art.name}: event says sha256 {art.sha256}, file has {digest}")
+            raise InvalidEvent(
+                Reason.CHECKSUM_MISMATCH,
+                f"{art.name}: event says sha256 {art.sha256}, file has {digest}",
+            )
     return CheckedArtifact(
         name=art.name,
         path=actual,
@@ -258,13 +284,15 @@ def _sha256(fd: int, whole: bytes | None) -> str:
 _MAGIC = b"PAR1"
 
 
-def _parquet_footer(fd: int, size: int, whole: bytes | None, name: str, path: str
-                    ) -> tuple[int, str, str]:
+def _parquet_footer(
+    fd: int, size: int, whole: bytes | None, name: str, path: str
+) -> tuple[int, str, str]:
     """Rows, columns (JSON) and schema hash from the footer: from ``whole`` (the file's
     bytes) when given, else from two ``pread`` calls on the checked fd.
 
     pyarrow parses the footer from a buffer (``PAR1`` + footer + length + ``PAR1``): no
     Python file object, whose every read re-takes the GIL (it was a quarter of busd's CPU)."""
+
     def bad(why: str) -> InvalidEvent:
         return InvalidEvent(Reason.NOT_PARQUET, f"{name}: {path} is not a Parquet file ({why})")
 
@@ -280,7 +308,7 @@ def _parquet_footer(fd: int, size: int, whole: bytes | None, name: str, path: st
     if footer_len <= 0 or footer_len > size - 12:
         raise bad(f"a footer of {footer_len} bytes in a file of {size}")
     start = size - 8 - footer_len
-    footer = whole[start:size - 8] if whole is not None else os.pread(fd, footer_len, start)
+    footer = whole[start : size - 8] if whole is not None else os.pread(fd, footer_len, start)
     if len(footer) != footer_len:
         raise bad("the file shrank while it was read")
     try:
@@ -290,8 +318,9 @@ def _parquet_footer(fd: int, size: int, whole: bytes | None, name: str, path: st
     except (pa.ArrowException, OSError, ValueError, IndexError, TypeError) as exc:
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, pa.ArrowMemoryError) or "bad_alloc" in why:  # the machine's
-            raise FileUnavailable(f"{name}: {path}: out of memory reading its footer: {why}"
-                                  ) from None
+            raise FileUnavailable(
+                f"{name}: {path}: out of memory reading its footer: {why}"
+            ) from None
         raise bad(why) from None
     if rows < 0:  # a damaged footer can say so; artifacts_f.rows would record it
         raise bad(f"its footer says {rows} rows")
@@ -303,7 +332,8 @@ def _parquet_footer(fd: int, size: int, whole: bytes | None, name: str, path: st
 def _columns(schema: pa.Schema) -> tuple[str, str]:
     """Columns as JSON (name and type of each) and their hash; producers write few schemas."""
     columns_json = msgspec.json.encode(
-        [{"name": f.name, "type": str(f.type)} for f in schema]).decode()
+        [{"name": f.name, "type": str(f.type)} for f in schema]
+    ).decode()
     return columns_json, hashlib.sha256(columns_json.encode()).hexdigest()[:16]
 
 
@@ -315,7 +345,9 @@ def check_event(
 
 
 def check_artifacts(
-    artifacts: Sequence[Artifact], roots: Sequence[Path], checksum: ChecksumPolicy,
+    artifacts: Sequence[Artifact],
+    roots: Sequence[Path],
+    checksum: ChecksumPolicy,
     settle_s: float = 0.0,
 ) -> list[CheckedArtifact]:
     """Every artifact checked; of several failures the first permanent one wins, then an

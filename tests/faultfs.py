@@ -75,11 +75,13 @@ def unmount(mountpoint: Path) -> None:
         for tool in tools:
             if not os.path.ismount(mountpoint):
                 return
-            subprocess.run([tool, *args, str(mountpoint)], capture_output=True, timeout=10,
-                           check=False)
+            subprocess.run(
+                [tool, *args, str(mountpoint)], capture_output=True, timeout=10, check=False
+            )
     if os.path.ismount(mountpoint):
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=10,
-                       check=False)
+        subprocess.run(
+            ["umount", "-l", str(mountpoint)], capture_output=True, timeout=10, check=False
+        )
 
 
 def usable() -> str | None:
@@ -103,9 +105,12 @@ def mounted(backing: Path, mountpoint: Path, log: Path) -> Iterator[FaultFS]:
     fs = FaultFS(backing, mountpoint, control)
     fs.clear()
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, __file__, str(backing), str(mountpoint),
-                                 str(control)], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, str(backing), str(mountpoint), str(control)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 15
         while not os.path.ismount(mountpoint):
@@ -170,9 +175,19 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:  # pragma: no c
         def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
             self._hidden(path)
             st = os.lstat(self._real(path))
-            return {k: getattr(st, k) for k in (
-                "st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime", "st_mtime",
-                "st_ctime")}
+            return {
+                k: getattr(st, k)
+                for k in (
+                    "st_mode",
+                    "st_nlink",
+                    "st_uid",
+                    "st_gid",
+                    "st_size",
+                    "st_atime",
+                    "st_mtime",
+                    "st_ctime",
+                )
+            }
 
         def readdir(self, path: str, fh: int) -> list[str]:
             return [".", "..", *os.listdir(self._real(path))]
@@ -212,12 +227,34 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:  # pragma: no c
 
         def statfs(self, path: str) -> dict[str, Any]:
             st = os.statvfs(self._real(path))
-            return {k: getattr(st, k) for k in (
-                "f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree", "f_files",
-                "f_flag", "f_frsize", "f_namemax")}
+            return {
+                k: getattr(st, k)
+                for k in (
+                    "f_bavail",
+                    "f_bfree",
+                    "f_blocks",
+                    "f_bsize",
+                    "f_favail",
+                    "f_ffree",
+                    "f_files",
+                    "f_flag",
+                    "f_frsize",
+                    "f_namemax",
+                )
+            }
 
-    FUSE(Passthrough(), mountpoint, foreground=True, nothreads=False, ro=True, direct_io=True,
-         attr_timeout=0, entry_timeout=0, negative_timeout=0, fsname="faultfs")
+    FUSE(
+        Passthrough(),
+        mountpoint,
+        foreground=True,
+        nothreads=False,
+        ro=True,
+        direct_io=True,
+        attr_timeout=0,
+        entry_timeout=0,
+        negative_timeout=0,
+        fsname="faultfs",
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -108,34 +108,97 @@ def build_world(base: Path) -> World:
     with open(raw_root + b"/\xff/x.parquet", "wb") as handle:
         pq.write_table(pa.table({"x": [1]}), handle)
     os.symlink(raw_root + b"/\xff/x.parquet", raw_root + b"/nonutf8.parquet")
-    facts = {os.path.realpath(root / rel): facts_of(root / rel)
-             for rel in ("runs/r1/fills.parquet", "runs/r1/positions.parquet",
-                         "we'ird \";--%\\ ünï 𝔘/x.parquet")}
-    names = ["runs/r1/fills.parquet", "runs/r1/positions.parquet",
-             "we'ird \";--%\\ ünï 𝔘/x.parquet", "fake.parquet", "zero.parquet", "magic.parquet",
-             "truncated.parquet", "badfooter.parquet", "negrows.parquet", "dir.parquet",
-             "fifo.parquet", "sock.parquet", "out.parquet", "outdir/secret.parquet", "in.parquet",
-             "dangling.parquet", "loop_a.parquet", "nonutf8.parquet", "missing.parquet"]
-    paths = [*names, *(str(root / n) for n in names[:3]),
-             "../outside/secret.parquet", "runs/../../outside/secret.parquet",
-             "runs/r1/../r1/fills.parquet", "./runs//r1/./fills.parquet", "runs/r1/fills.parquet/",
-             str(outside / "secret.parquet"), str(evil / "x.parquet"),
-             f"{root}/../outside/secret.parquet", f"{root}_evil/x.parquet",
-             "/etc/passwd", "/dev/zero", "/proc/self/environ", "/", ".", "..", "//", "~",
-             "x" * 300, "a/" * 2040, "\t", " ", "ü.parquet", "\u202e", "runs\\r1\\fills.parquet",
-             "file:///etc/passwd", "%2e%2e/outside/secret.parquet", "a\x00b", "\x00", "",
-             "runs/r1/fills.parquet\x00.txt"]
+    facts = {
+        os.path.realpath(root / rel): facts_of(root / rel)
+        for rel in (
+            "runs/r1/fills.parquet",
+            "runs/r1/positions.parquet",
+            "we'ird \";--%\\ ünï 𝔘/x.parquet",
+        )
+    }
+    names = [
+        "runs/r1/fills.parquet",
+        "runs/r1/positions.parquet",
+        "we'ird \";--%\\ ünï 𝔘/x.parquet",
+        "fake.parquet",
+        "zero.parquet",
+        "magic.parquet",
+        "truncated.parquet",
+        "badfooter.parquet",
+        "negrows.parquet",
+        "dir.parquet",
+        "fifo.parquet",
+        "sock.parquet",
+        "out.parquet",
+        "outdir/secret.parquet",
+        "in.parquet",
+        "dangling.parquet",
+        "loop_a.parquet",
+        "nonutf8.parquet",
+        "missing.parquet",
+    ]
+    paths = [
+        *names,
+        *(str(root / n) for n in names[:3]),
+        "../outside/secret.parquet",
+        "runs/../../outside/secret.parquet",
+        "runs/r1/../r1/fills.parquet",
+        "./runs//r1/./fills.parquet",
+        "runs/r1/fills.parquet/",
+        str(outside / "secret.parquet"),
+        str(evil / "x.parquet"),
+        f"{root}/../outside/secret.parquet",
+        f"{root}_evil/x.parquet",
+        "/etc/passwd",
+        "/dev/zero",
+        "/proc/self/environ",
+        "/",
+        ".",
+        "..",
+        "//",
+        "~",
+        "x" * 300,
+        "a/" * 2040,
+        "\t",
+        " ",
+        "ü.parquet",
+        "\u202e",
+        "runs\\r1\\fills.parquet",
+        "file:///etc/passwd",
+        "%2e%2e/outside/secret.parquet",
+        "a\x00b",
+        "\x00",
+        "",
+        "runs/r1/fills.parquet\x00.txt",
+    ]
     fills = root / "runs/r1/fills.parquet"
     size, rows, digest = facts[os.path.realpath(fills)]
     event: dict[str, Any] = {
-        "schema_version": 1, "event_id": "sim-1:final", "producer": "lab.sim",
-        "run": {"run_id": "sim-1", "kind": "simulation", "status": "succeeded",
-                "started_at": "2026-11-28T10:00:00Z", "finished_at": "2026-11-28T10:05:00Z",
-                "params": {"strategy": "meanrev", "seed": 7}, "code_version": "a1b2c3d",
-                "parent_run_id": None},
-        "artifacts": [{"name": "fills", "path": "runs/r1/fills.parquet", "rows": rows,
-                       "bytes": size, "sha256": digest, "meta": {"k": "v"}},
-                      {"name": "positions", "path": str(root / "runs/r1/positions.parquet")}]}
+        "schema_version": 1,
+        "event_id": "sim-1:final",
+        "producer": "lab.sim",
+        "run": {
+            "run_id": "sim-1",
+            "kind": "simulation",
+            "status": "succeeded",
+            "started_at": "2026-11-28T10:00:00Z",
+            "finished_at": "2026-11-28T10:05:00Z",
+            "params": {"strategy": "meanrev", "seed": 7},
+            "code_version": "a1b2c3d",
+            "parent_run_id": None,
+        },
+        "artifacts": [
+            {
+                "name": "fills",
+                "path": "runs/r1/fills.parquet",
+                "rows": rows,
+                "bytes": size,
+                "sha256": digest,
+                "meta": {"k": "v"},
+            },
+            {"name": "positions", "path": str(root / "runs/r1/positions.parquet")},
+        ],
+    }
     return World(root, outside, facts, paths, event)
 
 
@@ -155,8 +218,7 @@ def decode_once(payload: bytes) -> model.ArtifactEvent | InvalidEvent:
         return exc
 
 
-def outcome(world: World, payload: bytes, msg_id: str | None = None,
-            subject: str = SUBJECT) -> str:
+def outcome(world: World, payload: bytes, msg_id: str | None = None, subject: str = SUBJECT) -> str:
     """What busd makes of ``payload``: ``ok`` or the rejection reason. Asserts the contract."""
     first, again = decode_once(payload), decode_once(payload)
     if isinstance(first, InvalidEvent):  # deterministic
@@ -167,8 +229,9 @@ def outcome(world: World, payload: bytes, msg_id: str | None = None,
     event = first
     assert events.decode(events.encode(event)) == event  # what the catalog stores re-reads
     try:
-        event_id, producer = events.resolve_identity(event, subject, msg_id,
-                                                     events.payload_sha256(payload))
+        event_id, producer = events.resolve_identity(
+            event, subject, msg_id, events.payload_sha256(payload)
+        )
     except InvalidEvent as exc:
         assert_closed(exc)
         assert exc.reason is Reason.PRODUCER_MISMATCH
@@ -220,32 +283,120 @@ def dumps(value: Any, ascii_only: bool = True) -> str:
         value = value["__pairs__"]
     if isinstance(value, (dict, Pairs)):
         items = value.items if isinstance(value, Pairs) else value.items()
-        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=ascii_only)}:{dumps(v, ascii_only)}"
-                              for k, v in items) + "}"
+        return (
+            "{"
+            + ",".join(
+                f"{json.dumps(k, ensure_ascii=ascii_only)}:{dumps(v, ascii_only)}" for k, v in items
+            )
+            + "}"
+        )
     if isinstance(value, list):
         return "[" + ",".join(dumps(v, ascii_only) for v in value) + "]"
     return json.dumps(value, ensure_ascii=ascii_only)
 
 
 # ---- hostile values, and byte edits of a payload ---------------------------------------------
-RAW_NUMBERS = [Raw(t) for t in ("1e999", "-1e999", "1E400", "1e-400", "NaN", "Infinity",
-                                "-Infinity", "18446744073709551616", "-9223372036854775809",
-                                "1180591620717411303424", "3.0", "1.0e0", "01", "-0", "+1",
-                                ".5", "0x10", "1_000")]
-RAW_STRINGS = [Raw(t) for t in (r'"\ud800"', r'"\udc00x"', r'"\ud800\ud800"', r'"\u0000"',
-                                r'"a\u0000b"', r'"\x41"', r'"\q"', r'"\u12"', '"a\tb"',
-                                '"\\u005c\\u0022"')]
+RAW_NUMBERS = [
+    Raw(t)
+    for t in (
+        "1e999",
+        "-1e999",
+        "1E400",
+        "1e-400",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "18446744073709551616",
+        "-9223372036854775809",
+        "1180591620717411303424",
+        "3.0",
+        "1.0e0",
+        "01",
+        "-0",
+        "+1",
+        ".5",
+        "0x10",
+        "1_000",
+    )
+]
+RAW_STRINGS = [
+    Raw(t)
+    for t in (
+        r'"\ud800"',
+        r'"\udc00x"',
+        r'"\ud800\ud800"',
+        r'"\u0000"',
+        r'"a\u0000b"',
+        r'"\x41"',
+        r'"\q"',
+        r'"\u12"',
+        '"a\tb"',
+        '"\\u005c\\u0022"',
+    )
+]
 HOSTILE_SCALARS: list[Any] = [
-    2**70, -(2**70), 2**63, -(2**63) - 1, 2**64, 2**62, 2**62 + 1, -1, 0, 1.5, 1e308, -0.0,
-    "NaN", "Infinity", "1e999", "", " ", "\x00", "a\x00b", "..", "../../etc/passwd",
-    "/etc/passwd", "ü", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "\u202e", "\ufeff", "'", '";--', "\\", "%", "_",
-    "'; DROP TABLE catalog.runs_d; --", "A" * 200, "A" * 201, "r\n", "x" * 5000, True, False,
-    None, [], {}, [[[]]], {"": None}, *RAW_NUMBERS, *RAW_STRINGS]
-FIELDS = {"top": ["schema_version", "run", "artifacts", "event_id", "producer"],
-          "run": ["run_id", "kind", "status", "started_at", "finished_at", "params",
-                  "code_version", "parent_run_id"],
-          "art": ["name", "path", "rows", "bytes", "sha256", "meta"],
-          "params": ["strategy", "seed"], "meta": ["k"]}
+    2**70,
+    -(2**70),
+    2**63,
+    -(2**63) - 1,
+    2**64,
+    2**62,
+    2**62 + 1,
+    -1,
+    0,
+    1.5,
+    1e308,
+    -0.0,
+    "NaN",
+    "Infinity",
+    "1e999",
+    "",
+    " ",
+    "\x00",
+    "a\x00b",
+    "..",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "ü",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "\u202e",
+    "\ufeff",
+    "'",
+    '";--',
+    "\\",
+    "%",
+    "_",
+    "'; DROP TABLE catalog.runs_d; --",
+    "A" * 200,
+    "A" * 201,
+    "r\n",
+    "x" * 5000,
+    True,
+    False,
+    None,
+    [],
+    {},
+    [[[]]],
+    {"": None},
+    *RAW_NUMBERS,
+    *RAW_STRINGS,
+]
+FIELDS = {
+    "top": ["schema_version", "run", "artifacts", "event_id", "producer"],
+    "run": [
+        "run_id",
+        "kind",
+        "status",
+        "started_at",
+        "finished_at",
+        "params",
+        "code_version",
+        "parent_run_id",
+    ],
+    "art": ["name", "path", "rows", "bytes", "sha256", "meta"],
+    "params": ["strategy", "seed"],
+    "meta": ["k"],
+}
 
 
 EDIT_BYTES = b'\x00"\\[{}\xff\xc0\x80\n0:,'
@@ -263,7 +414,7 @@ def byte_edits(payload: bytes, rng: random.Random) -> bytes:
         elif how == "insert":
             out[pos:pos] = bytes([byte])
         elif how == "delete":
-            del out[pos:pos + rng.randint(1, 8)]
+            del out[pos : pos + rng.randint(1, 8)]
         elif how == "cut" and rng.random() < 0.3:
             del out[pos:]
     return bytes(out)
@@ -314,8 +465,12 @@ DECODE_CASES: dict[str, tuple[Callable[[World], bytes], str]] = {
     # size
     "one_mib_ok": (lambda w: padded(w, model.MAX_PAYLOAD_BYTES), "ok"),
     "one_mib_plus_one": (lambda w: padded(w, model.MAX_PAYLOAD_BYTES + 1), "too_large"),
-    "1001_artifacts": (lambda w: dumps({**w.base, "artifacts": [
-        {"name": f"a{i}", "path": "x"} for i in range(1001)]}).encode(), "too_large"),
+    "1001_artifacts": (
+        lambda w: dumps(
+            {**w.base, "artifacts": [{"name": f"a{i}", "path": "x"} for i in range(1001)]}
+        ).encode(),
+        "too_large",
+    ),
     # not JSON, not an object, not UTF-8
     "empty": (lambda w: b"", "malformed"),
     "whitespace": (lambda w: b" \n\t", "malformed"),
@@ -324,14 +479,19 @@ DECODE_CASES: dict[str, tuple[Callable[[World], bytes], str]] = {
     "string": (lambda w: b'"{}"', "malformed"),
     "nan_literal": (lambda w: with_run(w, params={"x": Raw("NaN")}), "malformed"),
     "infinity_literal": (lambda w: with_run(w, params={"x": Raw("Infinity")}), "malformed"),
-    "bad_utf8_value": (lambda w: with_run(w, status="\udcff").replace(b"\\udcff", b"\xff"),
-                       "malformed"),
+    "bad_utf8_value": (
+        lambda w: with_run(w, status="\udcff").replace(b"\\udcff", b"\xff"),
+        "malformed",
+    ),
     "bad_utf8_key": (lambda w: b'{"\xff":1}', "malformed"),
-    "overlong_utf8": (lambda w: with_run(w, status="\udcff").replace(b"\\udcff", b"\xc0\xaf"),
-                      "malformed"),
-    "cesu_surrogate": (lambda w: with_run(w, status="\udcff").replace(b"\\udcff",
-                                                                      b"\xed\xa0\x80"),
-                       "malformed"),
+    "overlong_utf8": (
+        lambda w: with_run(w, status="\udcff").replace(b"\\udcff", b"\xc0\xaf"),
+        "malformed",
+    ),
+    "cesu_surrogate": (
+        lambda w: with_run(w, status="\udcff").replace(b"\\udcff", b"\xed\xa0\x80"),
+        "malformed",
+    ),
     "lone_surrogate_escape": (lambda w: with_run(w, status=Raw(r'"\ud800"')), "malformed"),
     "utf8_bom": (lambda w: b"\xef\xbb\xbf" + dumps(w.base).encode(), "malformed"),
     # NUL
@@ -340,8 +500,10 @@ DECODE_CASES: dict[str, tuple[Callable[[World], bytes], str]] = {
     "nul_in_status_ok": (lambda w: with_run(w, status="a\x00b"), "ok"),
     "empty_path": (lambda w: with_art(w, path=""), "schema"),
     # numbers
-    "params_2_70_ok": (lambda w: with_run(w, params={"a": 2**70, "b": -(2**70),
-                                                     "c": 10**400}), "ok"),
+    "params_2_70_ok": (
+        lambda w: with_run(w, params={"a": 2**70, "b": -(2**70), "c": 10**400}),
+        "ok",
+    ),
     "params_1e999": (lambda w: with_run(w, params={"x": Raw("1e999")}), "schema"),
     "params_minus_1e999": (lambda w: with_run(w, params={"x": Raw("-1e999")}), "schema"),
     "meta_1e400": (lambda w: with_art(w, meta={"x": Raw("1E400")}), "schema"),
@@ -356,10 +518,14 @@ DECODE_CASES: dict[str, tuple[Callable[[World], bytes], str]] = {
     "rows_string": (lambda w: with_art(w, rows="3"), "schema"),
     "rows_bool": (lambda w: with_art(w, rows=True), "schema"),
     "bytes_2_63": (lambda w: with_art(w, bytes=2**63), "schema"),
-    "version_2_70": (lambda w: dumps({**w.base, "schema_version": 2**70}).encode(),
-                     "unsupported_version"),
-    "version_minus_2_70": (lambda w: dumps({**w.base, "schema_version": -(2**70)}).encode(),
-                           "unsupported_version"),
+    "version_2_70": (
+        lambda w: dumps({**w.base, "schema_version": 2**70}).encode(),
+        "unsupported_version",
+    ),
+    "version_minus_2_70": (
+        lambda w: dumps({**w.base, "schema_version": -(2**70)}).encode(),
+        "unsupported_version",
+    ),
     "version_float": (lambda w: dumps({**w.base, "schema_version": 1.0}).encode(), "schema"),
     "version_string": (lambda w: dumps({**w.base, "schema_version": "1"}).encode(), "schema"),
     # identifiers
@@ -372,27 +538,34 @@ DECODE_CASES: dict[str, tuple[Callable[[World], bytes], str]] = {
     "ident_sql": (lambda w: with_run(w, run_id="r';--"), "schema"),
     # Python's `$` matches before a final newline: these passed before the fix
     "ident_trailing_newline": (lambda w: with_run(w, run_id="sim-1\n"), "schema"),
-    "producer_trailing_newline": (lambda w: dumps({**w.base, "producer": "lab.sim\n"}).encode(),
-                                  "schema"),
+    "producer_trailing_newline": (
+        lambda w: dumps({**w.base, "producer": "lab.sim\n"}).encode(),
+        "schema",
+    ),
     "sha256_trailing_newline": (lambda w: with_art(w, sha256="0" * 64 + "\n"), "schema"),
     "status_201": (lambda w: with_run(w, status="s" * 201), "schema"),
     "status_unicode_ok": (lambda w: with_run(w, status="ü𝔘\u202e\ufeff'\";--%\\"), "ok"),
     "status_empty_ok": (lambda w: with_run(w, status=""), "ok"),
     # times
-    "time_year_10000_utc_ok": (lambda w: with_run(w, started_at="9999-12-31T23:59:59-23:59"),
-                               "ok"),
+    "time_year_10000_utc_ok": (lambda w: with_run(w, started_at="9999-12-31T23:59:59-23:59"), "ok"),
     "time_feb_30": (lambda w: with_run(w, started_at="2026-02-30T00:00:00Z"), "schema"),
     "time_number": (lambda w: with_run(w, started_at=1e10), "schema"),
     # duplicate keys: msgspec keeps the last occurrence, after validating each one
     "dup_version_last_wins_ok": (lambda w: dup_keys(w, "top", 2, 1, "schema_version"), "ok"),
-    "dup_version_last_wins": (lambda w: dup_keys(w, "top", 1, 2, "schema_version"),
-                              "unsupported_version"),
-    "dup_run_id_first_invalid": (lambda w: dup_keys(w, "run", "bad id", "sim-1", "run_id"),
-                                 "schema"),
-    "dup_path_last_outside": (lambda w: dup_keys(w, "art", "runs/r1/fills.parquet",
-                                                 "../outside/secret.parquet", "path"),
-                              "path_outside_roots"),
-    "dup_producer_last_wrong": (lambda w: dup_keys(w, "top", "lab.sim", "other", "producer"),
-                                "producer_mismatch"),
+    "dup_version_last_wins": (
+        lambda w: dup_keys(w, "top", 1, 2, "schema_version"),
+        "unsupported_version",
+    ),
+    "dup_run_id_first_invalid": (
+        lambda w: dup_keys(w, "run", "bad id", "sim-1", "run_id"),
+        "schema",
+    ),
+    "dup_path_last_outside": (
+        lambda w: dup_keys(w, "art", "runs/r1/fills.parquet", "../outside/secret.parquet", "path"),
+        "path_outside_roots",
+    ),
+    "dup_producer_last_wrong": (
+        lambda w: dup_keys(w, "top", "lab.sim", "other", "producer"),
+        "producer_mismatch",
+    ),
 }
-

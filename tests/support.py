@@ -112,8 +112,12 @@ class Bus:
             "artifact_roots": [str(self.artifacts)],
             "log_format": "json",
             "nats": {"url": self.url},
-            "consumer": {"batch_wait_ms": 50, "ack_wait_s": 2, "stall_s": 120,
-                         "shutdown_grace_s": 10},
+            "consumer": {
+                "batch_wait_ms": 50,
+                "ack_wait_s": 2,
+                "stall_s": 120,
+                "shutdown_grace_s": 10,
+            },
             "verify": {"file_wait_s": 0, "checksum": "if_given"},
             "metrics": {"listen": ""},
         }
@@ -134,20 +138,27 @@ class Bus:
         pq.write_table(table, path)
         return path
 
-    def event(self, run_id: str = "run-1", artifacts: list[dict[str, Any]] | None = None,
-              **top: Any) -> dict[str, Any]:
+    def event(
+        self, run_id: str = "run-1", artifacts: list[dict[str, Any]] | None = None, **top: Any
+    ) -> dict[str, Any]:
         if artifacts is None:
             artifacts = [{"name": "fills", "path": str(self.parquet(f"{run_id}/fills.parquet"))}]
-        body: dict[str, Any] = {"schema_version": 1,
-                                "run": {"run_id": run_id, "kind": "simulation",
-                                        "status": "succeeded"},
-                                "artifacts": artifacts}
+        body: dict[str, Any] = {
+            "schema_version": 1,
+            "run": {"run_id": run_id, "kind": "simulation", "status": "succeeded"},
+            "artifacts": artifacts,
+        }
         body.update(top)
         return body
 
-    def publish(self, payloads: list[bytes | dict[str, Any]], subject: str = "artifacts.lab.sim",
-                *, js: bool = True, headers: list[dict[str, str] | None] | None = None
-                ) -> list[int]:
+    def publish(
+        self,
+        payloads: list[bytes | dict[str, Any]],
+        subject: str = "artifacts.lab.sim",
+        *,
+        js: bool = True,
+        headers: list[dict[str, str] | None] | None = None,
+    ) -> list[int]:
         """Publish payloads; ``js=False`` is a plain core publish, like ``nats pub``."""
 
         async def go() -> list[int]:
@@ -199,22 +210,40 @@ class Bus:
     def export(self, name: str) -> pa.Table:
         return pq.read_table(self.data / "exports" / f"{name}.parquet")
 
-    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
-            input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 60,
+        input: bytes | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         full_env = {**os.environ, **(env or {})}
-        return subprocess.run([*BUSD, *args], cwd=self.root, env=full_env, capture_output=True,
-                              text=True, timeout=timeout, input=None if input is None
-                              else input.decode())
+        return subprocess.run(
+            [*BUSD, *args],
+            cwd=self.root,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=None if input is None else input.decode(),
+        )
 
-    def spawn(self, *args: str, env: dict[str, str] | None = None,
-              log: str = "serve.log") -> subprocess.Popen[str]:
+    def spawn(
+        self, *args: str, env: dict[str, str] | None = None, log: str = "serve.log"
+    ) -> subprocess.Popen[str]:
         """Start busd as a real process; its output goes to ``root/log`` (never a pipe that
         could fill up and block it)."""
         full_env = {**os.environ, **(env or {})}
         with open(self.root / log, "a") as out:
-            proc = subprocess.Popen([*BUSD, *args], cwd=self.root, env=full_env, text=True,
-                                    stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [*BUSD, *args],
+                cwd=self.root,
+                env=full_env,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         self.procs.append(proc)
         return proc
 
@@ -266,12 +295,30 @@ def committed_batch(seq: int, run_id: str) -> Batch:
     now = dt.datetime.now(dt.UTC)
     event_id = f"{run_id}:{seq}"
     batch = Batch()
-    batch.events.append((seq, event_id, "0" * 64, "artifacts.lab", "lab", run_id,
-                         "committed", None, 1, now, now))
-    batch.artifacts.append((run_id, "fills", seq, f"/a/{seq}.parquet", "parquet", 3, 100,
-                            None, "[]", "0" * 16, None, event_id, now, now))
-    batch.runs.append((seq, run_id, "sim", "lab", "succeeded", None, None, None, None, None,
-                       now, event_id))
+    batch.events.append(
+        (seq, event_id, "0" * 64, "artifacts.lab", "lab", run_id, "committed", None, 1, now, now)
+    )
+    batch.artifacts.append(
+        (
+            run_id,
+            "fills",
+            seq,
+            f"/a/{seq}.parquet",
+            "parquet",
+            3,
+            100,
+            None,
+            "[]",
+            "0" * 16,
+            None,
+            event_id,
+            now,
+            now,
+        )
+    )
+    batch.runs.append(
+        (seq, run_id, "sim", "lab", "succeeded", None, None, None, None, None, now, event_id)
+    )
     return batch
 
 

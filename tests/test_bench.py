@@ -48,9 +48,14 @@ def _processes_mentioning(text: str) -> list[str]:
 def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     tmp = tmp_path / "tmp"
-    run = subprocess.run([*BUSD, "bench", "--quick", "--soak", "3000", "--json", str(out)],
-                         cwd=tmp_path, env=_env(tmp), capture_output=True, text=True,
-                         timeout=150)
+    run = subprocess.run(
+        [*BUSD, "bench", "--quick", "--soak", "3000", "--json", str(out)],
+        cwd=tmp_path,
+        env=_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
 
@@ -71,8 +76,15 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     _positive(s["live"], "peak_rss_mb")
     for phase in ("fixed", "max"):
         p = s["live"][phase]
-        _positive(p, "published", "publish_events_per_s", "latency_p50_s", "latency_p99_s",
-                  "latency_max_le_s", "lag_zero_after_stop_s")
+        _positive(
+            p,
+            "published",
+            "publish_events_per_s",
+            "latency_p50_s",
+            "latency_p99_s",
+            "latency_max_le_s",
+            "lag_zero_after_stop_s",
+        )
         assert p["latency_observed"] >= p["published"], p
     _positive(s["live"]["raw_max"], "published", "publish_events_per_s", "lag_zero_after_stop_s")
     assert s["exports"]["status"] == "ok", s["exports"]
@@ -84,8 +96,7 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     _positive(s["soak"], "events", "events_per_s", "peak_rss_mb", "peak_worker_rss_mb")
     assert len(s["soak"]["samples"]) == 10
     for size in s["exports"]["sizes"].values():
-        _positive(size["partitioned"], "whole_seconds", "after_batch_seconds",
-                  "parts_rewritten")
+        _positive(size["partitioned"], "whole_seconds", "after_batch_seconds", "parts_rewritten")
     assert s["rebuild"]["events_per_s"] > 0 and s["rebuild"]["events"] > 0
     _positive(report["ratios"], "busd_over_naive", "busd_over_raw")
 
@@ -96,8 +107,14 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_interrupted_bench_cleans_up(tmp_path: Path) -> None:
     tmp = tmp_path / "tmp"
-    proc = subprocess.Popen([*BUSD, "bench", "--quick"], cwd=tmp_path, env=_env(tmp),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*BUSD, "bench", "--quick"],
+        cwd=tmp_path,
+        env=_env(tmp),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not any(tmp.glob("busd-bench-*/catchup-0.toml")):  # busd is catching up

@@ -37,18 +37,26 @@ class Publisher:
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     async def _run(self) -> None:
-        nc = await nats.connect(servers=self.bus.servers, max_reconnect_attempts=-1,
-                                reconnect_time_wait=0.2)
+        nc = await nats.connect(
+            servers=self.bus.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.2
+        )
         js = nc.jetstream()
         deadline = time.monotonic() + 300
         try:
             for i, run_id in enumerate(self.ids):
-                body = json.dumps(self.bus.event(run_id, [{"name": "fills", "path": self.path}],
-                                                 event_id=f"{run_id}:final")).encode()
+                body = json.dumps(
+                    self.bus.event(
+                        run_id, [{"name": "fills", "path": self.path}], event_id=f"{run_id}:final"
+                    )
+                ).encode()
                 while time.monotonic() < deadline:
                     try:
-                        await js.publish("artifacts.chaos", body, timeout=2,
-                                         headers={"Nats-Msg-Id": f"{run_id}:final"})
+                        await js.publish(
+                            "artifacts.chaos",
+                            body,
+                            timeout=2,
+                            headers={"Nats-Msg-Id": f"{run_id}:final"},
+                        )
                         self.acked += 1
                         break
                     except Exception:  # noqa: BLE001 - outage: retry, the msg id dedups
@@ -76,8 +84,9 @@ def exported_all(bus: Bus, n: int) -> bool:
 
 
 def check_exactly_once(bus: Bus, ids: list[str]) -> dict[str, int]:
-    rows = bus.sql("SELECT run_id, count(*) FROM catalog.events_f WHERE outcome = 'committed' "
-                   "GROUP BY run_id")
+    rows = bus.sql(
+        "SELECT run_id, count(*) FROM catalog.events_f WHERE outcome = 'committed' GROUP BY run_id"
+    )
     per_run = dict(rows)
     lost = [r for r in ids if r not in per_run]
     doubled = [r for r, n in per_run.items() if n != 1]
@@ -97,8 +106,9 @@ def verify_passes(bus: Bus, cfg: str) -> None:
 
 
 @pytest.mark.timeout(3600)  # the long form runs 200 trials
-@pytest.mark.parametrize("trials", [pytest.param(12, id="short"),
-                                    pytest.param(200, id="long", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "trials", [pytest.param(12, id="short"), pytest.param(200, id="long", marks=pytest.mark.slow)]
+)
 def test_kill_9_at_random_moments(bus: Bus, trials: int) -> None:
     total = 150 * trials
     cfg = str(bus.write_config(consumer={"max_deliver": 50, "ack_wait_s": 1, "batch_max": 100}))
@@ -115,13 +125,22 @@ def test_kill_9_at_random_moments(bus: Bus, trials: int) -> None:
     bus.drain(consumer={"max_deliver": 50, "ack_wait_s": 1, "batch_max": 100})
     found = check_exactly_once(bus, pub.ids)
     verify_passes(bus, cfg)
-    print(f"\nkill -9 loop: {trials} trials, {kills} kills, {pub.acked} events published "
-          f"({pub.retries} publish retries), {found}, {time.monotonic() - started:.0f}s")
+    print(
+        f"\nkill -9 loop: {trials} trials, {kills} kills, {pub.acked} events published "
+        f"({pub.retries} publish retries), {found}, {time.monotonic() - started:.0f}s"
+    )
 
 
 def test_kill_9_at_each_named_point_repeatedly(bus: Bus) -> None:
-    points = ["after_decode", "during_validate", "after_commit", "during_export",
-              "after_rename", "before_ack", "after_ack"]
+    points = [
+        "after_decode",
+        "during_validate",
+        "after_commit",
+        "during_export",
+        "after_rename",
+        "before_ack",
+        "after_ack",
+    ]
     total = 400
     ids = [f"p-{i}" for i in range(total)]
     path = str(bus.parquet("p/shared.parquet"))
@@ -132,15 +151,20 @@ def test_kill_9_at_each_named_point_repeatedly(bus: Bus) -> None:
     kills = 0
     for round_ in range(3):
         for point in points:
-            proc = bus.spawn("serve", "--config", cfg,
-                             env={"BUSD_TEST_FAULT": point, "BUSD_TEST_FAULT_SKIP": str(round_)})
+            proc = bus.spawn(
+                "serve",
+                "--config",
+                cfg,
+                env={"BUSD_TEST_FAULT": point, "BUSD_TEST_FAULT_SKIP": str(round_)},
+            )
             rc = proc.wait(60)
             kills += rc == -signal.SIGKILL
     bus.drain(consumer=small)
     found = check_exactly_once(bus, ids)
     verify_passes(bus, cfg)
-    print(f"\nnamed points: {len(points)} points x 3 rounds, {kills} kills, {total} events, "
-          f"{found}")
+    print(
+        f"\nnamed points: {len(points)} points x 3 rounds, {kills} kills, {total} events, {found}"
+    )
 
 
 @contextmanager
@@ -179,21 +203,28 @@ def test_nats_server_restarts_and_kills_mid_flow(bus: Bus) -> None:
             else:
                 bus.server.stop()
             outages += 1
-            wait_for(lambda: scrape(port)[0] == 503
-                     and "busd_nats_connected 0.0" in scrape(port)[1], 30, "outage seen")
+            wait_for(
+                lambda: scrape(port)[0] == 503 and "busd_nats_connected 0.0" in scrape(port)[1],
+                30,
+                "outage seen",
+            )
             time.sleep(0.5)
             bus.server.start()
             wait_for(lambda: scrape(port)[0] == 200, 60, "busd reconnected")
     bus.drain()
     found = check_exactly_once(bus, pub.ids)
-    print(f"\nnats-server restarts: {outages} outages (2 SIGTERM, 2 SIGKILL), {pub.acked} "
-          f"events, {pub.retries} publish retries, {found}")
+    print(
+        f"\nnats-server restarts: {outages} outages (2 SIGTERM, 2 SIGKILL), {pub.acked} "
+        f"events, {pub.retries} publish retries, {found}"
+    )
 
 
 def test_sigstop_past_ack_wait(bus: Bus) -> None:
     seqs_seen: list[int] = []
-    with serving(bus, consumer={"ack_wait_s": 1}) as (proc, _port), \
-            Publisher(bus, 600, rate_per_s=300) as pub:
+    with (
+        serving(bus, consumer={"ack_wait_s": 1}) as (proc, _port),
+        Publisher(bus, 600, rate_per_s=300) as pub,
+    ):
         for _ in range(3):
             time.sleep(0.7)
             proc.send_signal(signal.SIGSTOP)
@@ -252,8 +283,11 @@ def test_catalog_disk_full_then_freed(bus: Bus) -> None:
 
     small = bus.root / "small"
     small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)],
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode != 0:
         if os.environ.get("CI"):
             pytest.fail(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
@@ -275,8 +309,11 @@ def test_catalog_disk_full_then_freed(bus: Bus) -> None:
                 f.write(b"\0" * (1 << 20))
                 f.flush()
         bus.publish(events[20:])
-        failed = wait_for(lambda: ("failed" in bus.log() or proc.poll() is not None), 60,
-                          "busd to notice the full disk")
+        failed = wait_for(
+            lambda: "failed" in bus.log() or proc.poll() is not None,
+            60,
+            "busd to notice the full disk",
+        )
         assert failed
         time.sleep(2)
         # nothing past the last durable export was acked
@@ -294,8 +331,9 @@ def test_catalog_disk_full_then_freed(bus: Bus) -> None:
         bus.overrides = over
         found = check_exactly_once(bus, ids)
         how = "exited and was restarted" if restarts else "retried"
-        print(f"\ndisk full: 60 events, busd {how}, the ack floor stayed within the exports; "
-              f"{found}")
+        print(
+            f"\ndisk full: 60 events, busd {how}, the ack floor stayed within the exports; {found}"
+        )
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
 

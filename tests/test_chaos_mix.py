@@ -46,10 +46,18 @@ from busd.embedded import EmbeddedServer
 
 FAULTS = ("kill9", "sigstop", "nats", "eio", "late", "deleted")
 ACK_WAIT_S = 1
-CONSUMER = {"max_deliver": 50, "ack_wait_s": ACK_WAIT_S, "batch_max": 100, "stall_s": 120,
-            "shutdown_grace_s": 10}
-FILL_RUNS = {"name": "fill_runs", "depends_on": ["fills"],
-             "sql": "SELECT DISTINCT run_id FROM data.fills"}
+CONSUMER = {
+    "max_deliver": 50,
+    "ack_wait_s": ACK_WAIT_S,
+    "batch_max": 100,
+    "stall_s": 120,
+    "shutdown_grace_s": 10,
+}
+FILL_RUNS = {
+    "name": "fill_runs",
+    "depends_on": ["fills"],
+    "sql": "SELECT DISTINCT run_id FROM data.fills",
+}
 RATE = 100  # events per second
 
 
@@ -71,8 +79,9 @@ class Instance:
         self.spawns += 1
         self.port = free_port()
         self.cfg = self.bus.root / f"busd-{self.spawns}.toml"
-        self.cfg.write_text(to_toml(self.bus.config_dict(
-            metrics={"listen": f"127.0.0.1:{self.port}"})))
+        self.cfg.write_text(
+            to_toml(self.bus.config_dict(metrics={"listen": f"127.0.0.1:{self.port}"}))
+        )
         self.proc = self.bus.spawn("serve", "--config", str(self.cfg), log=self.logname)
 
     def alive(self) -> bool:
@@ -129,12 +138,19 @@ def _publish_one(bus: Bus, run_id: str, path: str) -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
-                nc = await nats.connect(servers=bus.servers, connect_timeout=2,
-                                        max_reconnect_attempts=0, allow_reconnect=False)
+                nc = await nats.connect(
+                    servers=bus.servers,
+                    connect_timeout=2,
+                    max_reconnect_attempts=0,
+                    allow_reconnect=False,
+                )
                 try:
-                    await nc.jetstream().publish("artifacts.chaos", json.dumps(body).encode(),
-                                                 timeout=2,
-                                                 headers={"Nats-Msg-Id": f"{run_id}:final"})
+                    await nc.jetstream().publish(
+                        "artifacts.chaos",
+                        json.dumps(body).encode(),
+                        timeout=2,
+                        headers={"Nats-Msg-Id": f"{run_id}:final"},
+                    )
                     return
                 finally:
                     await nc.close()
@@ -160,8 +176,12 @@ def _consumer_state(bus: Bus) -> tuple[int, int, int, int]:
     async def go(js: Any) -> tuple[int, int, int, int]:
         stream = await js.stream_info("ARTIFACTS")
         info = await js.consumer_info("ARTIFACTS", "busd")
-        return (int(stream.state.last_seq), int(info.ack_floor.stream_seq or 0),
-                int(info.num_pending or 0), int(info.num_ack_pending or 0))
+        return (
+            int(stream.state.last_seq),
+            int(info.ack_floor.stream_seq or 0),
+            int(info.num_pending or 0),
+            int(info.num_ack_pending or 0),
+        )
 
     return on_jetstream(bus.servers, go)
 
@@ -185,8 +205,9 @@ def _scrape_ok(port: int) -> bool:
 class World:
     """A trial's nats-server, FUSE artifact root and one or two busd instances."""
 
-    def __init__(self, trial: Trial, server: EmbeddedServer, fs: FaultFS, a: Bus,
-                 b: Bus | None) -> None:
+    def __init__(
+        self, trial: Trial, server: EmbeddedServer, fs: FaultFS, a: Bus, b: Bus | None
+    ) -> None:
         self.t, self.server, self.fs, self.a = trial, server, fs, a
         self.instances = [Instance(a)] + ([Instance(b)] if b is not None else [])
         self.n = 0
@@ -200,8 +221,7 @@ class World:
         if len(self.instances) == 1:
             inst = self.instances[0]
             return inst.active() and _scrape_ok(inst.port)
-        roles = sorted("a" if i.active() else "s" if i.standby() else "?"
-                       for i in self.instances)
+        roles = sorted("a" if i.active() else "s" if i.standby() else "?" for i in self.instances)
         act = self.active()
         return roles == ["a", "s"] and act is not None and _scrape_ok(act.port)
 
@@ -219,8 +239,9 @@ class World:
             if self.settled_roles():
                 return
             time.sleep(0.1)
-        raise AssertionError(f"trial {self.t.index} seed {self.t.seed}: no settled active/standby "
-                             f"after {what}")
+        raise AssertionError(
+            f"trial {self.t.index} seed {self.t.seed}: no settled active/standby after {what}"
+        )
 
     # ---- faults -----------------------------------------------------------------------
     def kill9(self) -> None:
@@ -281,8 +302,15 @@ class World:
         _publish_one(self.a, run_id, str(path))
         self.t.specials.append(run_id)
         self.t.deleted.append(run_id)
-        wait_for(lambda: any(run_id in _export_column(i.bus, "artifacts", "run_id")
-                             for i in self.instances if i.active()), 60, "it to commit")
+        wait_for(
+            lambda: any(
+                run_id in _export_column(i.bus, "artifacts", "run_id")
+                for i in self.instances
+                if i.active()
+            ),
+            60,
+            "it to commit",
+        )
         kept = path.read_bytes()
         path.unlink()
         time.sleep(self.t.rng.uniform(2.0, 6.0))  # events flow and exports refresh meanwhile
@@ -302,8 +330,10 @@ class World:
         missing = [s for s in range(1, floor + 1) if s not in exported]
         self.t.samples += 1
         if missing:
-            self.t.findings.append(f"after {when}: acked (floor {floor}) but in no artifacts "
-                                   f"export: {len(missing)} seqs, e.g. {missing[:5]}")
+            self.t.findings.append(
+                f"after {when}: acked (floor {floor}) but in no artifacts "
+                f"export: {len(missing)} seqs, e.g. {missing[:5]}"
+            )
 
 
 def _settle(world: World, expected: int) -> tuple[int, int]:
@@ -329,13 +359,17 @@ def _settle(world: World, expected: int) -> tuple[int, int]:
 
     # all acked: the active's export must hold every event (a refresh may still be landing)
     if not wait_for_bool(lambda: rows(world.active()) >= expected, 30):
-        t.findings.append(f"all acked, but the active's artifacts export holds "
-                          f"{rows(world.active())} of {expected} events")
+        t.findings.append(
+            f"all acked, but the active's artifacts export holds "
+            f"{rows(world.active())} of {expected} events"
+        )
     if len(world.instances) > 1:  # the standby follows up to the ack floor
         standby = next((i for i in world.instances if i.standby()), None)
         if not wait_for_bool(lambda: rows(standby) >= expected, 30):
-            t.findings.append(f"the standby's artifacts export holds {rows(standby)} of "
-                              f"{expected} events 30 s after all were acked")
+            t.findings.append(
+                f"the standby's artifacts export holds {rows(standby)} of "
+                f"{expected} events 30 s after all were acked"
+            )
     return state[0], state[1]
 
 
@@ -350,8 +384,10 @@ def wait_for_bool(predicate: Any, timeout: float) -> bool:
 def _check(world: World, ids: list[str], last: int) -> None:
     """With every busd stopped: outcomes in the active's catalog, the exports, verify."""
     t = world.t
-    holder = max(world.instances,  # the instance that was active last holds everything
-                 key=lambda i: len(_export_column(i.bus, "artifacts", "run_id")))
+    holder = max(
+        world.instances,  # the instance that was active last holds everything
+        key=lambda i: len(_export_column(i.bus, "artifacts", "run_id")),
+    )
     bus = holder.bus
     rows = bus.sql("SELECT seq, run_id, outcome, reason FROM catalog.events_f")
     per_seq: dict[int, int] = {}
@@ -367,8 +403,7 @@ def _check(world: World, ids: list[str], last: int) -> None:
         t.findings.append(f"seqs with no outcome: {len(absent_seqs)}, e.g. {absent_seqs[:5]}")
     lost = [r for r in ids if not any(o == "committed" for o, _ in per_run.get(r, []))]
     doubled = [r for r in ids if sum(o == "committed" for o, _ in per_run.get(r, [])) > 1]
-    other = sorted({(r, o, why) for r in ids for o, why in per_run.get(r, [])
-                    if o != "committed"})
+    other = sorted({(r, o, why) for r in ids for o, why in per_run.get(r, []) if o != "committed"})
     if lost:
         t.findings.append(f"not committed: {len(lost)}, e.g. {lost[:5]}")
     if doubled:
@@ -376,15 +411,17 @@ def _check(world: World, ids: list[str], last: int) -> None:
     if other:
         t.findings.append(f"valid events with another outcome: {len(other)}, e.g. {other[:3]}")
     wanted = set(ids)
-    for name, allowed_absent in (("runs", set()), ("artifacts", set()),
-                                 # a file deleted for a while may still be left out of
-                                 # data.fills until the next sweep finds it back
-                                 ("fill_runs", set(t.deleted))):
+    for name, allowed_absent in (
+        ("runs", set()),
+        ("artifacts", set()),
+        # a file deleted for a while may still be left out of
+        # data.fills until the next sweep finds it back
+        ("fill_runs", set(t.deleted)),
+    ):
         have = set(_export_column(bus, name, "run_id"))
         absent = sorted(wanted - have - allowed_absent)
         if absent:
-            t.findings.append(f"export {name} lacks {len(absent)} acked events, "
-                              f"e.g. {absent[:5]}")
+            t.findings.append(f"export {name} lacks {len(absent)} acked events, e.g. {absent[:5]}")
     for n, inst in enumerate(world.instances):
         if inst.cfg is None:
             continue
@@ -398,8 +435,9 @@ def _check(world: World, ids: list[str], last: int) -> None:
 def run_trial(t: Trial, nfaults: tuple[int, int]) -> int:
     """One trial in a world of its own; returns how many events it published."""
     k = t.rng.randint(*nfaults)
-    t.faults = (t.rng.sample(FAULTS, k) if k <= len(FAULTS)
-                else [t.rng.choice(FAULTS) for _ in range(k)])
+    t.faults = (
+        t.rng.sample(FAULTS, k) if k <= len(FAULTS) else [t.rng.choice(FAULTS) for _ in range(k)]
+    )
     server = EmbeddedServer("127.0.0.1", 0, t.root / "nats-store")
     server.start()
     world: World | None = None
@@ -407,8 +445,11 @@ def run_trial(t: Trial, nfaults: tuple[int, int]) -> int:
         backing = t.root / "slow"
         backing.mkdir(parents=True)
         with mounted(backing, t.root / "mnt", t.root / "faultfs.log") as fs:
-            over: dict[str, Any] = {"consumer": CONSUMER, "verify": {"file_wait_s": 30},
-                                    "exports": [FILL_RUNS]}
+            over: dict[str, Any] = {
+                "consumer": CONSUMER,
+                "verify": {"file_wait_s": 30},
+                "exports": [FILL_RUNS],
+            }
             if t.standby:
                 over["ha"] = {"enabled": True, "lease_ttl_s": 2}
             a = Bus(t.root / "a", server, overrides=over)
@@ -423,8 +464,13 @@ def run_trial(t: Trial, nfaults: tuple[int, int]) -> int:
             world = World(t, server, fs, a, b)
             world.instances[0].start()
             first = world.instances[0]
-            wait_for(lambda: first.active() or (first.proc is not None and first.proc.poll()
-                                                is not None), 60, "the first busd ready")
+            wait_for(
+                lambda: (
+                    first.active() or (first.proc is not None and first.proc.poll() is not None)
+                ),
+                60,
+                "the first busd ready",
+            )
             assert first.active(), first.log()[-2000:]
             world.reconcile("start")
             total = RATE * (4 * k + 2)
@@ -445,8 +491,9 @@ def run_trial(t: Trial, nfaults: tuple[int, int]) -> int:
             for inst in sorted(world.instances, key=lambda i: i.active()):
                 rc = inst.stop()
                 if rc != 0:
-                    t.findings.append(f"busd exited {rc} on SIGTERM: "
-                                      f"{inst.log().strip().splitlines()[-3:]}")
+                    t.findings.append(
+                        f"busd exited {rc} on SIGTERM: {inst.log().strip().splitlines()[-3:]}"
+                    )
             _check(world, ids, last)
             return len(ids)
     finally:
@@ -459,12 +506,16 @@ def run_trial(t: Trial, nfaults: tuple[int, int]) -> int:
 
 
 @pytest.mark.timeout(3600)
-@pytest.mark.parametrize(("trials", "nfaults", "standby"), [
-    pytest.param(2, (3, 3), False, id="short"),
-    pytest.param(30, (3, 6), True, id="long", marks=pytest.mark.slow)])
-def test_randomized_fault_mix_keeps_the_invariants(tmp_path: Path, trials: int,
-                                                   nfaults: tuple[int, int],
-                                                   standby: bool) -> None:
+@pytest.mark.parametrize(
+    ("trials", "nfaults", "standby"),
+    [
+        pytest.param(2, (3, 3), False, id="short"),
+        pytest.param(30, (3, 6), True, id="long", marks=pytest.mark.slow),
+    ],
+)
+def test_randomized_fault_mix_keeps_the_invariants(
+    tmp_path: Path, trials: int, nfaults: tuple[int, int], standby: bool
+) -> None:
     why = usable()
     if why is not None:
         if os.environ.get("CI"):
@@ -472,8 +523,10 @@ def test_randomized_fault_mix_keeps_the_invariants(tmp_path: Path, trials: int,
         pytest.skip(f"FUSE unavailable: {why}")
     trials = int(os.environ.get("CHAOS_MIX_TRIALS", trials))
     base = int(os.environ.get("CHAOS_MIX_SEED", random.SystemRandom().randrange(1 << 30)))
-    print(f"\nchaos mix: base seed {base} (CHAOS_MIX_SEED={base} replays it), {trials} trials, "
-          f"standby {'yes' if standby else 'no'}")
+    print(
+        f"\nchaos mix: base seed {base} (CHAOS_MIX_SEED={base} replays it), {trials} trials, "
+        f"standby {'yes' if standby else 'no'}"
+    )
     started = time.monotonic()
     all_findings: list[str] = []
     fault_counts: dict[str, int] = {}
@@ -486,10 +539,14 @@ def test_randomized_fault_mix_keeps_the_invariants(tmp_path: Path, trials: int,
         for f in t.faults:
             fault_counts[f] = fault_counts.get(f, 0) + 1
         all_findings.extend(f"trial {i} seed {t.seed}: {f}" for f in t.findings)
-        print(f"trial {i} seed {t.seed}: faults {t.faults}, {n} events, {t.samples} ack-floor "
-              f"samples, self-exits {t.self_exits or 'none'}, findings "
-              f"{t.findings or 'none'} ({time.monotonic() - t0:.0f}s)")
-    print(f"chaos mix summary: {trials} trials, faults {dict(sorted(fault_counts.items()))}, "
-          f"{events} events, {len(all_findings)} findings, "
-          f"{time.monotonic() - started:.0f}s")
+        print(
+            f"trial {i} seed {t.seed}: faults {t.faults}, {n} events, {t.samples} ack-floor "
+            f"samples, self-exits {t.self_exits or 'none'}, findings "
+            f"{t.findings or 'none'} ({time.monotonic() - t0:.0f}s)"
+        )
+    print(
+        f"chaos mix summary: {trials} trials, faults {dict(sorted(fault_counts.items()))}, "
+        f"{events} events, {len(all_findings)} findings, "
+        f"{time.monotonic() - started:.0f}s"
+    )
     assert not all_findings, "\n".join(all_findings)

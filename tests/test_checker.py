@@ -42,8 +42,10 @@ def _artifact_cases(bus: Bus) -> list[list[Artifact]]:
 def _shape(result: Result) -> object:
     if isinstance(result, InvalidEvent):
         return (type(result).__name__, result.reason.value, result.detail)
-    return [tuple(a.__struct_fields__) + tuple(getattr(a, f) for f in a.__struct_fields__)
-            for a in result]
+    return [
+        tuple(a.__struct_fields__) + tuple(getattr(a, f) for f in a.__struct_fields__)
+        for a in result
+    ]
 
 
 def _check_all(roots: list[Path], events: list[list[Artifact]], processes: int) -> list[Result]:
@@ -86,45 +88,59 @@ def test_worker_processes_decide_as_threads_do(bus: Bus) -> None:
     assert isinstance(first[1], list) and first[1][1].meta == '{"k":[1,2]}'
     assert isinstance(first[2], list) and first[2][0].meta == f'{{"big":{10**30},"f":1e308}}'
     reasons = [r.reason.value for r in first[3:] if isinstance(r, InvalidEvent)]
-    assert reasons == ["rows_mismatch", "size_mismatch", "checksum_mismatch", "not_parquet",
-                       "not_parquet", "path_outside_roots", "path_outside_roots",
-                       "file_missing"]
+    assert reasons == [
+        "rows_mismatch",
+        "size_mismatch",
+        "checksum_mismatch",
+        "not_parquet",
+        "not_parquet",
+        "path_outside_roots",
+        "path_outside_roots",
+        "file_missing",
+    ]
     assert isinstance(first[-1], FileNotYetThere)
 
 
 def test_a_worker_killed_by_a_file_costs_only_that_event(bus: Bus) -> None:
     ids = [f"r{i}" for i in range(60)]
     payloads = [bus.event(r) for r in ids]
-    payloads[17] = bus.event("killer", [{"name": "fills",
-                                         "path": str(bus.parquet("crashme/fills.parquet"))}])
+    payloads[17] = bus.event(
+        "killer", [{"name": "fills", "path": str(bus.parquet("crashme/fills.parquet"))}]
+    )
     bus.publish(payloads)
     cfg = bus.write_config()
-    proc = bus.spawn("serve", "--config", str(cfg), "--drain",
-                     env={"BUSD_TEST_FAULT": "in_checker:crashme"})
+    proc = bus.spawn(
+        "serve", "--config", str(cfg), "--drain", env={"BUSD_TEST_FAULT": "in_checker:crashme"}
+    )
     assert proc.wait(120) == 0, bus.log()
-    rows = bus.sql("SELECT e.run_id, e.outcome, r.reason, r.detail FROM catalog.events_f e "
-                   "LEFT JOIN catalog.rejections_f r USING (seq) ORDER BY e.seq")
+    rows = bus.sql(
+        "SELECT e.run_id, e.outcome, r.reason, r.detail FROM catalog.events_f e "
+        "LEFT JOIN catalog.rejections_f r USING (seq) ORDER BY e.seq"
+    )
     assert len(rows) == 60
     killer = [r for r in rows if r[0] == "killer"]
     assert [(r[1], r[2]) for r in killer] == [("rejected", "not_parquet")]
     assert "killed the checking process" in killer[0][3]
     assert "a file-check worker died" in bus.log()
     assert sorted(r[0] for r in rows if r[1] == "committed") == sorted(
-        r for i, r in enumerate(ids) if i != 17)
+        r for i, r in enumerate(ids) if i != 17
+    )
 
 
 def test_workers_that_cannot_run_reject_nothing(bus: Bus) -> None:
     bus.publish([bus.event(f"w{i}") for i in range(3)])
     cfg = bus.write_config()
-    proc = bus.spawn("serve", "--config", str(cfg), "--drain",
-                     env={"BUSD_TEST_FAULT": "in_checker:@start"})
+    proc = bus.spawn(
+        "serve", "--config", str(cfg), "--drain", env={"BUSD_TEST_FAULT": "in_checker:@start"}
+    )
     assert proc.wait(60) == 1, bus.log()
     assert "file-check workers cannot run" in bus.log()
     assert bus.sql("SELECT count(*) FROM catalog.events_f") == [(0,)]
     proc = bus.spawn("serve", "--config", str(cfg), "--drain")
     assert proc.wait(60) == 0, bus.log()
     assert bus.sql("SELECT outcome, count(*) FROM catalog.events_f GROUP BY ALL") == [
-        ("committed", 3)]
+        ("committed", 3)
+    ]
 
 
 def test_batches_arriving_during_a_commit_join_the_next_transaction(bus: Bus) -> None:
@@ -135,7 +151,8 @@ def test_batches_arriving_during_a_commit_join_the_next_transaction(bus: Bus) ->
     # 30 fetches of 100; grouped, they need fewer transactions (each at most about 1,100)
     assert stats.batches < total // 100
     assert bus.sql("SELECT count(*), count(DISTINCT run_id) FROM catalog.artifacts_f") == [
-        (total, total)]
+        (total, total)
+    ]
     assert bus.export("artifacts").num_rows == total
 
 
@@ -144,8 +161,9 @@ def test_workers_do_not_outlive_a_killed_busd(bus: Bus) -> None:
     proc = bus.spawn("serve", "--config", str(cfg))
     wait_for(lambda: "busd ready" in bus.log(), 30, "busd ready")
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    workers = [int(c) for c in children
-               if b"busd.checker" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    workers = [
+        int(c) for c in children if b"busd.checker" in Path(f"/proc/{c}/cmdline").read_bytes()
+    ]
     assert len(workers) == 2
     proc.kill()
     proc.wait(10)

@@ -25,12 +25,17 @@ class Cluster:
         self.route_ports = [free_port() for _ in range(3)]
         routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self.route_ports)
         self.nodes = [
-            EmbeddedServer("127.0.0.1", self.client_ports[i], tmp / f"n{i + 1}",
-                           extra_config=f'server_name: "n{i + 1}"\n'
-                           f'cluster {{\n  name: "busd-test"\n'
-                           f'  listen: "127.0.0.1:{self.route_ports[i]}"\n'
-                           f"  routes: [{routes}]\n}}\n")
-            for i in range(3)]
+            EmbeddedServer(
+                "127.0.0.1",
+                self.client_ports[i],
+                tmp / f"n{i + 1}",
+                extra_config=f'server_name: "n{i + 1}"\n'
+                f'cluster {{\n  name: "busd-test"\n'
+                f'  listen: "127.0.0.1:{self.route_ports[i]}"\n'
+                f"  routes: [{routes}]\n}}\n",
+            )
+            for i in range(3)
+        ]
 
     @property
     def url(self) -> str:
@@ -87,8 +92,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 def test_cluster_config_examples_are_valid() -> None:
     for conf in sorted((ROOT / "ops" / "nats" / "cluster").glob("*.conf")):
-        out = subprocess.run([server_binary(), "-t", "-c", str(conf)], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            [server_binary(), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30
+        )
         assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -110,9 +116,10 @@ def test_r3_stream_survives_the_loss_of_its_leader(tmp_path: Path, cluster: Clus
         victim.start(timeout_s=60)  # back with its store; it catches up as a follower
         pub.thread.join(300)
         assert proc.poll() is None, "busd stopped during the election"
-        wait_for(lambda: exported_all(bus, 1500), 120,
-                 "all events exported")
+        wait_for(lambda: exported_all(bus, 1500), 120, "all events exported")
     found = check_exactly_once(bus, pub.ids)
-    print(f"\ncluster: leader {leader} killed -9, new leader {new_leader} after "
-          f"{election_s:.1f}s, node restarted; {pub.acked} events ({pub.retries} publish "
-          f"retries), {found}")
+    print(
+        f"\ncluster: leader {leader} killed -9, new leader {new_leader} after "
+        f"{election_s:.1f}s, node restarted; {pub.acked} events ({pub.retries} publish "
+        f"retries), {found}"
+    )

@@ -13,15 +13,21 @@ from busd.manifest import read_manifest
 
 def run_until_killed(bus: Bus, point: str, skip: int = 0) -> None:
     cfg = bus.write_config()
-    proc = bus.spawn("serve", "--config", str(cfg),
-                     env={"BUSD_TEST_FAULT": point, "BUSD_TEST_FAULT_SKIP": str(skip)})
+    proc = bus.spawn(
+        "serve",
+        "--config",
+        str(cfg),
+        env={"BUSD_TEST_FAULT": point, "BUSD_TEST_FAULT_SKIP": str(skip)},
+    )
     rc = proc.wait(60)
     assert rc == -signal.SIGKILL, f"busd was not killed at {point}: rc={rc}\n{bus.log()}"
 
 
 def assert_exactly_once(bus: Bus, run_ids: list[str]) -> None:
-    rows = bus.sql("SELECT run_id, count(*) FROM catalog.events_f WHERE outcome = 'committed' "
-                   "GROUP BY run_id ORDER BY run_id")
+    rows = bus.sql(
+        "SELECT run_id, count(*) FROM catalog.events_f WHERE outcome = 'committed' "
+        "GROUP BY run_id ORDER BY run_id"
+    )
     assert rows == [(r, 1) for r in sorted(run_ids)]
     assert bus.sql("SELECT count(*) FROM catalog.events_f") == [(len(run_ids),)]
     assert bus.sql("SELECT max(version) FROM catalog.artifacts_f") == [(1,)]
@@ -32,8 +38,10 @@ def assert_exactly_once(bus: Bus, run_ids: list[str]) -> None:
     assert not list((bus.data / "exports").glob(".*tmp*"))
 
 
-@pytest.mark.parametrize("point", ["after_decode", "after_commit", "during_export",
-                                   "after_rename", "before_ack", "after_ack"])
+@pytest.mark.parametrize(
+    "point",
+    ["after_decode", "after_commit", "during_export", "after_rename", "before_ack", "after_ack"],
+)
 def test_crash_at_a_named_point_then_recover(bus: Bus, point: str) -> None:
     run_ids = [f"run-{i}" for i in range(30)]
     bus.publish([bus.event(r) for r in run_ids])
@@ -62,8 +70,9 @@ def test_a_message_that_keeps_killing_busd_becomes_poison(bus: Bus) -> None:
     run_until_killed(bus, "during_validate")
     # second delivery (max_deliver - 1): quarantined without opening its files again
     cfg = bus.write_config()
-    proc = bus.spawn("serve", "--config", str(cfg), "--drain",
-                     env={"BUSD_TEST_FAULT": "during_validate"})
+    proc = bus.spawn(
+        "serve", "--config", str(cfg), "--drain", env={"BUSD_TEST_FAULT": "during_validate"}
+    )
     assert proc.wait(60) == 0, bus.log()
     assert bus.sql("SELECT reason, deliveries FROM catalog.rejections_f") == [("poison", 2)]
 

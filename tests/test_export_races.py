@@ -20,16 +20,25 @@ SLOW_SQL = "SELECT i, md5(i::VARCHAR) AS h FROM range(150000000) t(i) WHERE i % 
 def test_every_acked_event_is_in_the_partitioned_exports(bus: Bus) -> None:
     shared = str(bus.parquet("shared/fills.parquet"))
     n = 30_000
-    seqs = bus.publish([bus.event(f"r{i}", [{"name": "fills", "path": shared}])
-                        for i in range(n)])
+    seqs = bus.publish([bus.event(f"r{i}", [{"name": "fills", "path": shared}]) for i in range(n)])
     cfg = bus.write_config(
-        export_partition_seqs=1000, consumer={"commit_max": 1000, "batch_max": 1000},
-        exports=[{"name": "slow", "sql": SLOW_SQL, "depends_on": ["fills"]}])
+        export_partition_seqs=1000,
+        consumer={"commit_max": 1000, "batch_max": 1000},
+        exports=[{"name": "slow", "sql": SLOW_SQL, "depends_on": ["fills"]}],
+    )
     proc = bus.spawn("serve", "--config", str(cfg))
     exports = bus.data / "exports"
-    wait_for(lambda: (read_manifest(exports).exports.get("runs") is not None and
-             read_manifest(exports).exports["runs"].catalog_seq >= seqs[-1])
-             or proc.poll() is not None, 180, "every event exported")
+    wait_for(
+        lambda: (
+            (
+                read_manifest(exports).exports.get("runs") is not None
+                and read_manifest(exports).exports["runs"].catalog_seq >= seqs[-1]
+            )
+            or proc.poll() is not None
+        ),
+        180,
+        "every event exported",
+    )
     assert proc.poll() is None, bus.log()[-3000:]
     proc.terminate()
     assert proc.wait(60) == 0

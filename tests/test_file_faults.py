@@ -42,20 +42,27 @@ def _outcomes(bus: Bus) -> list[tuple[Any, ...]]:
     return bus.sql("SELECT e.run_id, e.outcome, e.reason FROM catalog.events_f e ORDER BY seq")
 
 
-@pytest.mark.parametrize("fault", [("read", errno.EIO), ("open", errno.EMFILE),
-                                   ("open", errno.ESTALE), ("read", errno.ENOMEM)],
-                         ids=["eio_read", "emfile_open", "estale_open", "enomem_read"])
+@pytest.mark.parametrize(
+    "fault",
+    [("read", errno.EIO), ("open", errno.EMFILE), ("open", errno.ESTALE), ("read", errno.ENOMEM)],
+    ids=["eio_read", "emfile_open", "estale_open", "enomem_read"],
+)
 def test_an_error_of_the_machine_is_retried_and_costs_no_delivery(
-        bus: Bus, faultfs: FaultFS, fault: tuple[str, int]) -> None:
+    bus: Bus, faultfs: FaultFS, fault: tuple[str, int]
+) -> None:
     kind, code = fault
     bus.publish([_event(bus, faultfs, "flaky"), _event(bus, faultfs, "fine")])
     faultfs.set("flaky/fills.parquet", **{kind: code})
     # max_deliver 3: a nak per retry (or a redelivery after ack_wait, 2 s, for want of an
     # in-progress signal) would make it poison on its second delivery
-    proc = _serve_drain(bus, consumer={"max_deliver": 3, "ack_wait_s": 2},
-                        verify={"file_wait_s": 1})
-    wait_for(lambda: bus.log().count("the machine failed to read files") >= 3, 20,
-             "the check to be retried several times")
+    proc = _serve_drain(
+        bus, consumer={"max_deliver": 3, "ack_wait_s": 2}, verify={"file_wait_s": 1}
+    )
+    wait_for(
+        lambda: bus.log().count("the machine failed to read files") >= 3,
+        20,
+        "the check to be retried several times",
+    )
     assert faultfs.hits().get(f"flaky/fills.parquet:{kind}", 0) >= 3
     assert proc.poll() is None, bus.log()
     faultfs.clear()
@@ -65,7 +72,8 @@ def test_an_error_of_the_machine_is_retried_and_costs_no_delivery(
 
 
 def test_an_unreadable_file_waits_like_a_missing_one_then_file_unreadable(
-        bus: Bus, faultfs: FaultFS) -> None:
+    bus: Bus, faultfs: FaultFS
+) -> None:
     bus.publish([_event(bus, faultfs, "locked"), _event(bus, faultfs, "unlocked")])
     faultfs.set("locked/fills.parquet", open=errno.EACCES)
     faultfs.set("unlocked/fills.parquet", open=errno.EPERM)
@@ -75,19 +83,21 @@ def test_an_unreadable_file_waits_like_a_missing_one_then_file_unreadable(
     faultfs.clear("unlocked/fills.parquet")
     assert proc.wait(60) == 0, bus.log()
     assert time.monotonic() - started >= 6
-    assert _outcomes(bus) == [("locked", "rejected", "file_unreadable"),
-                              ("unlocked", "committed", None)]
+    assert _outcomes(bus) == [
+        ("locked", "rejected", "file_unreadable"),
+        ("unlocked", "committed", None),
+    ]
     ((detail,),) = bus.sql("SELECT detail FROM catalog.rejections_f")
     assert "not readable" in detail
 
 
 @pytest.mark.parametrize("processes", [2, 0], ids=["workers", "threads"])
-def test_a_stalled_read_is_bounded_and_retried(bus: Bus, faultfs: FaultFS,
-                                               processes: int) -> None:
+def test_a_stalled_read_is_bounded_and_retried(bus: Bus, faultfs: FaultFS, processes: int) -> None:
     bus.publish([_event(bus, faultfs, "stuck"), _event(bus, faultfs, "free")])
     faultfs.set("stuck/fills.parquet", stall=True)
-    proc = _serve_drain(bus, consumer={"ack_wait_s": 30},
-                        verify={"check_timeout_s": 1, "processes": processes})
+    proc = _serve_drain(
+        bus, consumer={"ack_wait_s": 30}, verify={"check_timeout_s": 1, "processes": processes}
+    )
     # the other event is decided while the stalled read still hangs
     wait_for(lambda: '"committed": 1' in bus.log(), 30, "the free event to commit")
     assert faultfs.hits().get("stuck/fills.parquet:stall", 0) >= 1
@@ -102,8 +112,11 @@ def test_a_hidden_file_is_missing_then_found(bus: Bus, faultfs: FaultFS) -> None
     bus.publish([_event(bus, faultfs, "hidden")])
     faultfs.set("hidden/fills.parquet", hide=True)
     proc = _serve_drain(bus, verify={"file_wait_s": 12})
-    wait_for(lambda: faultfs.hits().get("hidden/fills.parquet:hide", 0) >= 2, 30,
-             "the missing file to be looked for again")
+    wait_for(
+        lambda: faultfs.hits().get("hidden/fills.parquet:hide", 0) >= 2,
+        30,
+        "the missing file to be looked for again",
+    )
     faultfs.clear()
     assert proc.wait(60) == 0, bus.log()
     assert _outcomes(bus) == [("hidden", "committed", None)]
@@ -126,7 +139,7 @@ def test_a_file_still_being_written_is_committed_once_complete(bus: Bus) -> None
         with open(path, "ab") as f:
             while written < len(data):
                 size = -(-(len(data) - written) // 3) if seen.is_set() else 100
-                f.write(data[written:written + size])
+                f.write(data[written : written + size])
                 f.flush()
                 written += size
                 time.sleep(0.2)
@@ -163,8 +176,9 @@ def test_a_stalled_check_does_not_stop_a_shutdown(bus: Bus, faultfs: FaultFS) ->
     faultfs.set("stuck/fills.parquet", stall=True)
     cfg = bus.write_config(verify={"check_timeout_s": 1})
     proc = bus.spawn("serve", "--config", str(cfg))
-    wait_for(lambda: faultfs.hits().get("stuck/fills.parquet:stall", 0) >= 1, 30,
-             "the read to stall")
+    wait_for(
+        lambda: faultfs.hits().get("stuck/fills.parquet:stall", 0) >= 1, 30, "the read to stall"
+    )
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, bus.log()
     assert _outcomes(bus) == []

@@ -30,8 +30,9 @@ for _name, _rows in (("a", 1), ("b", 2), ("c", 3)):
     FILES[_name] = ROOT / f"{_name}.parquet"
     pq.write_table(pa.table({"x": list(range(_rows))}), FILES[_name])
 
-SETTINGS = config.load(env={}, overrides={"data_dir": str(ROOT / "unused"),
-                                          "artifact_roots": [str(ROOT)]})
+SETTINGS = config.load(
+    env={}, overrides={"data_dir": str(ROOT / "unused"), "artifact_roots": [str(ROOT)]}
+)
 
 message = st.one_of(
     st.builds(
@@ -39,8 +40,10 @@ message = st.one_of(
             **({"event_id": eid} if eid else {}),
             "schema_version": 1,
             "run": {"run_id": run, "kind": "sim", "status": status},
-            "artifacts": [{"name": n, "path": str(FILES[f]), **({"rows": 99} if bad else {})}
-                          for n, f in zip(names, files, strict=False)],
+            "artifacts": [
+                {"name": n, "path": str(FILES[f]), **({"rows": 99} if bad else {})}
+                for n, f in zip(names, files, strict=False)
+            ],
         },
         st.sampled_from([None, "e1", "e2", "e3"]),
         st.sampled_from(["r1", "r2"]),
@@ -55,9 +58,15 @@ message = st.one_of(
 
 def delivery(seq: int, payload: Any, delivered: int = 1) -> Delivery:
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    return Delivery(seq=seq, subject="artifacts.lab", data=data, headers=None,
-                    reply=f"$JS.ACK.S.c.{delivered}.{seq}.{seq}.{seq * 1000}.0",
-                    delivered=delivered, published_ns=1_700_000_000_000_000_000 + seq * 1000)
+    return Delivery(
+        seq=seq,
+        subject="artifacts.lab",
+        data=data,
+        headers=None,
+        reply=f"$JS.ACK.S.c.{delivered}.{seq}.{seq}.{seq * 1000}.0",
+        delivered=delivered,
+        published_ns=1_700_000_000_000_000_000 + seq * 1000,
+    )
 
 
 class MemoryStore:
@@ -90,7 +99,8 @@ def snapshot(catalog: Catalog) -> dict[str, list[tuple[Any, ...]]]:
     for table, wall_clock in COMPARED.items():
         exclude = f" EXCLUDE ({', '.join(wall_clock)})" if wall_clock else ""
         out[table] = catalog.con.execute(
-            f"SELECT *{exclude} FROM catalog.{table} ORDER BY ALL").fetchall()
+            f"SELECT *{exclude} FROM catalog.{table} ORDER BY ALL"
+        ).fetchall()
     return out
 
 
@@ -110,12 +120,13 @@ def stream_and_schedule(draw: st.DrawFn) -> tuple[list[Any], list[list[int]]]:
 
 
 @pytest.mark.timeout(3600)  # --long runs 2,000 examples
-@settings(deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(case=stream_and_schedule())
-def test_any_delivery_order_gives_the_replayed_catalog(tmp_path_factory: Any,
-                                                       case: tuple[list[Any], list[list[int]]]
-                                                       ) -> None:
+def test_any_delivery_order_gives_the_replayed_catalog(
+    tmp_path_factory: Any, case: tuple[list[Any], list[list[int]]]
+) -> None:
     stream, batches = case
     folder_dir = tmp_path_factory.mktemp("fold")
     live = Catalog(folder_dir / "live.duckdb")

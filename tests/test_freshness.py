@@ -16,13 +16,17 @@ from busd.catalog import _DDL_V1, _DDL_V2, Catalog
 from busd.exports import Exporter
 from busd.manifest import read_manifest
 
-LATEST = {"name": "latest_fills", "depends_on": ["fills"],
-          "sql": "SELECT run_id, x FROM data.fills"}
+LATEST = {
+    "name": "latest_fills",
+    "depends_on": ["fills"],
+    "sql": "SELECT run_id, x FROM data.fills",
+}
 
 
 def exported_runs(bus: Bus, name: str) -> list[str]:
-    return sorted(set(pq.read_table(bus.data / "exports" / f"{name}.parquet")
-                      .column("run_id").to_pylist()))
+    return sorted(
+        set(pq.read_table(bus.data / "exports" / f"{name}.parquet").column("run_id").to_pylist())
+    )
 
 
 def exported_seq(bus: Bus, name: str) -> int:
@@ -31,8 +35,7 @@ def exported_seq(bus: Bus, name: str) -> int:
 
 
 @pytest.mark.parametrize("case", ["late_lower_sequence", "event_id_demotion"])
-def test_a_commit_below_the_highest_sequence_then_a_crash_is_exported(bus: Bus,
-                                                                      case: str) -> None:
+def test_a_commit_below_the_highest_sequence_then_a_crash_is_exported(bus: Bus, case: str) -> None:
     late_file = bus.artifacts / "late" / "fills.parquet"  # written only after seq 2 commits
     late = bus.event("late", [{"name": "fills", "path": str(late_file)}], event_id="job:1")
     early = bus.event("early", event_id="job:1" if case == "event_id_demotion" else "job:2")
@@ -40,8 +43,12 @@ def test_a_commit_below_the_highest_sequence_then_a_crash_is_exported(bus: Bus,
     seqs = bus.publish([late, early])
     assert seqs == [1, 2]
     # busd dies right after its second commit: seq 1's, once its file is there
-    proc = bus.spawn("serve", "--config", str(cfg),
-                     env={"BUSD_TEST_FAULT": "after_commit", "BUSD_TEST_FAULT_SKIP": "1"})
+    proc = bus.spawn(
+        "serve",
+        "--config",
+        str(cfg),
+        env={"BUSD_TEST_FAULT": "after_commit", "BUSD_TEST_FAULT_SKIP": "1"},
+    )
     wait_for(lambda: exported_seq(bus, "latest_fills") == 2, 60, "seq 2 exported")
     bus.parquet("late/fills.parquet")
     assert proc.wait(90) == -signal.SIGKILL, bus.log()
@@ -59,7 +66,10 @@ def test_a_commit_below_the_highest_sequence_then_a_crash_is_exported(bus: Bus,
     manifest = read_manifest(bus.data / "exports")
     assert {e.catalog_commit for e in manifest.exports.values()} == {commits}
     assert sorted(bus.sql("SELECT name, catalog_commit FROM catalog.exports_d")) == [
-        ("artifacts", commits), ("latest_fills", commits), ("runs", commits)]
+        ("artifacts", commits),
+        ("latest_fills", commits),
+        ("runs", commits),
+    ]
 
 
 def test_the_commit_count_moves_only_when_the_catalog_changes(tmp_path: Path) -> None:
@@ -78,15 +88,15 @@ def test_the_commit_count_moves_only_when_the_catalog_changes(tmp_path: Path) ->
         catalog.close()
 
 
-def test_a_version_2_catalog_migrates_and_its_exports_are_refreshed_once(
-        tmp_path: Path) -> None:
+def test_a_version_2_catalog_migrates_and_its_exports_are_refreshed_once(tmp_path: Path) -> None:
     path = tmp_path / "v2.duckdb"
     con = duckdb.connect(str(path))
     con.execute(_DDL_V1)
     con.execute(_DDL_V2)
     con.execute("INSERT INTO catalog.meta VALUES ('schema_version', '2')")
-    con.execute("INSERT INTO catalog.exports_d VALUES ('runs', 'runs.parquet', 1, 10, 5, "
-                "now(), 1.0)")
+    con.execute(
+        "INSERT INTO catalog.exports_d VALUES ('runs', 'runs.parquet', 1, 10, 5, now(), 1.0)"
+    )
     con.execute("INSERT INTO catalog.events_f (seq, outcome) VALUES (5, 'committed')")
     folder = tmp_path / "exports"
     folder.mkdir()
@@ -95,13 +105,15 @@ def test_a_version_2_catalog_migrates_and_its_exports_are_refreshed_once(
     # a manifest an older busd wrote: no commit count, at the catalog's highest sequence
     (folder / "_manifest.json").write_text(
         '{"catalog_seq": 5, "exports": {"runs": {"file": "runs.parquet", "rows": 0, '
-        '"bytes": 1, "catalog_seq": 5, "refreshed_at": "2026-11-30T00:00:00Z"}}}')
+        '"bytes": 1, "catalog_seq": 5, "refreshed_at": "2026-11-30T00:00:00Z"}}}'
+    )
     catalog = Catalog(path)
     try:
         assert catalog.schema_version() == 3
         assert catalog.commits() == 1
-        assert catalog.con.execute("SELECT name, catalog_seq, catalog_commit "
-                                   "FROM catalog.exports_d").fetchall() == [("runs", 5, None)]
+        assert catalog.con.execute(
+            "SELECT name, catalog_seq, catalog_commit FROM catalog.exports_d"
+        ).fetchall() == [("runs", 5, None)]
         exporter = Exporter(catalog.cursor(), folder, ())
         # runs is at the highest sequence with its table's columns: stale by commit count
         assert exporter.stale(5) == ["runs", "artifacts"]

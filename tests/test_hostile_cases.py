@@ -45,8 +45,11 @@ def test_decode_case(world: World, case: str) -> None:
 def test_duplicate_keys_keep_the_last_value(world: World) -> None:
     event = events.decode(dup_keys(world, "run", "first", "last", "status"))
     assert event.run.status == "last"
-    event = events.decode(dup_keys(world, "top", [{"name": "a", "path": "x"}],
-                                   [{"name": "b", "path": "y"}], "artifacts"))
+    event = events.decode(
+        dup_keys(
+            world, "top", [{"name": "a", "path": "x"}], [{"name": "b", "path": "y"}], "artifacts"
+        )
+    )
     assert [a.name for a in event.artifacts] == ["b"]
 
 
@@ -61,8 +64,9 @@ def check(world: World, path: str, **fields: Any) -> str:
 
     def go() -> None:
         try:
-            got = validate.check_artifact(Artifact(name="a", path=path, **fields),
-                                          world.roots, "always")
+            got = validate.check_artifact(
+                Artifact(name="a", path=path, **fields), world.roots, "always"
+            )
             result.append("ok" if got.path in world.facts else f"facts of {got.path!r}")
         except InvalidEvent as exc:
             assert_closed(exc)
@@ -116,9 +120,11 @@ def test_file_case(world: World, path: str) -> None:
 
 @pytest.mark.parametrize("where", ["root", "outside", "evil"])
 def test_absolute_paths(world: World, where: str) -> None:
-    path = {"root": str(world.root / "runs/r1/fills.parquet"),
-            "outside": str(world.outside / "secret.parquet"),
-            "evil": f"{world.root}_evil/x.parquet"}[where]  # a sibling sharing the prefix
+    path = {
+        "root": str(world.root / "runs/r1/fills.parquet"),
+        "outside": str(world.outside / "secret.parquet"),
+        "evil": f"{world.root}_evil/x.parquet",
+    }[where]  # a sibling sharing the prefix
     assert check(world, path) == ("ok" if where == "root" else "path_outside_roots")
 
 
@@ -151,12 +157,15 @@ def test_symlink_swapped_while_checked(world: World) -> None:
     os.symlink(inside_file, link)
     stop = threading.Event()
     swaps: list[int] = []
-    swapper = threading.Thread(target=lambda: swaps.append(
-        swap_loop(link, (world.outside / "secret.parquet", inside_file), stop)))
+    swapper = threading.Thread(
+        target=lambda: swaps.append(
+            swap_loop(link, (world.outside / "secret.parquet", inside_file), stop)
+        )
+    )
     swapper.start()
+
     def inside(got: validate.CheckedArtifact) -> None:
-        assert (got.path, got.bytes, got.rows, got.sha256) == (
-            str(inside_file), size, rows, digest)
+        assert (got.path, got.bytes, got.rows, got.sha256) == (str(inside_file), size, rows, digest)
 
     try:
         seen = check_while_swapping(world, "swap.parquet", {Reason.PATH_OUTSIDE_ROOTS}, inside)
@@ -168,9 +177,12 @@ def test_symlink_swapped_while_checked(world: World) -> None:
     assert swaps[0] > 10 and seen["inside"] and seen["path_outside_roots"], (swaps, seen)
 
 
-def check_while_swapping(world: World, path: str, allowed: set[Reason],
-                         inside: Callable[[validate.CheckedArtifact], None]
-                         ) -> collections.Counter[str]:
+def check_while_swapping(
+    world: World,
+    path: str,
+    allowed: set[Reason],
+    inside: Callable[[validate.CheckedArtifact], None],
+) -> collections.Counter[str]:
     """``check_artifact`` of ``path``, again and again for up to 2 s, while a test swaps
     what it points to: each try fails for an ``allowed`` reason (counted by reason) or
     passes ``inside`` (counted as "inside")."""
@@ -218,11 +230,11 @@ def test_directory_swapped_while_checked(world: World) -> None:
         assert got.path in (str(real / "x.parquet"), str(parked / "x.parquet"))
 
     try:  # file_missing too, while the directory is away
-        seen = check_while_swapping(world, "mid/x.parquet",
-                                    {Reason.PATH_OUTSIDE_ROOTS, Reason.FILE_MISSING}, inside)
+        seen = check_while_swapping(
+            world, "mid/x.parquet", {Reason.PATH_OUTSIDE_ROOTS, Reason.FILE_MISSING}, inside
+        )
     finally:
         stop.set()
         swapper.join()
     print("\ndirectory swap:", dict(seen))
     assert seen["inside"], seen
-

@@ -37,21 +37,35 @@ def test_sql_metacharacters_are_data(bus: Bus) -> None:
     """Quotes, comment markers, backslashes, LIKE wildcards and unicode in every free text
     field (and in a directory name and the subject) reach the catalog and exports as is."""
     path = bus.parquet("o'hara \";--%_\\ ü𝔘/fills.parquet")
-    params = {"'": '";--', "%": "\\", "ü𝔘": ["'", {"k'ey": 'v"al'}], "nul": "\x00",
-              "big": 2**70, SQL_TEXT: SQL_TEXT}
+    params = {
+        "'": '";--',
+        "%": "\\",
+        "ü𝔘": ["'", {"k'ey": 'v"al'}],
+        "nul": "\x00",
+        "big": 2**70,
+        SQL_TEXT: SQL_TEXT,
+    }
     meta = {"q": "' OR '1'='1", "like": "%_", "bs": "\\\\", "": SQL_TEXT}
     event = bus.event("r.1:a/b-c_d", [{"name": "f.i-l:e/s_", "path": str(path), "meta": meta}])
-    event["run"].update(kind="k'", status=SQL_TEXT, code_version="a\x00b\\'", params=params,
-                        parent_run_id="p/../q")
+    event["run"].update(
+        kind="k'", status=SQL_TEXT, code_version="a\x00b\\'", params=params, parent_run_id="p/../q"
+    )
     event["run"]["kind"] = "k.-_:/"
     subject = "artifacts.o'hara;--%\\ü"
     bus.publish([event], subject=subject)
     assert bus.drain().outcomes == {"committed": 1}
     ((run_id, kind, producer, status, got_params, code_version, parent),) = bus.sql(
         "SELECT run_id, kind, producer, status, params, code_version, parent_run_id "
-        "FROM catalog.runs_d")
+        "FROM catalog.runs_d"
+    )
     assert (run_id, kind, producer, status, code_version, parent) == (
-        "r.1:a/b-c_d", "k.-_:/", "o'hara;--%\\ü", SQL_TEXT, "a\x00b\\'", "p/../q")
+        "r.1:a/b-c_d",
+        "k.-_:/",
+        "o'hara;--%\\ü",
+        SQL_TEXT,
+        "a\x00b\\'",
+        "p/../q",
+    )
     assert json.loads(got_params) == params
     ((name, got_path, got_meta),) = bus.sql("SELECT name, path, meta FROM catalog.artifacts_f")
     assert (name, got_path) == ("f.i-l:e/s_", str(path.resolve()))
@@ -69,8 +83,11 @@ def hostile_mix(world: World, rng: random.Random, n: int) -> list[bytes]:
     out = [p for p in out if len(p) < 1_048_000]  # NATS refuses bigger messages
     while len(out) < n:
         i = len(out)
-        base = {**world.base, "event_id": f"h-{i}",
-                "run": {**world.base["run"], "run_id": f"h-{i}"}}
+        base = {
+            **world.base,
+            "event_id": f"h-{i}",
+            "run": {**world.base["run"], "run_id": f"h-{i}"},
+        }
         kind = rng.choice(["run", "art", "path", "bytes", "random"])
         if kind == "run":
             key = rng.choice(FIELDS["run"])
@@ -103,19 +120,19 @@ def test_hostile_mix_through_the_daemon(bus: Bus) -> None:
         payloads.insert(rng.randrange(len(payloads) + 1), good)
     msg_ids: list[str | None] = [None] * len(payloads)
     for i in rng.sample(range(len(payloads)), 20):  # odd but unique Nats-Msg-Id headers
-        msg_ids[i] = rng.choice(["m'{}", 'm";--{}', "m\\%{}", "m ü{}", "{}" + "x" * 300]
-                                ).format(i)
+        msg_ids[i] = rng.choice(["m'{}", 'm";--{}', "m\\%{}", "m ü{}", "{}" + "x" * 300]).format(i)
     subjects = [rng.choice([SUBJECT] * 9 + ["artifacts.o'hara;--"]) for _ in payloads]
     seqs: list[int] = []
     for i, payload in enumerate(payloads):  # one publish per message: subjects, headers
         hdr = {"Nats-Msg-Id": msg_ids[i]} if msg_ids[i] else None
-        seqs += bus.publish([payload], subject=subjects[i],
-                            headers=[hdr] if hdr else None)
+        seqs += bus.publish([payload], subject=subjects[i], headers=[hdr] if hdr else None)
     assert len(set(seqs)) == len(payloads)
     stats = bus.drain()
     assert sum(stats.outcomes.values()) == len(payloads)
-    rows = {seq: (outcome_, reason) for seq, outcome_, reason in bus.sql(
-        "SELECT seq, outcome, reason FROM catalog.events_f")}
+    rows = {
+        seq: (outcome_, reason)
+        for seq, outcome_, reason in bus.sql("SELECT seq, outcome, reason FROM catalog.events_f")
+    }
     assert sorted(rows) == sorted(seqs)  # exactly one row per message
     rejected = dict(bus.sql("SELECT seq, payload FROM catalog.rejections_f"))
     for i, (seq, payload) in enumerate(zip(seqs, payloads, strict=True)):
@@ -124,8 +141,11 @@ def test_hostile_mix_through_the_daemon(bus: Bus) -> None:
         if got == "rejected":
             assert reason in REASONS and rejected[seq] == payload
         if expected == "ok":  # or the same event_id as an earlier message
-            assert (got, reason) in (("committed", None), ("duplicate", None),
-                                     ("rejected", "event_id_conflict")), (i, payload)
+            assert (got, reason) in (
+                ("committed", None),
+                ("duplicate", None),
+                ("rejected", "event_id_conflict"),
+            ), (i, payload)
         else:
             assert (got, reason) == ("rejected", expected), (i, payload)
     for good, seq in ((g, seqs[payloads.index(g)]) for g in goods):
@@ -152,8 +172,10 @@ def raw_publish(bus: Bus, frames: list[bytes]) -> None:
 def test_non_utf8_header_is_data(bus: Bus) -> None:
     hdr = b"NATS/1.0\r\nNats-Msg-Id: \xff\xfe\r\n\r\n"
     body = json.dumps(bus.event("r")).encode()
-    raw_publish(bus, [b"HPUB artifacts.lab.sim %d %d\r\n%s%s\r\n" % (
-        len(hdr), len(hdr) + len(body), hdr, body)])
+    raw_publish(
+        bus,
+        [b"HPUB artifacts.lab.sim %d %d\r\n%s%s\r\n" % (len(hdr), len(hdr) + len(body), hdr, body)],
+    )
     assert bus.drain().outcomes == {"committed": 1}
     # not a valid identifier: the event id falls back to the payload's hash
     assert bus.sql("SELECT event_id FROM catalog.events_f") == [(sha256(body).hexdigest(),)]
@@ -161,9 +183,16 @@ def test_non_utf8_header_is_data(bus: Bus) -> None:
 
 def test_non_utf8_subject_does_not_kill_busd(bus: Bus) -> None:
     good = json.dumps(bus.event("after")).encode()
-    raw_publish(bus, [b"PUB artifacts.\xff 2\r\n{}\r\n",
-                      b"PUB artifacts.lab.sim %d\r\n%s\r\n" % (len(good), good)])
+    raw_publish(
+        bus,
+        [
+            b"PUB artifacts.\xff 2\r\n{}\r\n",
+            b"PUB artifacts.lab.sim %d\r\n%s\r\n" % (len(good), good),
+        ],
+    )
     stats = bus.drain()
     assert sum(stats.outcomes.values()) == 2
     assert bus.sql("SELECT outcome FROM catalog.events_f ORDER BY seq") == [
-        ("rejected",), ("committed",)]
+        ("rejected",),
+        ("committed",),
+    ]

@@ -44,30 +44,78 @@ SCALES = [pytest.param(1, id="default"), pytest.param(10, id="long", marks=pytes
 
 
 def fuzz_settings(n: int) -> settings:
-    return settings(max_examples=n, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
+    )
 
 
 # ---- payload strategies ----------------------------------------------------------------------
 IDENT_CHARS = "ABCXYZabcxyz0189._:/-"
-HOSTILE_IDENTS = ["a" * 200, "a" * 201, "", "a b", "r\n", "\nr", "r\r", "ü", "a/b:c.d-e_f", ".",
-                  "..", "/", "-" * 200, "lab.sim", "lab.sim\n", "LAB.SIM", "a\x00", "a'b", "0"]
-TIMES = ["2026-11-28T10:00:00Z", "2026-11-28T10:00:00", "2026-11-28T10:00:00.123456789+05:30",
-         "0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59", "2026-02-30T00:00:00Z",
-         "2026-11-28T25:00:00Z", "2026-11-28T10:00:60Z", "", "now", "2026-11-28", 0, 1e10,
-         "2026-11-28T10:00:00+24:00", "+12026-01-01T00:00:00Z"]
+HOSTILE_IDENTS = [
+    "a" * 200,
+    "a" * 201,
+    "",
+    "a b",
+    "r\n",
+    "\nr",
+    "r\r",
+    "ü",
+    "a/b:c.d-e_f",
+    ".",
+    "..",
+    "/",
+    "-" * 200,
+    "lab.sim",
+    "lab.sim\n",
+    "LAB.SIM",
+    "a\x00",
+    "a'b",
+    "0",
+]
+TIMES = [
+    "2026-11-28T10:00:00Z",
+    "2026-11-28T10:00:00",
+    "2026-11-28T10:00:00.123456789+05:30",
+    "0001-01-01T00:00:00+23:59",
+    "9999-12-31T23:59:59-23:59",
+    "2026-02-30T00:00:00Z",
+    "2026-11-28T25:00:00Z",
+    "2026-11-28T10:00:60Z",
+    "",
+    "now",
+    "2026-11-28",
+    0,
+    1e10,
+    "2026-11-28T10:00:00+24:00",
+    "+12026-01-01T00:00:00Z",
+]
 
-json_leaves = (st.none() | st.booleans() | st.integers()
-               | st.integers(min_value=-(2**80), max_value=2**80)
-               | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+json_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+
+
 def _json_containers(kids: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.lists(kids, max_size=5) | st.dictionaries(st.text(max_size=8), kids, max_size=5)
 
 
 json_values = st.recursive(json_leaves, _json_containers, max_leaves=25)
-idents = (st.sampled_from(HOSTILE_IDENTS)
-          | st.text(alphabet=IDENT_CHARS, min_size=1, max_size=202) | st.text(max_size=10))
+idents = (
+    st.sampled_from(HOSTILE_IDENTS)
+    | st.text(alphabet=IDENT_CHARS, min_size=1, max_size=202)
+    | st.text(max_size=10)
+)
 # deep copies: a mutation must never edit the shared `{}` or `[[[]]]` of HOSTILE_SCALARS
 hostile = st.sampled_from(HOSTILE_SCALARS).map(copy.deepcopy) | json_values | idents
 
@@ -102,10 +150,15 @@ def mutate(world: World, data: st.DataObject) -> bytes:
     """A real valid event, changed by a few hostile edits, then maybe by byte edits."""
     event: Any = json.loads(json.dumps(world.base))
     for _ in range(data.draw(st.integers(0, 4), label="edits")):
-        op = data.draw(st.sampled_from(["del", "set", "add", "path", "ident", "count", "time",
-                                        "version", "dup", "type"]), label="op")
-        where = {"path": "art", "count": "art", "time": "run", "version": "top",
-                 "dup": "top"}.get(op) or data.draw(st.sampled_from(sorted(FIELDS)))
+        op = data.draw(
+            st.sampled_from(
+                ["del", "set", "add", "path", "ident", "count", "time", "version", "dup", "type"]
+            ),
+            label="op",
+        )
+        where = {"path": "art", "count": "art", "time": "run", "version": "top", "dup": "top"}.get(
+            op
+        ) or data.draw(st.sampled_from(sorted(FIELDS)))
         obj = container(event, where, data)
         if obj is None:
             continue
@@ -118,27 +171,71 @@ def mutate(world: World, data: st.DataObject) -> bytes:
         elif op == "path":
             obj["path"] = data.draw(st.sampled_from(world.paths) | st.text(max_size=30))
         elif op == "ident":
-            key = data.draw(st.sampled_from({"top": ["event_id", "producer"],
-                                             "run": ["run_id", "kind", "parent_run_id"],
-                                             "art": ["name", "sha256"]}.get(where, ["k"])))
+            key = data.draw(
+                st.sampled_from(
+                    {
+                        "top": ["event_id", "producer"],
+                        "run": ["run_id", "kind", "parent_run_id"],
+                        "art": ["name", "sha256"],
+                    }.get(where, ["k"])
+                )
+            )
             obj[key] = data.draw(idents)
         elif op == "count":
             key = data.draw(st.sampled_from(["rows", "bytes"]))
             right = obj.get(key) if isinstance(obj.get(key), int) else 3
-            obj[key] = data.draw(st.sampled_from([right, right + 1, right - 1, -1, 0, 2**62,
-                                                  2**62 + 1, 2**63, 2**70, -(2**70), "3",
-                                                  True, None, *RAW_NUMBERS[:8]]))
+            obj[key] = data.draw(
+                st.sampled_from(
+                    [
+                        right,
+                        right + 1,
+                        right - 1,
+                        -1,
+                        0,
+                        2**62,
+                        2**62 + 1,
+                        2**63,
+                        2**70,
+                        -(2**70),
+                        "3",
+                        True,
+                        None,
+                        *RAW_NUMBERS[:8],
+                    ]
+                )
+            )
         elif op == "time":
             obj[data.draw(st.sampled_from(["started_at", "finished_at"]))] = data.draw(
-                st.sampled_from(TIMES) | st.text(max_size=30))
+                st.sampled_from(TIMES) | st.text(max_size=30)
+            )
         elif op == "version":
-            obj["schema_version"] = data.draw(st.sampled_from(
-                [1, 0, 2, -1, 2**70, -(2**70), 1.0, "1", True, None, Raw("1e999"),
-                 Raw("1.0e0"), Raw("1E0"), [1]]))
+            obj["schema_version"] = data.draw(
+                st.sampled_from(
+                    [
+                        1,
+                        0,
+                        2,
+                        -1,
+                        2**70,
+                        -(2**70),
+                        1.0,
+                        "1",
+                        True,
+                        None,
+                        Raw("1e999"),
+                        Raw("1.0e0"),
+                        Raw("1E0"),
+                        [1],
+                    ]
+                )
+            )
         elif op == "dup" and isinstance(obj.get("artifacts"), list) and obj["artifacts"]:
             arts = obj["artifacts"]
-            copies = data.draw(st.sampled_from([1] * 8 + [2] * 8 + [max(1, 1000 - len(arts)),
-                                                                    max(1, 1001 - len(arts))]))
+            copies = data.draw(
+                st.sampled_from(
+                    [1] * 8 + [2] * 8 + [max(1, 1000 - len(arts)), max(1, 1001 - len(arts))]
+                )
+            )
             rename = data.draw(st.booleans())  # else the same name twice: `schema`
             for i in range(copies):
                 clone = arts[0]
@@ -149,8 +246,9 @@ def mutate(world: World, data: st.DataObject) -> bytes:
                 arts.append(clone)
         elif op == "type":
             key = data.draw(st.sampled_from(sorted(obj))) if obj else "x"
-            obj[key] = data.draw(st.sampled_from([[obj.get(key)], {"v": obj.get(key)}, None,
-                                                  str(obj.get(key)), 1]))
+            obj[key] = data.draw(
+                st.sampled_from([[obj.get(key)], {"v": obj.get(key)}, None, str(obj.get(key)), 1])
+            )
     where = data.draw(st.sampled_from([None, None, "top", "run", "art"]), label="dupkey")
     if where is not None:
         obj = container(event, where, data)
@@ -162,26 +260,68 @@ def mutate(world: World, data: st.DataObject) -> bytes:
     return dumps(event, data.draw(st.booleans(), label="ascii")).encode()
 
 
-token_soup = st.lists(st.sampled_from(
-    [b"{", b"}", b"[", b"]", b'"', b":", b",", b"\\", b"1", b"-1", b"e9", b"null", b"true",
-     b'"schema_version"', b'"run"', b'"artifacts"', b'"name"', b'"path"', b"\xff", b"\x00",
-     b" ", b"\\u", b"d800", b"\xc0\xaf", b"\xed\xa0\x80", b"1e999", b"\n"]),
-    max_size=120).map(b"".join)
+token_soup = st.lists(
+    st.sampled_from(
+        [
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b'"',
+            b":",
+            b",",
+            b"\\",
+            b"1",
+            b"-1",
+            b"e9",
+            b"null",
+            b"true",
+            b'"schema_version"',
+            b'"run"',
+            b'"artifacts"',
+            b'"name"',
+            b'"path"',
+            b"\xff",
+            b"\x00",
+            b" ",
+            b"\\u",
+            b"d800",
+            b"\xc0\xaf",
+            b"\xed\xa0\x80",
+            b"1e999",
+            b"\n",
+        ]
+    ),
+    max_size=120,
+).map(b"".join)
 
 
 def event_shaped() -> st.SearchStrategy[dict[str, Any]]:
     """Objects with the event's field names and hostile values, nested like an event."""
     art = st.fixed_dictionaries({}, optional={k: hostile for k in FIELDS["art"]})
     run_ = st.fixed_dictionaries({}, optional={k: hostile for k in FIELDS["run"]})
-    return st.fixed_dictionaries({}, optional={
-        "schema_version": st.sampled_from([1, 1, 2]) | hostile, "run": run_ | hostile,
-        "artifacts": st.lists(art, max_size=3) | hostile, "event_id": idents,
-        "producer": idents})
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "schema_version": st.sampled_from([1, 1, 2]) | hostile,
+            "run": run_ | hostile,
+            "artifacts": st.lists(art, max_size=3) | hostile,
+            "event_id": idents,
+            "producer": idents,
+        },
+    )
 
 
 # ---- the fuzz runs ----------------------------------------------------------------------------
 N_BYTES, N_SOUP, N_JSON, N_SHAPED, N_MUTATED, N_DEPTH, N_PARQUET = (
-    5000, 4000, 3000, 2000, 4000, 2000, 800)
+    5000,
+    4000,
+    3000,
+    2000,
+    4000,
+    2000,
+    800,
+)
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -204,10 +344,13 @@ def in_event(world: World, value: Any) -> list[tuple[str, Any]]:
     """``value`` in each typed slot ("typed") or free object ("free") of a valid event."""
     base = world.base
     run_, art = base["run"], base["artifacts"][0]
-    return [("typed", {**base, "run": value}), ("typed", {**base, "artifacts": value}),
-            ("typed", {**base, "artifacts": [value, *base["artifacts"][1:]]}),
-            ("free", {**base, "run": {**run_, "params": value}}),
-            ("free", {**base, "artifacts": [{**art, "meta": value}]})]
+    return [
+        ("typed", {**base, "run": value}),
+        ("typed", {**base, "artifacts": value}),
+        ("typed", {**base, "artifacts": [value, *base["artifacts"][1:]]}),
+        ("free", {**base, "run": {**run_, "params": value}}),
+        ("free", {**base, "artifacts": [{**art, "meta": value}]}),
+    ]
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -222,8 +365,7 @@ def test_fuzz_json_values(world: World, scale: int) -> None:
         for slot, payload in in_event(world, value):
             result = run(world, "json values in an event", dumps(payload, ascii_only).encode())
             if slot == "free":  # params and meta take any JSON object
-                assert result == ("ok" if isinstance(value, dict) or value is None
-                                  else "schema")
+                assert result == ("ok" if isinstance(value, dict) or value is None else "schema")
 
     @fuzz_settings(N_SHAPED * scale)
     @given(event_shaped(), st.booleans())
@@ -242,8 +384,11 @@ def test_fuzz_mutated_events(world: World, scale: int) -> None:
     seen: collections.Counter[str] = collections.Counter()
 
     @fuzz_settings(N_MUTATED * scale)
-    @given(st.data(), st.sampled_from([None, None, "m-1", "x y'\";--", "ü" * 300, ""]),
-           st.randoms(use_true_random=False))
+    @given(
+        st.data(),
+        st.sampled_from([None, None, "m-1", "x y'\";--", "ü" * 300, ""]),
+        st.randoms(use_true_random=False),
+    )
     def mutated(data: st.DataObject, msg_id: str | None, rng: random.Random) -> None:
         payload = mutate(world, data)
         seen[run(world, "mutated event", payload, msg_id)] += 1
@@ -253,8 +398,17 @@ def test_fuzz_mutated_events(world: World, scale: int) -> None:
     mutated()
     print("\nmutated events:", dict(seen.most_common()))
     # the mutations reach every layer: decode, identity and the files
-    assert {"ok", "schema", "malformed", "too_large", "unsupported_version", "producer_mismatch",
-            "path_outside_roots", "not_parquet", "file_missing"} <= set(seen)
+    assert {
+        "ok",
+        "schema",
+        "malformed",
+        "too_large",
+        "unsupported_version",
+        "producer_mismatch",
+        "path_outside_roots",
+        "not_parquet",
+        "file_missing",
+    } <= set(seen)
 
 
 def depth(value: Any) -> int:
@@ -268,7 +422,8 @@ def depth(value: Any) -> int:
 @pytest.mark.parametrize("scale", SCALES)
 def test_fuzz_depth_scan_matches_json(scale: int) -> None:
     """The pre-decode depth bound is exact on JSON, whatever its strings hold."""
-    tricky = st.text(alphabet='[]{}"\\\'ab \n', max_size=12)
+    tricky = st.text(alphabet="[]{}\"\\'ab \n", max_size=12)
+
     def containers(kids: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
         return st.lists(kids, max_size=3) | st.dictionaries(tricky, kids, max_size=3)
 
@@ -298,19 +453,20 @@ def test_fuzz_parquet_bytes(world: World, scale: int) -> None:
         for _ in range(data.draw(st.integers(1, 6))):
             how = data.draw(st.sampled_from(["flip", "flip", "cut", "junk", "len"]))
             # mostly the footer: the last ~200 bytes hold the Thrift metadata and its length
-            pos = data.draw(st.integers(max(0, len(blob) - 200), max(0, len(blob) - 1))
-                            | st.integers(0, max(0, len(blob) - 1)))
+            pos = data.draw(
+                st.integers(max(0, len(blob) - 200), max(0, len(blob) - 1))
+                | st.integers(0, max(0, len(blob) - 1))
+            )
             if how == "flip" and blob:
                 blob[pos] = data.draw(st.integers(0, 255))
             elif how == "cut":
-                del blob[pos:pos + data.draw(st.integers(1, 64))]
+                del blob[pos : pos + data.draw(st.integers(1, 64))]
             elif how == "junk":
                 blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=32))
             elif how == "len" and len(blob) >= 8:  # the footer length, just before PAR1
                 blob[-8:-4] = data.draw(st.integers(0, 2**32 - 1)).to_bytes(4, "little")
         target.write_bytes(bytes(blob))
-        art = Artifact(name="f", path="fuzz/f.parquet",
-                       rows=data.draw(st.sampled_from([None, 3])))
+        art = Artifact(name="f", path="fuzz/f.parquet", rows=data.draw(st.sampled_from([None, 3])))
         try:
             got = validate.check_artifact(art, world.roots, "always")
         except InvalidEvent as exc:
@@ -322,4 +478,3 @@ def test_fuzz_parquet_bytes(world: World, scale: int) -> None:
         COUNTS["damaged parquet"] += 1
 
     damaged()
-

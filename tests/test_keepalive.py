@@ -68,10 +68,15 @@ def redelivered(bus: Bus) -> int:
 
 
 def test_a_stuck_file_check_stops_neither_the_watchdog_nor_the_in_progress_signals(
-        bus: Bus, systemd: FakeSystemd) -> None:
+    bus: Bus, systemd: FakeSystemd
+) -> None:
     cfg = bus.write_config(consumer={"ack_wait_s": 2})
-    proc = bus.spawn("serve", "--config", str(cfg),
-                     env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "1000000"})
+    proc = bus.spawn(
+        "serve",
+        "--config",
+        str(cfg),
+        env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "1000000"},
+    )
     try:
         messages_until(systemd, "READY=1", 30)
         workers = children(proc.pid)
@@ -107,20 +112,30 @@ def test_an_export_refresh_longer_than_stall_s_is_no_stall(bus: Bus) -> None:
     ``stall_s = 1`` keeps going while it advances, and acks once it is done."""
     cfg = bus.write_config(
         consumer={"stall_s": 1},
-        exports=[{"name": "slow", "sql": SLOW_SQL, "depends_on": ["fills"]}])
+        exports=[{"name": "slow", "sql": SLOW_SQL, "depends_on": ["fills"]}],
+    )
     proc = bus.spawn("serve", "--config", str(cfg))
     try:
         wait_for(lambda: "busd ready" in bus.log(), 30, "busd ready")
         bus.publish([bus.event(f"r{i}") for i in range(3)])
-        wait_for(lambda: ({"r0", "r1", "r2"} <= exported_runs(bus) and
-                 (bus.data / "exports" / "slow.parquet").exists()) or proc.poll() is not None,
-                 60, "the runs exported")
+        wait_for(
+            lambda: (
+                (
+                    {"r0", "r1", "r2"} <= exported_runs(bus)
+                    and (bus.data / "exports" / "slow.parquet").exists()
+                )
+                or proc.poll() is not None
+            ),
+            60,
+            "the runs exported",
+        )
         assert proc.poll() is None, bus.log()[-3000:]
 
         def acked() -> bool:
             async def info(js: Any) -> bool:
                 ci = await js.consumer_info("ARTIFACTS", "busd")
                 return int(ci.num_ack_pending or 0) == 0 and int(ci.num_pending or 0) == 0
+
             return on_jetstream(bus.url, info)
 
         wait_for(lambda: acked() or proc.poll() is not None, 60, "every event acked")
@@ -155,9 +170,13 @@ def test_the_lag_gauges_are_measured_before_ready(bus: Bus) -> None:
         wait_for(ready, 30, "/readyz")
         with urllib.request.urlopen(base + "/metrics", timeout=5) as answer:
             text = answer.read().decode()
-        lag = sum(float(line.split()[-1]) for line in text.splitlines()
-                  if line.startswith(("busd_consumer_pending_messages",
-                                      "busd_consumer_ack_pending_messages")))
+        lag = sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith(
+                ("busd_consumer_pending_messages", "busd_consumer_ack_pending_messages")
+            )
+        )
         assert lag > 0, "ready with a backlog of 300, and the lag gauges read 0"
     finally:
         proc.terminate()

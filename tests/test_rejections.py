@@ -21,11 +21,14 @@ CASES: dict[str, Any] = {
     "malformed_array": lambda bus: b"[1, 2]",
     "malformed_utf8": lambda bus: b'{"schema_version": 1, "x": "\xff\xfe"}',
     "schema_unknown_field": lambda bus: {**bus.event("r"), "colour": "red"},
-    "schema_missing_run": lambda bus: {"schema_version": 1, "artifacts": [{"name": "a",
-                                                                           "path": "a"}]},
+    "schema_missing_run": lambda bus: {
+        "schema_version": 1,
+        "artifacts": [{"name": "a", "path": "a"}],
+    },
     "schema_bad_ident": lambda bus: bus.event("bad id with spaces"),
-    "schema_duplicate_name": lambda bus: bus.event("r", [{"name": "a", "path": "a.parquet"},
-                                                         {"name": "a", "path": "b.parquet"}]),
+    "schema_duplicate_name": lambda bus: bus.event(
+        "r", [{"name": "a", "path": "a.parquet"}, {"name": "a", "path": "b.parquet"}]
+    ),
     "schema_no_artifacts": lambda bus: bus.event("r", []),
     "unsupported_version": lambda bus: {**bus.event("r"), "schema_version": 2},
     "producer_mismatch": lambda bus: {**bus.event("r"), "producer": "someone.else"},
@@ -33,17 +36,21 @@ CASES: dict[str, Any] = {
     "path_outside_roots_dotdot": lambda bus: event_with(bus, path="../../../etc/hostname"),
     "file_missing": lambda bus: event_with(bus, path="nope/missing.parquet"),
     "size_mismatch": lambda bus: event_with(bus, path=str(bus.parquet("s.parquet")), bytes=1),
-    "checksum_mismatch": lambda bus: event_with(bus, path=str(bus.parquet("c.parquet")),
-                                                sha256="0" * 64),
+    "checksum_mismatch": lambda bus: event_with(
+        bus, path=str(bus.parquet("c.parquet")), sha256="0" * 64
+    ),
     "not_parquet": lambda bus: event_with(bus, path=str(_text_file(bus))),
-    "rows_mismatch": lambda bus: event_with(bus, path=str(bus.parquet("w.parquet", rows=3)),
-                                            rows=4),
+    "rows_mismatch": lambda bus: event_with(
+        bus, path=str(bus.parquet("w.parquet", rows=3)), rows=4
+    ),
     "too_large_artifacts": lambda bus: bus.event(
-        "r", [{"name": f"a{i}", "path": "x.parquet"} for i in range(1001)]),
+        "r", [{"name": f"a{i}", "path": "x.parquet"} for i in range(1001)]
+    ),
     "too_large_nesting": lambda bus: b'{"a":' * 100 + b"1" + b"}" * 100,
-    "too_large_params": lambda bus: {**bus.event("r"),
-                                     "run": {"run_id": "r", "kind": "k",
-                                             "params": {"deep": json.loads("[" * 70 + "]" * 70)}}},
+    "too_large_params": lambda bus: {
+        **bus.event("r"),
+        "run": {"run_id": "r", "kind": "k", "params": {"deep": json.loads("[" * 70 + "]" * 70)}},
+    },
 }
 
 
@@ -61,18 +68,23 @@ def test_each_reason_rejects_and_keeps_the_payload(bus: Bus, case: str) -> None:
     stats = bus.drain()
     assert stats.outcomes == {"rejected": 1, "committed": 1}
     reason = case.split("_")[0] if case.startswith(("malformed", "schema")) else case
-    reason = {"path_outside_roots_dotdot": "path_outside_roots",
-              "too_large_artifacts": "too_large", "too_large_nesting": "too_large",
-              "too_large_params": "too_large"}.get(reason, reason)
+    reason = {
+        "path_outside_roots_dotdot": "path_outside_roots",
+        "too_large_artifacts": "too_large",
+        "too_large_nesting": "too_large",
+        "too_large_params": "too_large",
+    }.get(reason, reason)
     ((got_reason, detail, stored, deliveries),) = bus.sql(
-        "SELECT reason, detail, payload, deliveries FROM catalog.rejections_f")
+        "SELECT reason, detail, payload, deliveries FROM catalog.rejections_f"
+    )
     assert got_reason == reason, detail
     assert detail
     expected = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     assert stored == expected
     assert deliveries == 1
     assert bus.sql("SELECT outcome, reason FROM catalog.events_f WHERE seq = 1") == [
-        ("rejected", reason)]
+        ("rejected", reason)
+    ]
     assert bus.sql("SELECT run_id FROM catalog.runs_d") == [("after",)]
 
 

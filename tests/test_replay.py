@@ -13,9 +13,12 @@ from test_cli import free_port
 
 from busd.manifest import read_manifest
 
-TABLES = {"runs_d": "", "artifacts_f": " EXCLUDE (committed_at)",
-          "events_f": " EXCLUDE (committed_at)",
-          "rejections_f": " EXCLUDE (rejected_at, deliveries)"}
+TABLES = {
+    "runs_d": "",
+    "artifacts_f": " EXCLUDE (committed_at)",
+    "events_f": " EXCLUDE (committed_at)",
+    "rejections_f": " EXCLUDE (rejected_at, deliveries)",
+}
 
 
 def snapshot(bus: Bus) -> dict[str, list[tuple[Any, ...]]]:
@@ -25,11 +28,24 @@ def snapshot(bus: Bus) -> dict[str, list[tuple[Any, ...]]]:
 def mixed_stream(bus: Bus, n: int = 60) -> None:
     payloads: list[Any] = []
     for i in range(n):
-        payloads.append(bus.event(f"run-{i % 20}", [
-            {"name": "fills", "path": str(bus.parquet(f"r{i}/fills.parquet", rows=i % 5 + 1))}],
-            event_id=f"ev-{i}"))
-    payloads += [b"junk", bus.event("x", [{"name": "f", "path": "missing.parquet"}]),
-                 payloads[3], {**payloads[4], "run": {"run_id": "other", "kind": "k"}}]
+        payloads.append(
+            bus.event(
+                f"run-{i % 20}",
+                [
+                    {
+                        "name": "fills",
+                        "path": str(bus.parquet(f"r{i}/fills.parquet", rows=i % 5 + 1)),
+                    }
+                ],
+                event_id=f"ev-{i}",
+            )
+        )
+    payloads += [
+        b"junk",
+        bus.event("x", [{"name": "f", "path": "missing.parquet"}]),
+        payloads[3],
+        {**payloads[4], "run": {"run_id": "other", "kind": "k"}},
+    ]
     bus.publish(payloads)
 
 
@@ -62,8 +78,12 @@ def test_verify_passes_after_crashes_and_fails_on_tampering(bus: Bus) -> None:
     mixed_stream(bus)
     cfg = bus.write_config(consumer={"batch_max": 7, "commit_max": 7})  # many transactions
     for point, skip in (("after_commit", 2), ("before_ack", 1), ("during_export", 3)):
-        proc = bus.spawn("serve", "--config", str(cfg),
-                         env={"BUSD_TEST_FAULT": point, "BUSD_TEST_FAULT_SKIP": str(skip)})
+        proc = bus.spawn(
+            "serve",
+            "--config",
+            str(cfg),
+            env={"BUSD_TEST_FAULT": point, "BUSD_TEST_FAULT_SKIP": str(skip)},
+        )
         assert proc.wait(60) == -signal.SIGKILL
     bus.drain(consumer={"batch_max": 7, "commit_max": 7})
     out = bus.cli("verify", "--config", str(cfg))
@@ -96,10 +116,16 @@ def test_verify_while_serve_runs_compares_the_exports(bus: Bus) -> None:
 
 
 def test_configured_export_over_data_refreshes_only_when_its_inputs_change(bus: Bus) -> None:
-    bus.overrides = {"exports": [{
-        "name": "latest_fills", "depends_on": ["fills"],
-        "sql": "SELECT f.run_id, sum(f.x) AS total FROM data.fills f JOIN catalog.runs_d r "
-               "USING (run_id) WHERE r.status = 'succeeded' GROUP BY f.run_id ORDER BY 1"}]}
+    bus.overrides = {
+        "exports": [
+            {
+                "name": "latest_fills",
+                "depends_on": ["fills"],
+                "sql": "SELECT f.run_id, sum(f.x) AS total FROM data.fills f JOIN catalog.runs_d r "
+                "USING (run_id) WHERE r.status = 'succeeded' GROUP BY f.run_id ORDER BY 1",
+            }
+        ]
+    }
     bus.publish([bus.event("a"), bus.event("b")])
     bus.drain()
     totals = bus.export("latest_fills").to_pylist()
@@ -152,8 +178,11 @@ def test_rejections_list_show_retry(bus: Bus) -> None:
     cfg = bus.write_config()
     listed = json.loads(bus.cli("rejections", "list", "--config", str(cfg), "--json").stdout)
     assert [(r["seq"], r["reason"]) for r in listed] == [(1, "file_missing"), (2, "malformed")]
-    only = json.loads(bus.cli("rejections", "list", "--config", str(cfg), "--json",
-                              "--reason", "malformed").stdout)
+    only = json.loads(
+        bus.cli(
+            "rejections", "list", "--config", str(cfg), "--json", "--reason", "malformed"
+        ).stdout
+    )
     assert [r["seq"] for r in only] == [2]
     shown = json.loads(bus.cli("rejections", "show", "1", "--config", str(cfg)).stdout)
     assert json.loads(shown["payload"])["run"]["run_id"] == "r"
@@ -183,8 +212,20 @@ def test_outbox_survives_an_outage_without_loss_or_doubles(bus: Bus) -> None:
     path = bus.parquet("o/fills.parquet")
     bus.server.stop()  # NATS is down
     for i in range(3):
-        out = bus.cli("submit", "--config", str(cfg), "--run-id", f"o{i}", "--kind", "k",
-                      "--outbox", str(outbox), "--timeout", "5", f"fills={path}")
+        out = bus.cli(
+            "submit",
+            "--config",
+            str(cfg),
+            "--run-id",
+            f"o{i}",
+            "--kind",
+            "k",
+            "--outbox",
+            str(outbox),
+            "--timeout",
+            "5",
+            f"fills={path}",
+        )
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["state"] == "outbox"
     assert len(list(outbox.glob("*.json"))) == 3
@@ -199,5 +240,4 @@ def test_outbox_survives_an_outage_without_loss_or_doubles(bus: Bus) -> None:
     assert not list(outbox.glob("*.json"))
     stats = bus.drain()
     assert stats.outcomes == {"committed": 3}  # the resent copy was dropped by JetStream
-    assert sorted(r for (r,) in bus.sql("SELECT run_id FROM catalog.runs_d")) == ["o0", "o1",
-                                                                                  "o2"]
+    assert sorted(r for (r,) in bus.sql("SELECT run_id FROM catalog.runs_d")) == ["o0", "o1", "o2"]

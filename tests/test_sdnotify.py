@@ -60,8 +60,10 @@ def test_status_every_sends_at_most_once_per_interval(fake_systemd: FakeSystemd)
 
 def test_active_status_line() -> None:
     line = active_status({"committed": 1234, "rejected": 2}, 5, 3, 61.4)
-    assert line == ("active: 1,234 committed, 0 duplicate, 2 rejected; lag 5 pending, "
-                    "3 awaiting ack, oldest unsettled 61 s")
+    assert line == (
+        "active: 1,234 committed, 0 duplicate, 2 rejected; lag 5 pending, "
+        "3 awaiting ack, oldest unsettled 61 s"
+    )
 
 
 def test_several_assignments_in_one_datagram(fake_systemd: FakeSystemd) -> None:
@@ -122,13 +124,18 @@ def test_watchdog_interval(env: dict[str, str], expected: float | None) -> None:
     assert SdNotifier(env).watchdog_interval_s() == expected
 
 
-def test_real_serve_notifies_ready_watchdog_and_stopping(fake_systemd: FakeSystemd,
-                                                         bus: Bus) -> None:
+def test_real_serve_notifies_ready_watchdog_and_stopping(
+    fake_systemd: FakeSystemd, bus: Bus
+) -> None:
     """A real `busd serve` under a fake systemd: READY=1 once the consumer is bound, WATCHDOG=1
     pings paced by WATCHDOG_USEC while it works, STOPPING=1 on SIGTERM."""
     cfg = bus.write_config()
-    proc = bus.spawn("serve", "--config", str(cfg),
-                     env={"NOTIFY_SOCKET": fake_systemd.address, "WATCHDOG_USEC": "400000"})
+    proc = bus.spawn(
+        "serve",
+        "--config",
+        str(cfg),
+        env={"NOTIFY_SOCKET": fake_systemd.address, "WATCHDOG_USEC": "400000"},
+    )
     got: list[str] = []
     try:
         deadline = time.monotonic() + 30
@@ -141,8 +148,9 @@ def test_real_serve_notifies_ready_watchdog_and_stopping(fake_systemd: FakeSyste
         statuses: list[str] = []
         # STATUS= while active, not only while waiting for NATS or in standby: it shows the
         # committed event within one status interval (5 s)
-        while (pings < 3 or not any("1 committed" in s for s in statuses)) \
-                and time.monotonic() < deadline:
+        while (
+            pings < 3 or not any("1 committed" in s for s in statuses)
+        ) and time.monotonic() < deadline:
             datagram = fake_systemd.receive()
             pings += datagram.count("WATCHDOG=1")
             statuses += [a for a in datagram if a.startswith("STATUS=active: ")]

@@ -15,8 +15,11 @@ from busd import config, source
 from busd.catalog import Catalog
 from busd.embedded import EmbeddedServer
 
-HA = {"ha": {"enabled": True, "lease_ttl_s": 2}, "consumer": {"ack_wait_s": 1},
-      "verify": {"file_wait_s": 20}}
+HA = {
+    "ha": {"enabled": True, "lease_ttl_s": 2},
+    "consumer": {"ack_wait_s": 1},
+    "verify": {"file_wait_s": 20},
+}
 
 
 def pair(tmp_path: Path, server: EmbeddedServer) -> tuple[Bus, Bus]:
@@ -31,8 +34,9 @@ def pair(tmp_path: Path, server: EmbeddedServer) -> tuple[Bus, Bus]:
     return a, b
 
 
-def start_pair(tmp_path: Path, server: EmbeddedServer
-               ) -> tuple[Bus, Bus, subprocess.Popen[str], subprocess.Popen[str]]:
+def start_pair(
+    tmp_path: Path, server: EmbeddedServer
+) -> tuple[Bus, Bus, subprocess.Popen[str], subprocess.Popen[str]]:
     """a active, then b standby, each a real `busd serve`."""
     a, b = pair(tmp_path, server)
     pa = a.spawn("serve", "--config", str(a.write_config()))
@@ -42,8 +46,9 @@ def start_pair(tmp_path: Path, server: EmbeddedServer
     return a, b, pa, pb
 
 
-def test_standby_takes_over_when_the_active_is_killed(tmp_path: Path,
-                                                      nats_server: EmbeddedServer) -> None:
+def test_standby_takes_over_when_the_active_is_killed(
+    tmp_path: Path, nats_server: EmbeddedServer
+) -> None:
     a, b, pa, pb = start_pair(tmp_path, nats_server)
     try:
         with Publisher(a, 1500, rate_per_s=300) as pub:
@@ -60,12 +65,15 @@ def test_standby_takes_over_when_the_active_is_killed(tmp_path: Path,
     found = check_exactly_once(b, pub.ids)
     out = b.cli("verify", "--config", str(b.write_config()), timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    print(f"\nstandby: took over {takeover_s:.1f}s after kill -9 of the active (lease 2 s); "
-          f"{pub.acked} events, {found}; its catalog equals a rebuild")
+    print(
+        f"\nstandby: took over {takeover_s:.1f}s after kill -9 of the active (lease 2 s); "
+        f"{pub.acked} events, {found}; its catalog equals a rebuild"
+    )
 
 
-def test_a_former_active_that_lost_the_lease_stops_acking(tmp_path: Path,
-                                                          nats_server: EmbeddedServer) -> None:
+def test_a_former_active_that_lost_the_lease_stops_acking(
+    tmp_path: Path, nats_server: EmbeddedServer
+) -> None:
     a, b, pa, pb = start_pair(tmp_path, nats_server)
     try:
         with Publisher(a, 600, rate_per_s=300) as pub:
@@ -84,7 +92,8 @@ def test_a_former_active_that_lost_the_lease_stops_acking(tmp_path: Path,
 
 
 def test_events_the_former_active_acked_past_its_floor_reach_the_new_active(
-        tmp_path: Path, nats_server: EmbeddedServer) -> None:
+    tmp_path: Path, nats_server: EmbeddedServer
+) -> None:
     """The standby folds only up to the active's ack floor. An event waiting for its file
     holds that floor while later events are acked; the server never delivers those again,
     so the new active reads them from the stream itself."""
@@ -121,7 +130,8 @@ def paused(proc: subprocess.Popen[str]) -> bool:
 
 
 def test_acks_a_paused_former_active_sends_late_are_backfilled(
-        tmp_path: Path, nats_server: EmbeddedServer) -> None:
+    tmp_path: Path, nats_server: EmbeddedServer
+) -> None:
     """The active checks the lease, then pauses before its acks go out; the lease expires and
     b takes over; the acks arrive after all. The server will not deliver those messages to b
     (and with a 30 s ack wait it has not redelivered them yet), so b reads them from the
@@ -132,8 +142,9 @@ def test_acks_a_paused_former_active_sends_late_are_backfilled(
     b.overrides = {**b.overrides, **slow}
     ids = [f"p{i}" for i in range(10)]
     a.publish([a.event(run_id) for run_id in ids])  # one batch, one export, one flush of acks
-    pa = a.spawn("serve", "--config", str(a.write_config()),
-                 env={"BUSD_TEST_FAULT": "after_lease_check"})
+    pa = a.spawn(
+        "serve", "--config", str(a.write_config()), env={"BUSD_TEST_FAULT": "after_lease_check"}
+    )
     pb: subprocess.Popen[str] | None = None
     try:
         wait_for(lambda: paused(pa), 30, "a paused between its lease check and its acks")
@@ -158,14 +169,22 @@ def test_a_backfill_starts_at_the_first_sequence_the_catalog_lacks(tmp_path: Pat
         assert catalog.recorded_through(0) == 0
         for seq in (1, 2, 3, 5, 6, 9):
             catalog.commit(committed_batch(seq, f"r{seq}"))
-        assert [catalog.recorded_through(after) for after in (0, 1, 3, 4, 6, 9, 20)] == \
-            [3, 3, 3, 6, 6, 9, 20]
+        assert [catalog.recorded_through(after) for after in (0, 1, 3, 4, 6, 9, 20)] == [
+            3,
+            3,
+            3,
+            6,
+            6,
+            9,
+            20,
+        ]
     finally:
         catalog.close()
 
 
-def test_a_restart_does_not_backfill_over_a_deleted_message(tmp_path: Path,
-                                                            nats_server: EmbeddedServer) -> None:
+def test_a_restart_does_not_backfill_over_a_deleted_message(
+    tmp_path: Path, nats_server: EmbeddedServer
+) -> None:
     """A sequence deleted from the stream is never recorded: it is no gap to backfill."""
     # declared before busd's own, which denies deletes (busd warns about a stream that does not)
     allows_deletes = source.stream_config(config.Settings())
@@ -177,8 +196,14 @@ def test_a_restart_does_not_backfill_over_a_deleted_message(tmp_path: Path,
     for run in range(2):
         proc = a.spawn("serve", "--config", str(a.write_config()), log=f"serve{run}.log")
         try:
-            wait_for(lambda: "busd ready" in a.log(f"serve{run}.log")  # noqa: B023
-                     and exported_all(a, 4), 30, "4 events exported")
+            wait_for(
+                lambda: (
+                    "busd ready" in a.log(f"serve{run}.log")  # noqa: B023
+                    and exported_all(a, 4)
+                ),
+                30,
+                "4 events exported",
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0

@@ -41,8 +41,13 @@ def test_the_standby_folds_nothing_the_active_quarantined(bus: Bus) -> None:
         fine, quarantined, later = await active.fetch(3, timeout=5)
         catalog = Catalog(bus.root / "standby.duckdb")
         checker = Checker(s.roots, "if_given", processes=0, threads=1)
-        follower = Follower(s, nc, ReplayStore(catalog, nc, s.nats.stream),
-                            lambda rows: asyncio.to_thread(catalog.commit, rows), checker)
+        follower = Follower(
+            s,
+            nc,
+            ReplayStore(catalog, nc, s.nats.stream),
+            lambda rows: asyncio.to_thread(catalog.commit, rows),
+            checker,
+        )
         await follower.start(0)
 
         async def step_until(seq: int) -> None:
@@ -70,7 +75,8 @@ def test_the_standby_folds_nothing_the_active_quarantined(bus: Bus) -> None:
             await checker.close()
             await nc.close()
         rows = catalog.con.execute(
-            "SELECT seq, outcome, reason FROM catalog.events_f ORDER BY seq").fetchall()
+            "SELECT seq, outcome, reason FROM catalog.events_f ORDER BY seq"
+        ).fetchall()
         catalog.close()
         assert not_folded == 2, "the standby folded past a floor the active did not vouch for"
         return rows

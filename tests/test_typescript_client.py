@@ -40,6 +40,7 @@ INPUTS = ("src", "test", "scripts", "tsconfig.json", "package.json", "package-lo
 
 # --- building the package ----------------------------------------------------------------------
 
+
 def tools() -> tuple[str, str]:
     node, npm = shutil.which("node"), shutil.which("npm")
     if not (node and npm):
@@ -62,16 +63,27 @@ def tree(*names: str) -> Iterator[Path]:
             yield path
 
 
-def run(cmd: list[str], *, cwd: Path = PKG, env: dict[str, str] | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=cwd, env={**clean_env(), **(env or {})}, text=True,
-                          capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+def run(
+    cmd: list[str], *, cwd: Path = PKG, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        env={**clean_env(), **(env or {})},
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def clean_env() -> dict[str, str]:
     """The environment without anything that would steer the package under test."""
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("ARTIFACT_BUS_", "NATS_")) and k != "ARTIFACT_ROOT"}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ARTIFACT_BUS_", "NATS_")) and k != "ARTIFACT_ROOT"
+    }
 
 
 @pytest.fixture(scope="session")
@@ -97,8 +109,11 @@ def node() -> str:
     return node
 
 
-def node_test(node: str, files: list[str], env: dict[str, str] | None = None,
-              ) -> tuple[dict[str, int], str]:
+def node_test(
+    node: str,
+    files: list[str],
+    env: dict[str, str] | None = None,
+) -> tuple[dict[str, int], str]:
     """Run `node --test` on compiled test files; return the summary counts and the output."""
     cmd = [node, "--test", "--test-reporter=tap", *(f"dist/test/{f}.test.js" for f in files)]
     try:
@@ -114,6 +129,7 @@ def node_test(node: str, files: list[str], env: dict[str, str] | None = None,
 
 
 # --- the package itself ------------------------------------------------------------------------
+
 
 def test_package_is_a_real_npm_package() -> None:
     meta = json.loads((PKG / "package.json").read_text())
@@ -141,13 +157,17 @@ def test_generated_types_match_the_schema(node: str) -> None:
     committed = (PKG / "src" / "event.generated.ts").read_text()
     out = run([node, "scripts/gen-types.mjs", "--stdout"])
     assert out.returncode == 0, out.stderr
-    assert out.stdout == committed, ("src/event.generated.ts drifted from the schema: "
-                                     "run `npm run gen-types` in clients/typescript")
+    assert out.stdout == committed, (
+        "src/event.generated.ts drifted from the schema: "
+        "run `npm run gen-types` in clients/typescript"
+    )
 
 
 def test_reasons_and_outcomes_match_python(node: str) -> None:
-    script = ("import('./dist/src/index.js').then((m) => "
-              "console.log(JSON.stringify({reasons: m.REASONS, outcomes: m.OUTCOMES})))")
+    script = (
+        "import('./dist/src/index.js').then((m) => "
+        "console.log(JSON.stringify({reasons: m.REASONS, outcomes: m.OUTCOMES})))"
+    )
     out = run([node, "--input-type=module", "-e", script])
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
@@ -163,6 +183,7 @@ def test_node_unit_suite(node: str) -> None:
 
 
 # --- against busd serve ------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def serving(bus: Bus, config: Path) -> Iterator[subprocess.Popen[str]]:
@@ -182,14 +203,20 @@ def serving(bus: Bus, config: Path) -> Iterator[subprocess.Popen[str]]:
 
 
 def config_for(bus: Bus) -> Path:
-    return bus.write_config(nats={"url": bus.url, "connect_timeout_s": 2},
-                            verify={"settle_s": 0.5, "file_wait_s": 0, "checksum": "if_given"})
+    return bus.write_config(
+        nats={"url": bus.url, "connect_timeout_s": 2},
+        verify={"settle_s": 0.5, "file_wait_s": 0, "checksum": "if_given"},
+    )
 
 
 def live_env(bus: Bus, config: Path, **extra: str) -> dict[str, str]:
-    return {"ARTIFACT_BUS_TEST_NATS_URL": bus.url, "ARTIFACT_BUS_TEST_ROOT": str(bus.artifacts),
-            "ARTIFACT_BUS_TEST_BUSD": json.dumps(BUSD), "ARTIFACT_BUS_TEST_CONFIG": str(config),
-            **extra}
+    return {
+        "ARTIFACT_BUS_TEST_NATS_URL": bus.url,
+        "ARTIFACT_BUS_TEST_ROOT": str(bus.artifacts),
+        "ARTIFACT_BUS_TEST_BUSD": json.dumps(BUSD),
+        "ARTIFACT_BUS_TEST_CONFIG": str(config),
+        **extra,
+    }
 
 
 def query(bus: Bus, config: Path, sql: str) -> list[dict[str, Any]]:
@@ -207,18 +234,33 @@ def test_typescript_producer_against_busd_serve(bus: Bus, node: str) -> None:
 
     # the catalog itself, now that busd let go of it
     events = bus.sql("SELECT run_id, outcome, reason FROM catalog.events_f ORDER BY seq")
-    assert sorted(r for r, o, _ in events if o == "rejected") == ["ts-atomic", "ts-outside",
-                                                                 "ts-rows"]
+    assert sorted(r for r, o, _ in events if o == "rejected") == [
+        "ts-atomic",
+        "ts-outside",
+        "ts-rows",
+    ]
     assert {(r, reason) for r, o, reason in events if o == "rejected"} == {
-        ("ts-atomic", "path_outside_roots"), ("ts-outside", "path_outside_roots"),
-        ("ts-rows", "rows_mismatch")}
+        ("ts-atomic", "path_outside_roots"),
+        ("ts-outside", "path_outside_roots"),
+        ("ts-rows", "rows_mismatch"),
+    }
     committed = [r for r, o, _ in events if o == "committed"]
     assert len(committed) == len(set(committed)), "a run committed twice"
-    assert set(committed) == {"ts-run-1", "ts-slices", "ts-run-2", "ts-run-3", "ts-run-4",
-                              "xc-same", "xc-py", "xc-ts"}
-    same = bus.sql("SELECT name, rows, bytes, sha256, columns, schema_hash "
-                   "FROM catalog.artifacts_f WHERE run_id IN ('xc-py', 'xc-ts') "
-                   "ORDER BY name, run_id")
+    assert set(committed) == {
+        "ts-run-1",
+        "ts-slices",
+        "ts-run-2",
+        "ts-run-3",
+        "ts-run-4",
+        "xc-same",
+        "xc-py",
+        "xc-ts",
+    }
+    same = bus.sql(
+        "SELECT name, rows, bytes, sha256, columns, schema_hash "
+        "FROM catalog.artifacts_f WHERE run_id IN ('xc-py', 'xc-ts') "
+        "ORDER BY name, run_id"
+    )
     assert len(same) == 4 and same[0] == same[1] and same[2] == same[3]
 
 
@@ -231,9 +273,20 @@ def test_outbox_through_a_nats_outage(bus: Bus, node: str, tmp_path: Path) -> No
         bus.server.stop()  # NATS goes away; busd serve waits for it
         py_file = bus.parquet("py-outage/fills.parquet", rows=3)
         start = time.monotonic()
-        kept = bus.cli("submit", "--config", str(config), "--run-id", "py-outage", "--kind", "k",
-                       "--producer", "lab.py", "--outbox", str(work / "py-outbox"),
-                       f"fills={py_file}")
+        kept = bus.cli(
+            "submit",
+            "--config",
+            str(config),
+            "--run-id",
+            "py-outage",
+            "--kind",
+            "k",
+            "--producer",
+            "lab.py",
+            "--outbox",
+            str(work / "py-outbox"),
+            f"fills={py_file}",
+        )
         assert kept.returncode == 0, kept.stderr
         assert json.loads(kept.stdout)["state"] == "outbox"
         assert time.monotonic() - start < 30
@@ -258,18 +311,26 @@ def test_outbox_through_a_nats_outage(bus: Bus, node: str, tmp_path: Path) -> No
         assert json.loads(flushed.stdout)["sent"] == 1
         again = bus.cli("outbox", "flush", "--config", str(config), str(work / "ts-for-busd"))
         assert json.loads(again.stdout)["sent"] == 0
-        wait_for(lambda: query(bus, config,
-                               "SELECT rows FROM artifacts WHERE run_id = 'ts-outage-2'"),
-                 timeout=90, what="ts-outage-2 in the artifacts export")
+        wait_for(
+            lambda: query(bus, config, "SELECT rows FROM artifacts WHERE run_id = 'ts-outage-2'"),
+            timeout=90,
+            what="ts-outage-2 in the artifacts export",
+        )
         # nothing left to send anywhere
-        assert not [p for d in ("ts-outbox", "py-outbox", "ts-for-busd")
-                    for p in (work / d).glob("*.json")]
+        assert not [
+            p for d in ("ts-outbox", "py-outbox", "ts-for-busd") for p in (work / d).glob("*.json")
+        ]
         rows = query(bus, config, "SELECT run_id, name, rows FROM artifacts ORDER BY run_id")
     ids = json.loads((work / "event-ids.json").read_text())
-    assert rows == [{"run_id": "py-outage", "name": "fills", "rows": 3},
-                    {"run_id": "ts-outage", "name": "fills", "rows": 5},
-                    {"run_id": "ts-outage-2", "name": "fills", "rows": 3}]
+    assert rows == [
+        {"run_id": "py-outage", "name": "fills", "rows": 3},
+        {"run_id": "ts-outage", "name": "fills", "rows": 5},
+        {"run_id": "ts-outage-2", "name": "fills", "rows": 3},
+    ]
     events = bus.sql("SELECT run_id, outcome, event_id FROM catalog.events_f ORDER BY seq")
     assert sorted((r, o) for r, o, _ in events) == [
-        ("py-outage", "committed"), ("ts-outage", "committed"), ("ts-outage-2", "committed")]
+        ("py-outage", "committed"),
+        ("ts-outage", "committed"),
+        ("ts-outage-2", "committed"),
+    ]
     assert {r: e for r, _, e in events if r.startswith("ts-")} == ids  # ts-required never sent

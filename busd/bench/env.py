@@ -78,9 +78,14 @@ def _dist(name: str) -> str:
 def versions(server_version: str) -> dict[str, str]:
     import duckdb
 
-    return {"busd": __version__, "nats-py": _dist("nats-py"), "duckdb": duckdb.__version__,
-            "pyarrow": pa.__version__, "nats-server": server_version,
-            "msgspec": _dist("msgspec")}
+    return {
+        "busd": __version__,
+        "nats-py": _dist("nats-py"),
+        "duckdb": duckdb.__version__,
+        "pyarrow": pa.__version__,
+        "nats-server": server_version,
+        "msgspec": _dist("msgspec"),
+    }
 
 
 def today() -> str:
@@ -98,8 +103,12 @@ class PoolFile:
 
 def write_parquet(path: Path, i: int) -> PoolFile:
     """One small real Parquet file (3 rows, 2 columns), distinct content per ``i``."""
-    table = pa.table({"x": pa.array([i, i + 1, i + 2], pa.int64()),
-                      "y": pa.array([f"r{i}-{k}" for k in range(ROWS_PER_FILE)])})
+    table = pa.table(
+        {
+            "x": pa.array([i, i + 1, i + 2], pa.int64()),
+            "y": pa.array([f"r{i}-{k}" for k in range(ROWS_PER_FILE)]),
+        }
+    )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="none")
     data = sink.getvalue().to_pybytes()
@@ -107,8 +116,9 @@ def write_parquet(path: Path, i: int) -> PoolFile:
     return PoolFile(str(path), len(data), ROWS_PER_FILE, hashlib.sha256(data).hexdigest())
 
 
-def make_pool(root: Path, n: int, tick: Callable[[int], None],
-              stop: threading.Event) -> list[PoolFile]:
+def make_pool(
+    root: Path, n: int, tick: Callable[[int], None], stop: threading.Event
+) -> list[PoolFile]:
     """``n`` files under ``root``, 1,000 per folder, folders written by 4 threads (creating a
     file here costs 40-800 µs of mostly waiting); ``tick`` reports progress, ``stop`` ends
     it early (Ctrl-C)."""
@@ -134,13 +144,28 @@ _encoder = msgspec.json.Encoder()
 def event(run_id: str, f: PoolFile) -> tuple[str, bytes]:
     """(event_id, payload) of a one-artifact event with size, rows and sha256 given."""
     event_id = f"{run_id}:final"
-    return event_id, _encoder.encode({
-        "schema_version": 1, "event_id": event_id,
-        "run": {"run_id": run_id, "kind": "bench", "status": "succeeded",
-                "params": {"strategy": "bench", "seed": 7}, "code_version": "bench"},
-        "artifacts": [{"name": "fills", "path": f.path, "rows": f.rows, "bytes": f.bytes,
-                       "sha256": f.sha256}],
-    })
+    return event_id, _encoder.encode(
+        {
+            "schema_version": 1,
+            "event_id": event_id,
+            "run": {
+                "run_id": run_id,
+                "kind": "bench",
+                "status": "succeeded",
+                "params": {"strategy": "bench", "seed": 7},
+                "code_version": "bench",
+            },
+            "artifacts": [
+                {
+                    "name": "fills",
+                    "path": f.path,
+                    "rows": f.rows,
+                    "bytes": f.bytes,
+                    "sha256": f.sha256,
+                }
+            ],
+        }
+    )
 
 
 # ---- publishing ---------------------------------------------------------------------------
@@ -160,10 +185,17 @@ class Published:
         return self.count / self.seconds
 
 
-async def publish(nc: Any, subject: str, events: Iterator[tuple[str, bytes]], *,
-                  rate: float | None = None, duration_s: float | None = None,
-                  window: int = 2000, timeout_s: float = 120.0,
-                  tick: Callable[[int], None] | None = None) -> Published:
+async def publish(
+    nc: Any,
+    subject: str,
+    events: Iterator[tuple[str, bytes]],
+    *,
+    rate: float | None = None,
+    duration_s: float | None = None,
+    window: int = 2000,
+    timeout_s: float = 120.0,
+    tick: Callable[[int], None] | None = None,
+) -> Published:
     """Pipelined JetStream publishes with ``Nats-Msg-Id`` (up to ``window`` PubAcks pending).
 
     ``rate`` paces them (events/s); ``duration_s`` stops early. Returns when every PubAck
@@ -295,8 +327,9 @@ class BenchEnv:
         return self.server is not None
 
     def stream(self, kind: str) -> StreamSpec:
-        return StreamSpec(f"BENCH_{self.tag}_{kind.upper()}",
-                          f"bench-{self.tag}-{kind.lower()}.bench")
+        return StreamSpec(
+            f"BENCH_{self.tag}_{kind.upper()}", f"bench-{self.tag}-{kind.lower()}.bench"
+        )
 
     async def start(self) -> None:
         self.artifacts.mkdir(parents=True, exist_ok=True)
@@ -305,20 +338,30 @@ class BenchEnv:
         else:
             self.server = EmbeddedServer("127.0.0.1", 0, self.root / "nats")
             self.url = await asyncio.to_thread(self.server.start)
-        self.nc = await source.connect(NatsSettings(), self.url, name="busd-bench",
-                                       reconnect=False)
+        self.nc = await source.connect(NatsSettings(), self.url, name="busd-bench", reconnect=False)
         v = self.nc.connected_server_version
         self.server_version = f"{v.major}.{v.minor}.{v.patch}" + (f"-{v.dev}" if v.dev else "")
 
-    def config(self, name: str, stream: StreamSpec, consumer: str, *, metrics: str = "",
-               data_dir: Path | None = None) -> tuple[Path, Settings]:
+    def config(
+        self,
+        name: str,
+        stream: StreamSpec,
+        consumer: str,
+        *,
+        metrics: str = "",
+        data_dir: Path | None = None,
+    ) -> tuple[Path, Settings]:
         """Write ``<name>.toml`` for a busd on ``stream``; return it and its settings."""
         data = {
             "data_dir": str(data_dir or self.root / name),
             "artifact_roots": [str(self.artifacts)],
             "log_format": "json",
-            "nats": {"url": self.url, "stream": stream.name, "subjects": stream.subjects,
-                     "consumer": consumer},
+            "nats": {
+                "url": self.url,
+                "stream": stream.name,
+                "subjects": stream.subjects,
+                "consumer": consumer,
+            },
             "consumer": {"shutdown_grace_s": 10.0},
             "metrics": {"listen": metrics},
         }
@@ -337,9 +380,15 @@ class BenchEnv:
         """A child in its own session (Ctrl-C is ours to handle); output to a log file."""
         with open(self.root / log_name, "ab") as out:
             proc = subprocess.Popen(
-                args, cwd=self.root, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                args,
+                cwd=self.root,
+                env=child_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
         self.children.append(proc)
         return proc
 

@@ -51,8 +51,11 @@ class Hist:
 
     def minus(self, other: Hist) -> Hist:
         before = dict(other.buckets)
-        return Hist(tuple((le, c - before.get(le, 0.0)) for le, c in self.buckets),
-                    self.count - other.count, self.total - other.total)
+        return Hist(
+            tuple((le, c - before.get(le, 0.0)) for le, c in self.buckets),
+            self.count - other.count,
+            self.total - other.total,
+        )
 
     def quantile(self, q: float) -> float | None:
         """Prometheus-style: linear inside the bucket holding the q-th observation."""
@@ -122,8 +125,15 @@ async def _lag(ctx: Ctx, s: Settings) -> int:
     return pending + ack_pending
 
 
-async def _phase(ctx: Ctx, s: Settings, stream: StreamSpec, port: int, label: str,
-                 rate: float | None, duration_s: float) -> dict[str, Any]:
+async def _phase(
+    ctx: Ctx,
+    s: Settings,
+    stream: StreamSpec,
+    port: int,
+    label: str,
+    rate: float | None,
+    duration_s: float,
+) -> dict[str, Any]:
     before = await asyncio.to_thread(scrape, port)
     peak = 0
 
@@ -137,10 +147,16 @@ async def _phase(ctx: Ctx, s: Settings, stream: StreamSpec, port: int, label: st
     ctx.tick(f"busd live: {label}", 0, duration_s * rate if rate else None)
     sampler = asyncio.create_task(sample())
     try:
-        pub = await publish(ctx.env.nc, stream.subject, _events(ctx, f"live-{ctx.env.tag}-"
-                                                               f"{label.split()[0]}"),
-                            rate=rate, duration_s=duration_s, window=4000,
-                            timeout_s=duration_s + 60, tick=lambda n: ctx.tick("", n, None))
+        pub = await publish(
+            ctx.env.nc,
+            stream.subject,
+            _events(ctx, f"live-{ctx.env.tag}-{label.split()[0]}"),
+            rate=rate,
+            duration_s=duration_s,
+            window=4000,
+            timeout_s=duration_s + 60,
+            tick=lambda n: ctx.tick("", n, None),
+        )
         lag_at_stop = await _lag(ctx, s)
         drain_limit_s = 60.0 if ctx.quick else 180.0
         ctx.tick(f"busd live: {label}, waiting for lag 0", 0, None)
@@ -160,13 +176,17 @@ async def _phase(ctx: Ctx, s: Settings, stream: StreamSpec, port: int, label: st
         await asyncio.sleep(0.1)
     h = after.minus(before)
     return {
-        "target_events_per_s": rate or "max", "published": pub.count,
-        "publish_seconds": round(pub.seconds, 3), "publish_events_per_s": round(pub.rate, 1),
+        "target_events_per_s": rate or "max",
+        "published": pub.count,
+        "publish_seconds": round(pub.seconds, 3),
+        "publish_events_per_s": round(pub.rate, 1),
         "latency_observed": int(h.count),
-        "latency_p50_s": _r(h.quantile(0.5)), "latency_p99_s": _r(h.quantile(0.99)),
+        "latency_p50_s": _r(h.quantile(0.5)),
+        "latency_p99_s": _r(h.quantile(0.99)),
         "latency_max_le_s": h.max_bound(),
         "latency_mean_s": _r(h.total / h.count if h.count else None),
-        "lag_zero_after_stop_s": round(lag_zero_s, 3), "peak_lag": peak,
+        "lag_zero_after_stop_s": round(lag_zero_s, 3),
+        "peak_lag": peak,
         "settled_while_publishing_per_s": round((pub.count - lag_at_stop) / pub.seconds, 1),
     }
 
@@ -198,8 +218,14 @@ async def _raw_max(ctx: Ctx, duration_s: float) -> dict[str, Any]:
     ctx.tick("raw consumer @ max rate", 0, None)
     task = asyncio.create_task(consume())
     try:
-        pub = await publish(env.nc, stream.subject, _events(ctx, f"raw-{env.tag}"),
-                            duration_s=duration_s, window=4000, timeout_s=duration_s + 60)
+        pub = await publish(
+            env.nc,
+            stream.subject,
+            _events(ctx, f"raw-{env.tag}"),
+            duration_s=duration_s,
+            window=4000,
+            timeout_s=duration_s + 60,
+        )
         during = got
         while got < pub.count:
             if time.monotonic() - pub.stored > 60 or task.done():
@@ -214,9 +240,12 @@ async def _raw_max(ctx: Ctx, duration_s: float) -> dict[str, Any]:
         await pull.stop()
         with contextlib.suppress(Exception):
             await nc.close()
-    return {"published": pub.count, "publish_events_per_s": round(pub.rate, 1),
-            "settled_while_publishing_per_s": round(during / pub.seconds, 1),
-            "lag_zero_after_stop_s": round(caught_up_s, 3)}
+    return {
+        "published": pub.count,
+        "publish_events_per_s": round(pub.rate, 1),
+        "settled_while_publishing_per_s": round(during / pub.seconds, 1),
+        "lag_zero_after_stop_s": round(caught_up_s, 3),
+    }
 
 
 def _r(value: float | None) -> float | None:
@@ -234,15 +263,15 @@ async def measure_live(ctx: Ctx) -> dict[str, Any]:
     await env.ensure_stream(stream)
     port = free_port()
     config_path, s = env.config("live", stream, "busd", metrics=f"127.0.0.1:{port}")
-    proc = env.spawn([sys.executable, "-m", "busd", "serve", "--config", str(config_path)],
-                     "live.log")
+    proc = env.spawn(
+        [sys.executable, "-m", "busd", "serve", "--config", str(config_path)], "live.log"
+    )
     try:
         ctx.tick("busd live: starting busd serve", 0, None)
         deadline = time.monotonic() + 60
         while not await asyncio.to_thread(_ready, port):
             if proc.poll() is not None:
-                raise BusdError(f"busd serve exited {proc.returncode}: "
-                                f"{env.log_tail('live.log')}")
+                raise BusdError(f"busd serve exited {proc.returncode}: {env.log_tail('live.log')}")
             if time.monotonic() > deadline:
                 raise TimedOut("busd serve was not ready within 60s")
             await asyncio.sleep(0.1)
@@ -253,10 +282,17 @@ async def measure_live(ctx: Ctx) -> dict[str, Any]:
         final = await asyncio.to_thread(scrape, port)
     finally:
         code = env.end(proc, 30.0)
-    return {"status": "ok", "fixed": fixed, "max": fastest, "raw_max": raw, "peak_rss_mb": rss,
-            "workers_peak_rss_mb": workers_rss,
-            "exit_code": code, "phase_seconds": seconds,
-            "histogram_buckets_s": [le for le, _ in final.buckets if not math.isinf(le)]}
+    return {
+        "status": "ok",
+        "fixed": fixed,
+        "max": fastest,
+        "raw_max": raw,
+        "peak_rss_mb": rss,
+        "workers_peak_rss_mb": workers_rss,
+        "exit_code": code,
+        "phase_seconds": seconds,
+        "histogram_buckets_s": [le for le, _ in final.buckets if not math.isinf(le)],
+    }
 
 
 # ---- export refresh -----------------------------------------------------------------------
@@ -322,24 +358,32 @@ def _exports_sync(ctx: Ctx) -> dict[str, Any]:
                     each.setdefault(r.name, []).append(r.duration_s)
                     files[r.name] = {"rows": r.rows, "bytes": r.bytes}
                 ctx.tick("", 1, None)
-            out[str(n)] = {"artifacts": n, "runs": runs_want, "seconds": round(median(times), 4),
-                           "runs_seconds": [round(t, 4) for t in times],
-                           "build_seconds": round(build_s, 3),
-                           "exports": {name: {**files[name], "seconds": round(median(v), 4)}
-                                       for name, v in each.items()},
-                           "partitioned": _partitioned(ctx, catalog, folder, n, runs_have)}
+            out[str(n)] = {
+                "artifacts": n,
+                "runs": runs_want,
+                "seconds": round(median(times), 4),
+                "runs_seconds": [round(t, 4) for t in times],
+                "build_seconds": round(build_s, 3),
+                "exports": {
+                    name: {**files[name], "seconds": round(median(v), 4)}
+                    for name, v in each.items()
+                },
+                "partitioned": _partitioned(ctx, catalog, folder, n, runs_have),
+            }
             runs_have += BATCH_RUNS * ctx.runs
         return out
     finally:
         catalog.close()
 
 
-def _partitioned(ctx: Ctx, catalog: Catalog, folder: Path, n: int, runs_have: int
-                 ) -> dict[str, Any]:
+def _partitioned(
+    ctx: Ctx, catalog: Catalog, folder: Path, n: int, runs_have: int
+) -> dict[str, Any]:
     """``export_partition_seqs``: a whole refresh, then one after a batch of new artifacts."""
     ctx.tick(f"export refresh: {n:,} artifacts, partitioned", 0, ctx.runs)
-    exporter = Exporter(catalog.cursor(), folder / f"exports-parts-{n}", (),
-                        partition_seqs=PARTITION_SEQS)
+    exporter = Exporter(
+        catalog.cursor(), folder / f"exports-parts-{n}", (), partition_seqs=PARTITION_SEQS
+    )
     started = time.perf_counter()
     exporter.refresh(["runs", "artifacts"])
     whole_s = time.perf_counter() - started
@@ -358,16 +402,23 @@ def _partitioned(ctx: Ctx, catalog: Catalog, folder: Path, n: int, runs_have: in
         times.append(time.perf_counter() - started)
         parts = sum(r.parts for r in results)
         ctx.tick("", 1, None)
-    return {"partition_seqs": PARTITION_SEQS, "whole_seconds": round(whole_s, 4),
-            "after_batch_seconds": round(median(times), 4),
-            "batch_artifacts": BATCH_RUNS * ARTIFACTS_PER_RUN, "parts_rewritten": parts}
+    return {
+        "partition_seqs": PARTITION_SEQS,
+        "whole_seconds": round(whole_s, 4),
+        "after_batch_seconds": round(median(times), 4),
+        "batch_artifacts": BATCH_RUNS * ARTIFACTS_PER_RUN,
+        "parts_rewritten": parts,
+    }
 
 
 async def measure_exports(ctx: Ctx) -> dict[str, Any]:
     """``Exporter.refresh(["runs", "artifacts"])`` on catalogs of 10k, 100k and 1M artifacts
     (two per run), built directly with INSERT … SELECT FROM range()."""
-    return {"status": "ok", "artifacts_per_run": ARTIFACTS_PER_RUN,
-            "sizes": await asyncio.to_thread(_exports_sync, ctx)}
+    return {
+        "status": "ok",
+        "artifacts_per_run": ARTIFACTS_PER_RUN,
+        "sizes": await asyncio.to_thread(_exports_sync, ctx),
+    }
 
 
 # ---- rebuild ------------------------------------------------------------------------------
@@ -381,8 +432,9 @@ async def measure_rebuild(ctx: Ctx) -> dict[str, Any]:
         name = f"rebuild-{k}"
         config_path, s = env.config(name, ctx.stream, f"busd-rebuild-{k}")
         ctx.tick(f"busd rebuild, run {k + 1}/{ctx.runs}", 0, 1)
-        proc = env.spawn([sys.executable, "-m", "busd", "rebuild", "--config", str(config_path)],
-                         f"{name}.log")
+        proc = env.spawn(
+            [sys.executable, "-m", "busd", "rebuild", "--config", str(config_path)], f"{name}.log"
+        )
         code = await wait_exit(env, proc, 60 + ctx.events / 200, "busd rebuild")
         text = env.log_tail(f"{name}.log", 4000)
         found = re.search(r"([\d,]+) events .* in ([\d.]+)s \(([\d,]+) ev/s\)", text)

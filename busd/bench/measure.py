@@ -49,8 +49,12 @@ def median(values: list[float]) -> float:
 
 
 def summary(rates: list[float], **extra: Any) -> dict[str, Any]:
-    return {"status": "ok", "events_per_s": round(median(rates), 1),
-            "runs_events_per_s": [round(r, 1) for r in rates], **extra}
+    return {
+        "status": "ok",
+        "events_per_s": round(median(rates), 1),
+        "runs_events_per_s": [round(r, 1) for r in rates],
+        **extra,
+    }
 
 
 # ---- a lean pull consumer (raw limit and naive peer) --------------------------------------
@@ -68,9 +72,12 @@ class LeanPull:
         self.sub: Any = None
 
     async def start(self) -> None:
-        self.sub = await self.nc.subscribe(f"{self.inbox}.*", cb=self._on_msg,
-                                           pending_msgs_limit=1_000_000,
-                                           pending_bytes_limit=1 << 30)
+        self.sub = await self.nc.subscribe(
+            f"{self.inbox}.*",
+            cb=self._on_msg,
+            pending_msgs_limit=1_000_000,
+            pending_bytes_limit=1 << 30,
+        )
 
     async def stop(self) -> None:
         if self.sub is not None:
@@ -104,9 +111,17 @@ class LeanPull:
 Work = Callable[[Any], None]
 
 
-async def pull_all(nc: Any, stream: str, durable: str, total: int, work: Work | None,
-                   tick: Callable[[int], None], *, batch: int = 500,
-                   timeout_s: float = 120.0) -> float:
+async def pull_all(
+    nc: Any,
+    stream: str,
+    durable: str,
+    total: int,
+    work: Work | None,
+    tick: Callable[[int], None],
+    *,
+    batch: int = 500,
+    timeout_s: float = 120.0,
+) -> float:
     """Fetch ``total`` messages, ``work`` each, ack each, one flush a batch; events/s.
 
     The next pull request goes out as soon as a batch is in hand (as busd does)."""
@@ -153,9 +168,17 @@ async def measure_raw(ctx: Ctx) -> dict[str, Any]:
         durable = f"bench-raw-{k}"
         await _consumer(ctx, durable)
         ctx.tick(f"raw limit, run {k + 1}/{ctx.runs}", 0, ctx.events)
-        rates.append(await pull_all(ctx.env.nc, ctx.stream.name, durable, ctx.events, None,
-                                    lambda n: ctx.tick("", n, None),
-                                    timeout_s=60 + ctx.events / 1000))
+        rates.append(
+            await pull_all(
+                ctx.env.nc,
+                ctx.stream.name,
+                durable,
+                ctx.events,
+                None,
+                lambda n: ctx.tick("", n, None),
+                timeout_s=60 + ctx.events / 1000,
+            )
+        )
     return summary(rates, events=ctx.events, batch=500)
 
 
@@ -174,8 +197,10 @@ async def measure_naive(ctx: Ctx) -> dict[str, Any]:
         await _consumer(ctx, durable)
         path = ctx.env.root / f"naive-{k}.duckdb"
         con = duckdb.connect(str(path))
-        con.execute("CREATE TABLE artifacts (run_id VARCHAR, name VARCHAR, path VARCHAR, "
-                    "bytes BIGINT, seq UBIGINT, PRIMARY KEY (run_id, name))")
+        con.execute(
+            "CREATE TABLE artifacts (run_id VARCHAR, name VARCHAR, path VARCHAR, "
+            "bytes BIGINT, seq UBIGINT, PRIMARY KEY (run_id, name))"
+        )
 
         def work(msg: Any, con: duckdb.DuckDBPyConnection = con) -> None:
             body = json.loads(msg.data)
@@ -183,15 +208,25 @@ async def measure_naive(ctx: Ctx) -> dict[str, Any]:
             for a in body["artifacts"]:
                 size = os.stat(a["path"]).st_size
                 con.execute("BEGIN")
-                con.execute("INSERT INTO artifacts VALUES (?, ?, ?, ?, ?)",
-                            [body["run"]["run_id"], a["name"], a["path"], size, seq])
+                con.execute(
+                    "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?)",
+                    [body["run"]["run_id"], a["name"], a["path"], size, seq],
+                )
                 con.execute("COMMIT")
 
         ctx.tick(f"naive peer, run {k + 1}/{ctx.runs}", 0, sample)
         try:
-            rates.append(await pull_all(ctx.env.nc, ctx.stream.name, durable, sample, work,
-                                        lambda n: ctx.tick("", n, None),
-                                        timeout_s=60 + sample / 20))
+            rates.append(
+                await pull_all(
+                    ctx.env.nc,
+                    ctx.stream.name,
+                    durable,
+                    sample,
+                    work,
+                    lambda n: ctx.tick("", n, None),
+                    timeout_s=60 + sample / 20,
+                )
+            )
         finally:
             con.close()
             path.unlink(missing_ok=True)
@@ -214,11 +249,20 @@ def catchup_child() -> None:  # pragma: no cover - runs in the child process
     elapsed = time.perf_counter() - started
     ru = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # the file-check workers, now reaped
-    Path(out_path).write_text(json.dumps({
-        "seconds": elapsed, "peak_rss_kb": ru.ru_maxrss, "workers_peak_rss_kb": kids.ru_maxrss,
-        "cpu_s": ru.ru_utime + ru.ru_stime - cpu.ru_utime - cpu.ru_stime,
-        "workers_cpu_s": kids.ru_utime + kids.ru_stime,
-        "outcomes": dict(stats.outcomes), "batches": stats.batches, "exports": stats.exports}))
+    Path(out_path).write_text(
+        json.dumps(
+            {
+                "seconds": elapsed,
+                "peak_rss_kb": ru.ru_maxrss,
+                "workers_peak_rss_kb": kids.ru_maxrss,
+                "cpu_s": ru.ru_utime + ru.ru_stime - cpu.ru_utime - cpu.ru_stime,
+                "workers_cpu_s": kids.ru_utime + kids.ru_stime,
+                "outcomes": dict(stats.outcomes),
+                "batches": stats.batches,
+                "exports": stats.exports,
+            }
+        )
+    )
 
 
 CHILD_CODE = "from busd.bench.measure import catchup_child; catchup_child()"
@@ -245,8 +289,9 @@ async def measure_catchup(ctx: Ctx) -> dict[str, Any]:
         out = env.root / f"{name}.json"
         ctx.tick(f"busd catch-up, run {k + 1}/{ctx.runs}", 0, 1)
         began = time.perf_counter()
-        proc = env.spawn([sys.executable, "-c", CHILD_CODE, str(config_path), str(out)],
-                         f"{name}.log")
+        proc = env.spawn(
+            [sys.executable, "-c", CHILD_CODE, str(config_path), str(out)], f"{name}.log"
+        )
         code = await wait_exit(env, proc, 60 + ctx.events / 200, "busd catch-up")
         wall = time.perf_counter() - began
         if code != 0 or not out.exists():
@@ -254,21 +299,26 @@ async def measure_catchup(ctx: Ctx) -> dict[str, Any]:
         result = json.loads(out.read_text())
         committed = result["outcomes"].get("committed", 0)
         if committed != ctx.events:
-            raise BusdError(f"busd committed {committed} of {ctx.events} events: "
-                            f"{result['outcomes']}")
+            raise BusdError(
+                f"busd committed {committed} of {ctx.events} events: {result['outcomes']}"
+            )
         result["process_wall_s"] = wall
         runs.append(result)
         ctx.tick("", 1, None)
         shutil.rmtree(s.data_path, ignore_errors=True)  # catalogs of finished runs
     rates = [ctx.events / r["seconds"] for r in runs]
     return summary(
-        rates, events=ctx.events, checksum="if_given (sha256 given in every event)",
+        rates,
+        events=ctx.events,
+        checksum="if_given (sha256 given in every event)",
         seconds=round(median([r["seconds"] for r in runs]), 3),
         process_wall_s=round(median([r["process_wall_s"] for r in runs]), 3),
         cpu_us_per_event=round(median([r["cpu_s"] for r in runs]) / ctx.events * 1e6, 1),
         workers_cpu_us_per_event=round(
-            median([r["workers_cpu_s"] for r in runs]) / ctx.events * 1e6, 1),
+            median([r["workers_cpu_s"] for r in runs]) / ctx.events * 1e6, 1
+        ),
         peak_rss_mb=round(max(r["peak_rss_kb"] for r in runs) / 1024, 1),
         workers_peak_rss_mb=round(max(r["workers_peak_rss_kb"] for r in runs) / 1024, 1),
         batches=int(median([r["batches"] for r in runs])),
-        export_refreshes=int(median([r["exports"] for r in runs])))
+        export_refreshes=int(median([r["exports"] for r in runs])),
+    )

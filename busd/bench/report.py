@@ -70,8 +70,11 @@ class Ticker:
     def finish(self) -> None:
         if self.task is not None:
             task = self.progress.tasks[-1]
-            self.progress.update(self.task, total=task.total or task.completed or 1,
-                                 completed=task.total or task.completed or 1)
+            self.progress.update(
+                self.task,
+                total=task.total or task.completed or 1,
+                completed=task.total or task.completed or 1,
+            )
             self.task = None
 
 
@@ -86,8 +89,9 @@ async def prepare(ctx: Ctx) -> dict[str, Any]:
     started = time.perf_counter()
     stop = threading.Event()
     try:
-        ctx.pool = await asyncio.to_thread(be.make_pool, env.artifacts, ctx.events,
-                                           lambda n: ctx.tick("", n, None), stop)
+        ctx.pool = await asyncio.to_thread(
+            be.make_pool, env.artifacts, ctx.events, lambda n: ctx.tick("", n, None), stop
+        )
     except asyncio.CancelledError:
         stop.set()  # Ctrl-C: the writer threads end at their next file
         raise
@@ -96,11 +100,22 @@ async def prepare(ctx: Ctx) -> dict[str, Any]:
     await env.ensure_stream(ctx.stream)
     ctx.tick(f"publishing {ctx.events:,} events", 0, ctx.events)
     events = (be.event(f"run-{env.tag}-{i:08d}", f) for i, f in enumerate(ctx.pool))
-    pub = await be.publish(env.nc, ctx.stream.subject, events, window=2000,
-                           timeout_s=60 + ctx.events / 200, tick=lambda n: ctx.tick("", n, None))
-    return {"files": ctx.events, "files_seconds": round(files_s, 3),
-            "published": pub.count, "publish_seconds": round(pub.seconds, 3),
-            "publish_events_per_s": round(pub.rate, 1), "publish_window": 2000}
+    pub = await be.publish(
+        env.nc,
+        ctx.stream.subject,
+        events,
+        window=2000,
+        timeout_s=60 + ctx.events / 200,
+        tick=lambda n: ctx.tick("", n, None),
+    )
+    return {
+        "files": ctx.events,
+        "files_seconds": round(files_s, 3),
+        "published": pub.count,
+        "publish_seconds": round(pub.seconds, 3),
+        "publish_events_per_s": round(pub.rate, 1),
+        "publish_window": 2000,
+    }
 
 
 async def run_bench(ctx: Ctx) -> dict[str, Any]:
@@ -112,17 +127,21 @@ async def run_bench(ctx: Ctx) -> dict[str, Any]:
         report["setup"] = await prepare(ctx)
         report["versions"] = be.versions(env.server_version)
         report["bench"] = {
-            "events": ctx.events, "runs": ctx.runs, "quick": ctx.quick,
-            "nats": ("embedded nats-server, loopback, JetStream sync_interval: always"
-                     if env.embedded else "user's server (--nats-url); its fsync policy "
-                     "is unknown to the bench")}
+            "events": ctx.events,
+            "runs": ctx.runs,
+            "quick": ctx.quick,
+            "nats": (
+                "embedded nats-server, loopback, JetStream sync_interval: always"
+                if env.embedded
+                else "user's server (--nats-url); its fsync policy is unknown to the bench"
+            ),
+        }
         results: dict[str, Any] = {}
         for section in sections():
             try:
                 results[section.key] = await section.measure(ctx)
             except Exception as exc:  # noqa: BLE001 - one failed section does not hide the others
-                results[section.key] = {"status": "failed",
-                                        "error": f"{type(exc).__name__}: {exc}"}
+                results[section.key] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         report["sections"] = results
         report["ratios"] = ratios(results)
         ctx.tick("done", 0, None)
@@ -137,8 +156,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
         return section.get("events_per_s") if section.get("status") == "ok" else None
 
     busd, naive, raw = rate("catchup"), rate("naive"), rate("raw")
-    return {"busd_over_naive": round(busd / naive, 2) if busd and naive else None,
-            "busd_over_raw": round(busd / raw, 3) if busd and raw else None}
+    return {
+        "busd_over_naive": round(busd / naive, 2) if busd and naive else None,
+        "busd_over_raw": round(busd / raw, 3) if busd and raw else None,
+    }
 
 
 # ---- the printed table --------------------------------------------------------------------
@@ -157,8 +178,7 @@ def _mib(value: float | None) -> str:
 
 
 def _runs(values: list[float], unit: str = "") -> str:
-    return "runs: " + " / ".join(f"{v:,.0f}{unit}" if v >= 10 else f"{v:.3f}{unit}"
-                                 for v in values)
+    return "runs: " + " / ".join(f"{v:,.0f}{unit}" if v >= 10 else f"{v:.3f}{unit}" for v in values)
 
 
 def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -176,83 +196,138 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
 
     if not failed("raw", "raw limit: lean pull + ack, no work"):
         r = res["raw"]
-        out.append(("raw limit: lean pull + ack, no work", f"{_n(r['events_per_s'])} ev/s",
-                    f"{_n(r['events'])} events, batch 500; {_runs(r['runs_events_per_s'])}"))
+        out.append(
+            (
+                "raw limit: lean pull + ack, no work",
+                f"{_n(r['events_per_s'])} ev/s",
+                f"{_n(r['events'])} events, batch 500; {_runs(r['runs_events_per_s'])}",
+            )
+        )
     if not failed("naive", "naive peer: 1 transaction per message"):
         r = res["naive"]
-        out.append(("naive peer: loads, stat, INSERT, COMMIT, ack", f"{_n(r['events_per_s'])} "
-                    "ev/s", f"sample of {_n(r['events'])}; {_runs(r['runs_events_per_s'])}"))
+        out.append(
+            (
+                "naive peer: loads, stat, INSERT, COMMIT, ack",
+                f"{_n(r['events_per_s'])} ev/s",
+                f"sample of {_n(r['events'])}; {_runs(r['runs_events_per_s'])}",
+            )
+        )
     if not failed("catchup", "busd catch-up"):
         r = res["catchup"]
-        out.append(("busd catch-up: serve --drain, full checks", f"{_n(r['events_per_s'])} ev/s",
-                    f"{_n(r['events'])} events in {r['seconds']:.2f} s, CPU "
-                    f"{r['cpu_us_per_event']:.0f} µs/event + {r['workers_cpu_us_per_event']:.0f} "
-                    f"in file-check workers, peak RSS {r['peak_rss_mb']:.0f} MiB + "
-                    f"{r['workers_peak_rss_mb']:.0f} per worker, {r['batches']} transactions, "
-                    f"{r['export_refreshes']} refreshes; "
-                    f"{_runs(r['runs_events_per_s'])}"))
+        out.append(
+            (
+                "busd catch-up: serve --drain, full checks",
+                f"{_n(r['events_per_s'])} ev/s",
+                f"{_n(r['events'])} events in {r['seconds']:.2f} s, CPU "
+                f"{r['cpu_us_per_event']:.0f} µs/event + {r['workers_cpu_us_per_event']:.0f} "
+                f"in file-check workers, peak RSS {r['peak_rss_mb']:.0f} MiB + "
+                f"{r['workers_peak_rss_mb']:.0f} per worker, {r['batches']} transactions, "
+                f"{r['export_refreshes']} refreshes; "
+                f"{_runs(r['runs_events_per_s'])}",
+            )
+        )
     if not failed("live", "busd live"):
         for key, title in (("fixed", "busd live @ 1,000 ev/s"), ("max", "busd live @ max rate")):
             p = res["live"][key]
-            out.append((title + ": latency p50 / p99 / max",
-                        f"{_s(p['latency_p50_s'])} / {_s(p['latency_p99_s'])} / "
-                        f"≤ {_s(p['latency_max_le_s'])}",
-                        f"{_n(p['published'])} published at {_n(p['publish_events_per_s'])} "
-                        f"ev/s in {p['publish_seconds']:.1f} s; lag 0 "
-                        f"{_s(p['lag_zero_after_stop_s'])} after the last PubAck; "
-                        f"peak lag {_n(p['peak_lag'])}"))
+            out.append(
+                (
+                    title + ": latency p50 / p99 / max",
+                    f"{_s(p['latency_p50_s'])} / {_s(p['latency_p99_s'])} / "
+                    f"≤ {_s(p['latency_max_le_s'])}",
+                    f"{_n(p['published'])} published at {_n(p['publish_events_per_s'])} "
+                    f"ev/s in {p['publish_seconds']:.1f} s; lag 0 "
+                    f"{_s(p['lag_zero_after_stop_s'])} after the last PubAck; "
+                    f"peak lag {_n(p['peak_lag'])}",
+                )
+            )
         raw = res["live"].get("raw_max")
         if raw:
-            out.append(("raw consumer @ max rate (no work)",
-                        f"{_n(raw['settled_while_publishing_per_s'])} ev/s while publishing",
-                        f"{_n(raw['published'])} published at "
-                        f"{_n(raw['publish_events_per_s'])} ev/s; lag 0 "
-                        f"{_s(raw['lag_zero_after_stop_s'])} after the last PubAck"))
+            out.append(
+                (
+                    "raw consumer @ max rate (no work)",
+                    f"{_n(raw['settled_while_publishing_per_s'])} ev/s while publishing",
+                    f"{_n(raw['published'])} published at "
+                    f"{_n(raw['publish_events_per_s'])} ev/s; lag 0 "
+                    f"{_s(raw['lag_zero_after_stop_s'])} after the last PubAck",
+                )
+            )
         fast = res["live"]["max"]
         if "settled_while_publishing_per_s" in fast:
-            out.append(("busd live @ max rate: settled while publishing",
-                        f"{_n(fast['settled_while_publishing_per_s'])} ev/s", ""))
+            out.append(
+                (
+                    "busd live @ max rate: settled while publishing",
+                    f"{_n(fast['settled_while_publishing_per_s'])} ev/s",
+                    "",
+                )
+            )
         workers = res["live"].get("workers_peak_rss_mb")
-        out.append(("busd live: peak RSS", f"{res['live']['peak_rss_mb']:.0f} MiB",
-                    (f"+ {workers:.0f} MiB per file-check worker; " if workers else "")
-                    + "latency from busd_event_latency_seconds buckets (interpolated; max = "
-                    "bucket bound)"))
+        out.append(
+            (
+                "busd live: peak RSS",
+                f"{res['live']['peak_rss_mb']:.0f} MiB",
+                (f"+ {workers:.0f} MiB per file-check worker; " if workers else "")
+                + "latency from busd_event_latency_seconds buckets (interpolated; max = "
+                "bucket bound)",
+            )
+        )
     if not failed("exports", "export refresh (runs + artifacts)"):
         for size in res["exports"]["sizes"].values():
             ex = size["exports"]
-            out.append((f"export refresh, {_n(size['artifacts'])} artifacts",
-                        _s(size["seconds"]),
-                        f"{_n(size['runs'])} runs; runs.parquet {_s(ex['runs']['seconds'])}, "
-                        f"artifacts.parquet {_s(ex['artifacts']['seconds'])}; "
-                        f"{_runs(size['runs_seconds'], ' s')}"))
+            out.append(
+                (
+                    f"export refresh, {_n(size['artifacts'])} artifacts",
+                    _s(size["seconds"]),
+                    f"{_n(size['runs'])} runs; runs.parquet {_s(ex['runs']['seconds'])}, "
+                    f"artifacts.parquet {_s(ex['artifacts']['seconds'])}; "
+                    f"{_runs(size['runs_seconds'], ' s')}",
+                )
+            )
             part = size.get("partitioned")
             if part:
-                out.append((f"  partitioned ({_n(part['partition_seqs'])} seqs a part), "
-                            f"after {_n(part['batch_artifacts'])} new artifacts",
-                            _s(part["after_batch_seconds"]),
-                            f"{part['parts_rewritten']} part files rewritten; a whole refresh "
-                            f"{_s(part['whole_seconds'])}"))
+                out.append(
+                    (
+                        f"  partitioned ({_n(part['partition_seqs'])} seqs a part), "
+                        f"after {_n(part['batch_artifacts'])} new artifacts",
+                        _s(part["after_batch_seconds"]),
+                        f"{part['parts_rewritten']} part files rewritten; a whole refresh "
+                        f"{_s(part['whole_seconds'])}",
+                    )
+                )
     if not failed("rebuild", "busd rebuild"):
         r = res["rebuild"]
-        out.append(("busd rebuild: replay into a new catalog", f"{_n(r['events_per_s'])} ev/s",
-                    f"{_n(r['events'])} events in {_s(r['seconds'])}, full checks, exports "
-                    f"refreshed; {_runs(r['runs_events_per_s'])}"))
+        out.append(
+            (
+                "busd rebuild: replay into a new catalog",
+                f"{_n(r['events_per_s'])} ev/s",
+                f"{_n(r['events'])} events in {_s(r['seconds'])}, full checks, exports "
+                f"refreshed; {_runs(r['runs_events_per_s'])}",
+            )
+        )
     if not failed("soak", "RSS soak: serve --drain"):
         r = res["soak"]
         marks = ", ".join(f"{x['rss_mb']:.0f}" for x in r["samples"])
-        out.append((f"RSS soak: serve --drain, {_n(r['events'])} events",
-                    f"{r['rss_growth_mb']:+.0f} MiB",
-                    f"RSS growth from the first tenth to the end, of which DuckDB's own "
-                    f"accounting {_mib(r['duckdb_growth_mb'])} (the rest "
-                    f"{_mib(r['rss_less_duckdb_growth_mb'])}); RSS per tenth {marks} MiB; "
-                    f"peak {r['peak_rss_mb']:.0f} MiB + {r['peak_worker_rss_mb']:.0f} MiB per "
-                    f"worker (growth {r['worker_rss_growth_mb']:+.0f}); "
-                    f"{_n(r['events_per_s'])} ev/s"))
+        out.append(
+            (
+                f"RSS soak: serve --drain, {_n(r['events'])} events",
+                f"{r['rss_growth_mb']:+.0f} MiB",
+                f"RSS growth from the first tenth to the end, of which DuckDB's own "
+                f"accounting {_mib(r['duckdb_growth_mb'])} (the rest "
+                f"{_mib(r['rss_less_duckdb_growth_mb'])}); RSS per tenth {marks} MiB; "
+                f"peak {r['peak_rss_mb']:.0f} MiB + {r['peak_worker_rss_mb']:.0f} MiB per "
+                f"worker (growth {r['worker_rss_growth_mb']:+.0f}); "
+                f"{_n(r['events_per_s'])} ev/s",
+            )
+        )
     ratio = report.get("ratios", {})
     naive, raw = ratio.get("busd_over_naive"), ratio.get("busd_over_raw")
     out.append(("busd / naive (catch-up)", f"{naive:.1f}×" if naive else "n/a", ""))
-    out.append(("busd / raw (catch-up)", f"{raw:.3f} ({raw:.1%})" if raw else "n/a",
-                "share of the transport's ceiling busd reaches"))
+    out.append(
+        (
+            "busd / raw (catch-up)",
+            f"{raw:.3f} ({raw:.1%})" if raw else "n/a",
+            "share of the transport's ceiling busd reaches",
+        )
+    )
     return out
 
 
@@ -262,20 +337,28 @@ def render(report: dict[str, Any]) -> None:
 
     v, m, b = report.get("versions", {}), report["machine"], report.get("bench", {})
     setup = report.get("setup", {})
-    table = Table(title=f"busd bench, {report['date']}", title_justify="left",
-                  caption=" · ".join(f"{k} {val}" for k, val in v.items()), caption_justify="left")
+    table = Table(
+        title=f"busd bench, {report['date']}",
+        title_justify="left",
+        caption=" · ".join(f"{k} {val}" for k, val in v.items()),
+        caption_justify="left",
+    )
     table.add_column("measure", style="bold")
     table.add_column("result", justify="right")
     table.add_column("details", overflow="fold")
     for row in rows(report):
         table.add_row(*row)
     console = Console(width=max(140, Console().width))
-    console.print(f"machine: {m['cores']} cores, {m['ram_gb']} GB RAM, {m['cpu_model']}, "
-                  f"Linux {m['kernel']}, Python {m['python']}")
+    console.print(
+        f"machine: {m['cores']} cores, {m['ram_gb']} GB RAM, {m['cpu_model']}, "
+        f"Linux {m['kernel']}, Python {m['python']}"
+    )
     if b:
         console.print(f"nats: {b['nats']}")
     if setup:
-        console.print(f"setup: {setup['files']:,} Parquet files in {setup['files_seconds']:.1f} s;"
-                      f" {setup['published']:,} events published (pipelined, window "
-                      f"{setup['publish_window']}) at {setup['publish_events_per_s']:,.0f} ev/s")
+        console.print(
+            f"setup: {setup['files']:,} Parquet files in {setup['files_seconds']:.1f} s;"
+            f" {setup['published']:,} events published (pipelined, window "
+            f"{setup['publish_window']}) at {setup['publish_events_per_s']:,.0f} ev/s"
+        )
     console.print(table)

@@ -37,16 +37,25 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
     stream = env.stream("soak")
     await env.ensure_stream(stream)
     ctx.tick(f"soak: publishing {n:,} events", 0, n)
-    events = (event(f"soak-{env.tag}-{i:09d}", f)
-              for i, f in zip(range(n), itertools.cycle(pool), strict=False))
-    pub = await publish(env.nc, stream.subject, events, window=4000, timeout_s=120 + n / 500,
-                        tick=lambda k: ctx.tick("", k, None))
+    events = (
+        event(f"soak-{env.tag}-{i:09d}", f)
+        for i, f in zip(range(n), itertools.cycle(pool), strict=False)
+    )
+    pub = await publish(
+        env.nc,
+        stream.subject,
+        events,
+        window=4000,
+        timeout_s=120 + n / 500,
+        tick=lambda k: ctx.tick("", k, None),
+    )
     if pub.count != n or pub.errors:
         raise BusdError(f"published {pub.count} of {n} events, {pub.errors} errors")
     config_path, s = env.config("soak", stream, "busd-soak")
     ctx.tick(f"soak: busd serve --drain over {n:,} events", 0, n)
-    proc = env.spawn([sys.executable, "-m", "busd", "serve", "--drain", "--config",
-                      str(config_path)], "soak.log")
+    proc = env.spawn(
+        [sys.executable, "-m", "busd", "serve", "--drain", "--config", str(config_path)], "soak.log"
+    )
     samples: list[tuple[int, float, float, float, float | None]] = []
     # (settled, seconds, rss, worker rss, DuckDB's own accounting), all memory in MiB
     started = time.monotonic()
@@ -59,8 +68,9 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
                 raise TimedOut(f"the soak did not finish within {deadline - started:.0f}s")
             await asyncio.sleep(every_s)
             rss = memory_mb(proc.pid, "VmRSS")
-            workers = [r for r in (memory_mb(k, "VmRSS") for k in children(proc.pid))
-                       if r is not None]
+            workers = [
+                r for r in (memory_mb(k, "VmRSS") for k in children(proc.pid)) if r is not None
+            ]
             try:
                 pending, ack_pending = await source.consumer_state(env.nc, s)
             except Exception:  # noqa: BLE001 - not declared yet: nothing settled
@@ -70,8 +80,9 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
             done = now_done
             duck = await _duckdb_mb(env.nc, s.nats.consumer)
             if rss is not None:
-                samples.append((done, time.monotonic() - started, rss, max(workers, default=0),
-                                duck))
+                samples.append(
+                    (done, time.monotonic() - started, rss, max(workers, default=0), duck)
+                )
     finally:
         code = env.end(proc, 30.0)
     seconds = time.monotonic() - started
@@ -96,23 +107,37 @@ def _less(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(a - b, 1)
 
 
-def summarize(samples: list[tuple[int, float, float, float, float | None]], n: int,
-              seconds: float) -> dict[str, Any]:
+def summarize(
+    samples: list[tuple[int, float, float, float, float | None]], n: int, seconds: float
+) -> dict[str, Any]:
     """One sample per tenth of the run, and RSS growth from the first tenth to the end."""
     if not samples:
         raise BusdError("no RSS sample was taken")
     kept: list[dict[str, Any]] = []
     for tenth in range(1, 11):
         at = next((x for x in samples if x[0] >= n * tenth / 10), samples[-1])
-        kept.append({"events": at[0], "seconds": round(at[1], 1), "rss_mb": at[2],
-                     "worker_rss_mb": at[3], "duckdb_mb": at[4]})
+        kept.append(
+            {
+                "events": at[0],
+                "seconds": round(at[1], 1),
+                "rss_mb": at[2],
+                "worker_rss_mb": at[3],
+                "duckdb_mb": at[4],
+            }
+        )
     first, last = kept[0], kept[-1]
-    return {"status": "ok", "events": n, "seconds": round(seconds, 1),
-            "events_per_s": round(n / seconds, 1), "samples": kept,
-            "peak_rss_mb": max(x[2] for x in samples),
-            "peak_worker_rss_mb": max(x[3] for x in samples),
-            "rss_growth_mb": round(last["rss_mb"] - first["rss_mb"], 1),
-            "duckdb_growth_mb": _less(last["duckdb_mb"], first["duckdb_mb"]),
-            "rss_less_duckdb_growth_mb": _less(_less(last["rss_mb"], last["duckdb_mb"]),
-                                               _less(first["rss_mb"], first["duckdb_mb"])),
-            "worker_rss_growth_mb": round(last["worker_rss_mb"] - first["worker_rss_mb"], 1)}
+    return {
+        "status": "ok",
+        "events": n,
+        "seconds": round(seconds, 1),
+        "events_per_s": round(n / seconds, 1),
+        "samples": kept,
+        "peak_rss_mb": max(x[2] for x in samples),
+        "peak_worker_rss_mb": max(x[3] for x in samples),
+        "rss_growth_mb": round(last["rss_mb"] - first["rss_mb"], 1),
+        "duckdb_growth_mb": _less(last["duckdb_mb"], first["duckdb_mb"]),
+        "rss_less_duckdb_growth_mb": _less(
+            _less(last["rss_mb"], last["duckdb_mb"]), _less(first["rss_mb"], first["duckdb_mb"])
+        ),
+        "worker_rss_growth_mb": round(last["worker_rss_mb"] - first["worker_rss_mb"], 1),
+    }

@@ -34,10 +34,14 @@ def rebuild(config_path: ConfigOpt = None) -> None:
 
     async def go() -> Any:
         async with nats_for(s) as nc:
-            with Progress(TextColumn("replaying"), BarColumn(),
-                          TextColumn("{task.completed:,}/{task.total:,} seq"),
-                          TextColumn("{task.fields[rate]:,.0f} ev/s"),
-                          TimeRemainingColumn(), transient=True) as bar:
+            with Progress(
+                TextColumn("replaying"),
+                BarColumn(),
+                TextColumn("{task.completed:,}/{task.total:,} seq"),
+                TextColumn("{task.fields[rate]:,.0f} ev/s"),
+                TimeRemainingColumn(),
+                transient=True,
+            ) as bar:
                 task = bar.add_task("replay", total=0, rate=0.0)
 
                 def progress(done: int, total: int) -> None:
@@ -49,11 +53,15 @@ def rebuild(config_path: ConfigOpt = None) -> None:
     try:
         result = asyncio.run(go())
     except CatalogLocked:
-        raise BusdError("refusing to rebuild: a busd serve holds the catalog; stop it "
-                        "first") from None
-    typer.echo(f"rebuilt {s.catalog_path}: {result.events:,} events to sequence "
-               f"{result.last_seq:,} in {result.seconds:.2f}s ({result.rate:,.0f} ev/s); "
-               f"outcomes {json.dumps(result.outcomes)}")
+        raise BusdError(
+            "refusing to rebuild: a busd serve holds the catalog; stop it first"
+        ) from None
+    typer.echo(
+        f"rebuilt {s.catalog_path}: {result.events:,} events to sequence "
+        f"{result.last_seq:,} in {result.seconds:.2f}s ({result.rate:,.0f} ev/s); "
+        f"outcomes {json.dumps(result.outcomes)}"
+    )
+
 
 @guarded
 def verify(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
@@ -66,34 +74,50 @@ def verify(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         poison = await ask_daemon(s, "poison", {})
         async with nats_for(s) as nc:
             return await run_verify(
-                s, nc, poison=None if poison is None else {int(k): v
-                                                           for k, v in poison.items()})
+                s, nc, poison=None if poison is None else {int(k): v for k, v in poison.items()}
+            )
 
     report = asyncio.run(go())
     total = sum(report.counts.values())
     if as_json:
-        typer.echo(json.dumps({
-            "against": report.against, "events": report.replay.events,
-            "last_seq": report.replay.last_seq, "differences": report.counts,
-            "examples": [{"table": d.table, "side": d.side, "row": d.row}
-                         for d in report.differences],
-            "artifacts_missing": [{"name": n, "run_id": r, "path": p, "problem": why}
-                                  for n, r, p, why in report.missing]}, default=str))
+        typer.echo(
+            json.dumps(
+                {
+                    "against": report.against,
+                    "events": report.replay.events,
+                    "last_seq": report.replay.last_seq,
+                    "differences": report.counts,
+                    "examples": [
+                        {"table": d.table, "side": d.side, "row": d.row} for d in report.differences
+                    ],
+                    "artifacts_missing": [
+                        {"name": n, "run_id": r, "path": p, "problem": why}
+                        for n, r, p, why in report.missing
+                    ],
+                },
+                default=str,
+            )
+        )
     else:
-        typer.echo(f"replayed {report.replay.events:,} events to sequence "
-                   f"{report.replay.last_seq:,}; compared with the live {report.against}: "
-                   + ", ".join(f"{t} {n} differences" for t, n in report.counts.items()))
+        typer.echo(
+            f"replayed {report.replay.events:,} events to sequence "
+            f"{report.replay.last_seq:,}; compared with the live {report.against}: "
+            + ", ".join(f"{t} {n} differences" for t, n in report.counts.items())
+        )
         for d in report.differences:
             typer.echo(f"  {d.table} ({d.side}): {d.row}")
         if report.missing:
-            typer.echo(f"{len(report.missing):,} committed artifacts whose file is gone or "
-                       "unreadable (left out of the data views; a rebuild would reject "
-                       "their events):")
+            typer.echo(
+                f"{len(report.missing):,} committed artifacts whose file is gone or "
+                "unreadable (left out of the data views; a rebuild would reject "
+                "their events):"
+            )
         for name, run_id, path, why in report.missing:
             typer.echo(f"  {name} of {run_id}: {path}: {why}")
     # a vanished file fails verify: the stream and the files no longer rebuild this catalog
     if total or report.missing:
         raise typer.Exit(int(ExitCode.RUNTIME))
+
 
 @guarded
 def export(
@@ -119,6 +143,7 @@ def export(
         answer = {"refreshed": wanted, "by": "busd export (no daemon running)"}
     typer.echo(json.dumps(answer))
 
+
 @guarded
 def rejections_list(
     reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
@@ -138,8 +163,8 @@ def rejections_list(
         typer.echo(json.dumps(rows))
         return
     for r in rows:
-        typer.echo(f"{r['seq']}\t{r['published_at']}\t{r['subject']}\t{r['reason']}\t"
-                   f"{r['detail']}")
+        typer.echo(f"{r['seq']}\t{r['published_at']}\t{r['subject']}\t{r['reason']}\t{r['detail']}")
+
 
 @guarded
 def rejections_show(seq: int, config_path: ConfigOpt = None) -> None:
@@ -151,6 +176,7 @@ def rejections_show(seq: int, config_path: ConfigOpt = None) -> None:
     if not row:
         raise ConfigError(f"no rejection at sequence {seq}")
     typer.echo(json.dumps(row, indent=2))
+
 
 @guarded
 def rejections_retry(seqs: list[int], config_path: ConfigOpt = None) -> None:
@@ -166,16 +192,21 @@ def rejections_retry(seqs: list[int], config_path: ConfigOpt = None) -> None:
                     row = from_catalog(s, answers.get_rejection, seq)
                 if not row:
                     raise ConfigError(f"no rejection at sequence {seq}")
-                payload = (bytes.fromhex(row["payload_hex"]) if row.get("payload_hex")
-                           else row["payload"].encode())
+                payload = (
+                    bytes.fromhex(row["payload_hex"])
+                    if row.get("payload_hex")
+                    else row["payload"].encode()
+                )
                 # no Nats-Msg-Id: the duplicate window must not swallow a deliberate retry
-                new_seq = await bus.publish_raw(row["subject"], payload,
-                                                {"Busd-Retry-Of": str(seq)})
+                new_seq = await bus.publish_raw(
+                    row["subject"], payload, {"Busd-Retry-Of": str(seq)}
+                )
                 out.append({"retried": seq, "seq": new_seq, "subject": row["subject"]})
         return out
 
     for line in asyncio.run(go()):
         typer.echo(json.dumps(line))
+
 
 @guarded
 def outbox_flush(folder: Path, config_path: ConfigOpt = None) -> None:
@@ -192,8 +223,9 @@ def outbox_flush(folder: Path, config_path: ConfigOpt = None) -> None:
 
 def register(app: typer.Typer) -> None:
     rejections = typer.Typer(help="Inspect and retry rejected events.", no_args_is_help=True)
-    outbox = typer.Typer(help="Events kept on disk while NATS was unreachable.",
-                         no_args_is_help=True)
+    outbox = typer.Typer(
+        help="Events kept on disk while NATS was unreachable.", no_args_is_help=True
+    )
     app.add_typer(rejections, name="rejections")
     app.add_typer(outbox, name="outbox")
 

@@ -22,20 +22,28 @@ def _sigterm(signum: int, frame: object) -> None:
 
 @guarded
 def bench(
-    events: Annotated[int | None, typer.Option(
-        "--events", help=f"Events to pre-load (default {DEFAULT_EVENTS}).")] = None,
-    quick: Annotated[bool, typer.Option(
-        "--quick", help=f"A short run ({QUICK_EVENTS} events, 3 s live phases).")] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")
-                         ] = None,
-    runs: Annotated[int | None, typer.Option(
-        "--runs", help="Repeats of the cheap measurements (default 3, 1 with --quick).")
-                    ] = None,
-    nats_url: Annotated[str | None, typer.Option(
-        "--nats-url", help="Use this server instead of an embedded one.")] = None,
-    soak: Annotated[int, typer.Option(
-        "--soak", help="Also consume this many events, sampling RSS (1000000: the target).")
-                    ] = 0,
+    events: Annotated[
+        int | None, typer.Option("--events", help=f"Events to pre-load (default {DEFAULT_EVENTS}).")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help=f"A short run ({QUICK_EVENTS} events, 3 s live phases).")
+    ] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    runs: Annotated[
+        int | None,
+        typer.Option(
+            "--runs", help="Repeats of the cheap measurements (default 3, 1 with --quick)."
+        ),
+    ] = None,
+    nats_url: Annotated[
+        str | None, typer.Option("--nats-url", help="Use this server instead of an embedded one.")
+    ] = None,
+    soak: Annotated[
+        int,
+        typer.Option(
+            "--soak", help="Also consume this many events, sampling RSS (1000000: the target)."
+        ),
+    ] = 0,
 ) -> None:
     """Measure busd here: raw limit, naive peer, catch-up, live latency, export refresh."""
     from rich.console import Console
@@ -63,9 +71,15 @@ def bench(
         raise ConfigError(f"--nats-url: {nats_url!r} is not a nats:// URL")
     env: BenchEnv = BenchEnv(nats_url or None)
     previous = signal.signal(signal.SIGTERM, _sigterm)
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                        MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=Console(stderr=True), transient=False)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
     ticker = Ticker(progress)
     try:
         with progress:

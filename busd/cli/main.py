@@ -19,9 +19,11 @@ from busd.cli.options import ConfigOpt, JsonOpt, guarded, settings
 from busd.errors import BusdError, ConfigError, ExitCode, InvalidEvent
 from busd.sql import quote_ident, sql_str
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="busd: the artifact bus. NATS JetStream in, DuckDB catalog and "
-                       "Parquet exports out.")
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="busd: the artifact bus. NATS JetStream in, DuckDB catalog and Parquet exports out.",
+)
 
 
 def versions() -> str:
@@ -32,19 +34,23 @@ def versions() -> str:
     from busd.embedded import server_binary
 
     try:
-        out = subprocess.run([server_binary(), "--version"], capture_output=True, text=True,
-                             timeout=10, check=False).stdout.split()
+        out = subprocess.run(
+            [server_binary(), "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.split()
         server = out[-1].lstrip("v") if out else "unknown"
     except (OSError, subprocess.SubprocessError, BusdError):  # a report, not a failure
         server = "not found"
-    return (f"busd {__version__} (nats-server {server}, nats-py {metadata.version('nats-py')}, "
-            f"duckdb {duckdb.__version__})")
+    return (
+        f"busd {__version__} (nats-server {server}, nats-py {metadata.version('nats-py')}, "
+        f"duckdb {duckdb.__version__})"
+    )
 
 
 @app.callback(invoke_without_command=True)
-def _root(ctx: typer.Context,
-          version: Annotated[bool, typer.Option("--version", help="Show the versions.")] = False
-          ) -> None:
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Show the versions.")] = False,
+) -> None:
     if version:
         typer.echo(versions())
         raise typer.Exit(0)
@@ -87,8 +93,9 @@ def init(config_path: ConfigOpt = None) -> None:
         return problems
 
     problems = asyncio.run(go())
-    typer.echo(f"stream {s.nats.stream}, consumer {s.nats.consumer}, "
-               f"catalog schema version {version}: ok")
+    typer.echo(
+        f"stream {s.nats.stream}, consumer {s.nats.consumer}, catalog schema version {version}: ok"
+    )
     for problem in problems:
         typer.echo(f"warning: stream {s.nats.stream}: {problem}", err=True)
 
@@ -104,8 +111,10 @@ def submit(
     event_id: Annotated[str | None, typer.Option("--event-id")] = None,
     params: Annotated[str | None, typer.Option("--params", help="Run params as JSON.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Block until committed.")] = False,
-    outbox: Annotated[Path | None, typer.Option(
-        "--outbox", help="Keep the event in this folder when NATS is unreachable.")] = None,
+    outbox: Annotated[
+        Path | None,
+        typer.Option("--outbox", help="Keep the event in this folder when NATS is unreachable."),
+    ] = None,
     timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 60.0,
     config_path: ConfigOpt = None,
 ) -> None:
@@ -127,10 +136,10 @@ def submit(
             raise ConfigError(f"--params: not JSON: {exc}") from None
         if not isinstance(parsed, dict):
             raise ConfigError("--params: must be a JSON object")
-    event = build_event(run_id, kind, mapping, producer=producer, status=status,
-                        params=parsed, event_id=event_id)
-    result = submit_sync(s, event, wait=wait, timeout_s=timeout_s, producer=producer,
-                         outbox=outbox)
+    event = build_event(
+        run_id, kind, mapping, producer=producer, status=status, params=parsed, event_id=event_id
+    )
+    result = submit_sync(s, event, wait=wait, timeout_s=timeout_s, producer=producer, outbox=outbox)
     typer.echo(json.dumps(result))
 
 
@@ -153,16 +162,23 @@ def status(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             js = nc.jetstream()
             out["nats"]["connected"] = True
             si = await js.stream_info(s.nats.stream)
-            out["stream"] = {"name": s.nats.stream, "messages": si.state.messages,
-                             "bytes": si.state.bytes, "first_seq": si.state.first_seq,
-                             "last_seq": si.state.last_seq,
-                             "problems": source.broken_promises(si, s)}
+            out["stream"] = {
+                "name": s.nats.stream,
+                "messages": si.state.messages,
+                "bytes": si.state.bytes,
+                "first_seq": si.state.first_seq,
+                "last_seq": si.state.last_seq,
+                "problems": source.broken_promises(si, s),
+            }
             ci = await js.consumer_info(s.nats.stream, s.nats.consumer)
-            out["consumer"] = {"name": s.nats.consumer, "pending": ci.num_pending,
-                               "ack_pending": ci.num_ack_pending,
-                               "redelivered": ci.num_redelivered,
-                               "delivered_seq": ci.delivered.stream_seq if ci.delivered else None,
-                               "ack_floor_seq": ci.ack_floor.stream_seq if ci.ack_floor else None}
+            out["consumer"] = {
+                "name": s.nats.consumer,
+                "pending": ci.num_pending,
+                "ack_pending": ci.num_ack_pending,
+                "redelivered": ci.num_redelivered,
+                "delivered_seq": ci.delivered.stream_seq if ci.delivered else None,
+                "ack_floor_seq": ci.ack_floor.stream_seq if ci.ack_floor else None,
+            }
             if s.ha.enabled:
                 from busd.ha.lease import Lease
 
@@ -179,14 +195,20 @@ def status(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     now = dt.datetime.now(dt.UTC)
     out["catalog_seq"] = manifest.catalog_seq
     out["exports"] = {
-        name: {"rows": e.rows, "catalog_seq": e.catalog_seq,
-               "refreshed_at": e.refreshed_at.isoformat(),
-               "age_s": round((now - e.refreshed_at).total_seconds(), 1)}
-        for name, e in manifest.exports.items()}
+        name: {
+            "rows": e.rows,
+            "catalog_seq": e.catalog_seq,
+            "refreshed_at": e.refreshed_at.isoformat(),
+            "age_s": round((now - e.refreshed_at).total_seconds(), 1),
+        }
+        for name, e in manifest.exports.items()
+    }
     missing = manifest.artifacts_missing  # as busd serve last checked
     out["artifacts_missing"] = {
-        "count": missing.count, "paths": missing.paths,
-        "checked_at": missing.checked_at.isoformat() if missing.checked_at else None}
+        "count": missing.count,
+        "paths": missing.paths,
+        "checked_at": missing.checked_at.isoformat() if missing.checked_at else None,
+    }
     if as_json:
         typer.echo(json.dumps(out, indent=2, default=str))
         return
@@ -244,8 +266,9 @@ def validate(
     files: Annotated[list[Path], typer.Argument(help="Event JSON files.")],
     subject: Annotated[str | None, typer.Option(help="Check the producer against it.")] = None,
     config_path: ConfigOpt = None,
-    files_too: Annotated[bool, typer.Option("--files/--no-files",
-                                            help="Also check the files named.")] = True,
+    files_too: Annotated[
+        bool, typer.Option("--files/--no-files", help="Also check the files named.")
+    ] = True,
 ) -> None:
     """Check event files offline with the reasons busd would give (exit 3 if any is bad)."""
     from busd.validate import check_event

@@ -77,8 +77,9 @@ async def nats_for(s: config.Settings, *, may_embed: bool = True) -> AsyncIterat
             embedded.stop()
 
 
-async def ask_daemon(s: config.Settings, verb: str, args: dict[str, Any],
-                     timeout_s: float = 30.0) -> Any:
+async def ask_daemon(
+    s: config.Settings, verb: str, args: dict[str, Any], timeout_s: float = 30.0
+) -> Any:
     """One request to a running ``busd serve``; None when no daemon answers.
 
     A configured NATS that does not answer is an error (exit 1 naming the URL); without
@@ -91,8 +92,9 @@ async def ask_daemon(s: config.Settings, verb: str, args: dict[str, Any],
             raise
         return None
     try:
-        reply = await nc.request(model.subject(s.nats.consumer, verb), model.encode(args),
-                                 timeout=timeout_s)
+        reply = await nc.request(
+            model.subject(s.nats.consumer, verb), model.encode(args), timeout=timeout_s
+        )
     except Exception:  # noqa: BLE001 - no responders or a timeout: no daemon runs
         return None
     finally:

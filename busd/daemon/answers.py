@@ -19,25 +19,40 @@ from busd.sql import first_row
 
 
 def outcome_of(catalog: Catalog, seq: int) -> dict[str, Any]:
-    row = first_row(catalog.con,
-                    "SELECT e.outcome, e.reason, r.detail, e.event_id FROM catalog.events_f e "
-                    "LEFT JOIN catalog.rejections_f r USING (seq) WHERE e.seq = ?", [seq])
+    row = first_row(
+        catalog.con,
+        "SELECT e.outcome, e.reason, r.detail, e.event_id FROM catalog.events_f e "
+        "LEFT JOIN catalog.rejections_f r USING (seq) WHERE e.seq = ?",
+        [seq],
+    )
     if row is None:
         return {"seq": seq, "state": "pending"}
-    return {"seq": seq, "state": "done", "outcome": row[0], "reason": row[1], "detail": row[2],
-            "event_id": row[3]}
+    return {
+        "seq": seq,
+        "state": "done",
+        "outcome": row[0],
+        "reason": row[1],
+        "detail": row[2],
+        "event_id": row[3],
+    }
 
 
 def poison_of(catalog: Catalog) -> dict[int, str]:
     """Sequences quarantined as poison, with their details (replay keeps them quarantined)."""
     rows = catalog.con.execute(
-        "SELECT seq, detail FROM catalog.rejections_f WHERE reason = 'poison'").fetchall()
+        "SELECT seq, detail FROM catalog.rejections_f WHERE reason = 'poison'"
+    ).fetchall()
     return {int(seq): str(detail) for seq, detail in rows}
 
 
-def list_rejections(catalog: Catalog, *, reason: str | None = None,
-                    producer: str | None = None, since: str | None = None,
-                    limit: int = 100) -> list[dict[str, Any]]:
+def list_rejections(
+    catalog: Catalog,
+    *,
+    reason: str | None = None,
+    producer: str | None = None,
+    since: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
     where, params = ["true"], []
     if reason:
         where.append("r.reason = ?")
@@ -52,20 +67,42 @@ def list_rejections(catalog: Catalog, *, reason: str | None = None,
         "SELECT r.seq, r.subject, r.event_id, r.reason, r.detail, r.deliveries, "
         "r.published_at, r.rejected_at, e.producer FROM catalog.rejections_f r "
         f"LEFT JOIN catalog.events_f e USING (seq) WHERE {' AND '.join(where)} "
-        "ORDER BY r.seq LIMIT ?", [*params, limit]).fetchall()
-    keys = ("seq", "subject", "event_id", "reason", "detail", "deliveries", "published_at",
-            "rejected_at", "producer")
+        "ORDER BY r.seq LIMIT ?",
+        [*params, limit],
+    ).fetchall()
+    keys = (
+        "seq",
+        "subject",
+        "event_id",
+        "reason",
+        "detail",
+        "deliveries",
+        "published_at",
+        "rejected_at",
+        "producer",
+    )
     return [dict(zip(keys, _plain(r), strict=True)) for r in rows]
 
 
 def get_rejection(catalog: Catalog, seq: int) -> dict[str, Any] | None:
-    row = first_row(catalog.con,
-                    "SELECT seq, subject, event_id, reason, detail, deliveries, published_at, "
-                    "rejected_at, payload FROM catalog.rejections_f WHERE seq = ?", [seq])
+    row = first_row(
+        catalog.con,
+        "SELECT seq, subject, event_id, reason, detail, deliveries, published_at, "
+        "rejected_at, payload FROM catalog.rejections_f WHERE seq = ?",
+        [seq],
+    )
     if row is None:
         return None
-    keys = ("seq", "subject", "event_id", "reason", "detail", "deliveries", "published_at",
-            "rejected_at")
+    keys = (
+        "seq",
+        "subject",
+        "event_id",
+        "reason",
+        "detail",
+        "deliveries",
+        "published_at",
+        "rejected_at",
+    )
     out = dict(zip(keys, _plain(row[:-1]), strict=True))
     payload = bytes(row[-1])
     out["payload"] = payload.decode("utf-8", errors="replace")
@@ -75,8 +112,9 @@ def get_rejection(catalog: Catalog, seq: int) -> dict[str, Any] | None:
 
 def memory_of(catalog: Catalog) -> dict[str, int]:
     """DuckDB's memory by tag, in bytes (indexes, cached blocks, …): its share of the RSS."""
-    rows = catalog.con.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory() "
-                               "WHERE memory_usage_bytes > 0").fetchall()
+    rows = catalog.con.execute(
+        "SELECT tag, memory_usage_bytes FROM duckdb_memory() WHERE memory_usage_bytes > 0"
+    ).fetchall()
     return {str(tag): int(size) for tag, size in rows}
 
 
@@ -95,9 +133,14 @@ def _plain(row: tuple[Any, ...]) -> tuple[Any, ...]:
 class Answers:
     """The daemon's side: one handler for every verb, catalog reads on the writer thread."""
 
-    def __init__(self, on_writer: Callable[..., Awaitable[Any]], catalog: Catalog,
-                 exports: Sequence[str], waiting: Collection[int],
-                 refresh: Callable[[Sequence[str]], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        on_writer: Callable[..., Awaitable[Any]],
+        catalog: Catalog,
+        exports: Sequence[str],
+        waiting: Collection[int],
+        refresh: Callable[[Sequence[str]], Awaitable[None]],
+    ) -> None:
         self.on_writer = on_writer
         self.catalog = catalog
         self.exports = list(exports)

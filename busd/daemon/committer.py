@@ -31,12 +31,24 @@ GATHER_CHECKS_S = 5.0  # ... or when the file checks it queued would take longer
 
 
 class Committer:
-    def __init__(self, consumer: ConsumerSettings, src: Any, *, folder: Folder, catalog: Catalog,
-                 on_writer: Callable[..., Awaitable[Any]], publisher: Publisher,
-                 ledger: Ledger, rechecks: Rechecks, metrics: Metrics, progress: Progress,
-                 outcomes: Any, catalog_seq: int,
-                 send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
-                 stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        consumer: ConsumerSettings,
+        src: Any,
+        *,
+        folder: Folder,
+        catalog: Catalog,
+        on_writer: Callable[..., Awaitable[Any]],
+        publisher: Publisher,
+        ledger: Ledger,
+        rechecks: Rechecks,
+        metrics: Metrics,
+        progress: Progress,
+        outcomes: Any,
+        catalog_seq: int,
+        send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
+        stopping: Callable[[], bool],
+    ) -> None:
         self.consumer, self.src, self.folder, self.catalog = consumer, src, folder, catalog
         self.on_writer, self.publisher, self.ledger = on_writer, publisher, ledger
         self.rechecks, self.metrics, self.progress = rechecks, metrics, progress
@@ -80,13 +92,21 @@ class Committer:
         queue minutes of work behind one commit, past the watchdog and the ack wait."""
         c, task = self.consumer, self._commit_task
         size = sum(len(d.data) for d in held)
-        while (task is not None and not task.done() and len(held) < c.commit_max
-               and size < GROUP_BYTES and not self.stopping()
-               and self.folder.checker.seconds_for(
-                   sum(len(p.decoded) for p in parts if not p.checks.done())) < GATHER_CHECKS_S):
+        while (
+            task is not None
+            and not task.done()
+            and len(held) < c.commit_max
+            and size < GROUP_BYTES
+            and not self.stopping()
+            and self.folder.checker.seconds_for(
+                sum(len(p.decoded) for p in parts if not p.checks.done())
+            )
+            < GATHER_CHECKS_S
+        ):
             try:
-                more = await self.src.fetch(c.batch_max, c.batch_wait_ms, until=task,
-                                            prefetch=lambda: not self.stopping())
+                more = await self.src.fetch(
+                    c.batch_max, c.batch_wait_ms, until=task, prefetch=lambda: not self.stopping()
+                )
             except ConsumerGone:
                 return  # the fetch loop's next fetch meets it again, and declares it again
             if not more:
@@ -118,8 +138,9 @@ class Committer:
                 if self.stopping():
                     raise TransientError(f"stopping with a batch not committed: {exc}") from None
                 # everything held stays ours meanwhile (the keeper says it is in progress)
-                self.log.error("catalog commit failed; retrying", error=str(exc),
-                               retry_in_s=delay_s)
+                self.log.error(
+                    "catalog commit failed; retrying", error=str(exc), retry_in_s=delay_s
+                )
                 await anyio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 10.0)
         self.progress.mark()
@@ -136,23 +157,33 @@ class Committer:
                 level, message, fields = outcome_line(item)
                 getattr(self.log, level)(message, **fields)
         for item in settled.naks:
-            self.log.info("file missing; retrying later", seq=item.d.seq,
-                          event_id=item.event_id, delay_s=round(item.nak_delay_s, 1))
+            self.log.info(
+                "file missing; retrying later",
+                seq=item.d.seq,
+                event_id=item.event_id,
+                delay_s=round(item.nak_delay_s, 1),
+            )
         self.outcomes.update(settled.outcomes)
         for outcome, n in settled.outcomes.items():
             self.metrics.events.labels(outcome=outcome).inc(n)
         for reason, n in settled.reasons.items():
             self.metrics.rejections.labels(reason=reason).inc(n)
         if settled.outcomes:  # one line per batch; each committed event at debug
-            self.log.info("batch", first_seq=decided[0].d.seq, last_seq=decided[-1].d.seq,
-                          **dict(settled.outcomes))
+            self.log.info(
+                "batch",
+                first_seq=decided[0].d.seq,
+                last_seq=decided[-1].d.seq,
+                **dict(settled.outcomes),
+            )
         if settled.waiting:  # acked after the export refresh that covers them
             generation = self.publisher.want(touched)
             self.ledger.wait([w.d for w in settled.waiting], generation, time.monotonic())
         await self.send(settled.now)  # not sent: the server redelivers, the fold decides again
-        self.ledger.release(item.d.seq for item in decided
-                            if settlement(item.outcome) != "ack" and item.recheck_s is None)
+        self.ledger.release(
+            item.d.seq
+            for item in decided
+            if settlement(item.outcome) != "ack" and item.recheck_s is None
+        )
         self.rechecks.hold(settled.held, time.monotonic())  # still in the ledger, kept alive
         if settled.now or settled.held:
             self.progress.mark()
-

@@ -19,8 +19,14 @@ from busd.metrics import Metrics
 from busd.sdnotify import SdNotifier
 
 
-async def connect_when_up(n: NatsSettings, url: str, *, metrics: Metrics, notify: SdNotifier,
-                          on_state: Callable[[bool], None]) -> source.Client | None:
+async def connect_when_up(
+    n: NatsSettings,
+    url: str,
+    *,
+    metrics: Metrics,
+    notify: SdNotifier,
+    on_state: Callable[[bool], None],
+) -> source.Client | None:
     """A connection, however long NATS takes to answer; None when told to stop first."""
     logger = log.get()
     nc: source.Client | None = None

@@ -62,8 +62,9 @@ class Stats:
 class Daemon:
     """``busd serve``: one durable pull consumer feeding one catalog writer."""
 
-    def __init__(self, settings: Settings, *, drain: bool = False,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, drain: bool = False, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.drain = drain
         self.metrics = metrics or Metrics()
@@ -73,7 +74,8 @@ class Daemon:
         self.stopping = False
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="busd-writer")
         self._export_pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="busd-export")
+            1, thread_name_prefix="busd-export"
+        )
         self.catalog: Catalog | None = None
         self.folder: Folder | None = None
         self.store: LiveStore | None = None
@@ -114,9 +116,14 @@ class Daemon:
         self.catalog = await self._on_writer(Catalog, s.catalog_path)
         self.exporter = await self._on_writer(Exporter.of, self.catalog.cursor(), s)
         await self._on_exporter(self.exporter.check)
-        self.publisher = Publisher(self.exporter, self.catalog, metrics=self.metrics,
-                                   on_exporter=self._on_exporter, on_writer=self._on_writer,
-                                   progress=self.progress.mark)
+        self.publisher = Publisher(
+            self.exporter,
+            self.catalog,
+            metrics=self.metrics,
+            on_exporter=self._on_exporter,
+            on_writer=self._on_writer,
+            progress=self.progress.mark,
+        )
         self.metrics.watch_exports(list(self.exporter.exports))
         url = s.nats.url
         if not url:
@@ -124,8 +131,9 @@ class Daemon:
             self.embedded = EmbeddedServer(host, port, s.data_path / "nats")
             url = await anyio.to_thread.run_sync(self.embedded.start)
             self.log.info("embedded nats-server started", url=url)
-        self.nc = await connect_when_up(s.nats, url, metrics=self.metrics, notify=self.notify,
-                                        on_state=self._on_nats_state)
+        self.nc = await connect_when_up(
+            s.nats, url, metrics=self.metrics, notify=self.notify, on_state=self._on_nats_state
+        )
         if self.nc is None:  # stopped before NATS answered
             self.stopping = True
             return
@@ -150,27 +158,56 @@ class Daemon:
         self.src = source.PullSource(self.nc, s.nats.stream, s.nats.consumer)
         await self.src.start()
         self.settler = source.Settler(self.nc)
-        answers = Answers(self._on_writer, self.catalog, list(self.exporter.exports),
-                          self.ledger.waiting, self.publisher.refresh)
+        answers = Answers(
+            self._on_writer,
+            self.catalog,
+            list(self.exporter.exports),
+            self.ledger.waiting,
+            self.publisher.refresh,
+        )
         await self.nc.subscribe(model.subject(s.nats.consumer, "*"), cb=answers.respond)
         publisher = self.publisher
         assert self.folder is not None
         self.committer = Committer(
-            s.consumer, self.src, folder=self.folder, catalog=self.catalog,
-            on_writer=self._on_writer, publisher=publisher, ledger=self.ledger,
-            rechecks=self.rechecks, metrics=self.metrics, progress=self.progress,
-            outcomes=self.stats.outcomes, catalog_seq=seq, send=self._send,
-            stopping=lambda: self.stopping)
+            s.consumer,
+            self.src,
+            folder=self.folder,
+            catalog=self.catalog,
+            on_writer=self._on_writer,
+            publisher=publisher,
+            ledger=self.ledger,
+            rechecks=self.rechecks,
+            metrics=self.metrics,
+            progress=self.progress,
+            outcomes=self.stats.outcomes,
+            catalog_seq=seq,
+            send=self._send,
+            stopping=lambda: self.stopping,
+        )
         self.keeper = Keeper(
-            s, self.nc, self.src, ledger=self.ledger, exporter=self.exporter,
-            metrics=self.metrics, notify=self.notify, progress=self.progress,
-            outcomes=lambda: dict(self.stats.outcomes), lease=self.lease,
-            lease_ok=lambda renew: self._lease_ok(renew=renew), send=self._send,
+            s,
+            self.nc,
+            self.src,
+            ledger=self.ledger,
+            exporter=self.exporter,
+            metrics=self.metrics,
+            notify=self.notify,
+            progress=self.progress,
+            outcomes=lambda: dict(self.stats.outcomes),
+            lease=self.lease,
+            lease_ok=lambda renew: self._lease_ok(renew=renew),
+            send=self._send,
             ack_late=lambda: self._ack_through(publisher.exported_generation),
-            recreate_consumer=self._recreate_consumer)
+            recreate_consumer=self._recreate_consumer,
+        )
         await self.keeper.measure_lag()  # before ready: an alert must never see a lag of 0
-        self.log.info("busd ready", stream=s.nats.stream, consumer=s.nats.consumer,
-                      catalog=str(s.catalog_path), catalog_seq=seq)
+        self.log.info(
+            "busd ready",
+            stream=s.nats.stream,
+            consumer=s.nats.consumer,
+            catalog=str(s.catalog_path),
+            catalog_seq=seq,
+        )
         self.metrics.ready.set(1)
         self.notify.ready()
 
@@ -232,8 +269,9 @@ class Daemon:
         if self._fatal is not None:
             raise self._fatal
         exports = self.publisher.refreshes if self.publisher is not None else 0
-        self.log.info("busd stopped", batches=self.stats.batches, exports=exports,
-                      **dict(self.stats.outcomes))
+        self.log.info(
+            "busd stopped", batches=self.stats.batches, exports=exports, **dict(self.stats.outcomes)
+        )
         return self.stats
 
     async def _serve(self) -> None:
@@ -266,15 +304,20 @@ class Daemon:
         self.notify.status("standby")
         self.log.info("standby: following the stream", holder=await self.lease.holder())
         assert self.catalog is not None and self.folder is not None and self.store is not None
-        follower = Follower(self.settings, self.nc, self.store, self._commit_rows,
-                            self.folder.checker)
+        follower = Follower(
+            self.settings, self.nc, self.store, self._commit_rows, self.folder.checker
+        )
         await follower.start(await self._on_writer(self.catalog.catalog_seq))
         try:
             async with anyio.create_task_group() as pings:  # never waiting for a batch
                 pings.start_soon(self._ping_while_standby)
-                leader = await follow_until_leader(self.lease, follower,
-                                                   self.publisher.refresh_changed, self._alive,
-                                                   lambda: self.stopping)
+                leader = await follow_until_leader(
+                    self.lease,
+                    follower,
+                    self.publisher.refresh_changed,
+                    self._alive,
+                    lambda: self.stopping,
+                )
                 pings.cancel_scope.cancel()
         finally:
             await follower.stop()
@@ -288,9 +331,15 @@ class Daemon:
         assert self.publisher is not None and self.store is not None
         catalog = self.catalog
         self._backfill = await Backfill.start(
-            self.settings, self.nc, self.store, self._commit_rows, self.folder.checker,
-            lambda after: self._on_writer(catalog.recorded_through, after), quarantined or {},
-            self.publisher.touched)
+            self.settings,
+            self.nc,
+            self.store,
+            self._commit_rows,
+            self.folder.checker,
+            lambda after: self._on_writer(catalog.recorded_through, after),
+            quarantined or {},
+            self.publisher.touched,
+        )
 
     async def _lease_ok(self, *, renew: bool = False) -> bool:
         """Renew or check the lease. Lost: stop acking for good and raise LeaseLost, which
@@ -349,8 +398,9 @@ class Daemon:
                     if await self._backfill.step():
                         self._backfill = None
                 try:
-                    batch = await self.src.fetch(c.batch_max, c.batch_wait_ms,
-                                                 prefetch=lambda: not self.stopping)
+                    batch = await self.src.fetch(
+                        c.batch_max, c.batch_wait_ms, prefetch=lambda: not self.stopping
+                    )
                 except ConsumerGone as exc:
                     await self._recreate_consumer(str(exc))
                     continue
@@ -418,11 +468,13 @@ class Daemon:
         try:
             await self.settler.send(items)
         except Exception as exc:  # noqa: BLE001 - NATS down: retried, or redelivered
-            self.log.warning("could not settle messages now", count=len(items),
-                             error=str(exc) or type(exc).__name__)
+            self.log.warning(
+                "could not settle messages now",
+                count=len(items),
+                error=str(exc) or type(exc).__name__,
+            )
             return False
         return True
-
 
     async def _ack_through(self, generation: int) -> None:
         """Ack every committed message a refresh of ``generation`` covers (the only acks)."""

@@ -41,13 +41,24 @@ class Progress:
 class Keeper:
     """Built once the consumer is bound; :meth:`run` runs until the daemon stops."""
 
-    def __init__(self, s: Settings, nc: source.Client, src: source.PullSource, *,
-                 ledger: Ledger, exporter: Exporter, metrics: Metrics, notify: SdNotifier,
-                 progress: Progress, outcomes: Callable[[], dict[str, int]],
-                 lease: Lease | None, lease_ok: Callable[[bool], Awaitable[bool]],
-                 send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
-                 ack_late: Callable[[], Awaitable[None]],
-                 recreate_consumer: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        s: Settings,
+        nc: source.Client,
+        src: source.PullSource,
+        *,
+        ledger: Ledger,
+        exporter: Exporter,
+        metrics: Metrics,
+        notify: SdNotifier,
+        progress: Progress,
+        outcomes: Callable[[], dict[str, int]],
+        lease: Lease | None,
+        lease_ok: Callable[[bool], Awaitable[bool]],
+        send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
+        ack_late: Callable[[], Awaitable[None]],
+        recreate_consumer: Callable[[str], Awaitable[None]],
+    ) -> None:
         self.settings, self.nc, self.src = s, nc, src
         self.ledger, self.exporter, self.metrics, self.notify = ledger, exporter, metrics, notify
         self.progress, self.outcomes = progress, outcomes
@@ -95,14 +106,16 @@ class Keeper:
             # no progress for some queries (a recursive CTE), or plateaus (a sort)
             advanced, since = self.exporter.progress(), self.exporter.refreshing_since
             if advanced != exported or (
-                    since is not None and time.monotonic() - since < REFRESH_PATIENCE * stall_s):
+                since is not None and time.monotonic() - since < REFRESH_PATIENCE * stall_s
+            ):
                 exported = advanced
                 self.progress.mark()
             if self.backlog == 0 and not self.ledger:
                 self.progress.mark()
             elif time.monotonic() - self.progress.at > stall_s:
-                raise Stalled(f"no progress for {stall_s:.0f}s with {self.backlog} "
-                              "messages waiting")
+                raise Stalled(
+                    f"no progress for {stall_s:.0f}s with {self.backlog} messages waiting"
+                )
 
     async def _lease_loop(self, lease: Lease) -> None:
         """Renew the lease; a NATS error is retried at the next tick, a lost lease raises."""
@@ -140,5 +153,4 @@ class Keeper:
                 await self.recreate_consumer(str(exc))
             except Exception:  # noqa: BLE001 - NATS down: it reconnects
                 pass
-            self.notify.status_every(sdnotify.active_status(self.outcomes(),
-                                                            *self.metrics.lag()))
+            self.notify.status_every(sdnotify.active_status(self.outcomes(), *self.metrics.lag()))

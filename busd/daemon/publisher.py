@@ -30,9 +30,16 @@ OnThread = Callable[..., Awaitable[Any]]
 
 
 class Publisher:
-    def __init__(self, exporter: Exporter, catalog: Catalog, *, metrics: Metrics,
-                 on_exporter: OnThread, on_writer: OnThread,
-                 progress: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        exporter: Exporter,
+        catalog: Catalog,
+        *,
+        metrics: Metrics,
+        on_exporter: OnThread,
+        on_writer: OnThread,
+        progress: Callable[[], None],
+    ) -> None:
         self.exporter, self.catalog, self.metrics = exporter, catalog, metrics
         self.on_exporter, self.on_writer, self.progress = on_exporter, on_writer, progress
         self.log = log.get()
@@ -89,8 +96,9 @@ class Publisher:
             except FatalStorageError:  # a failed fsync: never retried, never acked
                 raise
             except StorageError as exc:
-                self.log.error("export refresh failed; acks wait", error=str(exc),
-                               retry_in_s=delay_s)
+                self.log.error(
+                    "export refresh failed; acks wait", error=str(exc), retry_in_s=delay_s
+                )
                 self._touched |= touched
                 self._changed.update(changed)
                 await anyio.sleep(delay_s)

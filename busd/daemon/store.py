@@ -13,14 +13,21 @@ from busd.model import Claim, Known, Sibling
 
 
 class LiveStore:
-    def __init__(self, catalog: Catalog, on_writer: Callable[..., Awaitable[Any]],
-                 nc: source.Client, stream: str) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        on_writer: Callable[..., Awaitable[Any]],
+        nc: source.Client,
+        stream: str,
+    ) -> None:
         self.catalog, self.on_writer, self.nc, self.stream = catalog, on_writer, nc, stream
 
-    async def lookup(self, seqs: Sequence[int], event_ids: Sequence[str]
-                     ) -> tuple[dict[int, Known], dict[str, Claim]]:
+    async def lookup(
+        self, seqs: Sequence[int], event_ids: Sequence[str]
+    ) -> tuple[dict[int, Known], dict[str, Claim]]:
         found: tuple[dict[int, Known], dict[str, Claim]] = await self.on_writer(
-            self.catalog.lookup, seqs, event_ids)
+            self.catalog.lookup, seqs, event_ids
+        )
         return found
 
     async def siblings(self, event_id: str, after_seq: int) -> list[Sibling]:

@@ -28,8 +28,9 @@ class Backfill:
     the first sequence the catalog lacks, until it has passed ``to_seq``, the highest
     sequence the consumer had delivered when the lease was won."""
 
-    def __init__(self, follower: Follower, from_seq: int, to_seq: int,
-                 committed: Callable[[set[str]], None]) -> None:
+    def __init__(
+        self, follower: Follower, from_seq: int, to_seq: int, committed: Callable[[set[str]], None]
+    ) -> None:
         self.follower, self.from_seq, self.to_seq = follower, from_seq, to_seq
         self.committed = committed  # the artifact names a step committed: exports to refresh
         self.recorded = 0
@@ -37,11 +38,17 @@ class Backfill:
         self.log = log.get()
 
     @classmethod
-    async def start(cls, s: Settings, nc: source.Client, store: Store,
-                    commit: Callable[[Batch], Awaitable[None]], checker: Checker,
-                    recorded_through: Callable[[int], Awaitable[int]],
-                    quarantined: dict[int, str],
-                    committed: Callable[[set[str]], None]) -> Backfill | None:
+    async def start(
+        cls,
+        s: Settings,
+        nc: source.Client,
+        store: Store,
+        commit: Callable[[Batch], Awaitable[None]],
+        checker: Checker,
+        recorded_through: Callable[[int], Awaitable[int]],
+        quarantined: dict[int, str],
+        committed: Callable[[set[str]], None],
+    ) -> Backfill | None:
         """None when the catalog already holds everything anyone could have acked.
         ``quarantined``: the poison decisions the standby had from the former active."""
         delivered = await source.delivered_seq(nc, s)
@@ -65,8 +72,11 @@ class Backfill:
             await follower.stop()
             raise
         backfill = cls(follower, start + 1, delivered, committed)
-        backfill.log.info("backfilling from the stream what the former active may have acked",
-                          from_seq=backfill.from_seq, through_seq=delivered)
+        backfill.log.info(
+            "backfilling from the stream what the former active may have acked",
+            from_seq=backfill.from_seq,
+            through_seq=delivered,
+        )
         return backfill
 
     def due(self) -> bool:
@@ -90,8 +100,9 @@ class Backfill:
         if n:
             self.committed(touched)
         if self.follower.reached(self.to_seq):
-            self.log.info("backfilled from the stream", recorded=self.recorded,
-                          through_seq=self.to_seq)
+            self.log.info(
+                "backfilled from the stream", recorded=self.recorded, through_seq=self.to_seq
+            )
             await self.stop()
             return True
         if self.follower.through == through:

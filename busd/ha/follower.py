@@ -24,14 +24,21 @@ from busd.model import Batch
 class Follower:
     """The standby's loop body: fold what the stream has beyond the catalog, no acks."""
 
-    def __init__(self, s: Settings, nc: source.Client, store: Store,
-                 commit: Callable[[Batch], Awaitable[None]], checker: Checker,
-                 quarantined: dict[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        s: Settings,
+        nc: source.Client,
+        store: Store,
+        commit: Callable[[Batch], Awaitable[None]],
+        checker: Checker,
+        quarantined: dict[int, str] | None = None,
+    ) -> None:
         self.settings, self.nc, self.store, self.commit = s, nc, store, commit
         self.name = f"busd-standby-{uuid.uuid4().hex[:10]}"
         self.pull: source.PullSource | None = None
-        self.folder = Folder(s, store, replay=True, checker=checker,
-                             quarantined=dict(quarantined or {}))
+        self.folder = Folder(
+            s, store, replay=True, checker=checker, quarantined=dict(quarantined or {})
+        )
         self._held: list[model.Delivery] = []
         self.through = 0  # every sequence up to here has been folded (or was already recorded)
         self.floor = 0  # the active's ack floor, as last read
@@ -45,8 +52,9 @@ class Follower:
     async def start(self, after_seq: int) -> None:
         """Follow from the sequence after the last one our catalog holds."""
         self._held = []
-        await source.add_reader(self.nc, self.settings.nats.stream, self.name, after_seq + 1,
-                                idle_s=30.0)
+        await source.add_reader(
+            self.nc, self.settings.nats.stream, self.name, after_seq + 1, idle_s=30.0
+        )
         self.through = after_seq
         self.pull = source.PullSource(self.nc, self.settings.nats.stream, self.name)
         await self.pull.start()
@@ -119,9 +127,13 @@ class Follower:
             await source.delete_consumer(self.nc, self.settings.nats.stream, self.name)
 
 
-async def follow_until_leader(lease: Lease, follower: Follower,
-                              refresh: Callable[[set[str]], Awaitable[None]],
-                              alive: Callable[[], None], stopping: Callable[[], bool]) -> bool:
+async def follow_until_leader(
+    lease: Lease,
+    follower: Follower,
+    refresh: Callable[[set[str]], Awaitable[None]],
+    alive: Callable[[], None],
+    stopping: Callable[[], bool],
+) -> bool:
     """The standby's loop: follow, refresh the exports, try the lease every third of its TTL.
     True once the lease is ours; False when stopped first. The caller stops the follower."""
     tried = time.monotonic()

@@ -60,11 +60,14 @@ class Lease:
         """Extend the lease; raise LeaseLost if someone else holds it now."""
         async with self._one_at_a_time:
             try:
-                self.revision = await self._kv.update(self.key, self.me.encode(),
-                                                     last=self.revision)
+                self.revision = await self._kv.update(
+                    self.key, self.me.encode(), last=self.revision
+                )
             except KeyConflict:
-                raise LeaseLost(f"lost the lease {self.bucket}/{self.key} to "
-                                f"{await self.holder() or 'nobody (expired)'}") from None
+                raise LeaseLost(
+                    f"lost the lease {self.bucket}/{self.key} to "
+                    f"{await self.holder() or 'nobody (expired)'}"
+                ) from None
             self.renewed_at = time.monotonic()
 
     def due(self) -> bool:
@@ -78,8 +81,7 @@ class Lease:
             except KeyMissing:
                 raise LeaseLost(f"the lease {self.bucket}/{self.key} expired") from None
         if entry[0] != self.revision:
-            raise LeaseLost(f"lost the lease {self.bucket}/{self.key} to "
-                            f"{entry[1].decode()}")
+            raise LeaseLost(f"lost the lease {self.bucket}/{self.key} to {entry[1].decode()}")
 
     async def holder(self) -> str | None:
         try:

@@ -98,7 +98,8 @@ async def ensure_stream(nc: Client, s: Settings) -> list[str]:
         if s.nats.bind_only:
             raise BindOnlyMissing(
                 f"stream {s.nats.stream} not found (nats.bind_only: busd does not create it; "
-                "create it where the stream is managed, or turn nats.bind_only off)") from None
+                "create it where the stream is managed, or turn nats.bind_only off)"
+            ) from None
         await js.add_stream(stream_config(s))
         return []
     return broken_promises(info, s)
@@ -114,11 +115,15 @@ async def ensure_consumer(nc: Client, s: Settings) -> api.ConsumerInfo:
         try:
             found: api.ConsumerInfo = await js.consumer_info(s.nats.stream, s.nats.consumer)
         except NotFoundError as exc:
-            what = (f"stream {s.nats.stream}" if exc.err_code == STREAM_NOT_FOUND
-                    else f"consumer {s.nats.consumer} on stream {s.nats.stream}")
+            what = (
+                f"stream {s.nats.stream}"
+                if exc.err_code == STREAM_NOT_FOUND
+                else f"consumer {s.nats.consumer} on stream {s.nats.stream}"
+            )
             raise BindOnlyMissing(
                 f"{what} not found (nats.bind_only: busd does not create it; create it where "
-                "the stream and consumer are managed, or turn nats.bind_only off)") from None
+                "the stream and consumer are managed, or turn nats.bind_only off)"
+            ) from None
         return found
     info: api.ConsumerInfo = await js.add_consumer(s.nats.stream, consumer_config(s))
     return info
@@ -137,12 +142,10 @@ async def redeclare_consumer(nc: Client, s: Settings, *, within_s: float = 30.0)
             raise ConsumerGone(f"the consumer is gone: {exc}") from None
         except NotFoundError as exc:
             if exc.err_code == STREAM_NOT_FOUND or time.monotonic() > deadline:
-                raise ConsumerGone(
-                    f"the consumer is gone and cannot be recreated: {exc}") from None
+                raise ConsumerGone(f"the consumer is gone and cannot be recreated: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - JetStream restarting, NATS down
             if time.monotonic() > deadline:
-                raise ConsumerGone(
-                    f"the consumer is gone and cannot be recreated: {exc}") from None
+                raise ConsumerGone(f"the consumer is gone and cannot be recreated: {exc}") from None
         await asyncio.sleep(delay_s)
         delay_s = min(delay_s * 2, 5.0)
 
@@ -157,7 +160,6 @@ async def consumer_state(nc: Client, s: Settings) -> tuple[int, int]:
     return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
 
-
 async def stored_payload(nc: Client, stream: str, seq: int) -> bytes:
     """The payload of one stored message, read back from the stream by sequence."""
     msg = await jetstream(nc).get_msg(stream, seq)
@@ -165,16 +167,23 @@ async def stored_payload(nc: Client, stream: str, seq: int) -> bytes:
 
 
 # ---- the rest of what busd asks of NATS: readers, the HA lease's bucket, requests --------
-async def add_reader(nc: Client, stream: str, name: str, start_seq: int, *,
-                     idle_s: float) -> None:
+async def add_reader(nc: Client, stream: str, name: str, start_seq: int, *, idle_s: float) -> None:
     """An ephemeral, ack-less consumer from ``start_seq`` (replay, the standby, backfill);
     the server deletes it after ``idle_s`` without a pull."""
-    await jetstream(nc).add_consumer(stream, api.ConsumerConfig(
-        name=name, ack_policy=api.AckPolicy.NONE,
-        deliver_policy=(api.DeliverPolicy.BY_START_SEQUENCE if start_seq > 1
-                        else api.DeliverPolicy.ALL),
-        opt_start_seq=start_seq if start_seq > 1 else None,
-        inactive_threshold=idle_s, mem_storage=True, num_replicas=1))
+    await jetstream(nc).add_consumer(
+        stream,
+        api.ConsumerConfig(
+            name=name,
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=(
+                api.DeliverPolicy.BY_START_SEQUENCE if start_seq > 1 else api.DeliverPolicy.ALL
+            ),
+            opt_start_seq=start_seq if start_seq > 1 else None,
+            inactive_threshold=idle_s,
+            mem_storage=True,
+            num_replicas=1,
+        ),
+    )
 
 
 async def delete_consumer(nc: Client, stream: str, name: str) -> None:
@@ -212,7 +221,6 @@ async def next_stored_seq(nc: Client, stream: str, seq: int) -> int | None:
     return None if found is None else int(found)
 
 
-
 class _PutThrough:
     """A JetStream context whose publishes to ``$KV.`` go through ``prefix`` (the KV
     write subject of another JetStream domain: ``$JS.<domain>.API.$KV.<bucket>.<key>``)."""
@@ -243,8 +251,11 @@ class Bucket:
         try:
             kv: Any = await js.key_value(bucket)
         except BucketNotFoundError:
-            kv = await js.create_key_value(api.KeyValueConfig(
-                bucket=bucket, ttl=ttl_s, history=1, storage=api.StorageType.FILE))
+            kv = await js.create_key_value(
+                api.KeyValueConfig(
+                    bucket=bucket, ttl=ttl_s, history=1, storage=api.StorageType.FILE
+                )
+            )
         prefix = js_api_prefix(nc)
         if prefix != api.DEFAULT_PREFIX:
             # nats-py writes a key to $KV.<bucket>.<key> on the local server; in another
@@ -279,8 +290,9 @@ class Bucket:
 
 
 # ---- lag in time (see busd.lag) -------------------------------------------------------------
-async def oldest_unsettled_age_s(js: Any, stream: str, consumer: str,
-                                 now: dt.datetime | None = None) -> float:
+async def oldest_unsettled_age_s(
+    js: Any, stream: str, consumer: str, now: dt.datetime | None = None
+) -> float:
     """Seconds since the first message after the consumer's ack floor was stored; 0 when the
     consumer has nothing pending or awaiting an ack. Two JetStream API requests, only while
     there is a backlog. ``js``: a JetStream context (:func:`lag_age_s` passes busd's)."""

@@ -37,8 +37,9 @@ def _tls_context(n: NatsSettings) -> ssl.SSLContext | None:
         try:
             ctx.load_cert_chain(n.tls_cert, n.tls_key or None, password=_no_password)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"bad value for nats.tls_cert/nats.tls_key: {n.tls_cert}: "
-                              f"{_why(exc)}") from None
+            raise ConfigError(
+                f"bad value for nats.tls_cert/nats.tls_key: {n.tls_cert}: {_why(exc)}"
+            ) from None
     return ctx
 
 
@@ -59,11 +60,12 @@ def _refusal(n: NatsSettings, exc: BaseException) -> str | None:
     """Why the server turned busd away for good (credentials, certificates), or None when
     trying again may help (no server yet, a timeout)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return (f"the server's TLS certificate is not trusted ({exc.verify_message}): "
-                "check nats.tls_ca and the host name in nats.url")
+        return (
+            f"the server's TLS certificate is not trusted ({exc.verify_message}): "
+            "check nats.tls_ca and the host name in nats.url"
+        )
     if isinstance(exc, ssl.SSLError):
-        return (f"TLS refused ({_why(exc)}): check nats.tls_ca, nats.tls_cert and "
-                "nats.tls_key")
+        return f"TLS refused ({_why(exc)}): check nats.tls_ca, nats.tls_cert and nats.tls_key"
     if _auth_refused(exc):
         text = str(exc)
         keys = [k for k in ("creds", "nkey_seed", "user", "token") if getattr(n, k)]
@@ -72,13 +74,17 @@ def _refusal(n: NatsSettings, exc: BaseException) -> str | None:
     return None
 
 
-
 def api_prefix(n: NatsSettings) -> str:
     """The JetStream API prefix of the configured domain or account import (``nats.js_domain``,
     ``nats.js_api_prefix``), else the server's own API."""
     if n.js_domain:
         return f"$JS.{n.js_domain}.API"
     return n.js_api_prefix or api.DEFAULT_PREFIX
+
+
+# -ERR lines of a refusal: 'Authorization Violation', 'User Authentication Expired',
+# 'User Authentication Revoked', 'Authentication Timeout'
+_AUTH_ERR_MARKS = (AUTHORIZATION_VIOLATION.lower(), "authentication")
 
 
 def _auth_refused(exc: BaseException) -> bool:
@@ -91,11 +97,6 @@ def _auth_refused(exc: BaseException) -> bool:
         return False
     line = str(exc).lower()
     return any(mark in line for mark in _AUTH_ERR_MARKS)
-
-
-# -ERR lines of a refusal: 'Authorization Violation', 'User Authentication Expired',
-# 'User Authentication Revoked', 'Authentication Timeout'
-_AUTH_ERR_MARKS = (AUTHORIZATION_VIOLATION.lower(), "authentication")
 
 
 class _Client(Client):
@@ -112,11 +113,17 @@ class _Client(Client):
             opts["prefix"] = self.api_prefix
         return super().jetstream(**opts)
 
-    def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes,
-                       headers: dict[str, str] | None) -> Msg:
-        return self.msg_class(subject=subject.decode(errors="replace"),
-                              reply=reply.decode(errors="replace"), data=data, headers=headers,
-                              _client=self, _sid=sid)
+    def _build_message(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> Msg:
+        return self.msg_class(
+            subject=subject.decode(errors="replace"),
+            reply=reply.decode(errors="replace"),
+            data=data,
+            headers=headers,
+            _client=self,
+            _sid=sid,
+        )
 
 
 def jetstream(nc: Client) -> JetStreamContext:
@@ -156,8 +163,9 @@ class NatsUnreachable(TransientError):
     """No NATS server answered within ``nats.connect_timeout_s``."""
 
     def __init__(self, url: str, timeout_s: float, cause: BaseException) -> None:
-        super().__init__(f"cannot reach NATS at {url} within {float(timeout_s)}s "
-                         f"({_unreachable_why(cause)})")
+        super().__init__(
+            f"cannot reach NATS at {url} within {float(timeout_s)}s ({_unreachable_why(cause)})"
+        )
         self.url = url
 
 
@@ -253,14 +261,16 @@ async def connect(  # noqa: C901 - the options nats-py takes, one by one
         refused = _refusal(n, exc)
         if refused is not None:
             raise BusdError(f"NATS at {url} refused busd: {refused}") from None
-        raise NatsUnreachable(url, n.connect_timeout_s,
-                              last_error[0] if last_error else exc) from None
+        raise NatsUnreachable(
+            url, n.connect_timeout_s, last_error[0] if last_error else exc
+        ) from None
     except Exception as exc:
         await _close_quietly(nc)
         if type(exc).__module__.split(".")[0] == "nkeys":  # a seed nkeys cannot decode
             key = "nats.creds" if n.creds else "nats.nkey_seed"
-            raise ConfigError(f"bad value for {key}: not a valid nkey seed "
-                              f"({type(exc).__name__})") from None
+            raise ConfigError(
+                f"bad value for {key}: not a valid nkey seed ({type(exc).__name__})"
+            ) from None
         raise
     connecting = False
     # nats-py reads both at each disconnection

@@ -31,7 +31,6 @@ def parse_ack_subject(reply: str) -> tuple[int, int, int]:
     return int(tokens[base + 2]), int(tokens[base + 3]), int(tokens[base + 5])
 
 
-
 class PullSource:
     """A lean pull loop on one inbox subscription (see the module docstring)."""
 
@@ -49,9 +48,12 @@ class PullSource:
         self._outstanding = False
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(f"{self.inbox}.*", cb=self._on_msg,
-                                            pending_msgs_limit=1_000_000,
-                                            pending_bytes_limit=1 << 30)
+        self._sub = await self.nc.subscribe(
+            f"{self.inbox}.*",
+            cb=self._on_msg,
+            pending_msgs_limit=1_000_000,
+            pending_bytes_limit=1 << 30,
+        )
 
     async def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers
@@ -83,9 +85,14 @@ class PullSource:
         body = json.dumps({"batch": batch, "expires": wait_ms * 1_000_000}).encode()
         await self.nc.publish(self.next_subject, body, reply=f"{self.inbox}.{self._token}")
 
-    async def fetch(self, batch: int, wait_ms: int, *,
-                    prefetch: Callable[[], bool] | None = None,
-                    until: asyncio.Future[Any] | None = None) -> list[Delivery]:
+    async def fetch(
+        self,
+        batch: int,
+        wait_ms: int,
+        *,
+        prefetch: Callable[[], bool] | None = None,
+        until: asyncio.Future[Any] | None = None,
+    ) -> list[Delivery]:
         """Up to ``batch`` messages within about ``wait_ms``; an empty list when none came.
         Then the next request goes out at once unless ``prefetch()`` says no (stopping).
 
@@ -107,9 +114,11 @@ class PullSource:
                 # a lost status reply times out: take what came
                 waiter = asyncio.ensure_future(self._wake.wait())
                 try:
-                    await asyncio.wait([waiter] if until is None else [waiter, until],
-                                       timeout=wait_ms / 1000 + 2.0,
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        [waiter] if until is None else [waiter, until],
+                        timeout=wait_ms / 1000 + 2.0,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
                 finally:
                     waiter.cancel()
                 if until is not None and until.done() and not self._wake.is_set():

@@ -47,8 +47,10 @@ def _apt_install(package: str) -> None:
         return
     _tried_apt.add(package)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]):
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+    ):
         subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False)
 
 
@@ -122,8 +124,14 @@ def dashboard_queries() -> list[PanelQuery]:
         assert isinstance(targets, list)
         for target in targets:
             assert isinstance(target, dict)
-            queries.append(PanelQuery(str(panel["title"]), str(target["refId"]),
-                                      str(target["expr"]), bool(target.get("instant"))))
+            queries.append(
+                PanelQuery(
+                    str(panel["title"]),
+                    str(target["refId"]),
+                    str(target["expr"]),
+                    bool(target.get("instant")),
+                )
+            )
     return queries
 
 

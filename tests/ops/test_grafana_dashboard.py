@@ -64,18 +64,33 @@ def test_layout_fits_and_does_not_overlap() -> None:
 
 def test_required_panels_are_there() -> None:
     titles = {str(p["title"]) for p in dashboard_panels()}
-    for title in ("Lag", "Throughput by outcome", "Rejections by reason", "Commit latency",
-                  "Export latency p99 by export", "Export age", "Event latency (publish → ack)",
-                  "Batch size", "Artifacts committed", "Catalog sequence", "NATS connected",
-                  "Build info", "Lag in time (oldest unsettled)", "Consumer (stream, consumer)",
-                  "Process memory", "Process CPU", "Open files"):
+    for title in (
+        "Lag",
+        "Throughput by outcome",
+        "Rejections by reason",
+        "Commit latency",
+        "Export latency p99 by export",
+        "Export age",
+        "Event latency (publish → ack)",
+        "Batch size",
+        "Artifacts committed",
+        "Catalog sequence",
+        "NATS connected",
+        "Build info",
+        "Lag in time (oldest unsettled)",
+        "Consumer (stream, consumer)",
+        "Process memory",
+        "Process CPU",
+        "Open files",
+    ):
         assert title in titles
 
 
 def test_provisioning_examples_point_at_each_other() -> None:
     dashboards = (OPS / "grafana/provisioning/dashboards/busd.yaml").read_text(encoding="utf-8")
     datasources = (OPS / "grafana/provisioning/datasources/prometheus.yaml").read_text(
-        encoding="utf-8")
+        encoding="utf-8"
+    )
     assert "apiVersion: 1" in dashboards and "type: file" in dashboards
     assert "apiVersion: 1" in datasources and "type: prometheus" in datasources
     assert "url: http://127.0.0.1:9090" in datasources

@@ -34,8 +34,16 @@ from opsfiles import RULES, dashboard_queries, free_port, metric_names_in
 
 BUSD = [sys.executable, "-m", "busd"]
 DEADLINE_S = 60.0
-ALERTS = ("BusdDown", "BusdLagGrowing", "BusdRejections", "BusdExportStale",
-          "BusdExportFailures", "BusdNatsDisconnected", "BusdArtifactsMissing", "BusdLagTooOld")
+ALERTS = (
+    "BusdDown",
+    "BusdLagGrowing",
+    "BusdRejections",
+    "BusdExportStale",
+    "BusdExportFailures",
+    "BusdNatsDisconnected",
+    "BusdArtifactsMissing",
+    "BusdLagTooOld",
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,8 +62,10 @@ def wait_until(what: str, check: Callable[[], bool], proc: Process, timeout_s: f
     deadline = time.monotonic() + timeout_s
     while not check():
         if proc.popen.poll() is not None:
-            pytest.fail(f"{proc.name} exited with {proc.popen.returncode} while waiting for "
-                        f"{what}:\n{proc.log_tail()}")
+            pytest.fail(
+                f"{proc.name} exited with {proc.popen.returncode} while waiting for "
+                f"{what}:\n{proc.log_tail()}"
+            )
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}:\n{proc.log_tail()}")
         time.sleep(0.2)
@@ -72,8 +82,9 @@ class Process:
     @classmethod
     def start(cls, name: str, cmd: list[str], log: Path, **kwargs: Any) -> Process:
         with log.open("wb") as out:
-            popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, **kwargs)
+            popen = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
+            )
         return cls(name, popen, log)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -103,11 +114,25 @@ class Busd:
     proc: Process
 
     def submit(self, run_id: str, **files: Path) -> None:
-        cmd = [*BUSD, "submit", "--config", str(self.config), "--run-id", run_id,
-               "--kind", "simulation", "--producer", "lab.simulation", "--wait",
-               "--timeout", "60", *(f"{name}={path}" for name, path in files.items())]
-        done = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True, timeout=90,
-                              check=False)
+        cmd = [
+            *BUSD,
+            "submit",
+            "--config",
+            str(self.config),
+            "--run-id",
+            run_id,
+            "--kind",
+            "simulation",
+            "--producer",
+            "lab.simulation",
+            "--wait",
+            "--timeout",
+            "60",
+            *(f"{name}={path}" for name, path in files.items()),
+        ]
+        done = subprocess.run(
+            cmd, cwd=self.root, capture_output=True, text=True, timeout=90, check=False
+        )
         assert done.returncode == 0, done.stdout + done.stderr + self.proc.log_tail()
 
     def publish_raw(self, subject: str, payload: bytes) -> None:
@@ -142,15 +167,23 @@ def busd(tmp_path: Path) -> Iterator[Busd]:
         'name = "latest_fills"\n'
         'depends_on = ["fills"]\n'
         'sql = "SELECT * FROM data.fills"\n',
-        encoding="utf-8")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("BUSD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
-    proc = Process.start("busd serve", [*BUSD, "serve", "--config", str(config)],
-                         root / "serve.log", cwd=root, env=env)
+        encoding="utf-8",
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BUSD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")
+    }
+    proc = Process.start(
+        "busd serve",
+        [*BUSD, "serve", "--config", str(config)],
+        root / "serve.log",
+        cwd=root,
+        env=env,
+    )
     try:
         metrics = f"127.0.0.1:{metrics_port}"
-        wait_until("busd /readyz", lambda: http_get(f"http://{metrics}/readyz")[0] == 200,
-                   proc, 60)
+        wait_until("busd /readyz", lambda: http_get(f"http://{metrics}/readyz")[0] == 200, proc, 60)
         yield Busd(root, config, f"nats://127.0.0.1:{nats_port}", metrics, proc)
     finally:
         proc.stop()
@@ -190,12 +223,21 @@ def prometheus(prometheus_binary: str, busd: Busd, tmp_path: Path) -> Iterator[P
         "  - job_name: busd\n"
         "    static_configs:\n"
         f"      - targets: [{json.dumps(busd.metrics_address)}]\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     port = free_port()
-    proc = Process.start("prometheus", [
-        prometheus_binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
-    ], folder / "prometheus.log", cwd=folder)
+    proc = Process.start(
+        "prometheus",
+        [
+            prometheus_binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={folder / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        folder / "prometheus.log",
+        cwd=folder,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until("prometheus /-/ready", lambda: http_get(f"{url}/-/ready")[0] == 200, proc, 60)
@@ -223,9 +265,12 @@ def alert_rules(prom: Prometheus) -> dict[str, dict[str, Any]]:
 
 def test_every_panel_and_alert_against_a_real_busd(busd: Busd, prometheus: Prometheus) -> None:
     # Scraped at least twice before anything happens, so counters are seen going up from 0.
-    wait_until("two scrapes of busd",
-               lambda: bool(prometheus.query('count_over_time(up{job="busd"}[1m]) >= 2')),
-               prometheus.proc, DEADLINE_S)
+    wait_until(
+        "two scrapes of busd",
+        lambda: bool(prometheus.query('count_over_time(up{job="busd"}[1m]) >= 2')),
+        prometheus.proc,
+        DEADLINE_S,
+    )
     assert prometheus.query('up{job="busd"}')[0]["value"][1] == "1"
 
     for i in range(3):
@@ -248,13 +293,19 @@ def test_every_panel_and_alert_against_a_real_busd(busd: Busd, prometheus: Prome
     for name in sorted(metric_names_in(rules)):
         checks[f"alert metric {name}"] = returns_series(prometheus, name)
     checks["BusdRejections fires for reason schema"] = lambda: any(
-        a["labels"].get("alertname") == "BusdRejections" and a["labels"].get("reason") == "schema"
-        and a["state"] == "firing" for a in prometheus.api("alerts")["alerts"])
+        a["labels"].get("alertname") == "BusdRejections"
+        and a["labels"].get("reason") == "schema"
+        and a["state"] == "firing"
+        for a in prometheus.api("alerts")["alerts"]
+    )
     checks["every alert rule evaluated without error"] = lambda: (
         set(alert_rules(prometheus)) == set(ALERTS)
         # A rule never evaluated reports lastEvaluation 0001-01-01T00:00:00Z.
-        and all(r["health"] == "ok" and not r["lastEvaluation"].startswith("0001-")
-                for r in alert_rules(prometheus).values()))
+        and all(
+            r["health"] == "ok" and not r["lastEvaluation"].startswith("0001-")
+            for r in alert_rules(prometheus).values()
+        )
+    )
 
     deadline = time.monotonic() + DEADLINE_S
     failing = dict(checks)
@@ -263,9 +314,13 @@ def test_every_panel_and_alert_against_a_real_busd(busd: Busd, prometheus: Prome
         if failing:
             time.sleep(1)
     assert not failing, (
-        f"no data after {DEADLINE_S:.0f}s for:\n  " + "\n  ".join(failing)
-        + "\n--- busd ---\n" + busd.proc.log_tail() + "\n--- /metrics ---\n"
-        + http_get(f"http://{busd.metrics_address}/metrics")[1].decode()[:6000])
+        f"no data after {DEADLINE_S:.0f}s for:\n  "
+        + "\n  ".join(failing)
+        + "\n--- busd ---\n"
+        + busd.proc.log_tail()
+        + "\n--- /metrics ---\n"
+        + http_get(f"http://{busd.metrics_address}/metrics")[1].decode()[:6000]
+    )
 
     # Every alert expression is valid PromQL here, and only BusdRejections holds on this busd.
     for name, rule in alert_rules(prometheus).items():

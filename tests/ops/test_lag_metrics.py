@@ -60,24 +60,38 @@ def test_serve_reports_lag_in_time_process_metrics_and_consumer_labels(bus: Bus)
     wait_for(lambda: value(scrape(address), "busd_ready") == 1.0, 60, "busd ready")
 
     text = scrape(address)
-    for series in ("process_resident_memory_bytes", "process_cpu_seconds_total",
-                   "process_open_fds", "python_gc_collections_total{generation=\"0\"}"):
+    for series in (
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        'python_gc_collections_total{generation="0"}',
+    ):
         assert value(text, series) is not None, series
     assert 'python_info{implementation="CPython"' in text
-    assert value(text, 'busd_consumer_info{consumer_name="busd",stream_name="ARTIFACTS"}') \
-        == 1.0, text
+    assert value(text, 'busd_consumer_info{consumer_name="busd",stream_name="ARTIFACTS"}') == 1.0, (
+        text
+    )
     assert value(text, "busd_oldest_unsettled_age_seconds") == 0.0
 
     # the file is written after the event: busd naks it and waits (verify.file_wait_s)
     late = bus.artifacts / "late" / "fills.parquet"
     event = bus.event("late", artifacts=[{"name": "fills", "path": str(late)}])
     bus.publish([event])
-    wait_for(lambda: (value(scrape(address), "busd_oldest_unsettled_age_seconds") or 0) >= 3.0,
-             30, "the waiting event's age to show")
+    wait_for(
+        lambda: (value(scrape(address), "busd_oldest_unsettled_age_seconds") or 0) >= 3.0,
+        30,
+        "the waiting event's age to show",
+    )
     bus.parquet("late/fills.parquet")
-    wait_for(lambda: value(scrape(address),
-                           'busd_events_total{outcome="committed"}') == 1.0, 60, "the commit")
-    wait_for(lambda: value(scrape(address), "busd_oldest_unsettled_age_seconds") == 0.0,
-             10, "the age back to 0")
+    wait_for(
+        lambda: value(scrape(address), 'busd_events_total{outcome="committed"}') == 1.0,
+        60,
+        "the commit",
+    )
+    wait_for(
+        lambda: value(scrape(address), "busd_oldest_unsettled_age_seconds") == 0.0,
+        10,
+        "the age back to 0",
+    )
     proc.terminate()
     assert proc.wait(30) == 0

@@ -56,9 +56,16 @@ def auth_bus(tmp_path: Path, extra_config: str, *, scheme: str = "nats") -> Iter
 def busd(bus: Bus, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """The real busd on the world's busd.toml, nothing from the environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUSD_")}
-    return subprocess.run([*BUSD, *args, "--config", str(bus.root / "busd.toml")],
-                          cwd=bus.root, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [*BUSD, *args, "--config", str(bus.root / "busd.toml")],
+        cwd=bus.root,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def commits_one_event(bus: Bus, nats: dict[str, Any], run_id: str) -> None:
@@ -115,11 +122,16 @@ def test_user_and_password(tmp_path: Path) -> None:
     conf = f'authorization {{ users = [ {{ user: "{USER}", password: "{PASSWORD}" }} ] }}\n'
     with auth_bus(tmp_path, conf) as bus:
         commits_one_event(bus, {"user": USER, "password": PASSWORD}, "userpass-1")
-        line = refused(bus, {"user": USER, "password": "not-the-password"},
-                       expect="Authorization Violation")
+        line = refused(
+            bus, {"user": USER, "password": "not-the-password"}, expect="Authorization Violation"
+        )
         assert "not-the-password" not in line
-        refused(bus, {"user": USER, "password": "not-the-password"},
-                expect="Authorization Violation", command="init")
+        refused(
+            bus,
+            {"user": USER, "password": "not-the-password"},
+            expect="Authorization Violation",
+            command="init",
+        )
         refused(bus, {}, expect="no credentials configured")
         bad_config(bus, {"password": PASSWORD}, key="nats.password")
 
@@ -156,13 +168,14 @@ def test_nkey_seed_as_text_and_as_file(tmp_path: Path) -> None:
         commits_one_event(bus, {"nkey_seed": seed}, "nkey-1")
         bus.write_config(nats={"nkey_seed": str(seed_file)})
         fills = bus.parquet("nkey-2/fills.parquet")
-        submit = busd(bus, "submit", "--run-id", "nkey-2", "--kind", "simulation",
-                      f"fills={fills}")
+        submit = busd(bus, "submit", "--run-id", "nkey-2", "--kind", "simulation", f"fills={fills}")
         assert submit.returncode == 0, submit.stderr
         serve = busd(bus, "serve", "--drain", timeout=90)
         assert serve.returncode == 0, serve.stderr
         assert bus.sql("SELECT run_id FROM catalog.runs_d ORDER BY run_id") == [
-            ("nkey-1",), ("nkey-2",)]
+            ("nkey-1",),
+            ("nkey-2",),
+        ]
 
         stranger = new_key(nkeys.PREFIX_BYTE_USER).seed.decode()
         line = refused(bus, {"nkey_seed": stranger}, expect="nats.nkey_seed")
@@ -188,12 +201,18 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def signed_jwt(issuer: Any, subject: str, name: str, claims: dict[str, Any],
-               expires: int | None = None) -> str:
+def signed_jwt(
+    issuer: Any, subject: str, name: str, claims: dict[str, Any], expires: int | None = None
+) -> str:
     """A NATS JWT (v2): base64url header.claims, ed25519-signed by the issuer's nkey."""
-    body: dict[str, Any] = {"jti": "", "iat": int(time.time()),
-                            "iss": issuer.public_key.decode(), "name": name, "sub": subject,
-                            "nats": {**claims, "version": 2}}
+    body: dict[str, Any] = {
+        "jti": "",
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+        "name": name,
+        "sub": subject,
+        "nats": {**claims, "version": 2},
+    }
     if expires is not None:
         body["exp"] = expires
     digest = hashlib.new("sha512_256", json.dumps(body).encode()).digest()
@@ -203,20 +222,30 @@ def signed_jwt(issuer: Any, subject: str, name: str, claims: dict[str, Any],
     return f"{signing_input}.{b64url(issuer.sign(signing_input.encode()))}"
 
 
-UNLIMITED = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
-             "wildcards": True, "conn": -1, "leaf": -1}
+UNLIMITED = {
+    "subs": -1,
+    "data": -1,
+    "payload": -1,
+    "imports": -1,
+    "exports": -1,
+    "wildcards": True,
+    "conn": -1,
+    "leaf": -1,
+}
 JETSTREAM = {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
 
 
 def creds_text(user_jwt: str, user_seed: str) -> str:
-    return ("-----BEGIN NATS USER JWT-----\n"
-            f"{user_jwt}\n"
-            "------END NATS USER JWT------\n\n"
-            "************************* IMPORTANT *************************\n"
-            "NKEY Seed printed below can be used to sign and prove identity.\n\n"
-            "-----BEGIN USER NKEY SEED-----\n"
-            f"{user_seed}\n"
-            "------END USER NKEY SEED------\n")
+    return (
+        "-----BEGIN NATS USER JWT-----\n"
+        f"{user_jwt}\n"
+        "------END NATS USER JWT------\n\n"
+        "************************* IMPORTANT *************************\n"
+        "NKEY Seed printed below can be used to sign and prove identity.\n\n"
+        "-----BEGIN USER NKEY SEED-----\n"
+        f"{user_seed}\n"
+        "------END USER NKEY SEED------\n"
+    )
 
 
 class Operator:
@@ -228,29 +257,40 @@ class Operator:
         self.system = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
 
     def account_jwt(self, account: Any, name: str, limits: dict[str, Any]) -> str:
-        return signed_jwt(self.key, account.public_key.decode(), name,
-                          {"type": "account", "limits": limits})
+        return signed_jwt(
+            self.key, account.public_key.decode(), name, {"type": "account", "limits": limits}
+        )
 
     def server_config(self) -> str:
-        operator_jwt = signed_jwt(self.key, self.key.public_key.decode(), "test-operator",
-                                  {"type": "operator"})
-        preload = {self.account.public_key.decode():
-                   self.account_jwt(self.account, "busd", {**UNLIMITED, **JETSTREAM}),
-                   self.system.public_key.decode():
-                   self.account_jwt(self.system, "SYS", UNLIMITED)}
+        operator_jwt = signed_jwt(
+            self.key, self.key.public_key.decode(), "test-operator", {"type": "operator"}
+        )
+        preload = {
+            self.account.public_key.decode(): self.account_jwt(
+                self.account, "busd", {**UNLIMITED, **JETSTREAM}
+            ),
+            self.system.public_key.decode(): self.account_jwt(self.system, "SYS", UNLIMITED),
+        }
         lines = "\n".join(f'  {pub}: "{jwt}"' for pub, jwt in preload.items())
-        return (f'operator: "{operator_jwt}"\n'
-                f'system_account: "{self.system.public_key.decode()}"\n'
-                "resolver: MEMORY\n"
-                f"resolver_preload: {{\n{lines}\n}}\n")
+        return (
+            f'operator: "{operator_jwt}"\n'
+            f'system_account: "{self.system.public_key.decode()}"\n'
+            "resolver: MEMORY\n"
+            f"resolver_preload: {{\n{lines}\n}}\n"
+        )
 
     def user_creds(self, path: Path, *, signer: Any = None, expires: int | None = None) -> Path:
         """A credentials file for a new user of the account (signed by ``signer``)."""
         user = new_key(nkeys.PREFIX_BYTE_USER)
-        claims: dict[str, Any] = {"type": "user", "pub": {}, "sub": {},
-                                  "subs": -1, "data": -1, "payload": -1}
-        jwt = signed_jwt(signer or self.account, user.public_key.decode(), "busd", claims,
-                         expires)
+        claims: dict[str, Any] = {
+            "type": "user",
+            "pub": {},
+            "sub": {},
+            "subs": -1,
+            "data": -1,
+            "payload": -1,
+        }
+        jwt = signed_jwt(signer or self.account, user.public_key.decode(), "busd", claims, expires)
         path.write_text(creds_text(jwt, user.seed.decode()))
         path.chmod(0o600)
         return path
@@ -263,8 +303,9 @@ def test_credentials_file(tmp_path: Path) -> None:
         commits_one_event(bus, {"creds": str(good)}, "creds-1")
 
         # a user signed by an account the operator never signed
-        rogue = operator.user_creds(tmp_path / "rogue.creds",
-                                    signer=new_key(nkeys.PREFIX_BYTE_ACCOUNT))
+        rogue = operator.user_creds(
+            tmp_path / "rogue.creds", signer=new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+        )
         refused(bus, {"creds": str(rogue)}, expect="nats.creds")
         expired = operator.user_creds(tmp_path / "expired.creds", expires=int(time.time()) - 60)
         refused(bus, {"creds": str(expired)}, expect="nats.creds")
@@ -275,51 +316,111 @@ def test_credentials_file(tmp_path: Path) -> None:
         garbage = tmp_path / "garbage.creds"
         garbage.write_text("not a credentials file\n")
         bad_config(bus, {"creds": str(garbage)}, key="nats.creds")
-        bad_config(bus, {"creds": str(good), "nkey_seed": "SU" + "A" * 56},
-                   key="nats.nkey_seed")
+        bad_config(bus, {"creds": str(good), "nkey_seed": "SU" + "A" * 56}, key="nats.nkey_seed")
 
 
 # ---- 5. TLS with a private CA and client certificates ---------------------------------------
 
 
 def openssl(*args: str, cwd: Path) -> None:
-    done = subprocess.run([find_tool("openssl", "openssl"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [find_tool("openssl", "openssl"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
 
 
 def openssl_config(folder: Path, name: str, extensions: str) -> str:
     (folder / f"{name}.cnf").write_text(
-        "[req]\ndistinguished_name = dn\nprompt = no\n[dn]\n"
-        f"CN = {name}\n[v3]\n{extensions}")
+        f"[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = {name}\n[v3]\n{extensions}"
+    )
     return f"{name}.cnf"
 
 
 def make_ca(folder: Path, name: str) -> tuple[Path, Path]:
-    cnf = openssl_config(folder, name, "basicConstraints = critical, CA:TRUE\n"
-                                       "keyUsage = critical, keyCertSign, cRLSign\n"
-                                       "subjectKeyIdentifier = hash\n")
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-days", "2", "-config", cnf, "-extensions", "v3",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=folder)
+    cnf = openssl_config(
+        folder,
+        name,
+        "basicConstraints = critical, CA:TRUE\n"
+        "keyUsage = critical, keyCertSign, cRLSign\n"
+        "subjectKeyIdentifier = hash\n",
+    )
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-config",
+        cnf,
+        "-extensions",
+        "v3",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        cwd=folder,
+    )
     return folder / f"{name}.pem", folder / f"{name}.key"
 
 
-def make_leaf(folder: Path, name: str, ca: tuple[Path, Path], usage: str,
-              san: str = "") -> tuple[Path, Path]:
+def make_leaf(
+    folder: Path, name: str, ca: tuple[Path, Path], usage: str, san: str = ""
+) -> tuple[Path, Path]:
     """A key and a certificate signed by ``ca`` for ``usage`` (serverAuth, clientAuth)."""
-    cnf = openssl_config(folder, name, "basicConstraints = critical, CA:FALSE\n"
-                                       "keyUsage = critical, digitalSignature\n"
-                                       f"extendedKeyUsage = {usage}\n"
-                                       "subjectKeyIdentifier = hash\n"
-                                       "authorityKeyIdentifier = keyid\n"
-                                       + (f"subjectAltName = {san}\n" if san else ""))
-    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-config", cnf, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            cwd=folder)
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca[0]), "-CAkey", str(ca[1]),
-            "-CAcreateserial", "-days", "2", "-extfile", cnf, "-extensions", "v3",
-            "-out", f"{name}.pem", cwd=folder)
+    cnf = openssl_config(
+        folder,
+        name,
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature\n"
+        f"extendedKeyUsage = {usage}\n"
+        "subjectKeyIdentifier = hash\n"
+        "authorityKeyIdentifier = keyid\n" + (f"subjectAltName = {san}\n" if san else ""),
+    )
+    openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-config",
+        cnf,
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=folder,
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        str(ca[0]),
+        "-CAkey",
+        str(ca[1]),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        cnf,
+        "-extensions",
+        "v3",
+        "-out",
+        f"{name}.pem",
+        cwd=folder,
+    )
     return folder / f"{name}.pem", folder / f"{name}.key"
 
 
@@ -331,9 +432,11 @@ def test_tls_with_a_ca_and_client_certificates(tmp_path: Path) -> None:
     server = make_leaf(pki, "server", ca, "serverAuth", "IP:127.0.0.1,DNS:localhost")
     client = make_leaf(pki, "busd", ca, "clientAuth")
     stranger = make_leaf(pki, "stranger", other_ca, "clientAuth")
-    conf = ("tls {\n"
-            f'  cert_file: "{server[0]}"\n  key_file: "{server[1]}"\n'
-            f'  ca_file: "{ca[0]}"\n  verify: true\n  timeout: 2\n}}\n')
+    conf = (
+        "tls {\n"
+        f'  cert_file: "{server[0]}"\n  key_file: "{server[1]}"\n'
+        f'  ca_file: "{ca[0]}"\n  verify: true\n  timeout: 2\n}}\n'
+    )
     tls = {"tls_ca": str(ca[0]), "tls_cert": str(client[0]), "tls_key": str(client[1])}
     with auth_bus(tmp_path, conf, scheme="tls") as bus:
         commits_one_event(bus, tls, "tls-1")
@@ -345,11 +448,15 @@ def test_tls_with_a_ca_and_client_certificates(tmp_path: Path) -> None:
         bus.cluster_url = f"tls://127.0.0.1:{bus.server.port}"
 
         refused(bus, {"tls_ca": str(ca[0])}, expect="TLS refused")  # no client certificate
-        refused(bus, {**tls, "tls_cert": str(stranger[0]), "tls_key": str(stranger[1])},
-                expect="TLS refused")  # a certificate from a CA the server does not trust
+        refused(
+            bus,
+            {**tls, "tls_cert": str(stranger[0]), "tls_key": str(stranger[1])},
+            expect="TLS refused",
+        )  # a certificate from a CA the server does not trust
         refused(bus, {**tls, "tls_ca": str(other_ca[0])}, expect="not trusted")
-        refused(bus, {"tls_cert": str(client[0]), "tls_key": str(client[1])},
-                expect="not trusted")  # the system's CAs do not know the test CA
+        refused(
+            bus, {"tls_cert": str(client[0]), "tls_key": str(client[1])}, expect="not trusted"
+        )  # the system's CAs do not know the test CA
 
         bad_config(bus, {**tls, "tls_ca": str(pki / "missing.pem")}, key="nats.tls_ca")
         bad_config(bus, {**tls, "tls_key": str(pki / "missing.key")}, key="nats.tls_key")
@@ -357,8 +464,20 @@ def test_tls_with_a_ca_and_client_certificates(tmp_path: Path) -> None:
         # a certificate with another's key: caught when loading, before any connection
         bad_config(bus, {**tls, "tls_key": str(stranger[1])}, key="nats.tls_cert/nats.tls_key")
         # an encrypted key is refused, not prompted for on a terminal
-        openssl("pkey", "-in", "busd.key", "-aes256", "-passout", "pass:secret",
-                "-out", "busd-encrypted.key", cwd=pki)
-        line = bad_config(bus, {**tls, "tls_key": str(pki / "busd-encrypted.key")},
-                          key="nats.tls_cert/nats.tls_key")
+        openssl(
+            "pkey",
+            "-in",
+            "busd.key",
+            "-aes256",
+            "-passout",
+            "pass:secret",
+            "-out",
+            "busd-encrypted.key",
+            cwd=pki,
+        )
+        line = bad_config(
+            bus,
+            {**tls, "tls_key": str(pki / "busd-encrypted.key")},
+            key="nats.tls_cert/nats.tls_key",
+        )
         assert "encrypted" in line, line

@@ -35,8 +35,11 @@ BUSD_HASH = "$2b$10$mQij1UGhrC/qtXisp1ycF.N4ds7fqnEsd.HYCWg9hZtnQFtCsZEXC"
 LAB_PASSWORD = "lab-test-password"
 BACKTEST_PASSWORD = "backtest-test-password"
 # each user's inbox prefix, as the file's comments tell clients to connect
-INBOX_PREFIX = {"busd": "_INBOX_busd", "lab-simulation": "_INBOX_lab-simulation",
-                "lab-backtest": "_INBOX_lab-backtest"}
+INBOX_PREFIX = {
+    "busd": "_INBOX_busd",
+    "lab-simulation": "_INBOX_lab-simulation",
+    "lab-backtest": "_INBOX_lab-backtest",
+}
 SYS_PASSWORD = "sys-test-password"
 SECRETS = {
     "NATS_BUSD_PASSWORD": f'"{BUSD_HASH}"',
@@ -75,9 +78,12 @@ def second_producer(text: str) -> str:
     """The file's producer entry copied for lab.backtest, as its comment says to."""
     start = text.index("      {\n        user: lab-simulation")
     end = text.index("\n      }\n", start) + len("\n      }\n")
-    entry = (text[start:end].replace("lab.simulation", "lab.backtest")
-             .replace("lab-simulation", "lab-backtest")
-             .replace("$NATS_LAB_SIMULATION_PASSWORD", f'"{BACKTEST_PASSWORD}"'))
+    entry = (
+        text[start:end]
+        .replace("lab.simulation", "lab.backtest")
+        .replace("lab-simulation", "lab-backtest")
+        .replace("$NATS_LAB_SIMULATION_PASSWORD", f'"{BACKTEST_PASSWORD}"')
+    )
     return text[:end] + entry + text[end:]
 
 
@@ -105,8 +111,12 @@ def running_server(tmp_path: Path, *, two_producers: bool = False) -> Iterator[S
     conf = local_copy(tmp_path, port, http_port, two_producers=two_producers)
     log_path = tmp_path / "nats.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)],
-                                env=server_env(**SECRETS), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [nats_server_binary(), "-c", str(conf)],
+            env=server_env(**SECRETS),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 30
             while "Server is ready" not in log_path.read_text():
@@ -148,9 +158,15 @@ class Session:
         nc = Client()
         # Kept before connecting: a refused connection still has a socket to close.
         self.clients.append(nc)
-        await nc.connect(self.url, user=user, password=password, error_cb=on_error,
-                         allow_reconnect=False, connect_timeout=5,
-                         inbox_prefix=INBOX_PREFIX.get(user, "_INBOX"))
+        await nc.connect(
+            self.url,
+            user=user,
+            password=password,
+            error_cb=on_error,
+            allow_reconnect=False,
+            connect_timeout=5,
+            inbox_prefix=INBOX_PREFIX.get(user, "_INBOX"),
+        )
         return nc
 
     async def close(self) -> None:
@@ -159,8 +175,7 @@ class Session:
                 await nc.close()
 
     def denied(self, what: str) -> bool:
-        return any("permissions violation" in e and what.lower() in e.lower()
-                   for e in self.errors)
+        return any("permissions violation" in e and what.lower() in e.lower() for e in self.errors)
 
 
 def run(server: Server, body: Callable[[Session], Awaitable[None]]) -> Session:
@@ -178,8 +193,14 @@ def run(server: Server, body: Callable[[Session], Awaitable[None]]) -> Session:
 async def declare_stream(busd: Client) -> None:
     """What `busd init` declares (docs/reference/nats.md), as user busd."""
     js = busd.jetstream()
-    config = StreamConfig(name="ARTIFACTS", subjects=["artifacts.>"], storage=StorageType.FILE,
-                          deny_delete=True, deny_purge=True, duplicate_window=3600.0)
+    config = StreamConfig(
+        name="ARTIFACTS",
+        subjects=["artifacts.>"],
+        storage=StorageType.FILE,
+        deny_delete=True,
+        deny_purge=True,
+        duplicate_window=3600.0,
+    )
     try:
         await js.add_stream(config)
     except nats.js.errors.BadRequestError:
@@ -193,8 +214,9 @@ async def one_event_stored(s: Session, msg_id: str) -> tuple[Client, int]:
     busd = await s.connect("busd", BUSD_PASSWORD)
     await declare_stream(busd)
     producer = await s.connect("lab-simulation", LAB_PASSWORD)
-    await producer.jetstream().publish("artifacts.lab.simulation", b"{}",
-                                       headers={"Nats-Msg-Id": msg_id})
+    await producer.jetstream().publish(
+        "artifacts.lab.simulation", b"{}", headers={"Nats-Msg-Id": msg_id}
+    )
     return busd, (await busd.jetstream().stream_info("ARTIFACTS")).state.messages
 
 
@@ -205,14 +227,25 @@ async def expect_no_reply(nc: Client, subject: str) -> None:
 
 def test_file_is_valid_and_needs_every_secret(tmp_path: Path) -> None:
     conf = local_copy(tmp_path, free_port(), free_port())
-    ok = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)], env=server_env(**SECRETS),
-                        capture_output=True, text=True, timeout=30, check=False)
+    ok = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(conf)],
+        env=server_env(**SECRETS),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     for name in SECRETS:
         partial = {k: v for k, v in SECRETS.items() if k != name}
-        missing = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)],
-                                 env=server_env(**partial), capture_output=True, text=True,
-                                 timeout=30, check=False)
+        missing = subprocess.run(
+            [nats_server_binary(), "-t", "-c", str(conf)],
+            env=server_env(**partial),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert missing.returncode != 0
         assert name in missing.stderr
 
@@ -235,8 +268,10 @@ def test_busd_manages_and_consumes_the_stream(server: Server) -> None:
         producer = await s.connect("lab-simulation", LAB_PASSWORD)
         await declare_stream(busd)
         ack = await producer.jetstream().publish(
-            "artifacts.lab.simulation", b'{"schema_version": 1}',
-            headers={"Nats-Msg-Id": "consume-1"})
+            "artifacts.lab.simulation",
+            b'{"schema_version": 1}',
+            headers={"Nats-Msg-Id": "consume-1"},
+        )
         js = busd.jetstream()
         pull = await js.pull_subscribe_bind("busd", "ARTIFACTS")
         msgs = await pull.fetch(1, timeout=5)
@@ -252,8 +287,11 @@ def test_busd_manages_and_consumes_the_stream(server: Server) -> None:
 def test_busd_cannot_delete_or_purge_history(server: Server) -> None:
     async def body(s: Session) -> None:
         busd, before = await one_event_stored(s, "history-1")
-        for subject in ("$JS.API.STREAM.DELETE.ARTIFACTS", "$JS.API.STREAM.PURGE.ARTIFACTS",
-                        "$JS.API.STREAM.MSG.DELETE.ARTIFACTS"):
+        for subject in (
+            "$JS.API.STREAM.DELETE.ARTIFACTS",
+            "$JS.API.STREAM.PURGE.ARTIFACTS",
+            "$JS.API.STREAM.MSG.DELETE.ARTIFACTS",
+        ):
             await expect_no_reply(busd, subject)
         after = (await busd.jetstream().stream_info("ARTIFACTS")).state.messages
         assert after == before > 0
@@ -298,8 +336,9 @@ def test_producer_cannot_read_the_stream(server: Server) -> None:
         producer = await s.connect("lab-simulation", LAB_PASSWORD)
         sub = await producer.subscribe("artifacts.>")
         await producer.flush()
-        await producer.jetstream().publish("artifacts.lab.simulation", b"{}",
-                                           headers={"Nats-Msg-Id": "read-1"})
+        await producer.jetstream().publish(
+            "artifacts.lab.simulation", b"{}", headers={"Nats-Msg-Id": "read-1"}
+        )
         with pytest.raises(nats.errors.TimeoutError):
             await sub.next_msg(timeout=DENIED_S)
 
@@ -310,10 +349,14 @@ def test_producer_has_no_jetstream_api(server: Server) -> None:
     async def body(s: Session) -> None:
         busd, before = await one_event_stored(s, "api-1")
         producer = await s.connect("lab-simulation", LAB_PASSWORD)
-        for subject in ("$JS.API.STREAM.INFO.ARTIFACTS", "$JS.API.STREAM.PURGE.ARTIFACTS",
-                        "$JS.API.STREAM.DELETE.ARTIFACTS", "$JS.API.STREAM.MSG.DELETE.ARTIFACTS",
-                        "$JS.API.CONSUMER.DELETE.ARTIFACTS.busd",
-                        "$JS.API.CONSUMER.MSG.NEXT.ARTIFACTS.busd"):
+        for subject in (
+            "$JS.API.STREAM.INFO.ARTIFACTS",
+            "$JS.API.STREAM.PURGE.ARTIFACTS",
+            "$JS.API.STREAM.DELETE.ARTIFACTS",
+            "$JS.API.STREAM.MSG.DELETE.ARTIFACTS",
+            "$JS.API.CONSUMER.DELETE.ARTIFACTS.busd",
+            "$JS.API.CONSUMER.MSG.NEXT.ARTIFACTS.busd",
+        ):
             await expect_no_reply(producer, subject)
         assert (await busd.jetstream().stream_info("ARTIFACTS")).state.messages == before
         await busd.jetstream().consumer_info("ARTIFACTS", "busd")
@@ -342,10 +385,10 @@ def test_system_account_answers_server_requests(server: Server) -> None:
     run(server, body)
 
 
-def test_producer_sees_neither_busd_deliveries_nor_another_producers_events(
-        tmp_path: Path) -> None:
+def test_producer_sees_neither_busd_deliveries_nor_another_producers_events(tmp_path: Path) -> None:
     """The security hole of issue 14: with `_INBOX.>` open to every user, a producer read every
     event busd pulled. Now busd's inboxes are its own and each producer has only its own."""
+
     async def body(s: Session) -> None:
         busd = await s.connect("busd", BUSD_PASSWORD)
         await declare_stream(busd)
@@ -353,13 +396,15 @@ def test_producer_sees_neither_busd_deliveries_nor_another_producers_events(
         backtest = await s.connect("lab-backtest", BACKTEST_PASSWORD)
         # what the producer may subscribe to: its own inboxes; everything else is refused
         own = await simulation.subscribe("_INBOX_lab-simulation.>")
-        spies = [await simulation.subscribe(subject) for subject in
-                 ("_INBOX_busd.>", "_INBOX.>", ">", "artifacts.lab.backtest", "$JS.ACK.>")]
+        spies = [
+            await simulation.subscribe(subject)
+            for subject in ("_INBOX_busd.>", "_INBOX.>", ">", "artifacts.lab.backtest", "$JS.ACK.>")
+        ]
         await simulation.flush()
         # another producer stores an event with its PubAck; busd pulls it on its inbox
         ack = await backtest.jetstream().publish(
-            "artifacts.lab.backtest", b'{"secret": "backtest"}',
-            headers={"Nats-Msg-Id": "spy-1"})
+            "artifacts.lab.backtest", b'{"secret": "backtest"}', headers={"Nats-Msg-Id": "spy-1"}
+        )
         pull = await busd.jetstream().pull_subscribe_bind("busd", "ARTIFACTS")
         msgs = await pull.fetch(1, timeout=5)
         assert msgs[0].metadata.sequence.stream == ack.seq
@@ -372,7 +417,8 @@ def test_producer_sees_neither_busd_deliveries_nor_another_producers_events(
                 await sub.next_msg(timeout=DENIED_S)
         # its own PubAcks still come back on its own prefix
         mine = await simulation.jetstream().publish(
-            "artifacts.lab.simulation", b"{}", headers={"Nats-Msg-Id": "spy-2"})
+            "artifacts.lab.simulation", b"{}", headers={"Nats-Msg-Id": "spy-2"}
+        )
         assert mine.seq == ack.seq + 1
 
     with running_server(tmp_path, two_producers=True) as server:
@@ -383,6 +429,7 @@ def test_producer_sees_neither_busd_deliveries_nor_another_producers_events(
 
 def test_busd_cannot_use_the_common_inbox(server: Server) -> None:
     """busd itself is held to its private prefix: a client left on `_INBOX` gets nothing."""
+
     async def body(s: Session) -> None:
         busd = await s.connect("busd", BUSD_PASSWORD)
         sub = await busd.subscribe("_INBOX.>")
@@ -409,29 +456,61 @@ def test_real_busd_works_within_these_permissions(tmp_path: Path) -> None:
             f'data_dir = "{tmp_path / "data"}"\n'
             f'artifact_roots = ["{artifacts}"]\n'
             f'[nats]\nurl = "{server.url}"\nuser = "busd"\n'
-            '[consumer]\nbatch_wait_ms = 50\n'
-            '[ha]\nenabled = true\nlease_ttl_s = 5\n'
-            '[metrics]\nlisten = ""\n', encoding="utf-8")
+            "[consumer]\nbatch_wait_ms = 50\n"
+            "[ha]\nenabled = true\nlease_ttl_s = 5\n"
+            '[metrics]\nlisten = ""\n',
+            encoding="utf-8",
+        )
         busd_env = server_env(BUSD_NATS_PASSWORD=BUSD_PASSWORD)
-        producer_env = server_env(BUSD_NATS_USER="lab-simulation",
-                                  BUSD_NATS_PASSWORD=LAB_PASSWORD,
-                                  BUSD_NATS_INBOX_PREFIX="_INBOX_lab-simulation")
+        producer_env = server_env(
+            BUSD_NATS_USER="lab-simulation",
+            BUSD_NATS_PASSWORD=LAB_PASSWORD,
+            BUSD_NATS_INBOX_PREFIX="_INBOX_lab-simulation",
+        )
         busd = [sys.executable, "-m", "busd"]
 
-        init = subprocess.run([*busd, "init", "--config", str(config)], env=busd_env,
-                              capture_output=True, text=True, timeout=60, check=False)
+        init = subprocess.run(
+            [*busd, "init", "--config", str(config)],
+            env=busd_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert init.returncode == 0, init.stderr
 
         log_path = tmp_path / "serve.log"
         with log_path.open("w") as log:
-            serve = subprocess.Popen([*busd, "serve", "--config", str(config)], env=busd_env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+            serve = subprocess.Popen(
+                [*busd, "serve", "--config", str(config)],
+                env=busd_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
             try:
                 submit = subprocess.run(
-                    [*busd, "submit", "--config", str(config), "--run-id", "perm-1",
-                     "--kind", "simulation", "--producer", "lab.simulation", "--wait",
-                     "--timeout", "60", f"fills={fills}"],
-                    env=producer_env, capture_output=True, text=True, timeout=90, check=False)
+                    [
+                        *busd,
+                        "submit",
+                        "--config",
+                        str(config),
+                        "--run-id",
+                        "perm-1",
+                        "--kind",
+                        "simulation",
+                        "--producer",
+                        "lab.simulation",
+                        "--wait",
+                        "--timeout",
+                        "60",
+                        f"fills={fills}",
+                    ],
+                    env=producer_env,
+                    capture_output=True,
+                    text=True,
+                    timeout=90,
+                    check=False,
+                )
                 assert submit.returncode == 0, submit.stderr + log_path.read_text()
                 assert json.loads(submit.stdout)["outcome"] == "committed", submit.stdout
                 assert lease_holder(server) != b"", "the HA lease is not in KV"
@@ -444,6 +523,7 @@ def test_real_busd_works_within_these_permissions(tmp_path: Path) -> None:
 
 def lease_holder(server: Server) -> bytes:
     """The value of busd's HA lease key (busd_leases/busd), read as user busd."""
+
     async def go() -> bytes:
         session = Session(server.url)
         try:
@@ -454,4 +534,3 @@ def lease_holder(server: Server) -> bytes:
             await session.close()
 
     return asyncio.run(go())
-

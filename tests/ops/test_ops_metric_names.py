@@ -24,7 +24,7 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 # Metrics deliberately not on the dashboard, with the reason.
 NOT_ON_DASHBOARD = {
-    "busd_up": "Prometheus' own up{job=\"busd\"} says the same, and BusdDown alerts on it",
+    "busd_up": 'Prometheus\' own up{job="busd"} says the same, and BusdDown alerts on it',
 }
 
 
@@ -51,8 +51,17 @@ def test_each_panel_query_uses_known_metrics() -> None:
 
 def test_dashboard_shows_every_metric() -> None:
     used = {name for query in dashboard_queries() for name in metric_names_in(query.expr)}
-    bases = {next((n[: -len(s)] for s in HISTOGRAM_SUFFIXES
-                   if n.endswith(s) and n[: -len(s)] in METRIC_NAMES), n) for n in used}
+    bases = {
+        next(
+            (
+                n[: -len(s)]
+                for s in HISTOGRAM_SUFFIXES
+                if n.endswith(s) and n[: -len(s)] in METRIC_NAMES
+            ),
+            n,
+        )
+        for n in used
+    }
     missing = sorted(set(METRIC_NAMES) - bases - set(NOT_ON_DASHBOARD))
     assert not missing, f"metrics with no panel on ops/grafana/busd.json: {missing}"
 

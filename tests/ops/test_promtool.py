@@ -38,8 +38,11 @@ def test_rules_unit_tests_pass(promtool: str) -> None:
 def test_every_alert_has_a_unit_test() -> None:
     rules = RULES.read_text(encoding="utf-8")
     tests = RULES_TEST.read_text(encoding="utf-8")
-    alerts = [line.split(":", 1)[1].strip() for line in rules.splitlines()
-              if line.strip().startswith("- alert:")]
+    alerts = [
+        line.split(":", 1)[1].strip()
+        for line in rules.splitlines()
+        if line.strip().startswith("- alert:")
+    ]
     assert len(alerts) == 8
     for alert in alerts:
         # Shown firing (an exp_alerts list with labels) and not firing (an empty list).
@@ -61,8 +64,10 @@ def test_dashboard_queries_parse(promtool: str, tmp_path: Path) -> None:
     lines = ["groups:", "  - name: dashboard", "    rules:"]
     for i, query in enumerate(queries):
         assert "$" not in query.promql, f"unsubstituted Grafana variable in {query}"
-        lines += [f"      - record: dashboard:query_{i}",
-                  "        expr: '" + query.promql.replace("'", "''") + "'"]
+        lines += [
+            f"      - record: dashboard:query_{i}",
+            "        expr: '" + query.promql.replace("'", "''") + "'",
+        ]
     path = tmp_path / "dashboard.rules.yml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     done = run([promtool, "check", "rules", str(path)], tmp_path)
@@ -88,8 +93,9 @@ def test_every_alert_has_a_runbook_section() -> None:
         if found and alert is not None:
             urls[alert] = found.group(1)
     runbook = RUNBOOK.read_text(encoding="utf-8")
-    anchors = {github_anchor(line.lstrip("#")) for line in runbook.splitlines()
-               if line.startswith("#")}
+    anchors = {
+        github_anchor(line.lstrip("#")) for line in runbook.splitlines() if line.startswith("#")
+    }
     assert len(urls) == 8
     for alert, url in urls.items():
         path, _, anchor = url.partition("#")

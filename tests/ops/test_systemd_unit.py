@@ -122,8 +122,13 @@ def test_example_config_loads_with_the_units_environment(unit: Unit) -> None:
 def test_exec_start_matches_the_cli(unit: Unit) -> None:
     args = one(unit, "Service", "ExecStart").split()[1:]
     assert args[:2] == ["serve", "--config"]
-    done = subprocess.run([sys.executable, "-m", "busd", "serve", "--help"], capture_output=True,
-                          text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "busd", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "--config" in done.stdout
 
@@ -170,8 +175,13 @@ def verifiable_copy(tmp_path: Path) -> Path:
 
 def test_systemd_analyze_verify(systemd_analyze: str, tmp_path: Path) -> None:
     copy = verifiable_copy(tmp_path)
-    done = subprocess.run([systemd_analyze, "verify", str(copy)], capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        [systemd_analyze, "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     # An unknown key or a bad value is only a warning (exit 0): any output is a failure.
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "" and done.stderr.strip() == "", done.stdout + done.stderr
@@ -179,8 +189,13 @@ def test_systemd_analyze_verify(systemd_analyze: str, tmp_path: Path) -> None:
 
 def test_systemd_analyze_security_exposure(systemd_analyze: str, tmp_path: Path) -> None:
     copy = verifiable_copy(tmp_path)
-    done = subprocess.run([systemd_analyze, "security", "--offline=yes", "--no-pager",
-                           str(copy)], capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [systemd_analyze, "security", "--offline=yes", "--no-pager", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     found = re.search(r"Overall exposure level for busd\.service: ([0-9.]+)", done.stdout)
     assert found, done.stdout + done.stderr
     # 0 is a perfect sandbox, 10 none; a Python daemon that talks TCP lands near 1.5.
