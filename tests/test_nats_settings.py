@@ -530,3 +530,22 @@ def test_nats_settings_defaults_are_the_documented_ones() -> None:
     assert source.api_prefix(n) == "$JS.API"
     assert source.api_prefix(NatsSettings(js_domain="hub")) == "$JS.hub.API"
     assert source.api_prefix(NatsSettings(js_api_prefix="JS.acc.API")) == "JS.acc.API"
+
+
+# ---- 6. `busd --context NAME`: the flag picks the context, as in the nats CLI ----------------
+
+
+def test_context_flag(tmp_path: Path, nats_server: EmbeddedServer) -> None:
+    bus = bare_bus(tmp_path, nats_server)
+    home = tmp_path / "home"
+    write_context(home / ".config" / "nats", "lab", url=bus.url, inbox_prefix="_INBOX_lab")
+    write_context(home / ".config" / "nats", "elsewhere", url="nats://127.0.0.1:1")
+    select(home / ".config" / "nats", "elsewhere")
+    env = {"HOME": str(home), "BUSD_ARTIFACT_ROOTS": str(bus.artifacts), "BUSD_METRICS_LISTEN": ""}
+    init = run_busd(bus, "--context", "lab", "init", env=env, timeout=60)
+    assert init.returncode == 0, init.stderr
+    assert streams_on(bus.url) == ["ARTIFACTS"]
+    missing = run_busd(bus, "--context", "nope", "init", env=env, timeout=60)
+    assert missing.returncode == 2, missing.stderr
+    assert "nats context 'nope'" in missing.stderr
+    assert "no such context" in missing.stderr

@@ -63,7 +63,7 @@ class LeanPull:
 
     def __init__(self, nc: Any, stream: str, durable: str) -> None:
         self.nc = nc
-        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.next_subject = f"{source.js_api_prefix(nc)}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = nc.new_inbox()
         self.buf: list[Any] = []
         self.want = 0

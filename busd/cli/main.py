@@ -15,7 +15,7 @@ import typer
 
 from busd import __version__
 from busd import events as ev
-from busd.cli.options import ConfigOpt, JsonOpt, guarded, settings
+from busd.cli.options import ConfigOpt, JsonOpt, choose_context, guarded, settings
 from busd.errors import BusdError, ConfigError, ExitCode, InvalidEvent
 from busd.sql import quote_ident, sql_str
 
@@ -50,7 +50,16 @@ def versions() -> str:
 def _root(
     ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="Show the versions.")] = False,
+    context: Annotated[
+        str | None,
+        typer.Option(
+            "--context",
+            help="The nats CLI context to use (else NATS_CONTEXT, nats.context, the "
+            "selected one); busd.toml and the environment override its settings.",
+        ),
+    ] = None,
 ) -> None:
+    choose_context(context)
     if version:
         typer.echo(versions())
         raise typer.Exit(0)

@@ -51,9 +51,26 @@ def guarded(fn: F) -> F:
 
 
 def settings(path: str | None, **overrides: Any) -> config.Settings:
+    chosen = context_flag()
+    if chosen:  # `busd --context NAME ...`: a flag, above every other choice of context
+        overrides = {**overrides, "nats": {**overrides.get("nats", {}), "context": chosen}}
     s = config.load(path, overrides=overrides or None)
     log.configure(s.log_format)
     return s
+
+
+_CONTEXT_FLAG: dict[str, str] = {}  # one command per process: the root's --context
+
+
+def choose_context(name: str | None) -> None:
+    """``busd --context NAME <command>``: the nats CLI context to use (docs/nats-clients.md)."""
+    _CONTEXT_FLAG.clear()
+    if name:
+        _CONTEXT_FLAG["name"] = name
+
+
+def context_flag() -> str | None:
+    return _CONTEXT_FLAG.get("name")
 
 
 @contextlib.asynccontextmanager
