@@ -18,7 +18,7 @@ import duckdb
 
 from busd.config import Settings
 from busd.errors import BusdError
-from busd.exports import file_problem
+from busd.exports.files import file_problem
 from busd.manifest import read_manifest, reader_sql
 from busd.migrate import parquet_files, scan_roots
 

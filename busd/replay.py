@@ -22,12 +22,14 @@ from typing import Any
 import duckdb
 
 from busd import source
-from busd.catalog import COMPARED, Catalog
+from busd.catalog import Catalog
+from busd.catalog.schema import COMPARED
 from busd.config import Settings
 from busd.daemon.answers import poison_of
 from busd.durable import fsync_dir, fsync_path
 from busd.errors import BusdError, CatalogLocked
-from busd.exports import Exporter, file_problem
+from busd.exports import Exporter
+from busd.exports.files import file_problem
 from busd.fold import Folder
 from busd.manifest import read_manifest, reader_sql
 from busd.model import Changed, Claim, Known, Sibling

@@ -471,7 +471,7 @@ def catalog() -> str:
     for table, column, kind in rows:
         tables.setdefault(table, []).append((column, kind))
     lines = [
-        header("a freshly migrated catalog (busd/catalog.py)"),
+        header("a freshly migrated catalog (busd/catalog/)"),
         "# Catalog tables\n\n",
         "The DuckDB catalog `data/catalog.duckdb`, schema `catalog`, created and migrated "
         "by busd, its only writer. Readers use the exports or `busd query`, never the "

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from support import Bus, committed_batch, wait_for
 
-from busd.catalog import _DDL_V1, _DDL_V2, Catalog
+from busd.catalog import Catalog
+from busd.catalog.schema import DDL_V1, DDL_V2
 from busd.exports import Exporter
 from busd.manifest import read_manifest
 
@@ -91,8 +92,8 @@ def test_the_commit_count_moves_only_when_the_catalog_changes(tmp_path: Path) ->
 def test_a_version_2_catalog_migrates_and_its_exports_are_refreshed_once(tmp_path: Path) -> None:
     path = tmp_path / "v2.duckdb"
     con = duckdb.connect(str(path))
-    con.execute(_DDL_V1)
-    con.execute(_DDL_V2)
+    con.execute(DDL_V1)
+    con.execute(DDL_V2)
     con.execute("INSERT INTO catalog.meta VALUES ('schema_version', '2')")
     con.execute(
         "INSERT INTO catalog.exports_d VALUES ('runs', 'runs.parquet', 1, 10, 5, now(), 1.0)"

@@ -10,7 +10,8 @@ import duckdb
 import pyarrow.parquet as pq
 from support import Bus, committed_batch, wait_for
 
-from busd.catalog import _DDL_V1, Catalog
+from busd.catalog import Catalog
+from busd.catalog.schema import DDL_V1
 from busd.exports import Exporter
 from busd.manifest import read_manifest
 from busd.model import Changed
@@ -90,7 +91,7 @@ def test_an_empty_catalog_still_has_one_part_with_the_columns(bus: Bus) -> None:
 def test_a_version_1_catalog_gets_first_seq_from_its_log(tmp_path: Path) -> None:
     path = tmp_path / "v1.duckdb"  # a database named "catalog" would clash with the schema
     con = duckdb.connect(str(path))
-    con.execute(_DDL_V1)
+    con.execute(DDL_V1)
     con.execute("INSERT INTO catalog.meta VALUES ('schema_version', '1')")
     for seq in (7, 3, 9):
         con.execute(

@@ -45,6 +45,12 @@ def poison_of(catalog: Catalog) -> dict[int, str]:
     return {int(seq): str(detail) for seq, detail in rows}
 
 
+# the columns of a rejection as the request API and `busd rejections` show it
+_REJECTION_KEYS = (
+    "seq", "subject", "event_id", "reason", "detail", "deliveries", "published_at", "rejected_at",
+)  # fmt: skip
+
+
 def list_rejections(
     catalog: Catalog,
     *,
@@ -70,18 +76,7 @@ def list_rejections(
         "ORDER BY r.seq LIMIT ?",
         [*params, limit],
     ).fetchall()
-    keys = (
-        "seq",
-        "subject",
-        "event_id",
-        "reason",
-        "detail",
-        "deliveries",
-        "published_at",
-        "rejected_at",
-        "producer",
-    )
-    return [dict(zip(keys, _plain(r), strict=True)) for r in rows]
+    return [dict(zip((*_REJECTION_KEYS, "producer"), _plain(r), strict=True)) for r in rows]
 
 
 def get_rejection(catalog: Catalog, seq: int) -> dict[str, Any] | None:
@@ -93,17 +88,7 @@ def get_rejection(catalog: Catalog, seq: int) -> dict[str, Any] | None:
     )
     if row is None:
         return None
-    keys = (
-        "seq",
-        "subject",
-        "event_id",
-        "reason",
-        "detail",
-        "deliveries",
-        "published_at",
-        "rejected_at",
-    )
-    out = dict(zip(keys, _plain(row[:-1]), strict=True))
+    out = dict(zip(_REJECTION_KEYS, _plain(row[:-1]), strict=True))
     payload = bytes(row[-1])
     out["payload"] = payload.decode("utf-8", errors="replace")
     out["payload_hex"] = None if _is_utf8(payload) else payload.hex()

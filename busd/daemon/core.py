@@ -41,7 +41,7 @@ from busd.errors import (
 from busd.exports import Exporter
 from busd.fold import Folder
 from busd.ha.backfill import Backfill
-from busd.ha.follower import Follower, follow_until_leader
+from busd.ha.follower import Follower, stand_by
 from busd.ha.lease import Lease
 from busd.inflight import Ledger
 from busd.metrics import Metrics, MetricsServer
@@ -56,7 +56,7 @@ T = TypeVar("T")
 class Stats:
     outcomes: Counter[str] = field(default_factory=Counter)
     batches: int = 0
-    exports: int = 0
+    exports: int = 0  # export refreshes (the publisher counts them)
 
 
 class Daemon:
@@ -268,9 +268,12 @@ class Daemon:
                 await self.close()
         if self._fatal is not None:
             raise self._fatal
-        exports = self.publisher.refreshes if self.publisher is not None else 0
+        self.stats.exports = self.publisher.refreshes if self.publisher is not None else 0
         self.log.info(
-            "busd stopped", batches=self.stats.batches, exports=exports, **dict(self.stats.outcomes)
+            "busd stopped",
+            batches=self.stats.batches,
+            exports=self.stats.exports,
+            **dict(self.stats.outcomes),
         )
         return self.stats
 
@@ -304,27 +307,16 @@ class Daemon:
         self.notify.status("standby")
         self.log.info("standby: following the stream", holder=await self.lease.holder())
         assert self.catalog is not None and self.folder is not None and self.store is not None
-        follower = Follower(
-            self.settings, self.nc, self.store, self._commit_rows, self.folder.checker
-        )
-        await follower.start(await self._on_writer(self.catalog.catalog_seq))
-        try:
-            async with anyio.create_task_group() as pings:  # never waiting for a batch
-                pings.start_soon(self._ping_while_standby)
-                leader = await follow_until_leader(
-                    self.lease,
-                    follower,
-                    self.publisher.refresh_changed,
-                    self._alive,
-                    lambda: self.stopping,
-                )
-                pings.cancel_scope.cancel()
-        finally:
-            await follower.stop()
-        if leader:
+        after_seq = await self._on_writer(self.catalog.catalog_seq)
+        quarantined = await stand_by(
+            Follower(self.settings, self.nc, self.store, self._commit_rows, self.folder.checker),
+            after_seq, self.lease, self.publisher.refresh_changed, self._alive,
+            min(1.0, self._ping_every_s), lambda: self.stopping,
+        )  # fmt: skip
+        if quarantined is not None:
             self._set_active(True)
             self.log.warning("took over the lease: active now", instance=self.lease.me)
-            await self._start_backfill(follower.folder.quarantined)
+            await self._start_backfill(quarantined)
 
     async def _start_backfill(self, quarantined: dict[int, str] | None = None) -> None:
         assert self.catalog is not None and self.folder is not None
@@ -424,11 +416,6 @@ class Daemon:
         await source.redeclare_consumer(self.nc, self.settings)
         assert self.src is not None
         self.src.reset()
-
-    async def _ping_while_standby(self) -> None:
-        while True:
-            await anyio.sleep(min(1.0, self._ping_every_s))
-            self._alive()
 
     def _alive(self) -> None:
         """Ping systemd's watchdog at most once per half watchdog period, from the follow

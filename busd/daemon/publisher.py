@@ -131,7 +131,7 @@ class Publisher:
             raise
         self.refreshes += 1
         self.progress()
-        self.metrics.artifacts_missing.set(self.exporter.missing_count)
+        self.metrics.artifacts_missing.set(self.exporter.files.missing_count)
         self._last_refresh_s = sum(r.duration_s for r in results)
         stamp = time.time()
         for r in results:
@@ -151,16 +151,16 @@ class Publisher:
         while True:
             await anyio.sleep(1.0)
             await self.record_when_idle(committing())
-            if not self.exporter.sweep_due() or self._lock.locked():
+            if not self.exporter.files.sweep_due() or self._lock.locked():
                 continue
             try:
                 async with self._lock:
-                    await self.on_exporter(self.exporter.sweep)
+                    await self.on_exporter(self.exporter.files.sweep)
             except FatalStorageError:
                 raise
             except StorageError as exc:
                 self.log.warning("could not check the artifact files", error=str(exc))
-            self.metrics.artifacts_missing.set(self.exporter.missing_count)
+            self.metrics.artifacts_missing.set(self.exporter.files.missing_count)
 
     async def record_when_idle(self, committing: bool) -> None:
         """exports_d rows on their own transaction when no batch commit carries them."""

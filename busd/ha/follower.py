@@ -12,6 +12,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import anyio
+
 from busd import model, source
 from busd.checker import Checker
 from busd.config import Settings
@@ -147,3 +149,32 @@ async def follow_until_leader(
             if await lease.acquire():
                 return True
     return False
+
+
+async def stand_by(
+    follower: Follower,
+    after_seq: int,
+    lease: Lease,
+    refresh: Callable[[set[str]], Awaitable[None]],
+    alive: Callable[[], None],
+    ping_every_s: float,
+    stopping: Callable[[], bool],
+) -> dict[int, str] | None:
+    """Follow from ``after_seq`` as a standby until the lease is ours: the poison decisions
+    the follower carries over, or None when stopped first. The watchdog is pinged from a
+    task of its own, so a slow batch or refresh never starves it."""
+
+    async def ping() -> None:
+        while True:
+            await anyio.sleep(ping_every_s)
+            alive()
+
+    await follower.start(after_seq)
+    try:
+        async with anyio.create_task_group() as pings:
+            pings.start_soon(ping)
+            leader = await follow_until_leader(lease, follower, refresh, alive, stopping)
+            pings.cancel_scope.cancel()
+    finally:
+        await follower.stop()
+    return follower.folder.quarantined if leader else None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -27,169 +26,34 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import msgspec
-
-from busd import faults, log
-from busd.errors import FileNotYetThere, FileUnavailable, InvalidEvent, Reason, TransientError
+from busd import log
+from busd.checker.wire import (
+    HEADER,
+    Answer,
+    Request,
+    Result,
+    answer_decoder,
+    check_one,
+    encoder,
+    frame,
+    from_wire,
+    timed_out,
+    with_meta,
+)
+from busd.errors import FileUnavailable, InvalidEvent, Reason, TransientError
 from busd.model import Artifact
-from busd.validate import CheckedArtifact, ChecksumPolicy, check_artifacts
-
-Result = list[CheckedArtifact] | InvalidEvent | FileUnavailable
+from busd.validate import ChecksumPolicy
 
 _CHUNK_MIN = 32  # events per worker request, at least (a request costs ~0.1 ms)
-_HEADER = 4  # bytes of length before each message
-_FLUSH_S = 0.1  # a worker sends what it has checked at least this often, while it checks
 _START_S = 30.0  # a fresh worker imports pyarrow, then says it is ready
 _KILL_WAIT_S = 5.0  # a killed worker stuck in the kernel is left behind after this
-
-
-def check_one(
-    artifacts: Sequence[Artifact],
-    roots: Sequence[Path],
-    checksum: ChecksumPolicy,
-    settle_s: float = 0.0,
-) -> Result:
-    """One event's artifacts, or why they fail (permanently, for now, or by the machine)."""
-    try:
-        return check_artifacts(artifacts, roots, checksum, settle_s)
-    except (InvalidEvent, FileUnavailable) as exc:
-        return exc
-    except (OSError, MemoryError) as exc:  # the machine, not the file: check again later
-        return FileUnavailable(f"could not be checked: {type(exc).__name__}: {exc}")
-    except (ValueError, RuntimeError) as exc:  # odd paths
-        return InvalidEvent(
-            Reason.NOT_PARQUET, f"could not be checked: {type(exc).__name__}: {exc}"
-        )
-
-
-def check_all(
-    events: Sequence[Sequence[Artifact]],
-    roots: Sequence[Path],
-    checksum: ChecksumPolicy,
-    settle_s: float = 0.0,
-) -> list[Result]:
-    """Check each event's artifacts; an event's result is its artifacts or why it failed."""
-    return [check_one(artifacts, roots, checksum, settle_s) for artifacts in events]
-
-
-# ---- the wire: a request is (roots, checksum, settle_s, events); the answer comes in frames
-# of consecutive items, one item per event, sent as the checks go (a silent worker is stuck)
-class _Request(msgspec.Struct, array_like=True):
-    roots: list[str]
-    checksum: str
-    settle_s: float
-    events: list[list[Artifact]]
-
-
-_INVALID, _WAIT, _UNAVAILABLE = 0, 1, 2  # kinds of failure: final, retried until file_wait_s,
-# or the machine's (checked again later)
-
-
-class _Failed(msgspec.Struct, array_like=True, tag=True):
-    kind: int
-    reason: str
-    detail: str
-
-
-class _Checked(msgspec.Struct, array_like=True, tag=True):
-    artifacts: list[CheckedArtifact]
-
-
-_Answer = _Checked | _Failed
-_encoder = msgspec.msgpack.Encoder()
-_request_decoder = msgspec.msgpack.Decoder(_Request)
-_answer_decoder = msgspec.msgpack.Decoder(list[_Answer])
-
-
-def _to_wire(result: Result) -> _Answer:
-    if isinstance(result, FileUnavailable):
-        return _Failed(_UNAVAILABLE, "", result.detail)
-    if isinstance(result, InvalidEvent):
-        kind = _WAIT if isinstance(result, FileNotYetThere) else _INVALID
-        return _Failed(kind, result.reason.value, result.detail)
-    return _Checked(result)
-
-
-def _from_wire(answer: _Answer) -> Result:
-    if isinstance(answer, _Checked):
-        return answer.artifacts
-    if answer.kind == _UNAVAILABLE:
-        return FileUnavailable(answer.detail)
-    if answer.kind == _WAIT:
-        return FileNotYetThere(answer.detail, Reason(answer.reason))
-    return InvalidEvent(Reason(answer.reason), answer.detail)
-
-
-def _with_meta(result: Result, artifacts: Sequence[Artifact]) -> Result:
-    """Put back each artifact's ``meta`` (as JSON), which workers are not sent."""
-    if not isinstance(result, list) or all(a.meta is None for a in artifacts):
-        return result
-    return [
-        msgspec.structs.replace(
-            checked, meta=None if art.meta is None else msgspec.json.encode(art.meta).decode()
-        )
-        for checked, art in zip(result, artifacts, strict=True)
-    ]
-
-
-def _timed_out(timeout_s: float) -> FileUnavailable:
-    return FileUnavailable(
-        f"checking its files took longer than {timeout_s:g}s "
-        "(verify.check_timeout_s): a stalled read?"
-    )
-
-
-def _frame(payload: bytes) -> bytes:
-    return len(payload).to_bytes(_HEADER, "little") + payload
-
-
-def worker_main() -> None:  # pragma: no cover - runs in the worker process
-    """``python -m busd.checker``: answer requests on stdin until it closes."""
-    # only stdin's end stops a worker: a Ctrl-C or a SIGTERM for the whole process group
-    # must not fail checks that busd is finishing before it exits
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    faults.hit_for("in_checker", "@start")  # tests: a worker that cannot run at all
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # anything printed by accident goes to stderr, not into the answers
-    inp = sys.stdin.buffer
-
-    def send(items: list[_Answer]) -> None:
-        out.write(_frame(_encoder.encode(items)))
-        out.flush()
-
-    send([])  # ready: imports done (the parent's timeouts start from here)
-    while True:
-        header = inp.read(_HEADER)
-        if len(header) < _HEADER:
-            return
-        req = _request_decoder.decode(inp.read(int.from_bytes(header, "little")))
-        roots = [Path(r) for r in req.roots]
-        items: list[_Answer] = []
-        sent_at = time.monotonic()
-        for artifacts in req.events:
-            items.append(
-                _to_wire(
-                    check_one(
-                        artifacts,
-                        roots,
-                        req.checksum,  # type: ignore[arg-type]
-                        req.settle_s,
-                    )
-                )
-            )
-            if time.monotonic() - sent_at >= _FLUSH_S:
-                send(items)
-                items, sent_at = [], time.monotonic()
-        if items or not req.events:
-            send(items)
 
 
 # ---- the parent side ----------------------------------------------------------------------
 class WorkerDied(Exception):
     """A worker process exited while it checked a request; ``answers`` came before."""
 
-    def __init__(self, why: str, answers: list[_Answer], *, crashed: bool = True) -> None:
+    def __init__(self, why: str, answers: list[Answer], *, crashed: bool = True) -> None:
         super().__init__(why)
         self.answers = answers
         self.crashed = crashed  # by a signal of its own faults, not killed from outside
@@ -208,7 +72,7 @@ class WorkerStalled(Exception):
     """A worker sent nothing for the check timeout (it was killed); ``answers`` came before:
     the event after them is the one whose check hung."""
 
-    def __init__(self, answers: list[_Answer]) -> None:
+    def __init__(self, answers: list[Answer]) -> None:
         super().__init__("stalled")
         self.answers = answers
 
@@ -235,7 +99,7 @@ class _Worker:
 
     @staticmethod
     async def _frame(stdout: asyncio.StreamReader) -> bytes:
-        header = await stdout.readexactly(_HEADER)
+        header = await stdout.readexactly(HEADER)
         return await stdout.readexactly(int.from_bytes(header, "little"))
 
     async def ensure(self) -> None:
@@ -249,7 +113,7 @@ class _Worker:
         timeout_s: float,
         *,
         pace: Callable[[int, float], None] | None = None,
-    ) -> list[_Answer]:
+    ) -> list[Answer]:
         """One request, its ``count`` answers; each frame of them must come within
         ``timeout_s``. ``pace(events, seconds)`` learns how long it took."""
         async with self.lock:
@@ -257,7 +121,7 @@ class _Worker:
             proc = self.proc
             assert proc is not None and proc.stdin is not None and proc.stdout is not None
             started = time.monotonic()
-            answers: list[_Answer] = []
+            answers: list[Answer] = []
             try:
                 if self.fresh:  # its imports take a while, once
                     async with asyncio.timeout(_START_S):
@@ -269,7 +133,7 @@ class _Worker:
                     async with asyncio.timeout(timeout_s):
                         await proc.stdin.drain()
                         frame = await self._frame(proc.stdout)
-                    answers += _answer_decoder.decode(frame)
+                    answers += answer_decoder.decode(frame)
                     if len(answers) >= count:
                         break
             except TimeoutError:
@@ -407,9 +271,9 @@ class Checker:
     def _request(self, events: Sequence[Sequence[Artifact]]) -> bytes:
         # without meta: the checks never read it, and JSON allows integers msgpack does not
         bare = [[Artifact(a.name, a.path, a.rows, a.bytes, a.sha256) for a in e] for e in events]
-        return _frame(
-            _encoder.encode(
-                _Request([str(r) for r in self.roots], self.checksum, self.settle_s, bare)
+        return frame(
+            encoder.encode(
+                Request([str(r) for r in self.roots], self.checksum, self.settle_s, bare)
             )
         )
 
@@ -419,16 +283,16 @@ class Checker:
             timeout_s=self.timeout_s,
             events_in_request=events,
         )
-        return _timed_out(self.timeout_s)
+        return timed_out(self.timeout_s)
 
     async def _on_worker(
         self, worker: _Worker, events: Sequence[Sequence[Artifact]]
     ) -> list[Result]:
         results: list[Result] = []
 
-        def take(answers: list[_Answer]) -> None:
+        def take(answers: list[Answer]) -> None:
             done = events[len(results) : len(results) + len(answers)]
-            results.extend(_with_meta(_from_wire(a), e) for a, e in zip(answers, done, strict=True))
+            results.extend(with_meta(from_wire(a), e) for a, e in zip(answers, done, strict=True))
 
         while len(results) < len(events):
             rest = events[len(results) :]
@@ -461,7 +325,7 @@ class Checker:
         for artifacts in events:
             try:
                 answer = await worker.ask(self._request([artifacts]), 1, self.timeout_s)
-                results.append(_with_meta(_from_wire(answer[0]), artifacts))
+                results.append(with_meta(from_wire(answer[0]), artifacts))
             except WorkerStalled:
                 results.append(self._stalled(1))
             except WorkerDied as exc:
@@ -522,7 +386,3 @@ def _slices(items: Sequence[Sequence[Artifact]], n: int) -> list[Sequence[Sequen
     """``n`` contiguous slices of about equal size (results are joined back in order)."""
     size = -(-len(items) // n)
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-if __name__ == "__main__":  # pragma: no cover
-    worker_main()

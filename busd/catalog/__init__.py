@@ -18,239 +18,25 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
+from busd.catalog.schema import (
+    ARTIFACT_LOG_COLUMNS,
+    DEMOTION_COLUMNS,
+    DERIVE_ARTIFACTS,
+    DERIVE_RUNS,
+    EVENT_COLUMNS,
+    EXPORTS_D_INSERT,
+    MERGE_ARTIFACTS,
+    MERGE_RUNS,
+    MERGED_COLUMNS,
+    MIGRATIONS,
+    REJECTION_COLUMNS,
+    RUN_LOG_COLUMNS,
+    to_arrow,
+)
 from busd.errors import CatalogLocked, FatalStorageError, StorageError
 from busd.model import Batch, Changed, Claim, Known, Sibling
 from busd.sql import COMMITS_KEY, commit_count, first_row, sql_str
-
-_DDL_V1 = """
-CREATE SCHEMA IF NOT EXISTS catalog;
-CREATE TABLE IF NOT EXISTS catalog.meta (key VARCHAR PRIMARY KEY, value VARCHAR);
-CREATE TABLE IF NOT EXISTS catalog.runs_d (
-    run_id VARCHAR PRIMARY KEY, kind VARCHAR, producer VARCHAR, status VARCHAR,
-    started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ, params JSON, code_version VARCHAR,
-    parent_run_id VARCHAR, n_artifacts INTEGER, first_seq UBIGINT, last_seq UBIGINT,
-    first_published_at TIMESTAMPTZ, last_published_at TIMESTAMPTZ, event_id VARCHAR);
-CREATE TABLE IF NOT EXISTS catalog.artifacts_f (
-    run_id VARCHAR, name VARCHAR, path VARCHAR, format VARCHAR, rows BIGINT, bytes BIGINT,
-    sha256 VARCHAR, columns JSON, schema_hash VARCHAR, meta JSON, event_id VARCHAR, seq UBIGINT,
-    version INTEGER, published_at TIMESTAMPTZ, committed_at TIMESTAMPTZ,
-    PRIMARY KEY (run_id, name));
-CREATE TABLE IF NOT EXISTS catalog.events_f (
-    seq UBIGINT, event_id VARCHAR, payload_sha256 VARCHAR, subject VARCHAR,
-    producer VARCHAR, run_id VARCHAR, outcome VARCHAR, reason VARCHAR, n_artifacts INTEGER,
-    published_at TIMESTAMPTZ, committed_at TIMESTAMPTZ);
-CREATE TABLE IF NOT EXISTS catalog.rejections_f (
-    seq UBIGINT, subject VARCHAR, event_id VARCHAR, reason VARCHAR, detail VARCHAR,
-    payload BLOB, deliveries INTEGER, published_at TIMESTAMPTZ, rejected_at TIMESTAMPTZ);
-CREATE TABLE IF NOT EXISTS catalog.exports_d (
-    name VARCHAR PRIMARY KEY, path VARCHAR, rows BIGINT, bytes BIGINT, catalog_seq UBIGINT,
-    refreshed_at TIMESTAMPTZ, duration_ms DOUBLE);
-CREATE TABLE IF NOT EXISTS catalog.artifact_log (
-    run_id VARCHAR, name VARCHAR, seq UBIGINT, path VARCHAR, format VARCHAR, rows BIGINT,
-    bytes BIGINT, sha256 VARCHAR, columns JSON, schema_hash VARCHAR, meta JSON,
-    event_id VARCHAR, published_at TIMESTAMPTZ, committed_at TIMESTAMPTZ);
-CREATE TABLE IF NOT EXISTS catalog.run_log (
-    seq UBIGINT, run_id VARCHAR, kind VARCHAR, producer VARCHAR, status VARCHAR,
-    started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ, params JSON, code_version VARCHAR,
-    parent_run_id VARCHAR, published_at TIMESTAMPTZ, event_id VARCHAR);
-"""
-
-# v2: the sequence that first committed each artifact key (exports partition on it)
-_DDL_V2 = """
-ALTER TABLE catalog.artifacts_f ADD COLUMN first_seq UBIGINT;
-UPDATE catalog.artifacts_f AS a SET first_seq = l.first_seq
-FROM (SELECT run_id, name, min(seq) AS first_seq FROM catalog.artifact_log GROUP BY ALL) AS l
-WHERE a.run_id = l.run_id AND a.name = l.name;
-"""
-
-# v3: a counter of the transactions that changed the catalog (``catalog.meta``, key
-# ``commits``), and the count each export reflects. Freshness is judged by it: a late lower
-# sequence or an event_id demotion changes the catalog without raising max(seq). It starts
-# at 1 on an upgraded catalog so that exports written before it are refreshed once.
-_DDL_V3 = """
-INSERT INTO catalog.meta VALUES ('commits', '1') ON CONFLICT DO NOTHING;
-ALTER TABLE catalog.exports_d ADD COLUMN catalog_commit UBIGINT;
-"""
-
-MIGRATIONS: dict[int, str] = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3}
-_EXPORTS_D_INSERT = "INSERT OR REPLACE INTO catalog.exports_d VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-
-# Tables compared by `busd verify`, with the wall-clock columns a replay cannot reproduce.
-COMPARED: dict[str, tuple[str, ...]] = {
-    "runs_d": (),
-    "artifacts_f": ("committed_at",),
-    "events_f": ("committed_at",),
-    "rejections_f": ("rejected_at", "deliveries"),
-}
-
-_TS = pa.timestamp("us", tz="UTC")
-Columns = tuple[tuple[str, pa.DataType], ...]
-
-EVENT_COLUMNS: Columns = (
-    ("seq", pa.uint64()),
-    ("event_id", pa.string()),
-    ("payload_sha256", pa.string()),
-    ("subject", pa.string()),
-    ("producer", pa.string()),
-    ("run_id", pa.string()),
-    ("outcome", pa.string()),
-    ("reason", pa.string()),
-    ("n_artifacts", pa.int32()),
-    ("published_at", _TS),
-    ("committed_at", _TS),
-)
-REJECTION_COLUMNS: Columns = (
-    ("seq", pa.uint64()),
-    ("subject", pa.string()),
-    ("event_id", pa.string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("payload", pa.binary()),
-    ("deliveries", pa.int32()),
-    ("published_at", _TS),
-    ("rejected_at", _TS),
-)
-ARTIFACT_LOG_COLUMNS: Columns = (
-    ("run_id", pa.string()),
-    ("name", pa.string()),
-    ("seq", pa.uint64()),
-    ("path", pa.string()),
-    ("format", pa.string()),
-    ("rows", pa.int64()),
-    ("bytes", pa.int64()),
-    ("sha256", pa.string()),
-    ("columns", pa.string()),
-    ("schema_hash", pa.string()),
-    ("meta", pa.string()),
-    ("event_id", pa.string()),
-    ("published_at", _TS),
-    ("committed_at", _TS),
-)
-RUN_LOG_COLUMNS: Columns = (
-    ("seq", pa.uint64()),
-    ("run_id", pa.string()),
-    ("kind", pa.string()),
-    ("producer", pa.string()),
-    ("status", pa.string()),
-    ("started_at", _TS),
-    ("finished_at", _TS),
-    ("params", pa.string()),
-    ("code_version", pa.string()),
-    ("parent_run_id", pa.string()),
-    ("published_at", _TS),
-    ("event_id", pa.string()),
-)
-_MERGED_COLUMNS: Columns = (
-    ("run_id", pa.string()),
-    ("name", pa.string()),
-    ("version", pa.int32()),
-    ("first_seq", pa.uint64()),
-)
-DEMOTION_COLUMNS: Columns = (
-    ("seq", pa.uint64()),
-    ("outcome", pa.string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("payload", pa.binary()),
-)
-
-_ARTIFACT_FIELDS = (
-    "path",
-    "format",
-    "rows",
-    "bytes",
-    "sha256",
-    "columns",
-    "schema_hash",
-    "meta",
-    "event_id",
-)
-_RUN_FIELDS = (
-    "kind",
-    "producer",
-    "status",
-    "started_at",
-    "finished_at",
-    "params",
-    "code_version",
-    "parent_run_id",
-)
-
-
-def _higher(table: str, seq_col: str, columns: Sequence[str]) -> str:
-    """SET items that keep, per column, the value of the row with the higher sequence."""
-    return ", ".join(
-        f"{c} = CASE WHEN EXCLUDED.{seq_col} > {table}.{seq_col} "
-        f"THEN EXCLUDED.{c} ELSE {table}.{c} END"
-        for c in columns
-    )
-
-
-# The usual path, incremental: merge the batch's rows per key into the derived tables (the
-# primary-key index finds the existing row; nothing scans the catalog).
-_MERGE_ARTIFACTS = f"""
-    INSERT INTO catalog.artifacts_f
-    SELECT run_id, name, {", ".join(f"arg_max({c}, seq)" for c in _ARTIFACT_FIELDS)},
-           max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq),
-           min(seq)
-    FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)
-    GROUP BY run_id, name
-    ON CONFLICT (run_id, name) DO UPDATE SET
-      {_higher("artifacts_f", "seq", (*_ARTIFACT_FIELDS, "published_at", "committed_at"))},
-      seq = greatest(EXCLUDED.seq, artifacts_f.seq),
-      version = artifacts_f.version + EXCLUDED.version,
-      first_seq = least(EXCLUDED.first_seq, artifacts_f.first_seq)
-    RETURNING run_id, name, version, first_seq"""
-
-_MERGE_RUNS = f"""
-    INSERT INTO catalog.runs_d
-    SELECT l.run_id, {", ".join(f"arg_max(l.{c}, l.seq)" for c in _RUN_FIELDS)},
-           coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
-           arg_max(l.published_at, l.seq), arg_max(l.event_id, l.seq)
-    FROM stage_runs l LEFT JOIN new_keys n USING (run_id)
-    WHERE l.seq IN (SELECT seq FROM fresh)
-    GROUP BY l.run_id
-    ON CONFLICT (run_id) DO UPDATE SET
-      {_higher("runs_d", "last_seq", (*_RUN_FIELDS, "last_published_at", "event_id"))},
-      first_published_at = CASE WHEN EXCLUDED.first_seq < runs_d.first_seq
-          THEN EXCLUDED.first_published_at ELSE runs_d.first_published_at END,
-      first_seq = least(EXCLUDED.first_seq, runs_d.first_seq),
-      last_seq = greatest(EXCLUDED.last_seq, runs_d.last_seq),
-      n_artifacts = runs_d.n_artifacts + EXCLUDED.n_artifacts
-    RETURNING first_seq"""
-
-# After a demotion (rare): recompute the affected keys from the logs.
-_DERIVE_ARTIFACTS = f"""
-    INSERT INTO catalog.artifacts_f
-    SELECT run_id, name, {", ".join(f"arg_max({c}, seq)" for c in _ARTIFACT_FIELDS)},
-           max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq),
-           min(seq)
-    FROM catalog.artifact_log SEMI JOIN touched_keys USING (run_id, name)
-    GROUP BY run_id, name"""
-
-_DERIVE_RUNS = f"""
-    INSERT INTO catalog.runs_d
-    SELECT l.run_id, {", ".join(f"arg_max(l.{c}, l.seq)" for c in _RUN_FIELDS)},
-           coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
-           arg_max(l.published_at, l.seq), arg_max(l.event_id, l.seq)
-    FROM catalog.run_log l
-    LEFT JOIN (SELECT run_id, count(*)::INTEGER AS n FROM catalog.artifacts_f
-               WHERE run_id IN (SELECT run_id FROM touched_runs) GROUP BY run_id) n
-      ON n.run_id = l.run_id
-    WHERE l.run_id IN (SELECT run_id FROM touched_runs)
-    GROUP BY l.run_id"""
-
-
-def to_arrow(rows: Sequence[tuple[Any, ...]], columns: Columns) -> pa.Table:
-    cols = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
-    return pa.table(
-        {
-            name: pa.array(values, type=typ)
-            for (name, typ), values in zip(columns, cols, strict=True)
-        }
-    )
 
 
 class Catalog:
@@ -390,7 +176,7 @@ class Catalog:
             con.execute("BEGIN")
             changed = self._apply(bool(batch.demotions))
             if batch.exports:
-                con.executemany(_EXPORTS_D_INSERT, batch.exports)
+                con.executemany(EXPORTS_D_INSERT, batch.exports)
             con.execute("COMMIT")
         except duckdb.FatalException as exc:
             raise FatalStorageError(f"catalog: {exc}") from exc
@@ -459,14 +245,14 @@ class Catalog:
                 "DELETE FROM catalog.artifacts_f a USING touched_keys t "
                 "WHERE a.run_id = t.run_id AND a.name = t.name"
             )
-            con.execute(_DERIVE_ARTIFACTS)
+            con.execute(DERIVE_ARTIFACTS)
             con.execute(
                 "DELETE FROM catalog.runs_d WHERE run_id IN (SELECT run_id FROM touched_runs)"
             )
-            con.execute(_DERIVE_RUNS)
+            con.execute(DERIVE_RUNS)
             return Changed(None, None)  # a key's first_seq may have changed, or it is gone
         # a key is new when its version is just this batch's count of it
-        merged = to_arrow(con.execute(_MERGE_ARTIFACTS).fetchall(), _MERGED_COLUMNS)
+        merged = to_arrow(con.execute(MERGE_ARTIFACTS).fetchall(), MERGED_COLUMNS)
         con.register("merged", merged)
         try:
             con.execute("""
@@ -478,7 +264,7 @@ class Catalog:
                 WHERE m.version = b.c GROUP BY m.run_id""")
         finally:
             con.unregister("merged")
-        runs = {int(r[0]) for r in con.execute(_MERGE_RUNS).fetchall()}
+        runs = {int(r[0]) for r in con.execute(MERGE_RUNS).fetchall()}
         if late:
             return Changed(None, None)
         return Changed(runs, {int(v) for v in merged.column("first_seq").to_pylist()})
@@ -521,7 +307,7 @@ class Catalog:
             return
         try:
             self.con.execute("BEGIN")
-            self.con.executemany(_EXPORTS_D_INSERT, list(rows))
+            self.con.executemany(EXPORTS_D_INSERT, list(rows))
             self.con.execute("COMMIT")
         except duckdb.FatalException as exc:
             raise FatalStorageError(f"catalog: {exc}") from exc

@@ -1,0 +1,3 @@
+from busd.checker.wire import worker_main
+
+worker_main()
