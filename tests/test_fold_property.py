@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from busd import config
-from busd.catalog import COMPARED, Catalog
+from busd.catalog import Catalog
+from busd.catalog.schema import COMPARED
 from busd.fold import Folder
 from busd.model import Delivery, Sibling
 
