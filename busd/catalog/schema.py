@@ -58,13 +58,31 @@ INSERT INTO catalog.meta VALUES ('commits', '1') ON CONFLICT DO NOTHING;
 ALTER TABLE catalog.exports_d ADD COLUMN catalog_commit UBIGINT;
 """
 
-MIGRATIONS: dict[int, str] = {1: DDL_V1, 2: DDL_V2, 3: DDL_V3}
+# v4: the identity of each artifact's file when it was checked (device, inode, times in ns;
+# the size is `bytes`) and whether its SHA-256 was computed then. A replay skips the check of
+# a file whose stat() still says the same. Machine-specific: `busd verify` leaves them out.
+FILE_TYPES = (
+    ("file_dev", "UBIGINT"),
+    ("file_ino", "UBIGINT"),
+    ("file_mtime_ns", "BIGINT"),
+    ("file_ctime_ns", "BIGINT"),
+    ("file_hashed", "BOOLEAN"),
+)
+FILE_COLUMNS = tuple(name for name, _ in FILE_TYPES)
+DDL_V4 = "".join(
+    f"ALTER TABLE catalog.{table} ADD COLUMN {name} {typ};\n"
+    for table in ("artifact_log", "artifacts_f")
+    for name, typ in FILE_TYPES
+)
+
+MIGRATIONS: dict[int, str] = {1: DDL_V1, 2: DDL_V2, 3: DDL_V3, 4: DDL_V4}
 EXPORTS_D_INSERT = "INSERT OR REPLACE INTO catalog.exports_d VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
-# Tables compared by `busd verify`, with the wall-clock columns a replay cannot reproduce.
+# Tables compared by `busd verify`, with the columns a replay cannot reproduce: wall-clock
+# times, and the identity of files as this machine saw them when it checked them.
 COMPARED: dict[str, tuple[str, ...]] = {
     "runs_d": (),
-    "artifacts_f": ("committed_at",),
+    "artifacts_f": ("committed_at", *FILE_COLUMNS),
     "events_f": ("committed_at",),
     "rejections_f": ("rejected_at", "deliveries"),
 }
@@ -111,6 +129,11 @@ ARTIFACT_LOG_COLUMNS: Columns = (
     ("event_id", pa.string()),
     ("published_at", TS),
     ("committed_at", TS),
+    ("file_dev", pa.uint64()),
+    ("file_ino", pa.uint64()),
+    ("file_mtime_ns", pa.int64()),
+    ("file_ctime_ns", pa.int64()),
+    ("file_hashed", pa.bool_()),
 )
 RUN_LOG_COLUMNS: Columns = (
     ("seq", pa.uint64()),
@@ -173,16 +196,21 @@ def higher(table: str, seq_col: str, columns: Sequence[str]) -> str:
 
 
 # The usual path, incremental: merge the batch's rows per key into the derived tables (the
-# primary-key index finds the existing row; nothing scans the catalog).
+# primary-key index finds the existing row; nothing scans the catalog). `arg_max_null`, never
+# `arg_max`: arg_max skips the rows whose value is NULL, so an event that leaves out a field
+# (status, sha256, ...) would keep an earlier event's value only when the two share a batch,
+# and a replay (bigger batches) would differ from the live catalog.
 MERGE_ARTIFACTS = f"""
     INSERT INTO catalog.artifacts_f
-    SELECT run_id, name, {", ".join(f"arg_max({c}, seq)" for c in ARTIFACT_FIELDS)},
-           max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq),
-           min(seq)
+    SELECT run_id, name, {", ".join(f"arg_max_null({c}, seq)" for c in ARTIFACT_FIELDS)},
+           max(seq), count(*)::INTEGER, arg_max_null(published_at, seq),
+           arg_max_null(committed_at, seq), min(seq),
+           {", ".join(f"arg_max_null({c}, seq)" for c in FILE_COLUMNS)}
     FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)
     GROUP BY run_id, name
     ON CONFLICT (run_id, name) DO UPDATE SET
       {higher("artifacts_f", "seq", (*ARTIFACT_FIELDS, "published_at", "committed_at"))},
+      {higher("artifacts_f", "seq", FILE_COLUMNS)},
       seq = greatest(EXCLUDED.seq, artifacts_f.seq),
       version = artifacts_f.version + EXCLUDED.version,
       first_seq = least(EXCLUDED.first_seq, artifacts_f.first_seq)
@@ -190,9 +218,9 @@ MERGE_ARTIFACTS = f"""
 
 MERGE_RUNS = f"""
     INSERT INTO catalog.runs_d
-    SELECT l.run_id, {", ".join(f"arg_max(l.{c}, l.seq)" for c in RUN_FIELDS)},
+    SELECT l.run_id, {", ".join(f"arg_max_null(l.{c}, l.seq)" for c in RUN_FIELDS)},
            coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
-           arg_max(l.published_at, l.seq), arg_max(l.event_id, l.seq)
+           arg_max_null(l.published_at, l.seq), arg_max_null(l.event_id, l.seq)
     FROM stage_runs l LEFT JOIN new_keys n USING (run_id)
     WHERE l.seq IN (SELECT seq FROM fresh)
     GROUP BY l.run_id
@@ -208,17 +236,18 @@ MERGE_RUNS = f"""
 # After a demotion (rare): recompute the affected keys from the logs.
 DERIVE_ARTIFACTS = f"""
     INSERT INTO catalog.artifacts_f
-    SELECT run_id, name, {", ".join(f"arg_max({c}, seq)" for c in ARTIFACT_FIELDS)},
-           max(seq), count(*)::INTEGER, arg_max(published_at, seq), arg_max(committed_at, seq),
-           min(seq)
+    SELECT run_id, name, {", ".join(f"arg_max_null({c}, seq)" for c in ARTIFACT_FIELDS)},
+           max(seq), count(*)::INTEGER, arg_max_null(published_at, seq),
+           arg_max_null(committed_at, seq), min(seq),
+           {", ".join(f"arg_max_null({c}, seq)" for c in FILE_COLUMNS)}
     FROM catalog.artifact_log SEMI JOIN touched_keys USING (run_id, name)
     GROUP BY run_id, name"""
 
 DERIVE_RUNS = f"""
     INSERT INTO catalog.runs_d
-    SELECT l.run_id, {", ".join(f"arg_max(l.{c}, l.seq)" for c in RUN_FIELDS)},
+    SELECT l.run_id, {", ".join(f"arg_max_null(l.{c}, l.seq)" for c in RUN_FIELDS)},
            coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
-           arg_max(l.published_at, l.seq), arg_max(l.event_id, l.seq)
+           arg_max_null(l.published_at, l.seq), arg_max_null(l.event_id, l.seq)
     FROM catalog.run_log l
     LEFT JOIN (SELECT run_id, count(*)::INTEGER AS n FROM catalog.artifacts_f
                WHERE run_id IN (SELECT run_id FROM touched_runs) GROUP BY run_id) n
