@@ -78,6 +78,15 @@ class HaSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     bucket: str = "busd_leases"
 
 
+class LineageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    url: str = ""  # an HTTP endpoint taking OpenLineage events (POST); "" with subject "": off
+    subject: str = ""  # or a NATS subject, published on busd's own connection
+    namespace: str = "busd"  # the OpenLineage namespace of busd's jobs and runs
+    api_key: str = ""  # sent to url as `Authorization: Bearer <api_key>`
+    timeout_s: float = 5.0  # one HTTP request, at most
+    queue_max: int = 10_000  # events waiting to be sent; beyond, a batch's are dropped
+
+
 class ExportSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     sql: str
@@ -92,6 +101,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     verify: VerifySettings = VerifySettings()
     metrics: MetricsSettings = MetricsSettings()
     ha: HaSettings = HaSettings()
+    lineage: LineageSettings = LineageSettings()
     exports: tuple[ExportSettings, ...] = ()
     # runs and artifacts exports as folders of part files, one per this many stream sequences
     # (of each row's first commit); only changed parts are rewritten. 0: one file each.
@@ -122,6 +132,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "verify": VerifySettings,
     "metrics": MetricsSettings,
     "ha": HaSettings,
+    "lineage": LineageSettings,
 }
 _TOP_LEVEL = ("data_dir", "artifact_roots", "log_format", "export_partition_seqs")
 
@@ -361,6 +372,7 @@ def _check(s: Settings, where: str) -> None:  # noqa: C901 - one flat check per 
                 raise bad("nats.url", f"{url.strip()!r} is not a nats:// URL")
     _check_nats_auth(s.nats, bad)
     _check_nats_names(s.nats, bad)
+    _check_lineage(s, bad)
     names: set[str] = set()
     for i, export in enumerate(s.exports):
         if not _IDENT.match(export.name) or export.name.startswith("_"):
@@ -451,6 +463,37 @@ def _check_nats_names(n: NatsSettings, bad: Callable[[str, str], ConfigError]) -
         raise bad("nats.js_api_prefix", "set nats.js_domain or nats.js_api_prefix, not both")
     if len(n.name) > 200 or any(not c.isprintable() for c in n.name):
         raise bad("nats.name", "at most 200 printable characters")
+
+
+def _check_lineage(s: Settings, bad: Callable[[str, str], ConfigError]) -> None:
+    n = s.lineage
+    if n.url and n.subject:
+        raise bad("lineage.subject", "set lineage.url or lineage.subject, not both")
+    if n.url and not re.match(r"^https?://[^\s/]+(/\S*)?$", n.url):
+        raise bad("lineage.url", f"{n.url!r} is not an http:// or https:// URL")
+    if n.subject:
+        if not _SUBJECT_PREFIX.match(n.subject):
+            raise bad("lineage.subject", f"{n.subject!r} is not a subject (no wildcards)")
+        caught = [f for f in s.nats.subjects if subject_matches(f, n.subject)]
+        if caught:  # busd would consume its own lineage events as artifact events
+            raise bad("lineage.subject", f"{n.subject!r} is inside the stream's {caught[0]!r}")
+    if not n.namespace or len(n.namespace) > 200 or not n.namespace.isprintable():
+        raise bad("lineage.namespace", "1 to 200 printable characters")
+    if not 0 < n.timeout_s <= 300:
+        raise bad("lineage.timeout_s", "must be more than 0 and at most 300")
+    if not 1 <= n.queue_max <= 1_000_000:
+        raise bad("lineage.queue_max", "must be between 1 and 1000000")
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(got) > i
+        if i >= len(got) or (token != "*" and token != got[i]):
+            return False
+    return len(want) == len(got)
 
 
 def parse_hostport(text: str, key: str) -> tuple[str, int]:

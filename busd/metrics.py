@@ -53,7 +53,9 @@ METRIC_NAMES: tuple[str, ...] = (
     "busd_artifacts_missing",
     "busd_oldest_unsettled_age_seconds",
     "busd_consumer_info",
+    "busd_lineage_events_total",
 )
+LINEAGE_OUTCOMES = ("sent", "failed", "dropped")
 
 # The label names prometheus-nats-exporter gives JetStream's own series, so a dashboard joins
 # busd's with the server's with a plain `on (stream_name, consumer_name)`.
@@ -149,6 +151,13 @@ class Metrics:
         )
         self.active.set(1)
         self.ready = Gauge("busd_ready", "1 while ready (NATS, consumer and catalog).", registry=r)
+        self.lineage_events = Counter(
+            "busd_lineage_events_total",
+            "OpenLineage run events by outcome: sent, failed (not sent, not retried) or "
+            "dropped (the queue was full; acks never wait for lineage).",
+            ["outcome"],
+            registry=r,
+        )
         self.build_info.labels(version=__version__).set(1)
         self.up.set(1)
         ProcessCollector(registry=r)  # memory, CPU, open files
@@ -159,6 +168,8 @@ class Metrics:
             self.events.labels(outcome=outcome.value)
         for reason in Reason:
             self.rejections.labels(reason=reason.value)
+        for sent in LINEAGE_OUTCOMES:
+            self.lineage_events.labels(outcome=sent)
 
     def watch_exports(self, names: list[str]) -> None:
         for name in names:

@@ -128,6 +128,18 @@ KEY_DOCS = {
     "ha.enabled": "Hot standby: a lease in a NATS KV bucket picks the active instance.",
     "ha.lease_ttl_s": "The lease's time to live: how soon a standby takes over.",
     "ha.bucket": "The KV bucket holding the lease.",
+    "lineage.url": "An HTTP endpoint that takes OpenLineage events (e.g. Marquez's "
+    '`http://host:5000/api/v1/lineage`): one POST per committed run. `""` (and no '
+    "`lineage.subject`): no lineage events ([../lineage.md](../lineage.md)).",
+    "lineage.subject": "Or a NATS subject: each event is published there on busd's own "
+    "connection. Not inside the stream's subjects, not with `lineage.url`.",
+    "lineage.namespace": "The OpenLineage namespace of busd's jobs (one per run `kind`) and runs.",
+    "lineage.api_key": "Sent to `lineage.url` as `Authorization: Bearer <api_key>` (a "
+    "secret: prefer `BUSD_LINEAGE_API_KEY_FILE` or a systemd credential).",
+    "lineage.timeout_s": "One HTTP request at most this long; then the event is counted "
+    "`failed` (never retried).",
+    "lineage.queue_max": "Events waiting to be sent, at most; a committed batch whose events "
+    "do not fit is dropped and counted (acks never wait for lineage).",
 }
 
 

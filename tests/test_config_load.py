@@ -340,6 +340,7 @@ def test_every_key_of_every_section_can_come_from_the_environment() -> None:
         "verify": config.VerifySettings,
         "metrics": config.MetricsSettings,
         "ha": config.HaSettings,
+        "lineage": config.LineageSettings,
     }
     names = [
         f"BUSD_{section}_{field.name}".upper()

@@ -22,6 +22,7 @@ from busd.daemon.publisher import Publisher
 from busd.errors import ConsumerGone, FatalStorageError, Outcome, StorageError, TransientError
 from busd.fold import Folder, Prepared, merge
 from busd.inflight import Ledger
+from busd.lineage import Lineage
 from busd.metrics import Metrics
 from busd.model import Batch, Decided, Folded
 from busd.settle import Rechecks, outcome_line, settle, settlement
@@ -40,6 +41,7 @@ class Committer:
         catalog: Catalog,
         on_writer: Callable[..., Awaitable[Any]],
         publisher: Publisher,
+        lineage: Lineage,
         ledger: Ledger,
         rechecks: Rechecks,
         metrics: Metrics,
@@ -51,6 +53,7 @@ class Committer:
     ) -> None:
         self.consumer, self.src, self.folder, self.catalog = consumer, src, folder, catalog
         self.on_writer, self.publisher, self.ledger = on_writer, publisher, ledger
+        self.lineage = lineage
         self.rechecks, self.metrics, self.progress = rechecks, metrics, progress
         self.outcomes, self.send, self.stopping = outcomes, send, stopping
         self.log = log.get()
@@ -121,6 +124,7 @@ class Committer:
             folded.rows.exports = self.publisher.take_rows()
             await self._commit(folded.rows, batch)
             faults.hit("after_commit")
+            self.lineage.offer(folded.rows)  # queued, never waited for
         await self._settle_batch(folded.decided, folded.touched)
 
     async def _commit(self, rows: Batch, batch: Sequence[model.Delivery]) -> None:

@@ -44,6 +44,7 @@ from busd.ha.backfill import Backfill
 from busd.ha.follower import Follower, stand_by
 from busd.ha.lease import Lease
 from busd.inflight import Ledger
+from busd.lineage import Lineage
 from busd.metrics import Metrics, MetricsServer
 from busd.model import Batch
 from busd.sdnotify import SdNotifier
@@ -94,6 +95,11 @@ class Daemon:
         self.progress = Progress()
         self._fatal: BaseException | None = None
         self.committer: Committer | None = None
+        self.lineage = Lineage(
+            settings.lineage,
+            self.metrics,
+            publish=lambda subject, body: self.nc.publish(subject, body),
+        )
         self._active = True
         self._pinged_at = 0.0
         self._ping_every_s = self.notify.watchdog_interval_s() or 1.0
@@ -114,6 +120,8 @@ class Daemon:
             self.metrics_server = MetricsServer(self.metrics, host, port)
             self.metrics_server.start()
         self.catalog = await self._on_writer(Catalog, s.catalog_path)
+        if self.lineage.enabled:  # a reader of its own: the kinds of parent runs
+            self.lineage.cursor = await self._on_writer(self.catalog.cursor)
         self.exporter = await self._on_writer(Exporter.of, self.catalog.cursor(), s)
         await self._on_exporter(self.exporter.check)
         self.publisher = Publisher(
@@ -175,6 +183,7 @@ class Daemon:
             catalog=self.catalog,
             on_writer=self._on_writer,
             publisher=publisher,
+            lineage=self.lineage,
             ledger=self.ledger,
             rechecks=self.rechecks,
             metrics=self.metrics,
@@ -238,6 +247,7 @@ class Daemon:
                 await self.committer.committed()
         if self.folder is not None:
             await self.folder.close()
+        await anyio.to_thread.run_sync(self.lineage.close)  # its reader, before the catalog
         # the export thread's cursor must be idle before the catalog's connection closes
         await anyio.to_thread.run_sync(self._export_pool.shutdown)
         if self.catalog is not None:
@@ -288,8 +298,10 @@ class Daemon:
                 tg.start_soon(self.publisher.run, self._ack_through)
                 tg.start_soon(self.publisher.sweep_loop, self._committing)
                 tg.start_soon(self.keeper.run)
+                tg.start_soon(self.lineage.run)
                 await self._fetch_loop()
                 await self._finish()
+                await self.lineage.flush(min(5.0, self.settings.consumer.shutdown_grace_s))
             tg.cancel_scope.cancel()
 
     # ---- hot standby ---------------------------------------------------------------------

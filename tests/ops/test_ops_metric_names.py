@@ -25,6 +25,8 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Metrics deliberately not on the dashboard, with the reason.
 NOT_ON_DASHBOARD = {
     "busd_up": 'Prometheus\' own up{job="busd"} says the same, and BusdDown alerts on it',
+    "busd_lineage_events_total": "lineage is off by default; docs/lineage.md gives the query "
+    "for a panel where it is on",
 }
 
 
