@@ -40,6 +40,7 @@ NATS_ENV: dict[str, str] = {  # the variables the nats CLI reads, as busd keys
     "NATS_NKEY": "nkey_seed",
     "NATS_USER": "user",
     "NATS_PASSWORD": "password",
+    "NATS_TOKEN": "token",  # the nats CLI's --token (2025); --user may also carry a token
     "NATS_CA": "tls_ca",
     "NATS_CERT": "tls_cert",
     "NATS_KEY": "tls_key",

@@ -226,6 +226,17 @@ def test_nats_variables_as_the_nats_cli_reads_them(home: Path) -> None:
         load(home, env={"NATS_URL": "http://nope"})
 
 
+def test_nats_token_as_the_nats_cli_reads_it(home: Path) -> None:
+    """NATS_TOKEN (the nats CLI's --token) sets nats.token: a way of authenticating that
+    replaces the file's user and password, and that BUSD_NATS_TOKEN overrides."""
+    s = load(home, '[nats]\nuser = "busd"\npassword = "pw"\n', env={"NATS_TOKEN": "t-1"})
+    assert (s.nats.token, s.nats.user, s.nats.password) == ("t-1", "", "")
+    s = load(home, env={"NATS_TOKEN": "t-1", "BUSD_NATS_TOKEN": "t-2"})
+    assert s.nats.token == "t-2"
+    # there is no NATS_INBOX_PREFIX in the nats CLI: the prefix comes from busd's own keys
+    assert load(home, env={"NATS_INBOX_PREFIX": "_INBOX_x"}).nats.inbox_prefix == "_INBOX_busd"
+
+
 @pytest.mark.parametrize(
     ("keys", "named"),
     [

@@ -182,6 +182,28 @@ def test_node_unit_suite(node: str) -> None:
     assert counts.get("pass", 0) >= 10 and counts.get("skipped") == 0, text[-3000:]
 
 
+def test_inbox_prefix_within_the_shipped_permissions(node: str, tmp_path: Path) -> None:
+    """The package on nats-server running ops/nats/nats-server.conf, as user lab-simulation:
+    stored with `inboxPrefix: "_INBOX_lab-simulation"`, never acked on the common `_INBOX`."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "ops"))  # the shipped file's test helpers
+    import test_nats_conf as conf
+
+    with conf.running_server(tmp_path) as server:
+
+        async def declare(s: Any) -> None:
+            await conf.declare_stream(await s.connect("busd", conf.BUSD_PASSWORD))
+
+        conf.run(server, declare)
+        env = {
+            "ARTIFACT_BUS_TEST_PERMS_URL": server.url,
+            "ARTIFACT_BUS_TEST_PERMS_PASSWORD": conf.LAB_PASSWORD,
+        }
+        counts, text = node_test(node, ["perms"], env=env)
+    assert counts.get("pass") == 2 and counts.get("skipped") == 0, text[-3000:]
+
+
 # --- against busd serve ------------------------------------------------------------------------
 
 

@@ -65,6 +65,7 @@ export async function openConnection(bus: ResolvedBus, name = "artifact-bus"): P
     ...(bus.user !== undefined ? { user: bus.user } : {}),
     ...(bus.password !== undefined ? { pass: bus.password } : {}),
     ...(bus.token !== undefined ? { token: bus.token } : {}),
+    ...(bus.inboxPrefix !== undefined ? { inboxPrefix: bus.inboxPrefix } : {}),
   });
   let timer: NodeJS.Timeout | undefined;
   const deadline = new Promise<never>((_, reject) => {

@@ -28,6 +28,10 @@ export interface BusOptions {
   user?: string;
   password?: string;
   token?: string;
+  /** The prefix of this connection's inboxes, where PubAcks and busd's answers arrive (env
+   *  `ARTIFACT_BUS_INBOX_PREFIX`; default `_INBOX`). With busd's shipped NATS permissions a
+   *  producer may only subscribe to its own `_INBOX_<user>.>`: set `_INBOX_<user>`. */
+  inboxPrefix?: string;
   /** Where to read the environment from (default `process.env`); for tests. */
   env?: Record<string, string | undefined>;
 }
@@ -52,6 +56,7 @@ export interface ResolvedBus {
   user?: string;
   password?: string;
   token?: string;
+  inboxPrefix?: string;
 }
 
 export interface ResolvedMode {
@@ -114,8 +119,20 @@ export function resolveBus(opts: BusOptions = {}): ResolvedBus {
   if (user !== undefined) out.user = user;
   if (password !== undefined && password !== "") out.password = password;
   if (token !== undefined && token !== "") out.token = token;
+  const inboxPrefix = opts.inboxPrefix ?? nonEmpty(env.ARTIFACT_BUS_INBOX_PREFIX);
+  if (inboxPrefix !== undefined) {
+    if (!SUBJECT_PREFIX.test(inboxPrefix)) {
+      const named = opts.inboxPrefix !== undefined ? "inboxPrefix" : "ARTIFACT_BUS_INBOX_PREFIX";
+      throw new ArtifactBusConfigError(
+        `${named} ${JSON.stringify(inboxPrefix)}: not a subject prefix (tokens of letters, digits, _, - and $, no wildcards)`);
+    }
+    out.inboxPrefix = inboxPrefix;
+  }
   return out;
 }
+
+/** A subject prefix without wildcards, as busd's own `nats.inbox_prefix` is checked. */
+const SUBJECT_PREFIX = /^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$/;
 
 export function resolveMode(opts: ModeOptions & { env?: Record<string, string | undefined> } = {}): ResolvedMode {
   const env = envOf(opts);

@@ -142,6 +142,16 @@ describe("configuration", () => {
     assert.throws(() => resolveMode({ env: {}, mode: "best_effort" }), /ARTIFACT_BUS_OUTBOX/);
     assert.throws(() => resolveBus({ env: { ARTIFACT_BUS_CONNECT_TIMEOUT_MS: "soon" } }), /ARTIFACT_BUS_CONNECT_TIMEOUT_MS/);
   });
+
+  it("takes an inbox prefix from the options or ARTIFACT_BUS_INBOX_PREFIX, and checks it", () => {
+    const env = { ARTIFACT_BUS_INBOX_PREFIX: "_INBOX_lab-simulation" };
+    assert.equal(resolveBus({ env: {} }).inboxPrefix, undefined);
+    assert.equal(resolveBus({ env }).inboxPrefix, "_INBOX_lab-simulation");
+    assert.equal(resolveBus({ env, inboxPrefix: "_INBOX_other" }).inboxPrefix, "_INBOX_other");
+    assert.throws(() => resolveBus({ env: {}, inboxPrefix: "_INBOX.>" }),
+      (e: Error) => e instanceof ArtifactBusConfigError && /inboxPrefix "_INBOX\.>"/.test(e.message));
+    assert.throws(() => resolveBus({ env: { ARTIFACT_BUS_INBOX_PREFIX: "a b" } }), /ARTIFACT_BUS_INBOX_PREFIX/);
+  });
 });
 
 describe("NATS unreachable", () => {
