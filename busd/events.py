@@ -152,6 +152,41 @@ def usable_msg_id(msg_id: str | None) -> str | None:
     return None
 
 
+# W3C Trace Context, level 1 (https://www.w3.org/TR/trace-context/#traceparent-header):
+# version-traceid-parentid-flags in lowercase hex. A later version may append fields after a
+# dash; its first four are read the same way.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+TRACEPARENT_HEADER = "traceparent"
+
+
+def traceparent_of(headers: dict[str, str] | None) -> str | None:
+    """The message's ``traceparent`` header when it is a valid W3C trace context, else None.
+
+    An invalid one is ignored, never a rejection (a vendor restarts the trace, says the
+    spec): version ``ff``, an all-zero trace or parent id, upper case, a version-00 value that
+    is not exactly 55 characters. A later version keeps the 55 characters busd understands.
+    The header name is matched without regard to case, as HTTP does."""
+    if not headers:
+        return None
+    value = headers.get(TRACEPARENT_HEADER)
+    if value is None:
+        value = next((v for k, v in headers.items() if k.lower() == TRACEPARENT_HEADER), None)
+    if value is None:
+        return None
+    value = value.strip(" \t")
+    found = _TRACEPARENT.match(value)
+    if found is None:
+        return None
+    version, trace_id, parent_id, _ = found.groups()
+    if version == "ff" or trace_id == "0" * 32 or parent_id == "0" * 16:
+        return None
+    if version == "00" and len(value) != 55:
+        return None
+    if len(value) > 55 and value[55] != "-":
+        return None
+    return value[:55]
+
+
 def encode(event: ArtifactEvent) -> bytes:
     return _encoder.encode(event)
 

@@ -247,6 +247,7 @@ class Folder:
             event_id=ev.usable_msg_id(d.msg_id) or payload_hash,
             producer=ev.producer_of(d.subject),
             payload_hash=payload_hash,
+            traceparent=ev.traceparent_of(d.headers),
         )
         if not self.replay and d.delivered >= self.settings.consumer.max_deliver - 1:
             reject(
@@ -406,6 +407,7 @@ def log_rows(
             run.parent_run_id,
             published,
             item.event_id,
+            item.traceparent,
         )
     )
 
@@ -427,6 +429,7 @@ def event_rows(rows: Batch, item: Decided, now: dt.datetime) -> None:
             item.n_artifacts,
             d.published_at,
             now,
+            item.traceparent,
         )
     )
     if item.outcome is Outcome.REJECTED:

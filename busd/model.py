@@ -175,6 +175,7 @@ class Decided:
     nak_delay_s: float = 0.0
     recheck_s: float | None = None
     known: bool = False  # recorded by an earlier delivery: settle again, change nothing
+    traceparent: str | None = None  # the message's valid W3C `traceparent` header
 
 
 @dataclass

@@ -78,6 +78,28 @@ def build_event(
     return event
 
 
+def checked_traceparent(value: str | None) -> str | None:
+    """A W3C ``traceparent`` for :func:`submit_sync` and ``busd submit --traceparent``: None
+    for none or an empty value, a ConfigError for an invalid one (busd itself would ignore it,
+    and the trace would silently not lead to the commit)."""
+    if value is None or not value.strip():
+        return None
+    if ev.traceparent_of({ev.TRACEPARENT_HEADER: value}) is None:
+        raise ConfigError(
+            f"traceparent {value!r}: not a W3C trace context "
+            "(00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>, lower case)"
+        )
+    return value.strip()
+
+
+def headers_for(event: model.ArtifactEvent, traceparent: str | None) -> dict[str, str]:
+    headers = {"Nats-Msg-Id": event.event_id} if event.event_id else {}
+    tp = checked_traceparent(traceparent)
+    if tp is not None:
+        headers[ev.TRACEPARENT_HEADER] = tp
+    return headers
+
+
 def nats_url(s: Settings) -> str:
     """The configured URL, or the address of the embedded server ``busd serve`` starts."""
     if s.nats.url:
@@ -107,12 +129,21 @@ class ArtifactBus:
         if self.nc is not None:
             await self.nc.close()
 
-    async def publish(self, event: model.ArtifactEvent, *, timeout_s: float = 10.0) -> int:
-        """Publish and wait for the PubAck; return the stream sequence."""
+    async def publish(
+        self,
+        event: model.ArtifactEvent,
+        *,
+        timeout_s: float = 10.0,
+        traceparent: str | None = None,
+    ) -> int:
+        """Publish and wait for the PubAck; return the stream sequence. ``traceparent``: the
+        job's W3C trace context, sent as the ``traceparent`` header (busd keeps it with the
+        event's catalog rows and names it in its log lines)."""
         subject = self.subject_for(event)
         payload = ev.encode(event)
-        headers = {"Nats-Msg-Id": event.event_id} if event.event_id else None
-        return await self.publish_raw(subject, payload, headers, timeout_s=timeout_s)
+        return await self.publish_raw(
+            subject, payload, headers_for(event, traceparent) or None, timeout_s=timeout_s
+        )
 
     async def publish_raw(
         self,
@@ -154,9 +185,14 @@ class ArtifactBus:
         return f"{self.prefix}.{event.producer or self.producer}"
 
     async def submit(
-        self, event: model.ArtifactEvent, *, wait: bool = False, timeout_s: float = 60.0
+        self,
+        event: model.ArtifactEvent,
+        *,
+        wait: bool = False,
+        timeout_s: float = 60.0,
+        traceparent: str | None = None,
     ) -> dict[str, Any]:
-        seq = await self.publish(event, timeout_s=min(timeout_s, 10.0))
+        seq = await self.publish(event, timeout_s=min(timeout_s, 10.0), traceparent=traceparent)
         if not wait:
             return {"seq": seq, "event_id": event.event_id, "state": "stored"}
         return await self.wait(seq, timeout_s=timeout_s)
@@ -170,6 +206,7 @@ def submit_sync(
     timeout_s: float = 60.0,
     producer: str = "busd.submit",
     outbox: Path | None = None,
+    traceparent: str | None = None,
 ) -> dict[str, Any]:
     """Blocking form of :meth:`ArtifactBus.submit`, for scripts.
 
@@ -180,7 +217,7 @@ def submit_sync(
 
     async def go() -> dict[str, Any]:
         async with ArtifactBus(settings, producer=producer) as bus:
-            return await bus.submit(event, wait=wait, timeout_s=timeout_s)
+            return await bus.submit(event, wait=wait, timeout_s=timeout_s, traceparent=traceparent)
 
     try:
         return asyncio.run(asyncio.wait_for(go(), timeout_s + 5))
@@ -190,9 +227,8 @@ def submit_sync(
                 raise TimedOut(f"no answer from NATS within {timeout_s:.0f}s") from None
             raise
         bus = ArtifactBus(settings, producer=producer)
-        path = to_outbox(
-            outbox, bus.subject_for(event), ev.encode(event), {"Nats-Msg-Id": event.event_id or ""}
-        )
+        headers = {"Nats-Msg-Id": event.event_id or "", **headers_for(event, traceparent)}
+        path = to_outbox(outbox, bus.subject_for(event), ev.encode(event), headers)
         return {
             "state": "outbox",
             "path": str(path),

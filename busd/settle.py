@@ -122,6 +122,8 @@ def outcome_line(item: Decided) -> tuple[str, str, dict[str, Any]]:
         "subject": item.d.subject,
         "outcome": item.outcome.value if item.outcome else None,
     }
+    if item.traceparent is not None:  # the producer's trace leads to this line
+        fields["traceparent"] = item.traceparent
     if item.outcome is Outcome.REJECTED:
         return (
             "warning",

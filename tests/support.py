@@ -296,7 +296,20 @@ def committed_batch(seq: int, run_id: str) -> Batch:
     event_id = f"{run_id}:{seq}"
     batch = Batch()
     batch.events.append(
-        (seq, event_id, "0" * 64, "artifacts.lab", "lab", run_id, "committed", None, 1, now, now)
+        (
+            seq,
+            event_id,
+            "0" * 64,
+            "artifacts.lab",
+            "lab",
+            run_id,
+            "committed",
+            None,
+            1,
+            now,
+            now,
+            None,
+        )
     )
     batch.artifacts.append(
         (
@@ -317,7 +330,7 @@ def committed_batch(seq: int, run_id: str) -> Batch:
         )
     )
     batch.runs.append(
-        (seq, run_id, "sim", "lab", "succeeded", None, None, None, None, None, now, event_id)
+        (seq, run_id, "sim", "lab", "succeeded", None, None, None, None, None, now, event_id, None)
     )
     return batch
 

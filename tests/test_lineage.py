@@ -184,7 +184,7 @@ def test_a_run_event_per_committed_run_over_http(
     parent_job = child["run"]["facets"]["parent"]["job"]
     assert (parent_job["namespace"], parent_job["name"]) == ("lab", "backtest")
     tags = {t["key"]: t["value"] for t in child["run"]["facets"]["tags"]["tags"]}
-    assert tags["busd.run_id"] == "lin-child"
+    assert tags["busd.run_id"] == "lin-child" and tags["traceparent"] == TP
 
     orphan = events[run_uuid("lab", "lin-orphan")]
     assert orphan["run"]["facets"]["parent"]["run"]["runId"] == run_uuid("lab", "elsewhere-1")

@@ -322,7 +322,9 @@ SELECT printf('run-%08d', r), name, printf('runs/run-%08d/%s.parquet', r, name),
 FROM (SELECT range AS r FROM range(?, ?)),
      (SELECT unnest(['fills', 'positions', 'orders', 'pnl'][1:{ARTIFACTS_PER_RUN}]) AS name)"""
 _GROW_EVENTS = f"""
-INSERT INTO catalog.events_f SELECT r + 1, printf('run-%08d:final', r), sha256('p' || r),
+INSERT INTO catalog.events_f (seq, event_id, payload_sha256, subject, producer, run_id,
+    outcome, reason, n_artifacts, published_at, committed_at)
+SELECT r + 1, printf('run-%08d:final', r), sha256('p' || r),
        'artifacts.lab.simulation', 'lab.simulation', printf('run-%08d', r), 'committed', NULL,
        {ARTIFACTS_PER_RUN}, {_TS}, {_TS}
 FROM (SELECT range AS r FROM range(?, ?))"""

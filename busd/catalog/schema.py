@@ -58,7 +58,15 @@ INSERT INTO catalog.meta VALUES ('commits', '1') ON CONFLICT DO NOTHING;
 ALTER TABLE catalog.exports_d ADD COLUMN catalog_commit UBIGINT;
 """
 
-MIGRATIONS: dict[int, str] = {1: DDL_V1, 2: DDL_V2, 3: DDL_V3}
+# v4: the W3C trace context of an event's `traceparent` header (NULL without a valid
+# one), per message and per run (the highest sequence's, like every run field).
+DDL_V4 = """
+ALTER TABLE catalog.events_f ADD COLUMN traceparent VARCHAR;
+ALTER TABLE catalog.run_log ADD COLUMN traceparent VARCHAR;
+ALTER TABLE catalog.runs_d ADD COLUMN traceparent VARCHAR;
+"""
+
+MIGRATIONS: dict[int, str] = {1: DDL_V1, 2: DDL_V2, 3: DDL_V3, 4: DDL_V4}
 EXPORTS_D_INSERT = "INSERT OR REPLACE INTO catalog.exports_d VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 # Tables compared by `busd verify`, with the wall-clock columns a replay cannot reproduce.
@@ -84,6 +92,7 @@ EVENT_COLUMNS: Columns = (
     ("n_artifacts", pa.int32()),
     ("published_at", TS),
     ("committed_at", TS),
+    ("traceparent", pa.string()),
 )
 REJECTION_COLUMNS: Columns = (
     ("seq", pa.uint64()),
@@ -125,6 +134,7 @@ RUN_LOG_COLUMNS: Columns = (
     ("parent_run_id", pa.string()),
     ("published_at", TS),
     ("event_id", pa.string()),
+    ("traceparent", pa.string()),
 )
 MERGED_COLUMNS: Columns = (
     ("run_id", pa.string()),
@@ -162,6 +172,8 @@ RUN_FIELDS = (
     "parent_run_id",
 )
 
+RUN_LAST = ("event_id", "traceparent")  # runs_d's last columns, the highest sequence's
+
 
 def higher(table: str, seq_col: str, columns: Sequence[str]) -> str:
     """SET items that keep, per column, the value of the row with the higher sequence."""
@@ -195,12 +207,13 @@ MERGE_RUNS = f"""
     INSERT INTO catalog.runs_d
     SELECT l.run_id, {", ".join(f"arg_max_null(l.{c}, l.seq)" for c in RUN_FIELDS)},
            coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
-           arg_max_null(l.published_at, l.seq), arg_max_null(l.event_id, l.seq)
+           arg_max_null(l.published_at, l.seq), arg_max_null(l.event_id, l.seq),
+           arg_max_null(l.traceparent, l.seq)
     FROM stage_runs l LEFT JOIN new_keys n USING (run_id)
     WHERE l.seq IN (SELECT seq FROM fresh)
     GROUP BY l.run_id
     ON CONFLICT (run_id) DO UPDATE SET
-      {higher("runs_d", "last_seq", (*RUN_FIELDS, "last_published_at", "event_id"))},
+      {higher("runs_d", "last_seq", (*RUN_FIELDS, "last_published_at", *RUN_LAST))},
       first_published_at = CASE WHEN EXCLUDED.first_seq < runs_d.first_seq
           THEN EXCLUDED.first_published_at ELSE runs_d.first_published_at END,
       first_seq = least(EXCLUDED.first_seq, runs_d.first_seq),
@@ -221,7 +234,8 @@ DERIVE_RUNS = f"""
     INSERT INTO catalog.runs_d
     SELECT l.run_id, {", ".join(f"arg_max_null(l.{c}, l.seq)" for c in RUN_FIELDS)},
            coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
-           arg_max_null(l.published_at, l.seq), arg_max_null(l.event_id, l.seq)
+           arg_max_null(l.published_at, l.seq), arg_max_null(l.event_id, l.seq),
+           arg_max_null(l.traceparent, l.seq)
     FROM catalog.run_log l
     LEFT JOIN (SELECT run_id, count(*)::INTEGER AS n FROM catalog.artifacts_f
                WHERE run_id IN (SELECT run_id FROM touched_runs) GROUP BY run_id) n

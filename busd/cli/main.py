@@ -125,10 +125,20 @@ def submit(
         typer.Option("--outbox", help="Keep the event in this folder when NATS is unreachable."),
     ] = None,
     timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 60.0,
+    traceparent: Annotated[
+        str | None,
+        typer.Option(
+            "--traceparent",
+            help='The job\'s W3C trace context (e.g. "$TRACEPARENT"), sent as the '
+            "traceparent header; busd keeps it with the event's catalog rows.",
+        ),
+    ] = None,
     config_path: ConfigOpt = None,
 ) -> None:
     """Publish one artifact event for files a job wrote (exit 3 if rejected with --wait)."""
-    from busd.producer import build_event, submit_sync
+    from busd.producer import build_event, checked_traceparent, submit_sync
+
+    traceparent = checked_traceparent(traceparent)  # a bad one is a usage error, before work
 
     s = settings(config_path)
     mapping: dict[str, str] = {}
@@ -148,7 +158,15 @@ def submit(
     event = build_event(
         run_id, kind, mapping, producer=producer, status=status, params=parsed, event_id=event_id
     )
-    result = submit_sync(s, event, wait=wait, timeout_s=timeout_s, producer=producer, outbox=outbox)
+    result = submit_sync(
+        s,
+        event,
+        wait=wait,
+        timeout_s=timeout_s,
+        producer=producer,
+        outbox=outbox,
+        traceparent=traceparent,
+    )
     typer.echo(json.dumps(result))
 
 

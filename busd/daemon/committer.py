@@ -173,11 +173,13 @@ class Committer:
         for reason, n in settled.reasons.items():
             self.metrics.rejections.labels(reason=reason).inc(n)
         if settled.outcomes:  # one line per batch; each committed event at debug
+            traced = trace_ids(settled.new)
             self.log.info(
                 "batch",
                 first_seq=decided[0].d.seq,
                 last_seq=decided[-1].d.seq,
                 **dict(settled.outcomes),
+                **({"trace_ids": traced} if traced else {}),
             )
         if settled.waiting:  # acked after the export refresh that covers them
             generation = self.publisher.want(touched)
@@ -191,3 +193,13 @@ class Committer:
         self.rechecks.hold(settled.held, time.monotonic())  # still in the ledger, kept alive
         if settled.now or settled.held:
             self.progress.mark()
+
+
+def trace_ids(items: Sequence[Decided]) -> list[str]:
+    """The W3C trace ids of the events a batch decided, once each, in stream order: a job's
+    trace leads to the line of the batch that committed it."""
+    seen: dict[str, None] = {}
+    for item in items:
+        if item.traceparent is not None:
+            seen.setdefault(item.traceparent[3:35], None)
+    return list(seen)
