@@ -222,7 +222,12 @@ class Lineage:
         loop = asyncio.get_running_loop()
         while True:
             runs, artifacts = await self._queue.get()
-            events = await loop.run_in_executor(self._thread, self._build, runs, artifacts)
+            try:
+                events = await loop.run_in_executor(self._thread, self._build, runs, artifacts)
+            except Exception as exc:  # noqa: BLE001 - lineage never stops the daemon
+                self.metrics.lineage_events.labels(outcome="failed").inc(len(runs))
+                self.log.warning("lineage: cannot build events", error=str(exc))
+                events = []
             self._waiting -= len(runs) - len(events)  # not built: counted failed already
             for body in events:
                 await self._send(loop, body)

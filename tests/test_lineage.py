@@ -22,10 +22,10 @@ import jsonschema
 import nats
 import pytest
 import referencing
-from support import Bus
+from support import Bus, committed_batch
 
 from busd.daemon.core import Daemon
-from busd.lineage import PRODUCER, build_event, run_uuid, state_of
+from busd.lineage import PRODUCER, Lineage, build_event, run_uuid, state_of
 from busd.metrics import Metrics
 
 SPEC = Path(__file__).resolve().parent / "openlineage-spec"
@@ -305,3 +305,47 @@ def test_the_schema_check_catches_a_broken_event(
     spoil(event)
     with pytest.raises(jsonschema.ValidationError):
         check(event, registry)
+
+
+def test_a_failure_to_build_events_is_counted_and_the_sender_goes_on(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lineage never ends the daemon: a batch whose events cannot be built is counted failed,
+    and the next one is sent."""
+    metrics = Metrics()
+    sent: list[bytes] = []
+
+    async def publish(subject: str, body: bytes) -> None:
+        sent.append(body)
+
+    lineage = Lineage(
+        bus.settings(lineage={"subject": "lineage.x"}).lineage, metrics, publish=publish
+    )
+    calls = {"n": 0}
+    build = lineage._build
+
+    def flaky(runs: Any, artifacts: Any) -> list[bytes]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return build(runs, artifacts)
+
+    monkeypatch.setattr(lineage, "_build", flaky)
+
+    async def go() -> None:
+        task = asyncio.ensure_future(lineage.run())
+        try:
+            lineage.offer(committed_batch(1, "r1"))
+            lineage.offer(committed_batch(2, "r2"))
+            for _ in range(300):  # bounded: 30 s (the client's first import is slow)
+                if lineage.pending() == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert not task.done()
+        finally:
+            task.cancel()
+            lineage.close()
+
+    asyncio.run(go())
+    assert sample(metrics, "busd_lineage_events_total", outcome="failed") == 1
+    assert sample(metrics, "busd_lineage_events_total", outcome="sent") == len(sent) == 1
