@@ -47,6 +47,10 @@ export type SubmitResult =
   | { state: "outbox"; path: string; eventId: string; subject: string; error: string };
 
 export interface SubmitOptions extends BuildOptions, BusOptions, ModeOptions {
+  /** The job's W3C trace context, sent as the `traceparent` header: busd keeps it with the
+   *  event's catalog rows and names it in its log lines. An invalid one throws
+   *  ArtifactBusConfigError (busd would ignore it). */
+  traceparent?: string;
   /** Wait until busd committed (and exported) or rejected the event. */
   waitForCommit?: boolean;
   /** How long waitForCommit waits (default 60000 ms). */
@@ -107,6 +111,23 @@ async function publishRaw(nc: NatsConnection, bus: ResolvedBus, subject: string,
   }
 }
 
+const TRACEPARENT = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$/;
+
+/** A W3C `traceparent` as busd reads it (lower-case hex; not version ff, not all-zero ids;
+ *  version 00 exactly 55 characters), trimmed; undefined for none or an empty one. */
+export function checkTraceparent(value: string | undefined): string | undefined {
+  if (value === undefined || value.trim() === "") return undefined;
+  const text = value.trim();
+  const m = TRACEPARENT.exec(text);
+  const ok = m !== null && m[1] !== "ff" && !/^0+$/.test(m[2]!) && !/^0+$/.test(m[3]!)
+    && (m[1] !== "00" || text.length === 55);
+  if (!ok) {
+    throw new ArtifactBusConfigError(
+      `traceparent ${JSON.stringify(value)}: not a W3C trace context (00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>, lower case)`);
+  }
+  return text;
+}
+
 function subjectFor(event: ArtifactEvent): string {
   if (!event.producer) throw new ArtifactBusConfigError("the event names no producer");
   return `${SUBJECT_PREFIX}.${event.producer}`;
@@ -154,7 +175,7 @@ export async function waitForCommit(opts: BusOptions & { seq: number; timeoutMs?
 
 /** Publish a built event (see `buildEvent`), with the modes and the wait of `submitArtifacts`. */
 export async function publishEvent(event: ArtifactEvent,
-                                   opts: BusOptions & ModeOptions & { waitForCommit?: boolean; commitTimeoutMs?: number } = {}):
+                                   opts: BusOptions & ModeOptions & { waitForCommit?: boolean; commitTimeoutMs?: number; traceparent?: string } = {}):
   Promise<SubmitResult> {
   checkEvent(event);
   const bus = resolveBus(opts);
@@ -163,6 +184,8 @@ export async function publishEvent(event: ArtifactEvent,
   const payload = encodeEvent(event);
   const eventId = event.event_id ?? "";
   const hdrs: Record<string, string> = eventId ? { "Nats-Msg-Id": eventId } : {};
+  const traceparent = checkTraceparent(opts.traceparent);
+  if (traceparent !== undefined) hdrs.traceparent = traceparent;
   let nc: NatsConnection | undefined;
   let stored: { seq: number; duplicate: boolean };
   try {

@@ -12,6 +12,7 @@ export {
   type FlushResult,
   type SubmitOptions,
   type SubmitResult,
+  checkTraceparent,
   flushOutbox,
   openConnection,
   publishEvent,

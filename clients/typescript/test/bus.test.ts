@@ -20,6 +20,7 @@ import { FIVE, SKIP_LIVE, THREE, liveOrSkip, place, query, scratch } from "./hel
 
 const live = liveOrSkip();
 const bus = () => ({ servers: live!.natsUrl, connectTimeoutMs: 5000, commitTimeoutMs: 90_000, env: {} });
+const TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const sha = async (file: string) => createHash("sha256").update(await readFile(file)).digest("hex");
 
 interface ArtifactRow { run_id: string; name: string; rows: number; bytes: number; sha256: string; seq: number; event_id: string }
@@ -42,7 +43,7 @@ describe("publishing to busd", { skip: SKIP_LIVE }, () => {
   it("submitArtifact + waitForCommit: committed, and the row is in the exports", async () => {
     const file = await place(FIVE, live!.root, "ts-run-1/fills.parquet");
     const r = await submitArtifact({ ...bus(), runId: "ts-run-1", kind: "simulation", producer: "lab.ts",
-      name: "fills", path: file, params: { seed: 7 }, waitForCommit: true });
+      name: "fills", path: file, params: { seed: 7 }, waitForCommit: true, traceparent: TP });
     assert.equal(settledOutcome(r), "committed");
     assert.ok(r.state === "settled" && r.seq >= 1 && !r.duplicate && r.subject === "artifacts.lab.ts");
     assert.match(r.eventId, /^ts-run-1:[0-9a-f]{16}$/);
@@ -50,8 +51,9 @@ describe("publishing to busd", { skip: SKIP_LIVE }, () => {
     const rows = await query<ArtifactRow>("SELECT run_id, name, rows, bytes, sha256, event_id FROM artifacts WHERE run_id = 'ts-run-1'");
     assert.deepEqual(rows, [{ run_id: "ts-run-1", name: "fills", rows: 5, bytes: (await readFile(file)).length,
       sha256: await sha(file), event_id: r.eventId }]);
-    const runs = await query("SELECT kind, producer, status, params FROM runs WHERE run_id = 'ts-run-1'");
-    assert.deepEqual(runs, [{ kind: "simulation", producer: "lab.ts", status: "succeeded", params: '{"seed":7}' }]);
+    const runs = await query("SELECT kind, producer, status, params, traceparent FROM runs WHERE run_id = 'ts-run-1'");
+    assert.deepEqual(runs, [{ kind: "simulation", producer: "lab.ts", status: "succeeded", params: '{"seed":7}',
+      traceparent: TP }]);
   });
 
   it("submitArtifacts: a slice exporter's 200 files are one atomic event", async () => {

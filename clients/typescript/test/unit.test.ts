@@ -13,6 +13,7 @@ import {
   InvalidEventError,
   REASONS,
   buildEvent,
+  checkTraceparent,
   defaultEventId,
   describeArtifact,
   encodeEvent,
@@ -141,6 +142,17 @@ describe("configuration", () => {
       (e: Error) => e instanceof ArtifactBusConfigError && /ARTIFACT_BUS_MODE=maybe/.test(e.message));
     assert.throws(() => resolveMode({ env: {}, mode: "best_effort" }), /ARTIFACT_BUS_OUTBOX/);
     assert.throws(() => resolveBus({ env: { ARTIFACT_BUS_CONNECT_TIMEOUT_MS: "soon" } }), /ARTIFACT_BUS_CONNECT_TIMEOUT_MS/);
+  });
+
+  it("checks a traceparent as busd reads it", () => {
+    const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    assert.equal(checkTraceparent(undefined), undefined);
+    assert.equal(checkTraceparent(" "), undefined);
+    assert.equal(checkTraceparent(` ${tp} `), tp);
+    assert.equal(checkTraceparent(`cc${tp.slice(2)}-later`), `cc${tp.slice(2)}-later`);
+    for (const bad of [tp.toUpperCase(), `ff${tp.slice(2)}`, `${tp}-x`, `00-${"0".repeat(32)}-00f067aa0ba902b7-01`]) {
+      assert.throws(() => checkTraceparent(bad), (e: Error) => e instanceof ArtifactBusConfigError && /W3C/.test(e.message));
+    }
   });
 
   it("takes an inbox prefix from the options or ARTIFACT_BUS_INBOX_PREFIX, and checks it", () => {
