@@ -6,7 +6,10 @@ It runs in a process of its own (``python faultfs.py BACKING MOUNTPOINT CONTROL`
 libfuse's signal handlers and a stalled request never touch the test process. Faults live in
 the JSON file CONTROL, re-read whenever it changes: ``{"rel/path": {"open": errno,
 "read": errno, "stall": true, "hide": true}}``. A stalled read waits until its fault is
-cleared, for at most ``STALL_MAX_S``.
+cleared, for at most ``STALL_MAX_S``. Two keys narrow a fault: ``"pid": N`` serves it to
+process N only (its threads included; other processes read the file as it is), and
+``"over": n`` fails or stalls only reads of more than n bytes (the first bytes of a file come
+from a cache, the rest from storage that hangs).
 
 The mount uses ``direct_io`` and no attribute or entry caching, so every read and every
 lookup reaches this process and a fault takes effect at once.
@@ -43,7 +46,8 @@ class FaultFS:
 
     def set(self, rel: str, **fault: Any) -> None:
         """Fail ``rel``: ``open=errno.EACCES``, ``read=errno.EIO``, ``stall=True``,
-        ``hide=True`` (or several)."""
+        ``hide=True`` (or several); ``pid=N`` for process N only, ``over=n`` for reads of
+        more than n bytes only."""
         self.faults[rel] = fault
         self._write()
 
@@ -130,8 +134,20 @@ def mounted(backing: Path, mountpoint: Path, log: Path) -> Iterator[FaultFS]:
 
 
 # ---- the filesystem process ----------------------------------------------------------------
+def _tgid(tid: int) -> int:
+    """The process a thread belongs to (FUSE names the thread that asks)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return tid
+
+
 def _serve(backing: str, mountpoint: str, control: str) -> None:  # pragma: no cover
-    from fuse import FUSE, FuseOSError, Operations
+    from fuse import FUSE, FuseOSError, Operations, fuse_get_context
 
     class Faults:
         def __init__(self) -> None:
@@ -139,7 +155,16 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:  # pragma: no c
             self.table: dict[str, dict[str, Any]] = {}
             self.hits: dict[str, int] = {}
 
-        def get(self, path: str) -> dict[str, Any]:
+        def get(self, path: str, size: int | None = None) -> dict[str, Any]:
+            """The fault of ``path`` for the process asking now (and a read of ``size``)."""
+            fault = self.table_of(path)
+            if "pid" in fault and _tgid(fuse_get_context()[2]) != fault["pid"]:
+                return {}
+            if "over" in fault and (size is None or size <= int(fault["over"])):
+                return {k: v for k, v in fault.items() if k not in ("read", "stall")}
+            return fault
+
+        def table_of(self, path: str) -> dict[str, Any]:
             try:
                 stamp = os.stat(control).st_mtime_ns
             except OSError:
@@ -209,13 +234,13 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:  # pragma: no c
             return os.open(self._real(path), flags)
 
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-            fault = faults.get(path)
+            fault = faults.get(path, size)
             if fault.get("stall"):
                 faults.hit(path, "stall")
                 deadline = time.monotonic() + STALL_MAX_S
-                while faults.get(path).get("stall") and time.monotonic() < deadline:
+                while faults.get(path, size).get("stall") and time.monotonic() < deadline:
                     time.sleep(_POLL_S)
-                fault = faults.get(path)
+                fault = faults.get(path, size)
             code = fault.get("read")
             if code:
                 faults.hit(path, "read")

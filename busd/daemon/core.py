@@ -31,7 +31,7 @@ from busd.daemon.answers import Answers
 from busd.daemon.committer import Committer
 from busd.daemon.connect import connect_when_up
 from busd.daemon.keeper import Keeper, Progress
-from busd.daemon.publisher import Publisher
+from busd.daemon.publisher import ExportThread, Publisher
 from busd.daemon.store import LiveStore
 from busd.embedded import EmbeddedServer
 from busd.errors import (
@@ -74,9 +74,7 @@ class Daemon:
         self.stats = Stats()
         self.stopping = False
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="busd-writer")
-        self._export_pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="busd-export"
-        )
+        self._export_pool = ExportThread()
         self.catalog: Catalog | None = None
         self.folder: Folder | None = None
         self.store: LiveStore | None = None
@@ -248,8 +246,15 @@ class Daemon:
         if self.folder is not None:
             await self.folder.close()
         await anyio.to_thread.run_sync(self.lineage.close)  # its reader, before the catalog
-        # the export thread's cursor must be idle before the catalog's connection closes
-        await anyio.to_thread.run_sync(self._export_pool.shutdown)
+        # the export thread's cursor must be idle before the catalog's connection closes;
+        # stuck in a read that does not return, it is left behind with the catalog open
+        # (what is committed is durable in its WAL), and busd exits all the same
+        grace_s = self.settings.consumer.shutdown_grace_s
+        if not await anyio.to_thread.run_sync(self._export_pool.stop, grace_s):
+            self.log.error(
+                "the export thread is stuck in a read; exiting without it", waited_s=grace_s
+            )
+            self.catalog = None
         if self.catalog is not None:
             if self.publisher is not None:
                 with contextlib.suppress(Exception):

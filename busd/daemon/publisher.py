@@ -7,11 +7,23 @@ transaction is done; the export loop takes them all, refreshes once, and only th
 daemon ack everything of that generation or older. A failed refresh keeps the acks waiting
 and is retried; a failed fsync raises :class:`~busd.errors.FatalStorageError`, which ends
 the daemon.
+
+A file the machine fails to read now (EIO, a read that hangs) is left out of a refresh and the
+exports reading it are refreshed again once it reads (the sweep loop looks for that). When the
+file is new to an export — committed since its last refresh — the acks wait for it too, for a
+while (``Exporter.files.hold_s``): a message is acked once the exports hold its rows, unless
+its file stays unreadable; then it is acked, the file reported, and the exports follow later.
+
+The export thread is :class:`ExportThread`: exit never waits for it, as DuckDB cannot be
+interrupted in a read that hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -27,6 +39,41 @@ from busd.metrics import Metrics
 from busd.model import Changed
 
 OnThread = Callable[..., Awaitable[Any]]
+
+
+class ExportThread:
+    """The one thread the exporter's cursor is used on, taking calls in order (a
+    one-worker ``ThreadPoolExecutor``, but a daemon thread that exit does not join): if a
+    read in DuckDB hangs (a stalled network or FUSE filesystem), :meth:`stop` gives up on
+    it after a while and busd still exits."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Any] | None]
+        self._calls = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="busd-export", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._calls.put((future, lambda: fn(*args)))
+        return future
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                future.set_exception(exc)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Let the calls queued finish, for up to ``timeout_s``; False if the thread is
+        still busy then (stuck in a read)."""
+        self._calls.put(None)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
 
 class Publisher:
@@ -53,6 +100,7 @@ class Publisher:
         self._idle = asyncio.Event()
         self._lock = asyncio.Lock()  # the export loop, sweeps and `busd export` share it
         self._last_refresh_s = 0.0
+        self._unavailable = 0  # files the machine failed to read, as last logged
 
     # ---- what commits hand over ------------------------------------------------------------
     def committed(self, changed: Changed) -> None:
@@ -105,6 +153,18 @@ class Publisher:
                 delay_s = min(delay_s * 2, 30.0)
                 self._wanted.set()
                 continue
+            held = self.exporter.files.holding
+            if held:  # a new file cannot be read now: its exports lack it, acks wait
+                self.log.warning(
+                    "a file just committed cannot be read now; acks wait",
+                    artifacts=sorted(held),
+                    retry_in_s=delay_s,
+                )
+                self._touched |= held
+                await anyio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 30.0)
+                self._wanted.set()
+                continue
             delay_s = 0.5
             self.exported_generation = generation
             await ack_through(generation)
@@ -131,7 +191,15 @@ class Publisher:
             raise
         self.refreshes += 1
         self.progress()
-        self.metrics.artifacts_missing.set(self.exporter.files.missing_count)
+        files = self.exporter.files
+        self.metrics.artifacts_missing.set(files.missing_count)
+        if len(files.unavailable) != self._unavailable:
+            self._unavailable = len(files.unavailable)
+            self.log.warning(
+                "files cannot be read now; left out of the exports until they read again",
+                files=sorted(files.unavailable)[:10],
+                count=self._unavailable,
+            )
         self._last_refresh_s = sum(r.duration_s for r in results)
         stamp = time.time()
         for r in results:
@@ -146,21 +214,29 @@ class Publisher:
 
     async def sweep_loop(self, committing: Callable[[], bool]) -> None:
         """Committed files that vanish are counted while no refresh runs, too (the check
-        shares the export thread and its lock, and never waits behind a refresh); exports_d
-        rows no batch commit carried are recorded on their own."""
+        shares the export thread and its lock, and never waits behind a refresh); files the
+        machine failed to read are looked at again, and the exports reading them refreshed
+        once they read; exports_d rows no batch commit carried are recorded on their own."""
+        files = self.exporter.files
         while True:
             await anyio.sleep(1.0)
             await self.record_when_idle(committing())
-            if not self.exporter.files.sweep_due() or self._lock.locked():
-                continue
-            try:
-                async with self._lock:
-                    await self.on_exporter(self.exporter.files.sweep)
-            except FatalStorageError:
-                raise
-            except StorageError as exc:
-                self.log.warning("could not check the artifact files", error=str(exc))
-            self.metrics.artifacts_missing.set(self.exporter.files.missing_count)
+            if not self._lock.locked() and (files.sweep_due() or files.recheck_due()):
+                try:
+                    async with self._lock:
+                        if files.sweep_due():
+                            await self.on_exporter(files.sweep)
+                        else:
+                            await self.on_exporter(files.recheck)
+                except FatalStorageError:
+                    raise
+                except StorageError as exc:
+                    self.log.warning("could not check the artifact files", error=str(exc))
+                self.metrics.artifacts_missing.set(files.missing_count)
+            recovered = files.take_recovered()
+            if recovered:
+                self.log.info("files read again; refreshing", artifacts=sorted(recovered))
+                self.touched(recovered)
 
     async def record_when_idle(self, committing: bool) -> None:
         """exports_d rows on their own transaction when no batch commit carries them."""

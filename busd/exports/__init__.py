@@ -4,7 +4,9 @@ Each file is replaced durably (:mod:`busd.durable`), ``_manifest.json`` last. A 
 its own DuckDB cursor in one read transaction: one snapshot while the writer keeps committing.
 The ``data."<name>"`` views leave out committed files that are gone or unreadable, which are
 counted (at each refresh, and over every committed artifact now and then): a vanished file
-never stops the bus (docs/reference/daemon.md).
+never stops the bus (docs/reference/daemon.md). A file the machine fails to read now (EIO, a
+read that hangs) is left out too, but the exports reading it are written as stale
+(``catalog_commit`` 0) and refreshed again once it reads (:mod:`busd.exports.files`).
 """
 
 from __future__ import annotations
@@ -73,7 +75,13 @@ class Exporter:
         configured: Sequence[ExportSettings],
         *,
         partition_seqs: int = 0,
+        check_timeout_s: float = 30.0,
+        file_wait_s: float = 60.0,
+        hold_s: float = 0.0,
     ) -> None:
+        """``check_timeout_s`` bounds each look at an artifact's file; a file the machine
+        fails to read is reported after ``file_wait_s``, and a new one is named in
+        ``files.holding`` for ``hold_s`` (the daemon's acks wait for it that long)."""
         self.cur = cursor
         self.folder = folder
         self.partition_seqs = partition_seqs
@@ -87,7 +95,12 @@ class Exporter:
         }
         # names some export reads as data.*: their files get the deep check in a sweep too
         self.files = ArtifactFiles(
-            cursor, folder, {n for e in configured for n in data_names(e.sql)}
+            cursor,
+            folder,
+            {n for e in configured for n in data_names(e.sql)},
+            timeout_s=check_timeout_s,
+            report_after_s=file_wait_s,
+            hold_s=hold_s,
         )
         folder.mkdir(parents=True, exist_ok=True)
         readable_dir(folder)
@@ -103,8 +116,17 @@ class Exporter:
 
     @classmethod
     def of(cls, cursor: duckdb.DuckDBPyConnection, s: Settings) -> Exporter:
-        """The exporter a configuration describes."""
-        return cls(cursor, s.exports_path, s.exports, partition_seqs=s.export_partition_seqs)
+        """The exporter a configuration describes. Acks wait for a new file the machine
+        fails to read for ``verify.file_wait_s``, at most half of ``consumer.stall_s``."""
+        return cls(
+            cursor,
+            s.exports_path,
+            s.exports,
+            partition_seqs=s.export_partition_seqs,
+            check_timeout_s=s.verify.check_timeout_s,
+            file_wait_s=s.verify.file_wait_s,
+            hold_s=min(s.verify.file_wait_s, s.consumer.stall_s / 2),
+        )
 
     def remove_leftovers(self) -> None:
         """Temporary files of a refresh that was killed half-way are never read: remove them,
@@ -177,45 +199,50 @@ class Exporter:
 
         While a ``data.*`` input has no files yet its columns are unknown, so only the
         syntax of such an export can be checked."""
-        for name, export in self.exports.items():
-            inputs = data_names(export.sql)
-            for left in range(_PASSES - 1, -1, -1):
-                try:
-                    if self._define_views(inputs):
-                        self.cur.extract_statements(export.sql)
-                    else:
-                        self.cur.execute(f"SELECT * FROM ({export.sql}) LIMIT 0")
-                    break
-                except duckdb.Error as exc:
-                    # a damaged artifact file is no fault of the configuration
-                    if left and inputs and self.files.blame(inputs, str(exc), None):
-                        continue
-                    first = str(exc).splitlines()[0]
-                    raise ConfigError(f"bad value for exports.{name}.sql: {first}") from None
+        self.files.begin()
+        try:
+            for name, export in self.exports.items():
+                self._check_one(name, export)
+        finally:
+            self.files.end()
 
-    def _define_views(self, names: Iterable[str]) -> list[str]:
+    def _check_one(self, name: str, export: ExportSettings) -> None:
+        inputs = data_names(export.sql)
+        for left in range(_PASSES - 1, -1, -1):
+            try:
+                if self._define_views(inputs)[0]:
+                    self.cur.extract_statements(export.sql)
+                else:
+                    self.cur.execute(f"SELECT * FROM ({export.sql}) LIMIT 0")
+                return
+            except duckdb.Error as exc:
+                # a damaged artifact file is no fault of the configuration
+                if left and inputs and self.files.blame(inputs, str(exc), None):
+                    continue
+                first = str(exc).splitlines()[0]
+                raise ConfigError(f"bad value for exports.{name}.sql: {first}") from None
+
+    def _define_views(
+        self, names: Iterable[str], baseline: int | None = None
+    ) -> tuple[list[str], bool]:
         """``data."<name>"``: the union by column name of the current files that can be
         read, plus busd's run_id (a file's own run_id column becomes ``file_run_id``).
-        Returns the names that have no readable files (yet)."""
+        Returns the names that have no readable files (yet), and whether a file was left out
+        because the machine failed to read it now (what reads the views is incomplete).
+        ``baseline``: the sequence the export being refreshed covered last."""
         empty = []
+        incomplete = False
         for name in names:
             files = self.cur.execute(
-                "SELECT run_id, path, coalesce(list_contains(json_extract_string("
+                "SELECT run_id, path, seq, coalesce(list_contains(json_extract_string("
                 "columns, '$[*].name'), 'run_id'), false) FROM catalog.artifacts_f "
                 "WHERE name = ? ORDER BY run_id",
                 [name],
             ).fetchall()
-            good: list[tuple[str, str]] = []
-            bad: dict[str, tuple[str, str]] = {}
-            own_run_id = False
-            for run_id, path, has_run_id in files:
-                why = self.files.problem(path)
-                if why is None:
-                    good.append((run_id, path))
-                    own_run_id = own_run_id or bool(has_run_id)
-                else:
-                    bad[run_id] = (path, why)
-            self.files.viewed(name, [p for _, p in good], bad)
+            good, left_out = self.files.split(name, [f[:3] for f in files], baseline)
+            incomplete = incomplete or left_out
+            readable = {p for _, p in good}
+            own_run_id = any(has and p in readable for _, p, _, has in files)
             view = f"data.main.{quote_ident(name)}"
             if not good:
                 empty.append(name)
@@ -233,7 +260,7 @@ class Exporter:
                 f"union_by_name = true, filename = {sql_str(_FILE_COL)})) AS f "
                 f"JOIN (VALUES {mapping}) AS m(path, run_id) ON f.{_FILE_COL} = m.path"
             )
-        return empty
+        return empty, incomplete
 
     def refresh(
         self, names: Sequence[str], changed: Changed | None = None
@@ -246,6 +273,7 @@ class Exporter:
         try:
             if self.files.sweep_due():
                 self.files.sweep()
+            self.files.begin()
             for left in range(_PASSES - 1, -1, -1):
                 try:
                     return self._refresh_pass(names, changed)
@@ -254,6 +282,7 @@ class Exporter:
                         raise StorageError(f"export refresh failed: {exc}") from None
             raise AssertionError("unreachable")
         finally:
+            self.files.end()
             self.refreshing_since = None
 
     def _refresh_pass(
@@ -261,6 +290,7 @@ class Exporter:
     ) -> tuple[list[ExportResult], int]:
         results: list[ExportResult] = []
         cur = self.cur
+        covered = {n: e.catalog_seq for n, e in read_manifest(self.folder).exports.items()}
         try:
             cur.execute("BEGIN")
             row = first_row(cur, "SELECT coalesce(max(seq), 0) FROM catalog.events_f")
@@ -278,7 +308,9 @@ class Exporter:
                     )
                     self._whole_next.discard(name)
                 else:
-                    result = self._refresh_one(self.exports[name], catalog_seq, commits)
+                    result = self._refresh_one(
+                        self.exports[name], catalog_seq, commits, covered.get(name, 0)
+                    )
                 if result is not None:
                     results.append(result)
         except duckdb.Error as exc:
@@ -294,15 +326,18 @@ class Exporter:
         return results, catalog_seq
 
     def _refresh_one(
-        self, export: ExportSettings, catalog_seq: int, commits: int
+        self, export: ExportSettings, catalog_seq: int, commits: int, covered: int
     ) -> ExportResult | None:
-        """Rewrite one export; None while one of its ``data.*`` inputs has no files yet."""
+        """Rewrite one export; None while one of its ``data.*`` inputs has no files yet.
+        Written without a file the machine failed to read, it is recorded as stale
+        (``catalog_commit`` 0): refreshed again, at the latest by the next busd to start."""
         started = time.perf_counter()
         inputs = data_names(export.sql)
         final = self.folder / f"{export.name}.parquet"
         tmp = self.folder / f".{export.name}.parquet.tmp-{os.getpid()}"
         try:
-            if self._define_views(inputs):  # a view reads the files' footers already
+            empty, incomplete = self._define_views(inputs, covered)
+            if empty:  # a view reads the files' footers already
                 return None
             rows = self._copy(export.sql, tmp)
         except duckdb.Error as exc:
@@ -322,7 +357,7 @@ class Exporter:
             catalog_seq,
             dt.datetime.now(dt.UTC),
             time.perf_counter() - started,
-            catalog_commit=commits,
+            catalog_commit=0 if incomplete else commits,
         )
 
     def _refresh_parts(
