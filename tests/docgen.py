@@ -620,7 +620,8 @@ MANIFEST_DOCS = {
     "exports.refreshed_at": "When the refresh finished.",
     "exports.duration_ms": "How long the refresh took.",
     "exports.catalog_commit": "The catalog's commit counter the export reflects: an export "
-    "is stale when the catalog has committed since.",
+    "is stale when the catalog has committed since. 0 when the export was written without a "
+    "file the machine failed to read at the time (always stale: refreshed again).",
     "artifacts_missing.count": "How many.",
     "artifacts_missing.paths": "The first few paths, sorted.",
     "artifacts_missing.checked_at": "When they were last checked.",
