@@ -93,6 +93,16 @@ class Store(Protocol):
     async def payload(self, seq: int) -> bytes: ...
 
 
+class Recorded(Protocol):
+    """What earlier checks of the same events found (a replay's, from the catalog it
+    replaces or is compared with): per event, the checks that still stand because its files
+    are unchanged since, or None to check them."""
+
+    async def checks(
+        self, events: Sequence[tuple[int, model.ArtifactEvent]]
+    ) -> list[list[CheckedArtifact] | None]: ...
+
+
 class Folder:
     """Decides a batch."""
 
@@ -104,8 +114,12 @@ class Folder:
         replay: bool = False,
         quarantined: dict[int, str] | None = None,
         checker: Checker | None = None,
+        recorded: Recorded | None = None,
     ) -> None:
         self.settings = settings
+        self.recorded = recorded
+        self.files_checked = 0  # artifacts whose files were checked
+        self.files_reused = 0  # artifacts whose earlier check ``recorded`` says still stands
         self.store = store
         self.quarantined = quarantined or {}  # replay: poison decided by the live catalog
         self.replay = replay  # replaying history: no waiting for files, no poison
@@ -329,8 +343,17 @@ class Folder:
         if not items:
             return {}
         faults.hit("during_validate")
+        checks: Checks = {}
+        if self.recorded is not None:
+            reused = await self.recorded.checks([(item.d.seq, event) for item, event in items])
+            for (item, _), r in zip(items, reused, strict=True):
+                if r is not None:
+                    checks[id(item)] = r
+                    self.files_reused += len(r)
+            items = [(item, event) for item, event in items if id(item) not in checks]
         results = await self.checker.check([event.artifacts for _, event in items])
-        checks: Checks = {id(item): r for (item, _), r in zip(items, results, strict=True)}
+        self.files_checked += sum(len(event.artifacts) for _, event in items)
+        checks.update((id(item), r) for (item, _), r in zip(items, results, strict=True))
         for attempt in range(REPLAY_RECHECKS if self.replay else 0):
             again = [
                 (item, event)
@@ -390,6 +413,11 @@ def log_rows(
                 item.event_id,
                 published,
                 now,
+                a.dev,
+                a.ino,
+                a.mtime_ns,
+                a.ctime_ns,
+                a.hashed,
             )
         )
     params = None if run.params is None else msgspec.json.encode(run.params).decode()

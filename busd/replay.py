@@ -4,6 +4,10 @@ Replay reads through an ephemeral consumer with no acks (never the durable one),
 the same :class:`~busd.fold.Folder` as the daemon, and commits into a fresh catalog. Messages
 the live catalog quarantined as ``poison`` stay quarantined: replaying them could crash the
 replay the same way they crashed the daemon.
+
+A file is not read again when ``stat`` still gives the identity recorded when it was checked
+for the same event (git's index rule, :func:`busd.validate.unchanged`): the facts recorded
+then are reused (:class:`RecordedChecks`). ``recheck=True`` reads every file.
 """
 
 from __future__ import annotations
@@ -12,18 +16,20 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from busd import source
+from busd import log, source
 from busd.catalog import Catalog
-from busd.catalog.schema import COMPARED
+from busd.catalog.schema import COMPARED, FILE_COLUMNS
 from busd.config import Settings
 from busd.daemon.answers import poison_of
 from busd.durable import fsync_dir, fsync_path
@@ -32,8 +38,9 @@ from busd.exports import Exporter
 from busd.exports.files import file_problem
 from busd.fold import Folder
 from busd.manifest import read_manifest, reader_sql
-from busd.model import Changed, Claim, Known, Sibling
+from busd.model import ArtifactEvent, Changed, Claim, Known, Sibling
 from busd.sql import sql_str
+from busd.validate import CheckedArtifact, unchanged
 
 REPLAY_BATCH = 5000  # events per fetch and per catalog transaction
 
@@ -66,10 +73,133 @@ class ReplayResult:
     last_seq: int = 0
     seconds: float = 0.0
     outcomes: dict[str, int] = field(default_factory=dict)
+    files_checked: int = 0  # artifacts whose file was read
+    files_reused: int = 0  # artifacts whose file was unchanged since its recorded check
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds if self.seconds else 0.0
+
+    def files(self) -> str:
+        return f"files checked {self.files_checked:,}, reused {self.files_reused:,}"
+
+
+_RECORDED = ("seq", "name", "path", "format", "rows", "bytes", "sha256", "columns", "schema_hash")
+_ROW_GROUP = 8192  # rows of the snapshot read per batch: a batch's range is one or two groups
+
+
+class RecordedChecks:
+    """What a catalog recorded about the files of the events a replay folds again.
+
+    :meth:`snapshot` copies, once, the artifact rows that carry a file identity (from
+    ``catalog.artifact_log``, or the artifacts export: the highest sequence of each key)
+    into a Parquet file ordered by sequence, so that the catalog is not held open during the
+    replay; :meth:`checks` reads the rows of a batch's sequences from it and keeps the
+    checks whose files ``stat`` says are unchanged. The reads and the ``stat`` calls run on
+    a thread of their own: one that makes no progress within the check timeout (a hung
+    filesystem) is left behind, and from then on every file is checked by the checker,
+    which copes with that."""
+
+    def __init__(self, s: Settings, path: Path) -> None:
+        self.path = path
+        self.roots = s.roots
+        self.checksum = s.verify.checksum
+        self.timeout_s = s.verify.check_timeout_s
+        self.off = False  # a lookup stalled or failed: everything is checked from then on
+        self._con = duckdb.connect(":memory:")
+        self._sql = (
+            f"SELECT {', '.join(_RECORDED + FILE_COLUMNS)} FROM read_parquet({sql_str(path)}) "
+            "WHERE seq BETWEEN ? AND ?"
+        )
+
+    @classmethod
+    def snapshot(
+        cls, s: Settings, con: duckdb.DuckDBPyConnection, source: str, folder: Path
+    ) -> RecordedChecks:
+        """Copy the rows of ``source`` (a table or ``read_parquet(...)``) that carry a file
+        identity into ``folder``; a source without the columns (older than them) gives
+        nothing to reuse."""
+        path = folder / f".replay-{uuid.uuid4().hex[:8]}.recorded.parquet"
+        columns = ", ".join(_RECORDED + FILE_COLUMNS)
+        try:
+            con.execute(
+                f"COPY (SELECT {columns} FROM {source} WHERE file_dev IS NOT NULL "
+                f"ORDER BY seq) TO {sql_str(path)} (FORMAT parquet, ROW_GROUP_SIZE {_ROW_GROUP})"
+            )
+        except duckdb.BinderException:  # written before the identity columns existed
+            con.execute(
+                f"COPY (SELECT {columns} FROM (SELECT NULL::UBIGINT AS seq) WHERE false) "
+                f"TO {sql_str(path)} (FORMAT parquet)"
+            )
+        return cls(s, path)
+
+    def close(self) -> None:
+        with contextlib.suppress(duckdb.Error):
+            self._con.close()
+        self.path.unlink(missing_ok=True)
+
+    async def checks(
+        self, events: Sequence[tuple[int, ArtifactEvent]]
+    ) -> list[list[CheckedArtifact] | None]:
+        if self.off or not events:
+            return [None] * len(events)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[list[CheckedArtifact] | None]] = loop.create_future()
+
+        def settle(result: Any, failed: BaseException | None) -> None:
+            if not done.done():
+                if failed is None:
+                    done.set_result(result)
+                else:
+                    done.set_exception(failed)
+
+        def run() -> None:
+            try:
+                result, failed = self._lookup(events), None
+            except Exception as exc:  # noqa: BLE001 - reported on the loop
+                result, failed = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle, result, failed)
+
+        threading.Thread(target=run, name="busd-recorded", daemon=True).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), self.timeout_s)
+        except (TimeoutError, duckdb.Error, OSError) as exc:
+            self.off = True
+            log.get().warning(
+                "reusing recorded file checks stopped; every file is checked from here on",
+                why=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+                first_seq=events[0][0],
+            )
+            return [None] * len(events)
+
+    def _lookup(
+        self, events: Sequence[tuple[int, ArtifactEvent]]
+    ) -> list[list[CheckedArtifact] | None]:
+        seqs = [seq for seq, _ in events]
+        recorded = {
+            (row[0], row[1]): _check_of(row)
+            for row in self._con.execute(self._sql, [min(seqs), max(seqs)]).fetchall()
+        }
+        out: list[list[CheckedArtifact] | None] = []
+        for seq, event in events:
+            kept: list[CheckedArtifact] = []
+            for art in event.artifacts:
+                before = recorded.get((seq, art.name))
+                now = None if before is None else unchanged(art, before, self.roots, self.checksum)
+                if now is None:
+                    break
+                kept.append(now)
+            out.append(kept if len(kept) == len(event.artifacts) else None)
+        return out
+
+
+def _check_of(row: tuple[Any, ...]) -> CheckedArtifact:
+    """A snapshot row (``_RECORDED``, then ``FILE_COLUMNS``) as the check it records."""
+    _, name, path, fmt, rows, size, sha256, columns, schema_hash, dev, ino, mt, ct, hashed = row
+    return CheckedArtifact(
+        name, path, fmt, rows, size, sha256, columns, schema_hash, None, dev, ino, mt, ct, hashed
+    )
 
 
 async def replay_into(
@@ -80,8 +210,10 @@ async def replay_into(
     upto_seq: int | None = None,
     poison: dict[int, str] | None = None,
     progress: Progress | None = None,
+    recorded: RecordedChecks | None = None,
 ) -> ReplayResult:
-    """Fold the stream (up to ``upto_seq``, default: its last sequence now) into ``catalog``."""
+    """Fold the stream (up to ``upto_seq``, default: its last sequence now) into ``catalog``;
+    the checks in ``recorded`` are reused where their files are unchanged."""
     first, last = await source.stream_bounds(nc, s.nats.stream)
     target = last if upto_seq is None else min(upto_seq, last)
     result = ReplayResult()
@@ -93,7 +225,11 @@ async def replay_into(
     pull = source.PullSource(nc, s.nats.stream, name)
     await pull.start()
     folder = Folder(
-        s, ReplayStore(catalog, nc, s.nats.stream), replay=True, quarantined=poison or {}
+        s,
+        ReplayStore(catalog, nc, s.nats.stream),
+        replay=True,
+        quarantined=poison or {},
+        recorded=recorded,
     )
     writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="busd-replay")
     loop = asyncio.get_running_loop()
@@ -120,7 +256,10 @@ async def replay_into(
                     result.outcomes[item.outcome.value] = (
                         result.outcomes.get(item.outcome.value, 0) + 1
                     )
-            pending = loop.run_in_executor(writer, catalog.commit, folded.rows)
+            # only the logs per batch; artifacts_f and runs_d once, at the end
+            pending = loop.run_in_executor(
+                writer, partial(catalog.commit, derive=False), folded.rows
+            )
             done = batch[-1].seq - first + 1
             result.events += len(batch)
             result.last_seq = batch[-1].seq
@@ -130,7 +269,9 @@ async def replay_into(
                 break
         if pending is not None:
             await pending
+        await loop.run_in_executor(writer, catalog.derive_all)
     finally:
+        result.files_checked, result.files_reused = folder.files_checked, folder.files_reused
         writer.shutdown(wait=True)
         await folder.close()
         await pull.stop()
@@ -140,25 +281,35 @@ async def replay_into(
     return result
 
 
-async def rebuild(s: Settings, nc: Any, progress: Progress | None = None) -> ReplayResult:
+async def rebuild(
+    s: Settings, nc: Any, progress: Progress | None = None, *, recheck: bool = False
+) -> ReplayResult:
     """Replay into a new catalog file, refresh the exports from it, swap it in atomically.
 
     Holds the live catalog's lock throughout, so a ``busd serve`` cannot start meanwhile,
-    and refuses while one runs.
+    and refuses while one runs. Files unchanged since the live catalog checked them are not
+    read again, unless ``recheck``.
     """
     live = Catalog(s.catalog_path)  # raises CatalogLocked while serve runs
     new_path = s.catalog_path.with_name(s.catalog_path.name + ".rebuild")
     for leftover in (new_path, Path(str(new_path) + ".wal")):
         leftover.unlink(missing_ok=True)
+    recorded = None
     try:
         poison = poison_of(live)
+        if not recheck:
+            recorded = RecordedChecks.snapshot(s, live.con, "catalog.artifact_log", s.data_path)
         fresh = Catalog(new_path)
         try:
-            result = await replay_into(s, nc, fresh, poison=poison, progress=progress)
+            result = await replay_into(
+                s, nc, fresh, poison=poison, progress=progress, recorded=recorded
+            )
         finally:
             fresh.close()
         fsync_path(new_path)
     finally:
+        if recorded is not None:
+            recorded.close()
         live.close()
     wal = Path(str(s.catalog_path) + ".wal")
     wal.unlink(missing_ok=True)  # checkpointed on close; a stale WAL must never meet the new file
@@ -199,50 +350,62 @@ async def verify(
     poison: dict[int, str] | None = None,
     workdir: Path | None = None,
     limit: int = 20,
+    recheck: bool = False,
 ) -> VerifyReport:
     """Replay into a temporary catalog and compare it with the live one.
 
     When ``busd serve`` holds the catalog, the comparison is against its exports (runs and
     artifacts) at the sequence their manifest names; otherwise against every catalog table.
+    Files unchanged since the live catalog (or its artifacts export) recorded their check
+    are not read again, unless ``recheck``.
     """
     tmp_dir = workdir or s.data_path
     tmp = tmp_dir / f".verify-{uuid.uuid4().hex[:8]}.duckdb"
+    recorded: RecordedChecks | None = None
     try:
-        live = Catalog(s.catalog_path, read_only=True)
-    except CatalogLocked:
-        live_open = False
-        # runs and artifacts are refreshed together; configured exports may lag behind them
-        manifest = read_manifest(s.exports_path)
-        runs = manifest.exports.get("runs")
-        upto = runs.catalog_seq if runs else manifest.catalog_seq
-    else:
-        live_open = True
-        upto = live.catalog_seq()
-        poison = poison_of(live) if poison is None else poison
-        committed = live.con.execute(
-            "SELECT name, run_id, path FROM catalog.artifacts_f WHERE path IS NOT NULL"
-        ).fetchall()
-        live.close()
-    if not live_open:  # busd serve holds the catalog: what its artifacts export says
-        exported = reader_sql(s.exports_path, "artifacts")
-        con = duckdb.connect(":memory:")
         try:
-            committed = (
-                []
-                if exported is None
-                else con.execute(f"SELECT name, run_id, path FROM {exported}").fetchall()
-            )
-        finally:
-            con.close()
-    missing = sorted(
-        (str(n), str(r), str(p), why)
-        for n, r, p in committed
-        if (why := file_problem(str(p))) is not None
-    )
-    try:
+            live = Catalog(s.catalog_path, read_only=True)
+        except CatalogLocked:
+            live_open = False
+            # runs and artifacts are refreshed together; configured exports may lag behind them
+            manifest = read_manifest(s.exports_path)
+            runs = manifest.exports.get("runs")
+            upto = runs.catalog_seq if runs else manifest.catalog_seq
+        else:
+            live_open = True
+            try:
+                upto = live.catalog_seq()
+                poison = poison_of(live) if poison is None else poison
+                committed = live.con.execute(
+                    "SELECT name, run_id, path FROM catalog.artifacts_f WHERE path IS NOT NULL"
+                ).fetchall()
+                if not recheck:
+                    recorded = RecordedChecks.snapshot(s, live.con, "catalog.artifact_log", tmp_dir)
+            finally:
+                live.close()
+        if not live_open:  # busd serve holds the catalog: what its artifacts export says
+            exported = reader_sql(s.exports_path, "artifacts")
+            con = duckdb.connect(":memory:")
+            try:
+                committed = (
+                    []
+                    if exported is None
+                    else con.execute(f"SELECT name, run_id, path FROM {exported}").fetchall()
+                )
+                if exported is not None and not recheck:
+                    recorded = RecordedChecks.snapshot(s, con, exported, tmp_dir)
+            finally:
+                con.close()
+        missing = sorted(
+            (str(n), str(r), str(p), why)
+            for n, r, p in committed
+            if (why := file_problem(str(p))) is not None
+        )
         replayed = Catalog(tmp)
         try:
-            result = await replay_into(s, nc, replayed, upto_seq=upto, poison=poison)
+            result = await replay_into(
+                s, nc, replayed, upto_seq=upto, poison=poison, recorded=recorded
+            )
             if live_open:
                 report = _compare_catalogs(s.catalog_path, replayed, limit)
             else:
@@ -253,6 +416,8 @@ async def verify(
         finally:
             replayed.close()
     finally:
+        if recorded is not None:
+            recorded.close()
         for leftover in (tmp, Path(str(tmp) + ".wal")):
             leftover.unlink(missing_ok=True)
 
@@ -270,9 +435,12 @@ def _diff(
 
 
 def _select(source_sql: str, table: str) -> str:
-    wall_clock = COMPARED[table]
-    exclude = f" EXCLUDE ({', '.join(wall_clock)})" if wall_clock else ""
-    return f"SELECT *{exclude} FROM {source_sql}"
+    # COLUMNS, not EXCLUDE: a catalog or export older than a left-out column has none to leave out
+    left_out = COMPARED[table]
+    if not left_out:
+        return f"SELECT * FROM {source_sql}"
+    names = ", ".join(sql_str(c) for c in left_out)
+    return f"SELECT COLUMNS(lambda c: c NOT IN ({names})) FROM {source_sql}"
 
 
 def _compare_catalogs(live_path: Path, replayed: Catalog, limit: int) -> VerifyReport:

@@ -45,6 +45,15 @@ class CheckedArtifact(msgspec.Struct, frozen=True, array_like=True):
     columns: str
     schema_hash: str
     meta: str | None
+    # The file's identity when it was checked (``st_dev``, ``st_ino``, ``st_mtime_ns``,
+    # ``st_ctime_ns``; its size is ``bytes``), and whether ``sha256`` was computed from it. A
+    # replay skips the check of a file whose ``stat`` still says the same (git's index rule);
+    # None when the file had changed too recently for its times to prove anything since.
+    dev: int | None = None
+    ino: int | None = None
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    hashed: bool = False
 
 
 def inside(path: str, roots: Sequence[Path]) -> bool:
@@ -250,7 +259,8 @@ def _check_file(
             f"{art.name}: event says {art.rows} rows, Parquet footer has {rows}",
         )
     digest = art.sha256
-    if checksum == "always" or (checksum == "if_given" and art.sha256 is not None):
+    hashed = wants_hash(art, checksum)
+    if hashed:
         digest = _sha256(fd, whole)
         if art.sha256 is not None and art.sha256 != digest:
             raise InvalidEvent(
@@ -266,6 +276,85 @@ def _check_file(
         sha256=digest,
         columns=columns_json,
         schema_hash=schema_hash,
+        meta=None if art.meta is None else msgspec.json.encode(art.meta).decode(),
+        hashed=hashed,
+        **identity(st, time.time_ns()),
+    )
+
+
+def wants_hash(art: Artifact, checksum: ChecksumPolicy) -> bool:
+    """Whether a check computes the file's SHA-256 (else it records the event's, if any)."""
+    return checksum == "always" or (checksum == "if_given" and art.sha256 is not None)
+
+
+# A file changed shortly before it was checked can change again within the same tick of its
+# filesystem's clock and keep the same times, so its identity proves nothing later (git's
+# "racy clean" entries): none is recorded then. Filesystems whose times come in whole
+# milliseconds or coarser (FAT, some network filesystems) get a wider margin.
+RACY_NS = 100_000_000
+RACY_COARSE_NS = 2_000_000_000
+
+
+def identity(st: os.stat_result, now_ns: int) -> dict[str, int]:
+    """The ``dev``, ``ino``, ``mtime_ns`` and ``ctime_ns`` of a checked file, or nothing
+    when it changed too recently (see ``RACY_NS``)."""
+    mtime, ctime = st.st_mtime_ns, st.st_ctime_ns
+    coarse = mtime % 1_000_000 == 0 and ctime % 1_000_000 == 0
+    if now_ns - max(mtime, ctime) < (RACY_COARSE_NS if coarse else RACY_NS):
+        return {}
+    return {"dev": st.st_dev, "ino": st.st_ino, "mtime_ns": mtime, "ctime_ns": ctime}
+
+
+def unchanged(
+    art: Artifact,
+    recorded: CheckedArtifact,
+    roots: Sequence[Path],
+    checksum: ChecksumPolicy,
+) -> CheckedArtifact | None:
+    """The check of ``art`` that ``recorded`` still stands for, or None: check the file.
+
+    ``recorded`` is what checking this same artifact of this same event found before. It
+    stands when ``stat`` of the artifact's path still gives the identity recorded then (device,
+    inode, size, modification and change times in nanoseconds: a file rewritten, touched,
+    replaced or moved has another), the path still resolves where it did, inside the roots,
+    and the checksum policy needs no SHA-256 that was not computed then. ``stat`` follows a
+    final symlink and ``lstat`` does not, so a path that became a symlink is checked again."""
+    if recorded.dev is None or recorded.name != art.name:
+        return None
+    if wants_hash(art, checksum) and (
+        not recorded.hashed or (art.sha256 is not None and art.sha256 != recorded.sha256)
+    ):
+        return None
+    if (art.bytes is not None and art.bytes != recorded.bytes) or (
+        art.rows is not None and art.rows != recorded.rows
+    ):
+        return None
+    path = art.path if art.path.startswith("/") else os.path.join(roots[0], art.path)
+    try:
+        if path == recorded.path:
+            st = os.lstat(path)
+        elif os.path.realpath(path) == recorded.path:
+            st = os.stat(path)
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    if (
+        st.st_ino != recorded.ino
+        or st.st_mtime_ns != recorded.mtime_ns
+        or st.st_ctime_ns != recorded.ctime_ns
+        or st.st_size != recorded.bytes
+        or st.st_dev != recorded.dev
+        or not stat.S_ISREG(st.st_mode)
+        or not inside(recorded.path, roots)
+    ):
+        return None
+    sha256 = recorded.sha256 if wants_hash(art, checksum) else art.sha256
+    if sha256 == recorded.sha256 and art.meta is None and recorded.meta is None:
+        return recorded
+    return msgspec.structs.replace(
+        recorded,
+        sha256=sha256,
         meta=None if art.meta is None else msgspec.json.encode(art.meta).decode(),
     )
 

@@ -327,6 +327,11 @@ def committed_batch(seq: int, run_id: str) -> Batch:
             event_id,
             now,
             now,
+            None,
+            None,
+            None,
+            None,
+            False,
         )
     )
     batch.runs.append(

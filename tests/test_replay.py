@@ -11,14 +11,10 @@ from typing import Any
 from support import Bus, wait_for
 from test_cli import free_port
 
+from busd.catalog.schema import COMPARED
 from busd.manifest import read_manifest
 
-TABLES = {
-    "runs_d": "",
-    "artifacts_f": " EXCLUDE (committed_at)",
-    "events_f": " EXCLUDE (committed_at)",
-    "rejections_f": " EXCLUDE (rejected_at, deliveries)",
-}
+TABLES = {t: f" EXCLUDE ({', '.join(c)})" if c else "" for t, c in COMPARED.items()}
 
 
 def snapshot(bus: Bus) -> dict[str, list[tuple[Any, ...]]]:

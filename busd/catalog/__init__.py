@@ -158,8 +158,12 @@ class Catalog:
         ).fetchall()
         return [Sibling(int(q), str(h), str(o), r) for q, h, o, r in rows]
 
-    def commit(self, batch: Batch) -> Changed:
-        """Apply one batch in one transaction; a sequence already applied is skipped."""
+    def commit(self, batch: Batch, *, derive: bool = True) -> Changed:
+        """Apply one batch in one transaction; a sequence already applied is skipped.
+
+        ``derive=False`` (a replay into a new catalog) only appends to the logs and
+        ``events_f``; :meth:`derive_all` then computes ``artifacts_f`` and ``runs_d`` once, at
+        the end, instead of merging every batch into them."""
         if not batch:
             return Changed()
         con = self.con
@@ -174,7 +178,7 @@ class Catalog:
             for name, table in staged.items():
                 con.register(name, table)
             con.execute("BEGIN")
-            changed = self._apply(bool(batch.demotions))
+            changed = self._apply(bool(batch.demotions), derive)
             if batch.exports:
                 con.executemany(EXPORTS_D_INSERT, batch.exports)
             con.execute("COMMIT")
@@ -192,7 +196,7 @@ class Catalog:
                     con.unregister(name)
         return changed
 
-    def _apply(self, demotions: bool) -> Changed:
+    def _apply(self, demotions: bool, derive: bool = True) -> Changed:
         con = self.con
         # A sequence below what the catalog holds (a file that appeared late, a redelivery)
         # can lower a key's first_seq: its row moves to a lower part of a partitioned
@@ -241,6 +245,9 @@ class Catalog:
                 CREATE OR REPLACE TEMP TABLE touched_runs AS SELECT DISTINCT run_id
                 FROM stage_runs WHERE seq IN (SELECT seq FROM fresh)""")
             self._demote()
+        if not derive:
+            return Changed(None, None)
+        if demotions:
             con.execute(
                 "DELETE FROM catalog.artifacts_f a USING touched_keys t "
                 "WHERE a.run_id = t.run_id AND a.name = t.name"
@@ -268,6 +275,35 @@ class Catalog:
         if late:
             return Changed(None, None)
         return Changed(runs, {int(v) for v in merged.column("first_seq").to_pylist()})
+
+    def derive_all(self) -> None:
+        """``artifacts_f`` and ``runs_d`` computed from the logs in one transaction (after
+        commits with ``derive=False``): the same rows as merging batch by batch, since they
+        are a function of the logs alone."""
+        con = self.con
+        try:
+            con.execute("BEGIN")
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE touched_keys AS "
+                "SELECT DISTINCT run_id, name FROM catalog.artifact_log"
+            )
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE touched_runs AS "
+                "SELECT DISTINCT run_id FROM catalog.run_log"
+            )
+            con.execute("DELETE FROM catalog.artifacts_f")
+            con.execute(DERIVE_ARTIFACTS)
+            con.execute("DELETE FROM catalog.runs_d")
+            con.execute(DERIVE_RUNS)
+            con.execute("DROP TABLE touched_keys")
+            con.execute("DROP TABLE touched_runs")
+            con.execute("COMMIT")
+        except duckdb.FatalException as exc:
+            raise FatalStorageError(f"catalog: {exc}") from exc
+        except duckdb.Error as exc:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise StorageError(f"deriving artifacts_f and runs_d failed: {exc}") from exc
 
     def _demote(self) -> None:
         """Later sequences that lose their event_id to an earlier one: duplicate or conflict."""

@@ -66,13 +66,31 @@ ALTER TABLE catalog.run_log ADD COLUMN traceparent VARCHAR;
 ALTER TABLE catalog.runs_d ADD COLUMN traceparent VARCHAR;
 """
 
-MIGRATIONS: dict[int, str] = {1: DDL_V1, 2: DDL_V2, 3: DDL_V3, 4: DDL_V4}
+# v5: the identity of each artifact's file when it was checked (device, inode, times in ns;
+# the size is `bytes`) and whether its SHA-256 was computed then. A replay skips the check of
+# a file whose stat() still says the same. Machine-specific: `busd verify` leaves them out.
+FILE_TYPES = (
+    ("file_dev", "UBIGINT"),
+    ("file_ino", "UBIGINT"),
+    ("file_mtime_ns", "BIGINT"),
+    ("file_ctime_ns", "BIGINT"),
+    ("file_hashed", "BOOLEAN"),
+)
+FILE_COLUMNS = tuple(name for name, _ in FILE_TYPES)
+DDL_V5 = "".join(
+    f"ALTER TABLE catalog.{table} ADD COLUMN {name} {typ};\n"
+    for table in ("artifact_log", "artifacts_f")
+    for name, typ in FILE_TYPES
+)
+
+MIGRATIONS: dict[int, str] = {1: DDL_V1, 2: DDL_V2, 3: DDL_V3, 4: DDL_V4, 5: DDL_V5}
 EXPORTS_D_INSERT = "INSERT OR REPLACE INTO catalog.exports_d VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
-# Tables compared by `busd verify`, with the wall-clock columns a replay cannot reproduce.
+# Tables compared by `busd verify`, with the columns a replay cannot reproduce: wall-clock
+# times, and the identity of files as this machine saw them when it checked them.
 COMPARED: dict[str, tuple[str, ...]] = {
     "runs_d": (),
-    "artifacts_f": ("committed_at",),
+    "artifacts_f": ("committed_at", *FILE_COLUMNS),
     "events_f": ("committed_at",),
     "rejections_f": ("rejected_at", "deliveries"),
 }
@@ -120,6 +138,11 @@ ARTIFACT_LOG_COLUMNS: Columns = (
     ("event_id", pa.string()),
     ("published_at", TS),
     ("committed_at", TS),
+    ("file_dev", pa.uint64()),
+    ("file_ino", pa.uint64()),
+    ("file_mtime_ns", pa.int64()),
+    ("file_ctime_ns", pa.int64()),
+    ("file_hashed", pa.bool_()),
 )
 RUN_LOG_COLUMNS: Columns = (
     ("seq", pa.uint64()),
@@ -193,11 +216,13 @@ MERGE_ARTIFACTS = f"""
     INSERT INTO catalog.artifacts_f
     SELECT run_id, name, {", ".join(f"arg_max_null({c}, seq)" for c in ARTIFACT_FIELDS)},
            max(seq), count(*)::INTEGER, arg_max_null(published_at, seq),
-           arg_max_null(committed_at, seq), min(seq)
+           arg_max_null(committed_at, seq), min(seq),
+           {", ".join(f"arg_max_null({c}, seq)" for c in FILE_COLUMNS)}
     FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)
     GROUP BY run_id, name
     ON CONFLICT (run_id, name) DO UPDATE SET
       {higher("artifacts_f", "seq", (*ARTIFACT_FIELDS, "published_at", "committed_at"))},
+      {higher("artifacts_f", "seq", FILE_COLUMNS)},
       seq = greatest(EXCLUDED.seq, artifacts_f.seq),
       version = artifacts_f.version + EXCLUDED.version,
       first_seq = least(EXCLUDED.first_seq, artifacts_f.first_seq)
@@ -226,7 +251,8 @@ DERIVE_ARTIFACTS = f"""
     INSERT INTO catalog.artifacts_f
     SELECT run_id, name, {", ".join(f"arg_max_null({c}, seq)" for c in ARTIFACT_FIELDS)},
            max(seq), count(*)::INTEGER, arg_max_null(published_at, seq),
-           arg_max_null(committed_at, seq), min(seq)
+           arg_max_null(committed_at, seq), min(seq),
+           {", ".join(f"arg_max_null({c}, seq)" for c in FILE_COLUMNS)}
     FROM catalog.artifact_log SEMI JOIN touched_keys USING (run_id, name)
     GROUP BY run_id, name"""
 

@@ -24,9 +24,18 @@ from busd.daemon import answers
 from busd.errors import BusdError, CatalogLocked, ConfigError, ExitCode
 from busd.producer import ArtifactBus, flush_outbox
 
+RecheckOpt = Annotated[
+    bool,
+    typer.Option(
+        "--recheck",
+        help="Read every file again, also those whose identity (device, inode, size, "
+        "times) is unchanged since their recorded check.",
+    ),
+]
+
 
 @guarded
-def rebuild(config_path: ConfigOpt = None) -> None:
+def rebuild(config_path: ConfigOpt = None, recheck: RecheckOpt = False) -> None:
     """Replay the whole stream into a new catalog, refresh the exports, swap it in."""
     from busd.replay import rebuild as run_rebuild
 
@@ -48,7 +57,7 @@ def rebuild(config_path: ConfigOpt = None) -> None:
                     elapsed = bar.tasks[0].elapsed or 1e-9
                     bar.update(task, completed=done, total=total, rate=done / elapsed)
 
-                return await run_rebuild(s, nc, progress)
+                return await run_rebuild(s, nc, progress, recheck=recheck)
 
     try:
         result = asyncio.run(go())
@@ -59,12 +68,14 @@ def rebuild(config_path: ConfigOpt = None) -> None:
     typer.echo(
         f"rebuilt {s.catalog_path}: {result.events:,} events to sequence "
         f"{result.last_seq:,} in {result.seconds:.2f}s ({result.rate:,.0f} ev/s); "
-        f"outcomes {json.dumps(result.outcomes)}"
+        f"outcomes {json.dumps(result.outcomes)}; {result.files()}"
     )
 
 
 @guarded
-def verify(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def verify(
+    config_path: ConfigOpt = None, as_json: JsonOpt = False, recheck: RecheckOpt = False
+) -> None:
     """Replay into a temporary catalog and compare with the live one (exit 0 if equal)."""
     from busd.replay import verify as run_verify
 
@@ -74,7 +85,10 @@ def verify(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         poison = await ask_daemon(s, "poison", {})
         async with nats_for(s) as nc:
             return await run_verify(
-                s, nc, poison=None if poison is None else {int(k): v for k, v in poison.items()}
+                s,
+                nc,
+                poison=None if poison is None else {int(k): v for k, v in poison.items()},
+                recheck=recheck,
             )
 
     report = asyncio.run(go())
@@ -86,6 +100,9 @@ def verify(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
                     "against": report.against,
                     "events": report.replay.events,
                     "last_seq": report.replay.last_seq,
+                    "seconds": round(report.replay.seconds, 3),
+                    "files_checked": report.replay.files_checked,
+                    "files_reused": report.replay.files_reused,
                     "differences": report.counts,
                     "examples": [
                         {"table": d.table, "side": d.side, "row": d.row} for d in report.differences
@@ -99,9 +116,10 @@ def verify(config_path: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             )
         )
     else:
+        r = report.replay
         typer.echo(
-            f"replayed {report.replay.events:,} events to sequence "
-            f"{report.replay.last_seq:,}; compared with the live {report.against}: "
+            f"replayed {r.events:,} events to sequence {r.last_seq:,} in {r.seconds:.2f}s "
+            f"({r.rate:,.0f} ev/s; {r.files()}); compared with the live {report.against}: "
             + ", ".join(f"{t} {n} differences" for t, n in report.counts.items())
         )
         for d in report.differences:
