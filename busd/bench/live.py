@@ -1,5 +1,5 @@
 """``busd bench``: busd live (a real ``busd serve`` child while a publisher runs), export
-refresh time on large catalogs, and the rebuild placeholder.
+refresh time on large catalogs.
 
 Live latency (publish → ack) comes from busd's own ``busd_event_latency_seconds`` histogram,
 scraped before and after each phase: quantiles are interpolated inside buckets the way
@@ -15,8 +15,6 @@ import asyncio
 import contextlib
 import itertools
 import math
-import re
-import shutil
 import socket
 import sys
 import time
@@ -31,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from busd import source
 from busd.bench.env import StreamSpec, children_peak_rss_mb, event, peak_rss_mb, publish
-from busd.bench.measure import Ctx, LeanPull, median, summary, wait_exit
+from busd.bench.measure import Ctx, LeanPull, median
 from busd.catalog import Catalog
 from busd.config import Settings
 from busd.errors import BusdError, TimedOut
@@ -421,32 +419,3 @@ async def measure_exports(ctx: Ctx) -> dict[str, Any]:
         "artifacts_per_run": ARTIFACTS_PER_RUN,
         "sizes": await asyncio.to_thread(_exports_sync, ctx),
     }
-
-
-# ---- rebuild ------------------------------------------------------------------------------
-async def measure_rebuild(ctx: Ctx) -> dict[str, Any]:
-    """``busd rebuild`` over the catch-up stream, as a child process, ``ctx.runs`` times."""
-    assert ctx.stream is not None
-    env = ctx.env
-    rates: list[float] = []
-    seconds: list[float] = []
-    for k in range(ctx.runs):
-        name = f"rebuild-{k}"
-        config_path, s = env.config(name, ctx.stream, f"busd-rebuild-{k}")
-        ctx.tick(f"busd rebuild, run {k + 1}/{ctx.runs}", 0, 1)
-        proc = env.spawn(
-            [sys.executable, "-m", "busd", "rebuild", "--config", str(config_path)], f"{name}.log"
-        )
-        code = await wait_exit(env, proc, 60 + ctx.events / 200, "busd rebuild")
-        text = env.log_tail(f"{name}.log", 4000)
-        found = re.search(r"([\d,]+) events .* in ([\d.]+)s \(([\d,]+) ev/s\)", text)
-        if code != 0 or found is None:
-            raise BusdError(f"busd rebuild exited {code}: {text[-500:]}")
-        events = int(found.group(1).replace(",", ""))
-        if events != ctx.events:
-            raise BusdError(f"busd rebuild replayed {events} of {ctx.events} events")
-        seconds.append(float(found.group(2)))
-        rates.append(events / float(found.group(2)))
-        ctx.tick("", 1, None)
-        shutil.rmtree(s.data_path, ignore_errors=True)
-    return summary(rates, events=ctx.events, seconds=round(median(seconds), 3))

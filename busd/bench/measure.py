@@ -41,6 +41,8 @@ class Ctx:
     pool: list[PoolFile] = field(default_factory=list)
     stream: StreamSpec | None = None  # the catch-up stream, holding ``events`` events
     soak: int = 0  # events of the RSS soak (0: not run)
+    catchup_catalog: Path | None = None  # the catalog a catch-up run wrote (replays reuse it)
+    only: list[str] | None = None  # the sections to run (None: all)
     tick: Tick = lambda description, advance, total: None
 
 
@@ -182,6 +184,49 @@ async def measure_raw(ctx: Ctx) -> dict[str, Any]:
     return summary(rates, events=ctx.events, batch=500)
 
 
+# ---- stock fetch ----------------------------------------------------------------------------
+STOCK_BATCH = 500
+
+
+async def stock_all(ctx: Ctx, durable: str, timeout_s: float) -> float:
+    """nats-py's own pull consumer: ``fetch(batch)`` and ``ack()`` each message, no other
+    work, one flush a batch; events/s."""
+    assert ctx.stream is not None
+    js = source.jetstream(ctx.env.nc)
+    psub = await js.pull_subscribe_bind(durable=durable, stream=ctx.stream.name)
+    try:
+        started = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        got = 0
+        while got < ctx.events:
+            try:
+                msgs = await psub.fetch(min(STOCK_BATCH, ctx.events - got), timeout=5.0)
+            except TimeoutError:  # nats-py's, a subclass: nothing came within the timeout
+                msgs = []
+            if not msgs and time.monotonic() > deadline:
+                raise TimedOut(f"{durable}: {got} of {ctx.events} messages in {timeout_s:.0f}s")
+            for m in msgs:
+                await m.ack()
+            await ctx.env.nc.flush(timeout=10)
+            got += len(msgs)
+            ctx.tick("", len(msgs), None)
+        return ctx.events / (time.perf_counter() - started)
+    finally:
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
+
+
+async def measure_stock(ctx: Ctx) -> dict[str, Any]:
+    """A no-work consumer on nats-py's stock ``fetch``: what a replay is held against."""
+    rates = []
+    for k in range(ctx.runs):
+        durable = f"bench-stock-{k}"
+        await _consumer(ctx, durable)
+        ctx.tick(f"stock fetch, run {k + 1}/{ctx.runs}", 0, ctx.events)
+        rates.append(await stock_all(ctx, durable, 60 + ctx.events / 500))
+    return summary(rates, events=ctx.events, batch=STOCK_BATCH)
+
+
 # ---- naive peer ---------------------------------------------------------------------------
 def naive_sample(ctx: Ctx) -> int:
     return min(ctx.events, 500 if ctx.quick else 2000)
@@ -305,6 +350,9 @@ async def measure_catchup(ctx: Ctx) -> dict[str, Any]:
         result["process_wall_s"] = wall
         runs.append(result)
         ctx.tick("", 1, None)
+        if k == ctx.runs - 1:  # the replay sections reuse the checks it recorded
+            ctx.catchup_catalog = env.root / "catchup-catalog.duckdb"
+            shutil.move(s.catalog_path, ctx.catchup_catalog)
         shutil.rmtree(s.data_path, ignore_errors=True)  # catalogs of finished runs
     rates = [ctx.events / r["seconds"] for r in runs]
     return summary(

@@ -4,8 +4,9 @@ allows and a naive peer.
 One run starts its own ``nats-server`` (free loopback port, temporary store, ``sync_interval:
 always``) or uses ``--nats-url``, writes one small real Parquet file per event, publishes the
 events (pipelined JetStream publishes) and measures, over that same stream content: the raw
-pull limit, a naive per-message peer, busd catching up (``serve --drain`` in a child), busd
-live behind a publisher, export refresh time on large catalogs, and rebuild. Figures
+pull limit, a no-work consumer on nats-py's stock ``fetch``, a naive per-message peer, busd
+catching up (``serve --drain`` in a child), busd live behind a publisher, export refresh time
+on large catalogs, and rebuild and verify on the catalog the catch-up wrote. Figures
 are medians of ``--runs`` runs where a run is cheap. Everything is bounded in time and cleaned
 up on exit, Ctrl-C included. The heavy imports wait until the command runs, so registering it
 costs other commands nothing.
@@ -40,15 +41,19 @@ def sections() -> tuple[Section, ...]:
     """The report's sections, in the order they run. Adding one is one line here."""
     from busd.bench import live as live
     from busd.bench import measure as m
+    from busd.bench import replay as replay
     from busd.bench import soak as soak
 
     return (
         Section("raw", "raw limit", m.measure_raw),
+        Section("stock", "stock fetch", m.measure_stock),
         Section("naive", "naive peer", m.measure_naive),
         Section("catchup", "busd catch-up", m.measure_catchup),
         Section("live", "busd live", live.measure_live),
         Section("exports", "export refresh", live.measure_exports),
-        Section("rebuild", "busd rebuild", live.measure_rebuild),
+        Section("rebuild", "busd rebuild", replay.measure_rebuild),
+        Section("rebuild_recheck", "busd rebuild --recheck", replay.measure_rebuild_recheck),
+        Section("verify", "busd verify", replay.measure_verify),
         Section("soak", "RSS soak", soak.measure_soak),
     )
 
@@ -138,6 +143,8 @@ async def run_bench(ctx: Ctx) -> dict[str, Any]:
         }
         results: dict[str, Any] = {}
         for section in sections():
+            if ctx.only is not None and section.key not in ctx.only:
+                continue
             try:
                 results[section.key] = await section.measure(ctx)
             except Exception as exc:  # noqa: BLE001 - one failed section does not hide the others
@@ -155,11 +162,22 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
         section = results.get(key, {})
         return section.get("events_per_s") if section.get("status") == "ok" else None
 
-    busd, naive, raw = rate("catchup"), rate("naive"), rate("raw")
-    return {
+    busd, naive, raw, stock = rate("catchup"), rate("naive"), rate("raw"), rate("stock")
+    out = {
         "busd_over_naive": round(busd / naive, 2) if busd and naive else None,
         "busd_over_raw": round(busd / raw, 3) if busd and raw else None,
     }
+    for key in REPLAYS:  # target: at least 1.0
+        replay = rate(key)
+        out[f"{key}_over_stock"] = round(replay / stock, 2) if replay and stock else None
+    return out
+
+
+REPLAYS = {
+    "rebuild": "busd rebuild",
+    "rebuild_recheck": "busd rebuild --recheck",
+    "verify": "busd verify",
+}
 
 
 # ---- the printed table --------------------------------------------------------------------
@@ -293,16 +311,7 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
                         f"{_s(part['whole_seconds'])}",
                     )
                 )
-    if not failed("rebuild", "busd rebuild"):
-        r = res["rebuild"]
-        out.append(
-            (
-                "busd rebuild: replay into a new catalog",
-                f"{_n(r['events_per_s'])} ev/s",
-                f"{_n(r['events'])} events in {_s(r['seconds'])}, full checks, exports "
-                f"refreshed; {_runs(r['runs_events_per_s'])}",
-            )
-        )
+    _replay_rows(res, failed, out)
     if not failed("soak", "RSS soak: serve --drain"):
         r = res["soak"]
         marks = ", ".join(f"{x['rss_mb']:.0f}" for x in r["samples"])
@@ -318,7 +327,21 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"{_n(r['events_per_s'])} ev/s",
             )
         )
-    ratio = report.get("ratios", {})
+    out += _ratio_rows(report.get("ratios", {}))
+    return out
+
+
+def _ratio_rows(ratio: dict[str, Any]) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    for key, title in REPLAYS.items():
+        over = ratio.get(f"{key}_over_stock")
+        out.append(
+            (
+                f"{title} / stock fetch",
+                f"{over:.2f}×" if over else "n/a",
+                "target ≥ 1.0 (a replay at least as fast as a no-work stock-fetch consumer)",
+            )
+        )
     naive, raw = ratio.get("busd_over_naive"), ratio.get("busd_over_raw")
     out.append(("busd / naive (catch-up)", f"{naive:.1f}×" if naive else "n/a", ""))
     out.append(
@@ -329,6 +352,34 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         )
     )
     return out
+
+
+def _replay_rows(
+    res: dict[str, Any], failed: Callable[[str, str], bool], out: list[tuple[str, str, str]]
+) -> None:
+    """The stock-fetch consumer, then each replay (held against it)."""
+    if not failed("stock", "stock fetch: nats-py fetch + ack, no work"):
+        r = res["stock"]
+        out.append(
+            (
+                "stock fetch: nats-py fetch + ack, no work",
+                f"{_n(r['events_per_s'])} ev/s",
+                f"{_n(r['events'])} events, batch {r['batch']}; {_runs(r['runs_events_per_s'])}",
+            )
+        )
+    for key, title in REPLAYS.items():
+        if failed(key, title):
+            continue
+        r = res[key]
+        out.append(
+            (
+                f"{title}: replay",
+                f"{_n(r['events_per_s'])} ev/s",
+                f"{_n(r['events'])} events in {_s(r['seconds'])} (the process "
+                f"{_s(r['process_wall_s'])}); files checked {_n(r['files_checked'])}, "
+                f"reused {_n(r['files_reused'])}; {_runs(r['runs_events_per_s'])}",
+            )
+        )
 
 
 def render(report: dict[str, Any]) -> None:

@@ -44,8 +44,17 @@ def bench(
             "--soak", help="Also consume this many events, sampling RSS (1000000: the target)."
         ),
     ] = 0,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            "--only",
+            help="Run only these sections, comma-separated (raw, stock, naive, catchup, live, "
+            "exports, rebuild, rebuild_recheck, verify, soak); the replays need catchup.",
+        ),
+    ] = None,
 ) -> None:
-    """Measure busd here: raw limit, naive peer, catch-up, live latency, export refresh."""
+    """Measure busd here: raw limit, stock fetch, naive peer, catch-up, live latency, export
+    refresh, rebuild and verify."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -58,6 +67,7 @@ def bench(
 
     from busd.bench.env import BenchEnv
     from busd.bench.measure import Ctx
+    from busd.bench.report import sections
 
     n = events if events is not None else (QUICK_EVENTS if quick else DEFAULT_EVENTS)
     k = runs if runs is not None else (1 if quick else 3)
@@ -67,6 +77,10 @@ def bench(
         raise ConfigError("--runs: between 1 and 20")
     if soak and not 1000 <= soak <= 10_000_000:
         raise ConfigError("--soak: 0, or between 1000 and 10000000")
+    keys = [section.key for section in sections()]
+    chosen = None if only is None else [k.strip() for k in only.split(",") if k.strip()]
+    if chosen is not None and (not chosen or set(chosen) - set(keys)):
+        raise ConfigError(f"--only: a comma-separated list of {', '.join(keys)}")
     if nats_url is not None and not nats_url.startswith(("nats://", "tls://")):
         raise ConfigError(f"--nats-url: {nats_url!r} is not a nats:// URL")
     env: BenchEnv = BenchEnv(nats_url or None)
@@ -83,7 +97,7 @@ def bench(
     ticker = Ticker(progress)
     try:
         with progress:
-            ctx = Ctx(env=env, events=n, runs=k, quick=quick, tick=ticker, soak=soak)
+            ctx = Ctx(env=env, events=n, runs=k, quick=quick, tick=ticker, soak=soak, only=chosen)
             report = asyncio.run(run_bench(ctx))
             ticker.finish()
     finally:
