@@ -379,8 +379,10 @@ def _parquet_footer(
     """Rows, columns (JSON) and schema hash from the footer: from ``whole`` (the file's
     bytes) when given, else from two ``pread`` calls on the checked fd.
 
-    pyarrow parses the footer from a buffer (``PAR1`` + footer + length + ``PAR1``): no
-    Python file object, whose every read re-takes the GIL (it was a quarter of busd's CPU)."""
+    pyarrow parses the footer from a buffer (the whole file, or ``PAR1`` + footer + length +
+    ``PAR1``): no Python file object, whose every read re-takes the GIL (it was a quarter of
+    busd's CPU). Its reader is opened directly: ``pq.read_metadata`` wraps it in a
+    ``ParquetFile`` whose Python set-up cost twice the parse itself."""
 
     def bad(why: str) -> InvalidEvent:
         return InvalidEvent(Reason.NOT_PARQUET, f"{name}: {path} is not a Parquet file ({why})")
@@ -401,9 +403,12 @@ def _parquet_footer(
     if len(footer) != footer_len:
         raise bad("the file shrank while it was read")
     try:
-        meta = pq.read_metadata(pa.BufferReader(_MAGIC + footer + tail))
+        reader = pq.ParquetReader()
+        reader.open(pa.BufferReader(whole if whole is not None else _MAGIC + footer + tail))
+        meta = reader.metadata
         schema = meta.schema.to_arrow_schema()
         rows = int(meta.num_rows)
+        columns = tuple((f.name, str(f.type)) for f in schema)
     except (pa.ArrowException, OSError, ValueError, IndexError, TypeError) as exc:
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, pa.ArrowMemoryError) or "bad_alloc" in why:  # the machine's
@@ -413,16 +418,15 @@ def _parquet_footer(
         raise bad(why) from None
     if rows < 0:  # a damaged footer can say so; artifacts_f.rows would record it
         raise bad(f"its footer says {rows} rows")
-    columns_json, schema_hash = _columns(schema)
+    columns_json, schema_hash = _columns(columns)
     return rows, columns_json, schema_hash
 
 
 @functools.lru_cache(maxsize=256)
-def _columns(schema: pa.Schema) -> tuple[str, str]:
-    """Columns as JSON (name and type of each) and their hash; producers write few schemas."""
-    columns_json = msgspec.json.encode(
-        [{"name": f.name, "type": str(f.type)} for f in schema]
-    ).decode()
+def _columns(columns: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """Columns as JSON (name and type of each) and their hash; producers write few schemas.
+    Keyed by the (name, type) pairs: hashing a ``pa.Schema`` cost more than making them."""
+    columns_json = msgspec.json.encode([{"name": n, "type": t} for n, t in columns]).decode()
     return columns_json, hashlib.sha256(columns_json.encode()).hexdigest()[:16]
 
 
