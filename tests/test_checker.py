@@ -127,22 +127,6 @@ def test_a_worker_killed_by_a_file_costs_only_that_event(bus: Bus) -> None:
     )
 
 
-def test_workers_that_cannot_run_reject_nothing(bus: Bus) -> None:
-    bus.publish([bus.event(f"w{i}") for i in range(3)])
-    cfg = bus.write_config()
-    proc = bus.spawn(
-        "serve", "--config", str(cfg), "--drain", env={"BUSD_TEST_FAULT": "in_checker:@start"}
-    )
-    assert proc.wait(60) == 1, bus.log()
-    assert "file-check workers cannot run" in bus.log()
-    assert bus.sql("SELECT count(*) FROM catalog.events_f") == [(0,)]
-    proc = bus.spawn("serve", "--config", str(cfg), "--drain")
-    assert proc.wait(60) == 0, bus.log()
-    assert bus.sql("SELECT outcome, count(*) FROM catalog.events_f GROUP BY ALL") == [
-        ("committed", 3)
-    ]
-
-
 def test_batches_arriving_during_a_commit_join_the_next_transaction(bus: Bus) -> None:
     total = 3000
     bus.publish([bus.event(f"g{i}") for i in range(total)])

@@ -11,8 +11,11 @@ its stdin closes — so it never outlives busd. They are plain subprocesses, not
 A worker that dies (a file that crashes the Parquet reader, the OOM killer) is started again
 and the events of its slice are checked one at a time, so the event that kills a worker
 again is rejected for it and the others are decided as usual — provided a fresh worker
-answers an empty request: when workers cannot run at all, that is a TransientError (busd
-exits, nothing is rejected, the messages are delivered again).
+answers an empty request. Workers that cannot run at all (their interpreter cannot be
+executed, a process limit, a crash as they start) are the machine's fault: busd waits for
+them before it fetches anything (:meth:`Checker.ready`), and the events in hand when it
+happens later are checked again later (FileUnavailable), so no restart and no wait uses up
+a delivery.
 """
 
 from __future__ import annotations
@@ -53,10 +56,13 @@ _KILL_WAIT_S = 5.0  # a killed worker stuck in the kernel is left behind after t
 class WorkerDied(Exception):
     """A worker process exited while it checked a request; ``answers`` came before."""
 
-    def __init__(self, why: str, answers: list[Answer], *, crashed: bool = True) -> None:
+    def __init__(
+        self, why: str, answers: list[Answer], *, crashed: bool = True, ran: bool = True
+    ) -> None:
         super().__init__(why)
         self.answers = answers
         self.crashed = crashed  # by a signal of its own faults, not killed from outside
+        self.ran = ran  # False: it could not even be started (fork or exec failed)
 
 
 # what a process dies of when the code it runs crashes (a file that breaks the reader)
@@ -87,14 +93,17 @@ class _Worker:
         self.fresh = False  # started, its "ready" not read yet
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "busd.checker",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=1 << 26,
-        )
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "busd.checker",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=1 << 26,
+            )
+        except OSError as exc:  # no fork or exec: a process limit, the interpreter gone
+            raise WorkerDied(str(exc), [], crashed=False, ran=False) from None
         self.fresh = True
 
     @staticmethod
@@ -250,9 +259,20 @@ class Checker:
 
     async def start(self) -> None:
         """Start the worker processes now: each imports pyarrow (about 0.3 s) while busd
-        connects to NATS, instead of during the first batch."""
+        connects to NATS, instead of during the first batch. :meth:`ready` says whether
+        they could."""
         for worker in self._workers:
-            await worker.ensure()
+            with contextlib.suppress(WorkerDied):  # ready() tries again and says why
+                await worker.ensure()
+
+    async def ready(self) -> None:
+        """Every worker process answers; TransientError naming why one cannot (an exec that
+        fails, a process limit, a worker that dies as it starts). The daemon fetches nothing
+        before this passes, so a machine that cannot run workers uses up no delivery."""
+        whys = await asyncio.gather(*(self._cannot_work(w) for w in self._workers))
+        failed = [why for why in whys if why is not None]
+        if failed:
+            raise TransientError(f"file-check workers cannot start: {failed[0]}")
 
     async def close(self) -> None:
         await asyncio.gather(*(w.close() for w in self._workers))
@@ -319,17 +339,22 @@ class Checker:
         self, worker: _Worker, events: Sequence[Sequence[Artifact]]
     ) -> list[Result]:
         """Each event alone, so the one that kills a worker again is known — provided a
-        fresh worker can work at all; if not, nothing is decided (and nothing acked)."""
-        await self._must_work(worker)
+        fresh worker can work at all; if not, nothing is decided: the events are checked
+        again later, as after any error of the machine."""
         results: list[Result] = []
         for artifacts in events:
+            why = await self._cannot_work(worker) if worker.proc is None else None
+            if why is not None:
+                return results + [self._cannot_run(why)] * (len(events) - len(results))
             try:
                 answer = await worker.ask(self._request([artifacts]), 1, self.timeout_s)
                 results.append(with_meta(from_wire(answer[0]), artifacts))
             except WorkerStalled:
                 results.append(self._stalled(1))
             except WorkerDied as exc:
-                await self._must_work(worker)
+                why = await self._cannot_work(worker)
+                if why is not None:  # the event may have had nothing to do with it
+                    return results + [self._cannot_run(why)] * (len(events) - len(results))
                 if not exc.crashed:  # killed from outside (the OOM killer, an operator)
                     results.append(FileUnavailable(f"the checking process was killed ({exc})"))
                     continue
@@ -342,14 +367,22 @@ class Checker:
                 )
         return results
 
-    async def _must_work(self, worker: _Worker) -> None:
-        """A fresh worker answers an empty request, or the fault is not an event's."""
+    async def _cannot_work(self, worker: _Worker) -> str | None:
+        """None when a (fresh) worker answers an empty request; else why it cannot, a fault
+        of the machine and not of an event."""
         try:
             await worker.ask(self._request([]), 0, self.timeout_s)
-        except (WorkerDied, WorkerStalled) as exc:
-            raise TransientError(
-                f"file-check workers cannot run ({exc}); see their errors above"
-            ) from None
+        except WorkerDied as exc:
+            if not exc.ran:
+                return f"cannot run {sys.executable} -m busd.checker: {exc}"
+            return f"a worker exited as it started ({exc}); its own errors are on stderr"
+        except WorkerStalled:
+            return f"no answer within {self.timeout_s:g}s"
+        return None
+
+    def _cannot_run(self, why: str) -> FileUnavailable:
+        log.get().error("file-check workers cannot run; events checked again later", error=why)
+        return FileUnavailable(f"the file-check workers cannot run: {why}")
 
     async def _on_threads(self, events: Sequence[Sequence[Artifact]]) -> list[Result]:
         if self._slots is None:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import msgspec
 
-from busd import faults
 from busd.errors import FileNotYetThere, FileUnavailable, InvalidEvent, Reason
 from busd.model import Artifact
 from busd.validate import CheckedArtifact, ChecksumPolicy, check_artifacts
@@ -131,7 +130,6 @@ def worker_main() -> None:  # pragma: no cover - runs in the worker process
     # must not fail checks that busd is finishing before it exits
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    faults.hit_for("in_checker", "@start")  # tests: a worker that cannot run at all
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed by accident goes to stderr, not into the answers
     inp = sys.stdin.buffer

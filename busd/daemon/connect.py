@@ -1,8 +1,14 @@
-"""``busd serve`` with NATS down at start: wait for it, say so, stay unready.
+"""``busd serve`` waiting for what it cannot start without: NATS, and its file-check workers.
 
-The wait is logged at once and every ``source.WAITING_SAID_EVERY_S``, told to systemd with
-``STATUS=`` (and a longer start timeout), and ``/readyz`` stays 503 meanwhile; busd starts
-as soon as NATS answers. SIGTERM or SIGINT during the wait ends it cleanly.
+NATS down at start: the wait is logged at once and every ``source.WAITING_SAID_EVERY_S``,
+told to systemd with ``STATUS=`` (and a longer start timeout), and ``/readyz`` stays 503
+meanwhile; busd starts as soon as NATS answers. SIGTERM or SIGINT during the wait ends it
+cleanly.
+
+File-check workers that cannot start (their interpreter cannot be executed, a process limit,
+a crash as they import): the same, before the lease is taken and before anything is fetched,
+so that an error of the machine never uses up a message's deliveries (a restart loop under
+systemd used to cost one each, until a valid event became ``poison``).
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from collections.abc import Callable
 import anyio
 
 from busd import log, source
+from busd.checker import Checker
 from busd.config import NatsSettings
+from busd.errors import TransientError
 from busd.metrics import Metrics
 from busd.sdnotify import SdNotifier
 
@@ -60,3 +68,42 @@ async def connect_when_up(
     if said_at is not None and nc is not None:
         logger.info("NATS answered", url=url)
     return nc
+
+
+WORKERS_RETRY_S = (1.0, 10.0)  # the first and the longest pause between two tries
+
+
+async def workers_when_up(
+    checker: Checker,
+    *,
+    notify: SdNotifier,
+    stopping: Callable[[], bool],
+    waiting: Callable[[], None],
+) -> bool:
+    """True once every file-check worker answers (at once, as a rule: they were started
+    with busd and have imported meanwhile); False when ``stopping()`` first. The daemon's
+    own signal handler sets it: no second receiver here. ``waiting()`` is called when they
+    cannot start."""
+    logger = log.get()
+    what = "file-check workers cannot start; fetching nothing until they can"
+    said_at: float | None = None
+    tries = 0
+    while not stopping():
+        try:
+            await checker.ready()
+        except TransientError as exc:
+            tries += 1
+            waiting()
+            if said_at is None or time.monotonic() - said_at >= source.WAITING_SAID_EVERY_S:
+                said_at = time.monotonic()
+                logger.warning(what, error=str(exc))
+                notify.status(what, extend_start_s=2 * source.WAITING_SAID_EVERY_S)
+            first_s, longest_s = WORKERS_RETRY_S
+            retry_at = time.monotonic() + min(longest_s, first_s * 2.0 ** (tries - 1))
+            while not stopping() and time.monotonic() < retry_at:
+                await anyio.sleep(0.1)
+            continue
+        if said_at is not None:
+            logger.info("file-check workers started")
+        return True
+    return False

@@ -26,10 +26,11 @@ import anyio
 
 from busd import faults, log, model, source
 from busd.catalog import Catalog
+from busd.checker import Checker
 from busd.config import Settings, parse_hostport
 from busd.daemon.answers import Answers
 from busd.daemon.committer import Committer
-from busd.daemon.connect import connect_when_up
+from busd.daemon.connect import connect_when_up, workers_when_up
 from busd.daemon.keeper import Keeper, Progress
 from busd.daemon.publisher import ExportThread, Publisher
 from busd.daemon.store import LiveStore
@@ -76,6 +77,7 @@ class Daemon:
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="busd-writer")
         self._export_pool = ExportThread()
         self.catalog: Catalog | None = None
+        self.checker: Checker | None = None
         self.folder: Folder | None = None
         self.store: LiveStore | None = None
         self.lease: Lease | None = None
@@ -113,6 +115,16 @@ class Daemon:
     # ---- start and stop ------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        v = s.verify
+        self.checker = Checker(
+            s.roots,
+            v.checksum,
+            processes=v.processes,
+            threads=v.threads,
+            settle_s=v.settle_s,
+            timeout_s=v.check_timeout_s,
+        )
+        await self.checker.start()  # they import pyarrow while the catalog opens
         if s.metrics.listen:
             host, port = parse_hostport(s.metrics.listen, "metrics.listen")
             self.metrics_server = MetricsServer(self.metrics, host, port)
@@ -144,8 +156,7 @@ class Daemon:
             self.stopping = True
             return
         self.store = LiveStore(self.catalog, self._on_writer, self.nc, s.nats.stream)
-        self.folder = Folder(s, self.store)
-        await self.folder.checker.start()
+        self.folder = Folder(s, self.store, checker=self.checker)
         for problem in await source.ensure_stream(self.nc, s):
             self.log.warning("stream breaks a promise", stream=s.nats.stream, problem=problem)
 
@@ -218,6 +229,23 @@ class Daemon:
         self.metrics.ready.set(1)
         self.notify.ready()
 
+    async def _workers_up(self) -> bool:
+        """Wait until the file-check workers answer (False: stopped first); at once as a
+        rule, they were started with busd. Nothing is fetched, and no lease taken, before: a
+        busd that exits or nak's because workers cannot run would use up deliveries toward
+        poison at each restart. ``/readyz`` says 503 meanwhile."""
+        assert self.checker is not None
+
+        def waiting() -> None:
+            self.metrics.ready.set(0)
+
+        up = await workers_when_up(
+            self.checker, notify=self.notify, stopping=lambda: self.stopping, waiting=waiting
+        )
+        if self.src is not None:  # bound: ready again (as far as NATS goes)
+            self.metrics.ready.set(1 if up and self.nc.is_connected else 0)
+        return up
+
     def _on_nats_state(self, connected: bool) -> None:
         self.metrics.nats_connected.set(1 if connected else 0)
         if self.src is not None:  # ready means bound to the consumer, not just connected
@@ -245,6 +273,8 @@ class Daemon:
                 await self.committer.committed()
         if self.folder is not None:
             await self.folder.close()
+        elif self.checker is not None:
+            await self.checker.close()
         await anyio.to_thread.run_sync(self.lineage.close)  # its reader, before the catalog
         # the export thread's cursor must be idle before the catalog's connection closes;
         # stuck in a read that does not return, it is left behind with the catalog open
@@ -295,7 +325,9 @@ class Daemon:
     async def _serve(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
-            if self.settings.ha.enabled and not self.stopping:  # stopped while waiting for NATS
+            # stopped while waiting for NATS, or for the workers (before the lease: a busd
+            # that cannot check files must not hold it)
+            if self.settings.ha.enabled and not self.stopping and await self._workers_up():
                 await self._standby()
             if not self.stopping:
                 await self._activate()
@@ -401,6 +433,8 @@ class Daemon:
         committer = self.committer
         c = self.settings.consumer
         try:
+            if not await self._workers_up():  # before the first fetch
+                return
             while not self.stopping:
                 if self._backfill is not None and self._backfill.due():
                     await committer.committed()  # the backfill reads the catalog, then commits
