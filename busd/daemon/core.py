@@ -42,7 +42,7 @@ from busd.errors import (
 from busd.exports import Exporter
 from busd.fold import Folder
 from busd.ha.backfill import Backfill
-from busd.ha.follower import Follower, stand_by
+from busd.ha.follower import Follower, resume_after, stand_by
 from busd.ha.lease import Lease
 from busd.inflight import Ledger
 from busd.lineage import Lineage
@@ -212,8 +212,6 @@ class Daemon:
             notify=self.notify,
             progress=self.progress,
             outcomes=lambda: dict(self.stats.outcomes),
-            lease=self.lease,
-            lease_ok=lambda renew: self._lease_ok(renew=renew),
             send=self._send,
             ack_late=lambda: self._ack_through(publisher.exported_generation),
             recreate_consumer=self._recreate_consumer,
@@ -328,7 +326,12 @@ class Daemon:
             # stopped while waiting for NATS, or for the workers (before the lease: a busd
             # that cannot check files must not hold it)
             if self.settings.ha.enabled and not self.stopping and await self._workers_up():
-                await self._standby()
+                quarantined = await self._standby()
+                if self.lease is not None and not self.stopping:
+                    # renewed from the moment it is won: the backfill's start and a refresh of
+                    # stale exports come before the keeper runs, and may outlast the TTL
+                    tg.start_soon(self._keep_lease, self.lease)
+                    await self._start_backfill(quarantined)
             if not self.stopping:
                 await self._activate()
                 assert self.publisher is not None and self.keeper is not None
@@ -342,30 +345,44 @@ class Daemon:
             tg.cancel_scope.cancel()
 
     # ---- hot standby ---------------------------------------------------------------------
-    async def _standby(self) -> None:
-        """Follow the stream into our own catalog until we win the lease (or are stopped)."""
+    async def _standby(self) -> dict[int, str]:
+        """Follow the stream into our own catalog until we win the lease (or are stopped):
+        the poison decisions the follower carries over."""
         assert self.publisher is not None
         self.lease = Lease(self.nc, self.settings)
         await self.lease.open()
         if await self.lease.acquire():
             self._set_active(True)
-            await self._start_backfill()
-            return
+            return {}
         self._set_active(False)
         self.notify.ready()
         self.notify.status("standby")
         self.log.info("standby: following the stream", holder=await self.lease.holder())
         assert self.catalog is not None and self.folder is not None and self.store is not None
-        after_seq = await self._on_writer(self.catalog.catalog_seq)
+        catalog = self.catalog
+        # not the highest sequence: a former active's catalog lacks the ones it was still
+        # waiting for (a late file), and a standby resuming past them never folds them
+        after_seq = await resume_after(
+            self.nc, self.settings, lambda after: self._on_writer(catalog.recorded_through, after)
+        )
         quarantined = await stand_by(
             Follower(self.settings, self.nc, self.store, self._commit_rows, self.folder.checker),
             after_seq, self.lease, self.publisher.refresh_changed, self._alive,
             min(1.0, self._ping_every_s), lambda: self.stopping,
         )  # fmt: skip
-        if quarantined is not None:
-            self._set_active(True)
-            self.log.warning("took over the lease: active now", instance=self.lease.me)
-            await self._start_backfill(quarantined)
+        if quarantined is None:
+            return {}
+        self._set_active(True)
+        self.log.warning("took over the lease: active now", instance=self.lease.me)
+        return quarantined
+
+    async def _keep_lease(self, lease: Lease) -> None:
+        """Renew the lease while it is ours; a NATS error is retried at the next tick, a
+        lost lease raises (and ends the daemon)."""
+        while True:
+            await anyio.sleep(min(1.0, lease.ttl_s / 10))
+            if lease.due():
+                await self._lease_ok(renew=True)
 
     async def _start_backfill(self, quarantined: dict[int, str] | None = None) -> None:
         assert self.catalog is not None and self.folder is not None

@@ -1,8 +1,9 @@
 """The keeper: keep-alives that never wait for a batch.
 
-Loops of their own: the systemd watchdog and the stall check (no network at all), the HA
-lease renewal, in-progress signals for everything in the in-flight ledger (and acks that
-could not go out), and the lag gauges with the ``STATUS=`` line. None does catalog I/O, so a
+Loops of their own: the systemd watchdog and the stall check (no network at all),
+in-progress signals for everything in the in-flight ledger (and acks that could not go out),
+and the lag gauges with the ``STATUS=`` line. (The HA lease is renewed by the daemon from the
+moment it is won, before the keeper runs.) None does catalog I/O, so a
 slow file check, commit, refresh, disk or NATS request delays none of the others. A stall (a
 backlog and, for ``consumer.stall_s``, no ack, no commit and no export refresh advancing)
 raises :class:`~busd.errors.Stalled`, which ends the daemon's task group.
@@ -20,7 +21,6 @@ from busd import lag, model, sdnotify, source
 from busd.config import Settings
 from busd.errors import ConsumerGone, Stalled
 from busd.exports import Exporter
-from busd.ha.lease import Lease
 from busd.inflight import Ledger
 from busd.metrics import Metrics
 from busd.sdnotify import SdNotifier
@@ -53,8 +53,6 @@ class Keeper:
         notify: SdNotifier,
         progress: Progress,
         outcomes: Callable[[], dict[str, int]],
-        lease: Lease | None,
-        lease_ok: Callable[[bool], Awaitable[bool]],
         send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
         ack_late: Callable[[], Awaitable[None]],
         recreate_consumer: Callable[[str], Awaitable[None]],
@@ -62,7 +60,6 @@ class Keeper:
         self.settings, self.nc, self.src = s, nc, src
         self.ledger, self.exporter, self.metrics, self.notify = ledger, exporter, metrics, notify
         self.progress, self.outcomes = progress, outcomes
-        self.lease, self.lease_ok = lease, lease_ok
         self.send, self.ack_late = send, ack_late
         self.recreate_consumer = recreate_consumer
         self.backlog = 0  # pending + ack pending, as last measured
@@ -72,8 +69,6 @@ class Keeper:
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watchdog_loop)
-            if self.lease is not None:
-                tg.start_soon(self._lease_loop, self.lease)
             tg.start_soon(self._progress_loop)
             tg.start_soon(self._lag_loop)
 
@@ -116,13 +111,6 @@ class Keeper:
                 raise Stalled(
                     f"no progress for {stall_s:.0f}s with {self.backlog} messages waiting"
                 )
-
-    async def _lease_loop(self, lease: Lease) -> None:
-        """Renew the lease; a NATS error is retried at the next tick, a lost lease raises."""
-        while True:
-            await anyio.sleep(min(1.0, lease.ttl_s / 10))
-            if lease.due():
-                await self.lease_ok(True)
 
     async def _progress_loop(self) -> None:
         """In-progress signals for everything in hand, and acks that could not go out: no

@@ -17,10 +17,8 @@ from busd.checker import Checker
 from busd.config import Settings
 from busd.errors import FatalStorageError, StorageError
 from busd.fold import Store
-from busd.ha.follower import Follower
+from busd.ha.follower import MAX_DELETED_RUNS, Follower
 from busd.model import Batch
-
-MAX_DELETED_RUNS = 100  # runs of sequences gone from the stream skipped before a backfill
 
 
 class Backfill:

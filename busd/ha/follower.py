@@ -3,6 +3,14 @@
 A standby folds, with an ephemeral consumer, only what the active has settled (up to its ack
 floor), with the active's poison decisions, so the two catalogs never diverge; and it tries to
 take the lease every third of its TTL.
+
+The stream and the active's decisions are the truth, not the files as the standby finds them
+later: a file the active read may be gone for a while (moved, deleted and put back, a mount
+away) or unreadable (EIO) when the standby folds its event. Such a verdict is recorded only
+when the active reached the same one; otherwise that event is held back and checked again,
+the others folded meanwhile (the fold does not depend on order), for ``verify.file_wait_s``;
+past that, the standby's own verdict stands (what a rebuild would find), with a warning. An
+error of the machine is never a verdict: the batch is folded again later.
 """
 
 from __future__ import annotations
@@ -10,17 +18,54 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import anyio
 
-from busd import model, source
+from busd import log, model, source
 from busd.checker import Checker
 from busd.config import Settings
-from busd.errors import ConsumerGone
+from busd.errors import ConsumerGone, Outcome, Reason, TransientError
 from busd.fold import Folder, Store
 from busd.ha.lease import Lease
-from busd.model import Batch
+from busd.model import Batch, Decided, Folded
+from busd.validate import CONTENT_REASONS
+
+# verdicts that depend on what the file system holds at the time of the check
+FILE_REASONS = frozenset(
+    {Reason.FILE_MISSING, Reason.FILE_UNREADABLE, Reason.PATH_OUTSIDE_ROOTS, *CONTENT_REASONS}
+)
+RETRY_MAX_S = 10.0  # the longest pause before a held-back event's files are checked again
+MAX_DELETED_RUNS = 100  # runs of sequences gone from the stream skipped to find a gap
+
+
+@dataclass
+class _HeldBack:
+    """An event whose file verdict the active may not share, checked again later."""
+
+    since: float  # monotonic: first held back
+    tries: int = 0
+    retry_at: float = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self.retry_at
+
+
+async def resume_after(
+    nc: source.Client, s: Settings, recorded_through: Callable[[int], Awaitable[int]]
+) -> int:
+    """Where a standby resumes following: the sequence before the first one its catalog
+    lacks. Not the highest it holds: a former active's catalog lacks the events it was still
+    waiting for (a late file, nak'ed), and they are folded only if the follower starts below
+    them. A sequence no longer in the stream (deleted, aged out at its head) is no gap."""
+    start = await recorded_through(0)
+    for _ in range(MAX_DELETED_RUNS):
+        there = await source.next_stored_seq(nc, s.nats.stream, start + 1)
+        if there is None or there == start + 1:
+            break
+        start = await recorded_through(there - 1)
+    return start
 
 
 class Follower:
@@ -42,10 +87,16 @@ class Follower:
             s, store, replay=True, checker=checker, quarantined=dict(quarantined or {})
         )
         self._held: list[model.Delivery] = []
+        self._back: dict[int, _HeldBack] = {}  # held, by sequence: see the module docstring
+        self._machine_tries = 0  # folds in a row that failed on an error of the machine
+        self._paused_until = 0.0
         self.through = 0  # every sequence up to here has been folded (or was already recorded)
+        self._settled_to = 0  # the highest sequence taken up to fold (some may be held back)
         self.floor = 0  # the active's ack floor, as last read
         self._floor_at = 0.0
         self.idle = False  # the last step found nothing to fetch or hold
+        self.waited = False  # the last step waited for messages (else its caller may pause)
+        self.log = log.get()
 
     def reached(self, seq: int) -> bool:
         """Everything up to ``seq`` that the stream still holds is in the catalog."""
@@ -54,6 +105,7 @@ class Follower:
     async def start(self, after_seq: int) -> None:
         """Follow from the sequence after the last one our catalog holds."""
         self._held = []
+        self._settled_to = after_seq
         await source.add_reader(
             self.nc, self.settings.nats.stream, self.name, after_seq + 1, idle_s=30.0
         )
@@ -71,7 +123,8 @@ class Follower:
         assert self.pull is not None
         c = self.settings.consumer
         fetched: list[model.Delivery] = []
-        if len(self._held) < c.batch_max:
+        self.waited = len(self._held) - len(self._back) < c.batch_max
+        if self.waited:
             try:
                 fetched = await self.pull.fetch(c.batch_max, c.batch_wait_ms)
             except ConsumerGone:  # idle past its inactive threshold (a floor held for long)
@@ -83,20 +136,123 @@ class Follower:
         if self._held or time.monotonic() - self._floor_at > 1.0:  # idle: once a second
             self._floor_at = time.monotonic()
             self.floor = await self._active_floor()
-        batch = [d for d in self._held if d.seq <= self.floor]
-        if not batch:
+        now = time.monotonic()
+        settled = [d for d in self._held if d.seq <= self.floor]
+        batch = [d for d in settled if d.seq not in self._back or self._back[d.seq].due(now)]
+        if not batch or now < self._paused_until:
             return 0, set()
         known, _ = await self.store.lookup([d.seq for d in batch], [])
         fresh = [d for d in batch if d.seq not in known]
         touched: set[str] = set()
+        held_back: set[int] = set()
         if fresh:
-            folded = await self.folder.fold(fresh)
-            await self.commit(folded.rows)
-            touched = folded.touched
+            try:
+                folded, held_back = await self._fold(fresh, now)
+            except TransientError as exc:  # the machine failed to read files: not a verdict
+                self._machine_error(exc)
+                return 0, set()
+            self._machine_tries = 0
+            if folded is not None:
+                await self.commit(folded.rows)
+                touched = folded.touched
         # only once committed: a failed commit leaves the batch held, for the next step
-        self._held = [d for d in self._held if d.seq > self.floor]
-        self.through = max(self.through, batch[-1].seq)
-        return len(fresh), touched
+        for seq in {d.seq for d in batch} - held_back:
+            self._back.pop(seq, None)
+        for seq in held_back:
+            self._hold_back(seq, now)
+        self._held = [d for d in self._held if d.seq > self.floor or d.seq in self._back]
+        self._settled_to = max(self._settled_to, settled[-1].seq)
+        top = self._settled_to if not self._back else min(self._back) - 1
+        self.through = max(self.through, min(top, self._settled_to))
+        return len(fresh) - len(held_back), touched
+
+    async def _fold(
+        self, fresh: Sequence[model.Delivery], now: float
+    ) -> tuple[Folded | None, set[int]]:
+        """Fold ``fresh``; an event whose file verdict the active did not reach is left
+        out (folded again without it) and returned among the sequences held back."""
+        held_back: set[int] = set()
+        todo = list(fresh)
+        for _ in range(3):
+            if not todo:
+                return None, held_back
+            folded = await self.folder.fold(todo)
+            hold: set[int] = set()
+            answering = True  # an active that does not answer is not asked again this fold
+            for item in folded.decided:
+                if not _file_verdict(item):
+                    continue
+                answer = await self._active_outcome(item.d.seq) if answering else {}
+                answering = bool(answer)
+                if not self._may_record(item, answer, now):
+                    hold.add(item.d.seq)
+            if not hold:
+                return folded, held_back
+            held_back |= hold
+            todo = [d for d in todo if d.seq not in hold]
+        # files keep changing under the checks: all of it again later
+        return None, held_back | {d.seq for d in todo}
+
+    def _may_record(self, item: Decided, answer: dict[str, object], now: float) -> bool:
+        """A file verdict is recorded when the active reached the same one (``answer``, the
+        request API's ``outcome``), or once the file had ``verify.file_wait_s`` to come back
+        here: then it is what a rebuild would find, said with a warning, as the two catalogs
+        may differ on it."""
+        reason = None if item.reason is None else item.reason.value
+        if (
+            answer.get("state") == "done"
+            and answer.get("outcome") == Outcome.REJECTED.value
+            and answer.get("reason") == reason
+        ):
+            return True
+        back = self._back.get(item.d.seq)
+        waited_s = 0.0 if back is None else now - back.since
+        active = answer.get("outcome") or answer.get("state") or "no answer"
+        if waited_s >= self.settings.verify.file_wait_s:
+            self.log.warning(
+                "the standby records a file verdict the active did not reach: the file "
+                "stayed so for verify.file_wait_s",
+                seq=item.d.seq,
+                reason=reason,
+                detail=item.detail,
+                active=active,
+            )
+            return True
+        if back is None:
+            self.log.warning(
+                "a file verdict the active did not reach; its event is held back and checked again",
+                seq=item.d.seq,
+                reason=reason,
+                detail=item.detail,
+                active=active,
+            )
+        return False
+
+    async def _active_outcome(self, seq: int) -> dict[str, object]:
+        """What the active recorded for ``seq`` (the request API's ``outcome``); empty when
+        it does not answer."""
+        try:
+            subject = model.subject(self.settings.nats.consumer, "outcome")
+            raw = await source.request(self.nc, subject, model.encode({"seq": seq}), timeout_s=1.0)
+            answer = model.decode(raw)
+        except Exception:  # noqa: BLE001 - no active, NATS away: it does not vouch for it
+            return {}
+        return answer if isinstance(answer, dict) else {}
+
+    def _hold_back(self, seq: int, now: float) -> None:
+        back = self._back.setdefault(seq, _HeldBack(now))
+        back.tries += 1
+        back.retry_at = now + min(RETRY_MAX_S, 0.5 * 2.0 ** (back.tries - 1))
+
+    def _machine_error(self, exc: TransientError) -> None:
+        self._machine_tries += 1
+        pause_s = min(RETRY_MAX_S, 0.5 * 2.0 ** (self._machine_tries - 1))
+        self._paused_until = time.monotonic() + pause_s
+        self.log.warning(
+            "the standby failed to read files; folding again later",
+            error=str(exc),
+            retry_in_s=pause_s,
+        )
 
     async def _active_floor(self) -> int:
         """The active's ack floor, trusted only together with a poison list read after it.
@@ -143,6 +299,8 @@ async def follow_until_leader(
         n, touched = await follower.step()
         if n:
             await refresh(touched)
+        elif not follower.waited:  # events held back fill the batch: no fetch paced the loop
+            await anyio.sleep(0.1)
         alive()
         if time.monotonic() - tried > lease.ttl_s / 3:
             tried = time.monotonic()
@@ -178,3 +336,8 @@ async def stand_by(
     finally:
         await follower.stop()
     return follower.folder.quarantined if leader else None
+
+
+def _file_verdict(item: Decided) -> bool:
+    """A rejection for what the files looked like at the time of this fold."""
+    return not item.known and item.outcome is Outcome.REJECTED and item.reason in FILE_REASONS
