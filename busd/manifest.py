@@ -28,6 +28,8 @@ class ExportResult:
     duration_s: float
     parts: int = 0  # part files rewritten (partitioned exports)
     catalog_commit: int = 0  # the catalog's commit count in the snapshot it was written from
+    partition_seqs: int = 0  # sequences per part file (0: one file)
+    catalog_id: str = ""  # the catalog it was written from
 
 
 class ManifestEntry(msgspec.Struct):
@@ -39,6 +41,9 @@ class ManifestEntry(msgspec.Struct):
     duration_ms: float = 0.0
     # what freshness is judged by: written by a busd before it, 0, which is always stale
     catalog_commit: int = 0
+    partition_seqs: int = 0
+    parts_written: int = 0
+    catalog_id: str = ""
 
 
 class MissingFiles(msgspec.Struct):

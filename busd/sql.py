@@ -10,6 +10,10 @@ from typing import Any
 import duckdb
 
 COMMITS_KEY = "commits"
+# the last commit that moved rows of runs_d or artifacts_f between export parts, or removed some
+MOVED_KEY = "moved_commit"
+ID_KEY = "catalog_id"  # new with each catalog (a replay's too)
+STAMP = "changed_commit"  # in runs_d and artifacts_f: the commit that last changed the row
 
 
 def first_row(
@@ -25,6 +29,12 @@ def commit_count(con: duckdb.DuckDBPyConnection) -> int:
     """How many transactions have changed the catalog (as of ``con``'s snapshot)."""
     row = first_row(con, "SELECT value FROM catalog.meta WHERE key = ?", [COMMITS_KEY])
     return int(row[0]) if row else 0
+
+
+def meta_value(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
+    """A value of ``catalog.meta`` (as of ``con``'s snapshot); None when it has none."""
+    row = first_row(con, "SELECT value FROM catalog.meta WHERE key = ?", [key])
+    return str(row[0]) if row and row[0] is not None else None
 
 
 def sql_str(text: str | Path) -> str:

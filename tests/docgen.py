@@ -450,10 +450,14 @@ def commands() -> str:
 # ---- the catalog ----------------------------------------------------------------------------
 
 TABLE_DOCS = {
-    "meta": "Key-value facts about the catalog itself, such as its schema version.",
-    "runs_d": "One row per run (key `run_id`): the highest sequence's event wins.",
+    "meta": "Key-value facts about the catalog itself: `schema_version`, `commits` (the "
+    "transactions that changed it), `moved_commit` (the last one that moved rows of `runs_d` "
+    "or `artifacts_f` between export parts or removed some) and `catalog_id`.",
+    "runs_d": "One row per run (key `run_id`): the highest sequence's event wins. "
+    "`changed_commit`: the catalog commit that last changed the row (not exported).",
     "artifacts_f": "One row per artifact (key `run_id`, `name`): the file's absolute resolved "
-    "path, format, rows from the Parquet footer, bytes, SHA-256, columns.",
+    "path, format, rows from the Parquet footer, bytes, SHA-256, columns. `changed_commit`: "
+    "the catalog commit that last changed the row (not exported).",
     "events_f": "One row per stream message (key `seq`) with its outcome and reason.",
     "rejections_f": "One row per rejected message (key `seq`) with the reason, the detail and "
     "the payload as received.",
@@ -622,6 +626,12 @@ MANIFEST_DOCS = {
     "exports.catalog_commit": "The catalog's commit counter the export reflects: an export "
     "is stale when the catalog has committed since. 0 when the export was written without a "
     "file the machine failed to read at the time (always stale: refreshed again).",
+    "exports.partition_seqs": "Stream sequences per part file it was written with "
+    "(`export_partition_seqs`); 0 for a single file.",
+    "exports.parts_written": "Part files the last refresh rewrote (0 for a single file).",
+    "exports.catalog_id": "The identity of the catalog it was written from (`catalog.meta`, "
+    "key `catalog_id`; a replay makes a new catalog). With `catalog_commit`, what says which "
+    "part files the first refresh after a start must rewrite.",
     "artifacts_missing.count": "How many.",
     "artifacts_missing.paths": "The first few paths, sorted.",
     "artifacts_missing.checked_at": "When they were last checked.",

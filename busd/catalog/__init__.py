@@ -26,6 +26,7 @@ from busd.catalog.schema import (
     DERIVE_RUNS,
     EVENT_COLUMNS,
     EXPORTS_D_INSERT,
+    MARK_MOVED,
     MERGE_ARTIFACTS,
     MERGE_RUNS,
     MERGED_COLUMNS,
@@ -257,6 +258,7 @@ class Catalog:
                 "DELETE FROM catalog.runs_d WHERE run_id IN (SELECT run_id FROM touched_runs)"
             )
             con.execute(DERIVE_RUNS)
+            con.execute(MARK_MOVED)
             return Changed(None, None)  # a key's first_seq may have changed, or it is gone
         # a key is new when its version is just this batch's count of it
         merged = to_arrow(con.execute(MERGE_ARTIFACTS).fetchall(), MERGED_COLUMNS)
@@ -273,6 +275,7 @@ class Catalog:
             con.unregister("merged")
         runs = {int(r[0]) for r in con.execute(MERGE_RUNS).fetchall()}
         if late:
+            con.execute(MARK_MOVED)
             return Changed(None, None)
         return Changed(runs, {int(v) for v in merged.column("first_seq").to_pylist()})
 

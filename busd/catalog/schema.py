@@ -8,6 +8,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from busd.sql import COMMITS_KEY, ID_KEY, MOVED_KEY, STAMP
+
 DDL_V1 = """
 CREATE SCHEMA IF NOT EXISTS catalog;
 CREATE TABLE IF NOT EXISTS catalog.meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -83,14 +85,28 @@ DDL_V5 = "".join(
     for name, typ in FILE_TYPES
 )
 
-MIGRATIONS: dict[int, str] = {1: DDL_V1, 2: DDL_V2, 3: DDL_V3, 4: DDL_V4, 5: DDL_V5}
+# v6: the catalog commit that last changed each runs_d and artifacts_f row, and in
+# catalog.meta the last commit that moved such rows between parts of a partitioned export or
+# removed them (`moved_commit`: a late lower sequence, a demotion) and the catalog's identity
+# (`catalog_id`, new with each catalog: a replay's too). A partitioned export written at
+# commit c then rewrites only the parts holding rows changed after c, also after a restart.
+# Rows from before v6 have no commit: their exports are rewritten whole once (moved_commit).
+DDL_V6 = f"""
+ALTER TABLE catalog.runs_d ADD COLUMN {STAMP} UBIGINT;
+ALTER TABLE catalog.artifacts_f ADD COLUMN {STAMP} UBIGINT;
+INSERT INTO catalog.meta SELECT '{MOVED_KEY}', value FROM catalog.meta WHERE key = '{COMMITS_KEY}';
+INSERT INTO catalog.meta VALUES ('{ID_KEY}', uuid()::VARCHAR);
+"""
+
+MIGRATIONS: dict[int, str] = {1: DDL_V1, 2: DDL_V2, 3: DDL_V3, 4: DDL_V4, 5: DDL_V5, 6: DDL_V6}
 EXPORTS_D_INSERT = "INSERT OR REPLACE INTO catalog.exports_d VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 # Tables compared by `busd verify`, with the columns a replay cannot reproduce: wall-clock
-# times, and the identity of files as this machine saw them when it checked them.
+# times, the identity of files as this machine saw them when it checked them, and the commit
+# that changed a row (a replay commits in other batches).
 COMPARED: dict[str, tuple[str, ...]] = {
-    "runs_d": (),
-    "artifacts_f": ("committed_at", *FILE_COLUMNS),
+    "runs_d": (STAMP,),
+    "artifacts_f": ("committed_at", *FILE_COLUMNS, STAMP),
     "events_f": ("committed_at",),
     "rejections_f": ("rejected_at", "deliveries"),
 }
@@ -207,6 +223,16 @@ def higher(table: str, seq_col: str, columns: Sequence[str]) -> str:
     )
 
 
+# The commit count of the transaction under way (it counts itself before anything merges):
+# every row the SQL below writes records it, `changed_commit`.
+COMMIT_NOW = f"(SELECT value::UBIGINT FROM catalog.meta WHERE key = '{COMMITS_KEY}')"
+
+# After a change that moved rows between parts of a partitioned export or removed them.
+MARK_MOVED = (
+    f"UPDATE catalog.meta SET value = (SELECT value FROM catalog.meta WHERE key = "
+    f"'{COMMITS_KEY}') WHERE key = '{MOVED_KEY}'"
+)
+
 # The usual path, incremental: merge the batch's rows per key into the derived tables (the
 # primary-key index finds the existing row; nothing scans the catalog). `arg_max_null`, never
 # `arg_max`: arg_max skips the rows whose value is NULL, so an event that leaves out a field
@@ -217,7 +243,7 @@ MERGE_ARTIFACTS = f"""
     SELECT run_id, name, {", ".join(f"arg_max_null({c}, seq)" for c in ARTIFACT_FIELDS)},
            max(seq), count(*)::INTEGER, arg_max_null(published_at, seq),
            arg_max_null(committed_at, seq), min(seq),
-           {", ".join(f"arg_max_null({c}, seq)" for c in FILE_COLUMNS)}
+           {", ".join(f"arg_max_null({c}, seq)" for c in FILE_COLUMNS)}, {COMMIT_NOW}
     FROM stage_artifacts WHERE seq IN (SELECT seq FROM fresh)
     GROUP BY run_id, name
     ON CONFLICT (run_id, name) DO UPDATE SET
@@ -225,7 +251,8 @@ MERGE_ARTIFACTS = f"""
       {higher("artifacts_f", "seq", FILE_COLUMNS)},
       seq = greatest(EXCLUDED.seq, artifacts_f.seq),
       version = artifacts_f.version + EXCLUDED.version,
-      first_seq = least(EXCLUDED.first_seq, artifacts_f.first_seq)
+      first_seq = least(EXCLUDED.first_seq, artifacts_f.first_seq),
+      {STAMP} = EXCLUDED.{STAMP}
     RETURNING run_id, name, version, first_seq"""
 
 MERGE_RUNS = f"""
@@ -233,7 +260,7 @@ MERGE_RUNS = f"""
     SELECT l.run_id, {", ".join(f"arg_max_null(l.{c}, l.seq)" for c in RUN_FIELDS)},
            coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
            arg_max_null(l.published_at, l.seq), arg_max_null(l.event_id, l.seq),
-           arg_max_null(l.traceparent, l.seq)
+           arg_max_null(l.traceparent, l.seq), {COMMIT_NOW}
     FROM stage_runs l LEFT JOIN new_keys n USING (run_id)
     WHERE l.seq IN (SELECT seq FROM fresh)
     GROUP BY l.run_id
@@ -243,7 +270,8 @@ MERGE_RUNS = f"""
           THEN EXCLUDED.first_published_at ELSE runs_d.first_published_at END,
       first_seq = least(EXCLUDED.first_seq, runs_d.first_seq),
       last_seq = greatest(EXCLUDED.last_seq, runs_d.last_seq),
-      n_artifacts = runs_d.n_artifacts + EXCLUDED.n_artifacts
+      n_artifacts = runs_d.n_artifacts + EXCLUDED.n_artifacts,
+      {STAMP} = EXCLUDED.{STAMP}
     RETURNING first_seq"""
 
 # After a demotion (rare): recompute the affected keys from the logs.
@@ -252,7 +280,7 @@ DERIVE_ARTIFACTS = f"""
     SELECT run_id, name, {", ".join(f"arg_max_null({c}, seq)" for c in ARTIFACT_FIELDS)},
            max(seq), count(*)::INTEGER, arg_max_null(published_at, seq),
            arg_max_null(committed_at, seq), min(seq),
-           {", ".join(f"arg_max_null({c}, seq)" for c in FILE_COLUMNS)}
+           {", ".join(f"arg_max_null({c}, seq)" for c in FILE_COLUMNS)}, {COMMIT_NOW}
     FROM catalog.artifact_log SEMI JOIN touched_keys USING (run_id, name)
     GROUP BY run_id, name"""
 
@@ -261,7 +289,7 @@ DERIVE_RUNS = f"""
     SELECT l.run_id, {", ".join(f"arg_max_null(l.{c}, l.seq)" for c in RUN_FIELDS)},
            coalesce(any_value(n.n), 0), min(l.seq), max(l.seq), arg_min(l.published_at, l.seq),
            arg_max_null(l.published_at, l.seq), arg_max_null(l.event_id, l.seq),
-           arg_max_null(l.traceparent, l.seq)
+           arg_max_null(l.traceparent, l.seq), {COMMIT_NOW}
     FROM catalog.run_log l
     LEFT JOIN (SELECT run_id, count(*)::INTEGER AS n FROM catalog.artifacts_f
                WHERE run_id IN (SELECT run_id FROM touched_runs) GROUP BY run_id) n

@@ -26,6 +26,7 @@ from busd import faults
 from busd.config import ExportSettings, Settings
 from busd.durable import durable_replace, fsync_dir, readable_dir, write_bytes_atomic
 from busd.errors import ConfigError, FatalStorageError, StorageError
+from busd.exports import parts as pt
 from busd.exports.files import ArtifactFiles
 from busd.manifest import (
     MANIFEST,
@@ -37,12 +38,12 @@ from busd.manifest import (
     reader_sql,
 )
 from busd.model import Changed
-from busd.sql import commit_count, first_row, quote_ident, sql_str
+from busd.sql import ID_KEY, MOVED_KEY, commit_count, first_row, meta_value, quote_ident, sql_str
 
 # In no particular order: sorting a million artifacts took a third of a refresh.
 BUILTIN: tuple[ExportSettings, ...] = (
-    ExportSettings(name="runs", sql="SELECT * FROM catalog.runs_d"),
-    ExportSettings(name="artifacts", sql="SELECT * FROM catalog.artifacts_f"),
+    ExportSettings(name="runs", sql=f"SELECT {pt.EXPORTED} FROM catalog.runs_d"),
+    ExportSettings(name="artifacts", sql=f"SELECT {pt.EXPORTED} FROM catalog.artifacts_f"),
 )
 
 # With ``export_partition_seqs`` set: these exports are folders of part files, a part per
@@ -85,9 +86,10 @@ class Exporter:
         self.cur = cursor
         self.folder = folder
         self.partition_seqs = partition_seqs
-        # a partitioned export is rewritten whole the first time: nothing says what changed
-        # while no busd ran (or between its last refresh and a crash)
-        self._whole_next = set(PARTITIONABLE) if partition_seqs else set()
+        # a partitioned export's parts reflect this catalog commit once this exporter has
+        # refreshed it; before, its files on disk are looked at (busd.exports.parts)
+        self._covered: dict[str, int] = {}
+        self._looks: dict[str, pt.Look] = {}  # looked at by stale(), for the next refresh
         self.exports = {e.name: e for e in (*BUILTIN, *configured)}
         # an export without depends_on follows every data.* name its SQL reads
         self._inputs = {
@@ -166,6 +168,7 @@ class Exporter:
         """
         manifest = read_manifest(self.folder)
         commits = commit_count(self.cur)
+        catalog_id = meta_value(self.cur, ID_KEY) or ""
         out = []
         for name in self.exports:
             entry = manifest.exports.get(name)
@@ -173,11 +176,30 @@ class Exporter:
                 entry is None
                 or entry.catalog_commit < commits
                 or entry.catalog_seq < catalog_seq
+                or entry.catalog_id not in ("", catalog_id)
                 or not (self.folder / entry.file).exists()
                 or not self._same_columns(name)
+                or not self._parts_clean(name, entry, catalog_id, commits)
             ):
                 out.append(name)
         return out
+
+    def _parts_clean(self, name: str, entry: ManifestEntry, catalog_id: str, commits: int) -> bool:
+        """A partitioned export's part files are all there, whole, written with this span:
+        what they lack is rewritten by the next refresh (looked at once)."""
+        if not self.partition_seqs or name not in PARTITIONABLE:
+            return True
+        found = pt.look(
+            self.cur,
+            self.folder / name,
+            PARTITIONABLE[name],
+            self.partition_seqs,
+            entry,
+            catalog_id,
+            commits,
+        )
+        self._looks[name] = found
+        return found.clean()
 
     def _same_columns(self, name: str) -> bool:
         """A built-in export has its table's columns (configured ones are not checked)."""
@@ -191,7 +213,9 @@ class Exporter:
             ]
         except duckdb.Error:
             return False  # unreadable: rewrite it
-        wanted = [r[0] for r in self.cur.execute(f"DESCRIBE SELECT * FROM {table}").fetchall()]
+        wanted = [
+            r[0] for r in self.cur.execute(f"DESCRIBE SELECT {pt.EXPORTED} FROM {table}").fetchall()
+        ]
         return exported == wanted
 
     def check(self) -> None:
@@ -268,7 +292,9 @@ class Exporter:
         """Rewrite these exports from one snapshot; then the manifest. Returns (results, seq).
 
         ``changed``: what the transactions since the last refresh changed; a partitioned
-        export then rewrites only the parts holding those rows (None: all of them)."""
+        export rewrites the parts holding those rows and the parts the catalog says changed
+        since its last refresh (a field None: every part). ``changed`` None: nothing known,
+        the part files on disk are looked at again (:mod:`busd.exports.parts`)."""
         self.refreshing_since = time.monotonic()
         try:
             if self.files.sweep_due():
@@ -296,17 +322,19 @@ class Exporter:
             row = first_row(cur, "SELECT coalesce(max(seq), 0) FROM catalog.events_f")
             catalog_seq = int(row[0]) if row else 0
             commits = commit_count(cur)
+            catalog_id = meta_value(cur, ID_KEY) or ""
             for name in names:
                 if self.partition_seqs and name in PARTITIONABLE:
-                    first_seqs = (
-                        None
-                        if changed is None or name in self._whole_next
-                        else getattr(changed, name)
-                    )
+                    if changed is None:
+                        self._covered.pop(name, None)
                     result: ExportResult | None = self._refresh_parts(
-                        self.exports[name], PARTITIONABLE[name], catalog_seq, first_seqs, commits
+                        self.exports[name],
+                        PARTITIONABLE[name],
+                        catalog_seq,
+                        set() if changed is None else getattr(changed, name),
+                        commits,
+                        catalog_id,
                     )
-                    self._whole_next.discard(name)
                 else:
                     result = self._refresh_one(
                         self.exports[name], catalog_seq, commits, covered.get(name, 0)
@@ -322,7 +350,7 @@ class Exporter:
         finally:
             with contextlib.suppress(duckdb.Error):
                 cur.execute("ROLLBACK")
-        self._write_manifest(results, catalog_seq)
+        self._write_manifest(results, catalog_seq, catalog_id)
         return results, catalog_seq
 
     def _refresh_one(
@@ -367,45 +395,52 @@ class Exporter:
         catalog_seq: int,
         first_seqs: set[int] | None,
         commits: int,
+        catalog_id: str,
     ) -> ExportResult:
-        """Rewrite the part files of the rows with these ``first_seq`` (None: every part,
-        and parts that no longer hold rows are removed)."""
+        """Rewrite the part files of the rows with these ``first_seq`` and of the rows
+        changed since the last refresh (None: every part, and parts that no longer hold rows
+        are removed)."""
         started = time.perf_counter()
-        span = self.partition_seqs
+        span, cur = self.partition_seqs, self.cur
         folder = self.folder / export.name
         folder.mkdir(exist_ok=True)
         readable_dir(folder)
-        part_of = f"coalesce(first_seq, 0) // {span}"
-        if first_seqs is None:
-            parts = {
-                int(p)
-                for (p,) in self.cur.execute(f"SELECT DISTINCT {part_of} FROM {table}").fetchall()
-            } or {0}
+        covered = self._covered.get(export.name)
+        found = pt.Look(covered)
+        if covered is None:  # the first refresh: what do the files on disk hold?
+            entry = read_manifest(self.folder).exports.get(export.name)
+            found = (
+                self._looks.pop(export.name)
+                if export.name in self._looks
+                else pt.look(cur, folder, table, span, entry, catalog_id, commits)
+            )
+        moved = int(meta_value(cur, MOVED_KEY) or 0)
+        whole = first_seqs is None or found.covered is None or moved > found.covered
+        if whole:
+            parts = pt.every_part(cur, table, span)
         else:
-            parts = {seq // span for seq in first_seqs}
+            assert first_seqs is not None and found.covered is not None
+            parts = {seq // span for seq in first_seqs} | found.repair
+            parts |= pt.changed_since(cur, table, span, found.covered)
         for part in sorted(parts):
-            final = folder / f"part-{part:08d}.parquet"
+            final = pt.part_file(folder, part)
             tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-            # a range on first_seq, so that DuckDB skips the row groups of other parts
-            where = f"first_seq >= {part * span} AND first_seq < {(part + 1) * span}"
-            if part == 0:
-                where += " OR first_seq IS NULL"
-            self._copy(f"SELECT * FROM {table} WHERE {where}", tmp)
+            self._copy(f"SELECT {pt.EXPORTED} FROM {table} WHERE {pt.part_where(part, span)}", tmp)
             faults.hit("during_export")
             durable_replace(tmp, final)
             self.files_written += 1
             faults.hit("after_rename")
-        if first_seqs is None:
-            gone = [
-                f
-                for f in folder.glob(PART_GLOB)
-                if not f.stem[5:].isdigit() or int(f.stem[5:]) not in parts
-            ]
-            for f in gone:
-                f.unlink()
-            if gone:
-                fsync_dir(folder)
-        row = first_row(self.cur, f"SELECT count(*) FROM {table}")
+        gone = [
+            f
+            for f in (folder.glob(PART_GLOB) if whole else found.gone)
+            if pt.part_number(f) not in parts
+        ]
+        for f in gone:
+            f.unlink(missing_ok=True)
+        if gone:
+            fsync_dir(folder)
+        self._covered[export.name] = commits
+        row = first_row(cur, f"SELECT count(*) FROM {table}")
         size = sum(f.stat().st_size for f in folder.glob(PART_GLOB))
         return ExportResult(
             export.name,
@@ -417,6 +452,7 @@ class Exporter:
             time.perf_counter() - started,
             len(parts),
             commits,
+            span,
         )
 
     def _copy(self, sql: str, tmp: Path) -> int:
@@ -432,7 +468,9 @@ class Exporter:
             raise
         return int(row[0]) if row else 0
 
-    def _write_manifest(self, results: Sequence[ExportResult], catalog_seq: int) -> None:
+    def _write_manifest(
+        self, results: Sequence[ExportResult], catalog_seq: int, catalog_id: str
+    ) -> None:
         manifest = read_manifest(self.folder)
         for r in results:
             manifest.exports[r.name] = ManifestEntry(
@@ -443,6 +481,9 @@ class Exporter:
                 r.refreshed_at,
                 round(r.duration_s * 1000, 3),
                 r.catalog_commit,
+                r.partition_seqs,
+                r.parts,
+                catalog_id,
             )
         for gone in set(manifest.exports) - set(self.exports):
             del manifest.exports[gone]
