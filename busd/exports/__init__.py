@@ -297,7 +297,7 @@ class Exporter:
         the part files on disk are looked at again (:mod:`busd.exports.parts`)."""
         self.refreshing_since = time.monotonic()
         try:
-            if self.files.sweep_due():
+            if self.files.sweep_due(inline=True):
                 self.files.sweep()
             self.files.begin()
             for left in range(_PASSES - 1, -1, -1):

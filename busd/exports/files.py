@@ -29,12 +29,18 @@ import duckdb
 
 from busd.durable import write_bytes_atomic
 from busd.errors import StorageError
+from busd.exports.sweep import (
+    SWEEP_EVERY_S,
+    SWEEP_SHARE,
+    Pass,
+    begin_pass,
+    no_longer_committed,
+    small,
+)
 from busd.manifest import MANIFEST, MissingFiles, encode_manifest, read_manifest
 from busd.sql import sql_str
 
 MISSING_LISTED = 10  # files named in the manifest and by `busd status`
-SWEEP_EVERY_S = 60.0  # every committed artifact's file is checked at most this often,
-SWEEP_SHARE = 30  # ... and for at most 1/30 of the export thread's time
 RECHECK_FIRST_S = 1.0  # a file the machine failed to read is looked at again after this,
 RECHECK_MAX_S = 30.0  # ... twice as long each time, up to this
 
@@ -254,7 +260,8 @@ class ArtifactFiles:
         self._recovered: set[str] = set()  # names whose unavailable file reads again
         self._recovered_lock = threading.Lock()
         self._checked_at: dt.datetime | None = None
-        self._next_sweep = 0.0  # the first refresh (or sweep) checks every committed file
+        self._next_sweep = 0.0  # a pass over every committed file starts at once
+        self._pass: Pass | None = None  # a sweep under way, slice by slice
         # files DuckDB failed to read although the cheap check passed, by their stat key;
         # and files it read whole without error (not read again until they change)
         self._damaged: dict[str, tuple[StatKey | None, str]] = {}
@@ -417,13 +424,50 @@ class ArtifactFiles:
         self.end()
         self._report(before)
 
-    def sweep_due(self) -> bool:
-        return time.monotonic() >= self._next_sweep
+    def sweep_due(self, *, inline: bool = False) -> bool:
+        """A sweep is due, or one is under way. ``inline`` (a refresh asks): only when the
+        whole sweep is one call; a larger catalog is swept between refreshes, a slice at a
+        time (the daemon's sweep loop), so that a refresh never waits for millions of files."""
+        if self._pass is None and time.monotonic() < self._next_sweep:
+            return False
+        return not inline or (self._pass is None and small(self.cur))
 
     def sweep(self) -> MissingFiles:
-        """Check every committed artifact's file (stat; the files exports read, a few bytes
-        more), and record the result in the manifest when it changed."""
+        """Check the next slice of the committed artifacts' files (stat; the files exports
+        read, a few bytes more): about ``SWEEP_ROWS`` of them, by ``first_seq``. Once every
+        one was, record the result in the manifest when it changed."""
         started = time.monotonic()
+        try:
+            if self._pass is None:
+                self._pass = self._begin_pass()
+            sweep = self._pass
+            rows = self.cur.execute(
+                f"SELECT name, run_id, path FROM catalog.artifacts_f WHERE ({sweep.where()}) "
+                "AND path IS NOT NULL"
+            )
+            seen = 0
+            while chunk := rows.fetchmany(10_000):
+                self._sweep_chunk(chunk, sweep.missing)
+                seen += len(chunk)
+            sweep.advance(seen, time.monotonic() - started)
+            if not sweep.done():
+                self.end()
+                return self.missing_files()
+            gone = no_longer_committed(self.cur, list(self.unavailable))
+        except duckdb.Error as exc:
+            self._pass = None
+            self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+            raise StorageError(f"checking artifact files failed: {exc}") from exc
+        self._pass = None
+        self._next_sweep = time.monotonic() + max(SWEEP_EVERY_S, SWEEP_SHARE * sweep.took)
+        for path in gone:
+            del self.unavailable[path]
+        self._missing = sweep.missing
+        self._checked_at = dt.datetime.now(dt.UTC)
+        self.end()
+        return self._report(sweep.before)
+
+    def _begin_pass(self) -> Pass:
         before = self.missing_files()
         damaged = list(self._damaged)  # a read error may have been passing
         for path, found in zip(damaged, self.bounded.map(read_whole, damaged), strict=True):
@@ -433,26 +477,7 @@ class ArtifactFiles:
         # that fails for its own reasons must not re-read all its files every minute)
         in_views = {p for files in self._view_files.values() for p in files}
         self._read_whole = {p: k for p, k in self._read_whole.items() if p in in_views}
-        seen: set[str] = set()
-        try:
-            rows = self.cur.execute(
-                "SELECT name, run_id, path FROM catalog.artifacts_f WHERE path IS NOT NULL"
-            )
-            missing: dict[str, dict[str, tuple[str, str]]] = {}
-            while chunk := rows.fetchmany(10_000):
-                self._sweep_chunk(chunk, missing)
-                seen.update(path for _, _, path in chunk)
-        except duckdb.Error as exc:
-            raise StorageError(f"checking artifact files failed: {exc}") from exc
-        finally:
-            took = time.monotonic() - started
-            self._next_sweep = time.monotonic() + max(SWEEP_EVERY_S, SWEEP_SHARE * took)
-        for path in set(self.unavailable) - seen:  # no longer committed
-            del self.unavailable[path]
-        self._missing = missing
-        self._checked_at = dt.datetime.now(dt.UTC)
-        self.end()
-        return self._report(before)
+        return begin_pass(self.cur, before)
 
     def _sweep_chunk(
         self, chunk: list[tuple[str, str, str]], missing: dict[str, dict[str, tuple[str, str]]]
