@@ -5,11 +5,12 @@ there), switched from the test while busd reads them.
 It runs in a process of its own (``python faultfs.py BACKING MOUNTPOINT CONTROL``) so that
 libfuse's signal handlers and a stalled request never touch the test process. Faults live in
 the JSON file CONTROL, re-read whenever it changes: ``{"rel/path": {"open": errno,
-"read": errno, "stall": true, "hide": true}}``. A stalled read waits until its fault is
-cleared, for at most ``STALL_MAX_S``. Two keys narrow a fault: ``"pid": N`` serves it to
-process N only (its threads included; other processes read the file as it is), and
-``"over": n`` fails or stalls only reads of more than n bytes (the first bytes of a file come
-from a cache, the rest from storage that hangs).
+"read": errno, "stall": true, "hide": true, "rate": bytes_per_s}}``. A stalled read waits
+until its fault is cleared, for at most ``STALL_MAX_S``; a ``rate`` makes every read take as
+long as that many bytes a second allow (a slow disk that keeps going). Two keys narrow a
+fault: ``"pid": N`` serves it to process N only (its threads included; other processes read
+the file as it is), and ``"over": n`` fails or stalls only reads of more than n bytes (the
+first bytes of a file come from a cache, the rest from storage that hangs).
 
 The mount uses ``direct_io`` and no attribute or entry caching, so every read and every
 lookup reaches this process and a fault takes effect at once.
@@ -46,8 +47,8 @@ class FaultFS:
 
     def set(self, rel: str, **fault: Any) -> None:
         """Fail ``rel``: ``open=errno.EACCES``, ``read=errno.EIO``, ``stall=True``,
-        ``hide=True`` (or several); ``pid=N`` for process N only, ``over=n`` for reads of
-        more than n bytes only."""
+        ``hide=True``, ``rate=bytes_per_s`` (or several); ``pid=N`` for process N only,
+        ``over=n`` for reads of more than n bytes only."""
         self.faults[rel] = fault
         self._write()
 
@@ -245,6 +246,8 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:  # pragma: no c
             if code:
                 faults.hit(path, "read")
                 raise FuseOSError(int(code))
+            if fault.get("rate"):
+                time.sleep(size / float(fault["rate"]))
             return os.pread(fh, size, offset)
 
         def release(self, path: str, fh: int) -> None:

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import signal
 from pathlib import Path
 
 import pytest
 from support import Bus, sha256_file, wait_for
 
 from busd.checker import Checker, Result
-from busd.errors import FileNotYetThere, InvalidEvent
+from busd.errors import FileNotYetThere, FileUnavailable, InvalidEvent
 from busd.model import Artifact
 
 
@@ -161,3 +163,34 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has exited; init reaps it
+
+
+def test_no_file_descriptor_for_a_new_worker_is_the_machines_fault(bus: Bus) -> None:
+    """A worker killed from outside, and busd at its open-file limit when it starts another
+    (EMFILE on the pipes): the event is checked again later, nothing escapes the checker."""
+    good = bus.parquet("ok/a.parquet")
+    event = [Artifact("a", str(good))]
+
+    async def go() -> tuple[Result, Result]:
+        checker = Checker([bus.artifacts], "if_given", processes=1, threads=1, timeout_s=10)
+        await checker.start()
+        try:
+            await checker.ready()
+            me = os.getpid()
+            for child in Path(f"/proc/{me}/task/{me}/children").read_text().split():
+                os.kill(int(child), signal.SIGKILL)  # the OOM killer
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+            try:
+                [starved] = await checker.check([event])
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            [fine] = await checker.check([event])
+            return starved, fine
+        finally:
+            await checker.close()
+
+    starved, fine = asyncio.run(go())
+    assert isinstance(starved, FileUnavailable), starved
+    assert "Too many open files" in starved.detail
+    assert isinstance(fine, list) and fine[0].rows == 3

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from busd import log
+from busd import log, validate
 from busd.checker.wire import (
     HEADER,
     Answer,
@@ -87,7 +87,8 @@ _reaping: set[asyncio.Future[int]] = set()  # killed workers not exited yet
 
 
 class _Worker:
-    def __init__(self) -> None:
+    def __init__(self, advanced: Callable[[], None]) -> None:
+        self.advanced = advanced  # called on each frame of an answer, a sign of progress
         self.proc: asyncio.subprocess.Process | None = None
         self.lock = asyncio.Lock()
         self.fresh = False  # started, its "ready" not read yet
@@ -124,7 +125,8 @@ class _Worker:
         pace: Callable[[int, float], None] | None = None,
     ) -> list[Answer]:
         """One request, its ``count`` answers; each frame of them must come within
-        ``timeout_s``. ``pace(events, seconds)`` learns how long it took."""
+        ``timeout_s`` (a worker hashing a large file sends empty frames as it reads).
+        ``pace(events, seconds)`` learns how long it took."""
         async with self.lock:
             await self.ensure()
             proc = self.proc
@@ -143,6 +145,8 @@ class _Worker:
                         await proc.stdin.drain()
                         frame = await self._frame(proc.stdout)
                     answers += answer_decoder.decode(frame)
+                    if count:
+                        self.advanced()
                     if len(answers) >= count:
                         break
             except TimeoutError:
@@ -191,6 +195,16 @@ class _Worker:
                 await asyncio.wait_for(proc.wait(), _KILL_WAIT_S)
 
 
+_check_thread = threading.local()  # .job: the _ThreadJob a check thread runs
+
+
+def _read_on_thread() -> None:
+    """validate.on_read on the checks' threads: the job advances."""
+    job: _ThreadJob | None = getattr(_check_thread, "job", None)
+    if job is not None:
+        job.read()
+
+
 class _ThreadJob:
     """Checks on a daemon thread of its own: one stuck in a read can be left behind (it
     stops after that read), and never holds up busd's exit."""
@@ -201,10 +215,12 @@ class _ThreadJob:
         roots: Sequence[Path],
         checksum: ChecksumPolicy,
         settle_s: float,
+        advanced: Callable[[], None],
     ) -> None:
         self.events, self.roots, self.checksum, self.settle_s = events, roots, checksum, settle_s
+        self.advanced = advanced
         self.results: list[Result] = []
-        self.last = time.monotonic()  # when the last check finished
+        self.last = time.monotonic()  # when the last check finished or read a chunk
         self.abandoned = False
         self.done = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -212,14 +228,20 @@ class _ThreadJob:
     def start(self) -> None:
         threading.Thread(target=self._run, name="busd-check", daemon=True).start()
 
+    def read(self) -> None:
+        self.last = time.monotonic()
+        self.advanced()
+
     def _run(self) -> None:
+        _check_thread.job = self
         try:
             for artifacts in self.events:
                 if self.abandoned:
                     return
                 self.results.append(check_one(artifacts, self.roots, self.checksum, self.settle_s))
-                self.last = time.monotonic()
+                self.read()
         finally:
+            _check_thread.job = None
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 self._loop.call_soon_threadsafe(self.done.set)
 
@@ -245,9 +267,18 @@ class Checker:
         self.threads = threads
         self.settle_s = settle_s
         self.timeout_s = timeout_s
-        self._workers = [_Worker() for _ in range(processes)]
+        self._workers = [_Worker(self._advanced) for _ in range(processes)]
+        self._advances = 0  # answers and signs of progress from checks, ever
         self._slots: asyncio.Semaphore | None = None
         self._per_event_s = 0.0  # recent seconds of checking per event, in one worker
+
+    def progress(self) -> int:
+        """Changes while checks advance: an answer, or a chunk of a large file read; never
+        while a check is stuck in a read (or none runs)."""
+        return self._advances
+
+    def _advanced(self) -> None:
+        self._advances += 1  # from check threads too: a lost increment still changes it
 
     def seconds_for(self, events: int) -> float:
         """About how long checking this many more events takes, by the recent pace."""
@@ -387,6 +418,7 @@ class Checker:
     async def _on_threads(self, events: Sequence[Sequence[Artifact]]) -> list[Result]:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.threads)
+            validate.on_read = _read_on_thread
         slices = _slices(events, max(1, min(self.threads, len(events) // 8)))
         parts = await asyncio.gather(*(self._on_thread(part) for part in slices))
         return [r for part in parts for r in part]
@@ -397,7 +429,7 @@ class Checker:
         while len(results) < len(events):
             rest = events[len(results) :]
             async with self._slots:  # a job left behind gives its slot back
-                job = _ThreadJob(rest, self.roots, self.checksum, self.settle_s)
+                job = _ThreadJob(rest, self.roots, self.checksum, self.settle_s, self._advanced)
                 job.start()
                 try:
                     while not job.done.is_set():

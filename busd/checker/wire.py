@@ -5,6 +5,7 @@ stuck). Both are length-prefixed msgpack."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 
+from busd import validate
 from busd.errors import FileNotYetThere, FileUnavailable, InvalidEvent, Reason
 from busd.model import Artifact
 from busd.validate import CheckedArtifact, ChecksumPolicy, check_artifacts
@@ -134,18 +136,27 @@ def worker_main() -> None:  # pragma: no cover - runs in the worker process
     os.dup2(2, 1)  # anything printed by accident goes to stderr, not into the answers
     inp = sys.stdin.buffer
 
-    def send(items: list[Answer]) -> None:
-        out.write(frame(encoder.encode(items)))
-        out.flush()
+    items: list[Answer] = []
+    sent_at = time.monotonic()
 
-    send([])  # ready: imports done (the parent's timeouts start from here)
+    def send(force: bool = True) -> None:
+        """What is checked so far, at least every FLUSH_S while checks go on: during one long
+        hash an empty frame, which tells busd the check advances (a stuck read sends none)."""
+        nonlocal sent_at
+        if force or time.monotonic() - sent_at >= FLUSH_S:
+            out.write(frame(encoder.encode(items)))
+            out.flush()
+            items.clear()
+            sent_at = time.monotonic()
+
+    validate.on_read = functools.partial(send, False)
+    send()  # ready: imports done (the parent's timeouts start from here)
     while True:
         header = inp.read(HEADER)
         if len(header) < HEADER:
             return
         req = request_decoder.decode(inp.read(int.from_bytes(header, "little")))
         roots = [Path(r) for r in req.roots]
-        items: list[Answer] = []
         sent_at = time.monotonic()
         for artifacts in req.events:
             items.append(
@@ -158,8 +169,6 @@ def worker_main() -> None:  # pragma: no cover - runs in the worker process
                     )
                 )
             )
-            if time.monotonic() - sent_at >= FLUSH_S:
-                send(items)
-                items, sent_at = [], time.monotonic()
+            send(force=False)
         if items or not req.events:
-            send(items)
+            send()

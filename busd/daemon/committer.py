@@ -132,6 +132,7 @@ class Committer:
         delay_s = 0.5
         while True:
             started = time.perf_counter()
+            self.progress.committing_since = time.monotonic()  # the keeper is patient
             try:
                 changed = await self.on_writer(self.catalog.commit, rows)
                 self.publisher.committed(changed)  # after the await: see Daemon._commit_rows
@@ -145,8 +146,11 @@ class Committer:
                 self.log.error(
                     "catalog commit failed; retrying", error=str(exc), retry_in_s=delay_s
                 )
+                self.progress.committing_since = None  # a failing commit is no progress
                 await anyio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 10.0)
+            finally:
+                self.progress.committing_since = None
         self.progress.mark()
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))

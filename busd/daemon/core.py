@@ -208,6 +208,7 @@ class Daemon:
             self.src,
             ledger=self.ledger,
             exporter=self.exporter,
+            checker=self.folder.checker,
             metrics=self.metrics,
             notify=self.notify,
             progress=self.progress,

@@ -5,7 +5,8 @@ in-progress signals for everything in the in-flight ledger (and acks that could 
 and the lag gauges with the ``STATUS=`` line. (The HA lease is renewed by the daemon from the
 moment it is won, before the keeper runs.) None does catalog I/O, so a
 slow file check, commit, refresh, disk or NATS request delays none of the others. A stall (a
-backlog and, for ``consumer.stall_s``, no ack, no commit and no export refresh advancing)
+backlog and, for ``consumer.stall_s``, no ack, no file check, commit or export refresh
+advancing)
 raises :class:`~busd.errors.Stalled`, which ends the daemon's task group.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from busd import lag, model, sdnotify, source
+from busd.checker import Checker
 from busd.config import Settings
 from busd.errors import ConsumerGone, Stalled
 from busd.exports import Exporter
@@ -26,13 +28,16 @@ from busd.metrics import Metrics
 from busd.sdnotify import SdNotifier
 
 REFRESH_PATIENCE = 10  # a refresh that shows no progress counts as working this many stall_s
+COMMIT_PATIENCE = 10  # ... and a catalog commit (DuckDB says nothing while it commits)
 
 
 @dataclass
 class Progress:
-    """When the daemon last made progress: an ack, a commit, or a refresh done."""
+    """When the daemon last made progress: an ack, a commit, or a refresh done; and since
+    when a catalog commit runs (None: none does)."""
 
     at: float = field(default_factory=time.monotonic)
+    committing_since: float | None = None
 
     def mark(self) -> None:
         self.at = time.monotonic()
@@ -49,6 +54,7 @@ class Keeper:
         *,
         ledger: Ledger,
         exporter: Exporter,
+        checker: Checker,
         metrics: Metrics,
         notify: SdNotifier,
         progress: Progress,
@@ -59,7 +65,7 @@ class Keeper:
     ) -> None:
         self.settings, self.nc, self.src = s, nc, src
         self.ledger, self.exporter, self.metrics, self.notify = ledger, exporter, metrics, notify
-        self.progress, self.outcomes = progress, outcomes
+        self.progress, self.outcomes, self.checker = progress, outcomes, checker
         self.send, self.ack_late = send, ack_late
         self.recreate_consumer = recreate_consumer
         self.backlog = 0  # pending + ack pending, as last measured
@@ -93,6 +99,7 @@ class Keeper:
 
     async def _watchdog_loop(self) -> None:
         stall_s, exported = self.settings.consumer.stall_s, self.exporter.progress()
+        checked = self.checker.progress()
         while True:
             await anyio.sleep(min(1.0, self._ping_every_s))
             self.alive()
@@ -104,6 +111,14 @@ class Keeper:
                 since is not None and time.monotonic() - since < REFRESH_PATIENCE * stall_s
             ):
                 exported = advanced
+                self.progress.mark()
+            # file checks that answer (or read on through a large file), and a commit for up
+            # to COMMIT_PATIENCE stall periods: a slow disk is not a stuck daemon
+            advanced_checks, since = self.checker.progress(), self.progress.committing_since
+            if advanced_checks != checked or (
+                since is not None and time.monotonic() - since < COMMIT_PATIENCE * stall_s
+            ):
+                checked = advanced_checks
                 self.progress.mark()
             if self.backlog == 0 and not self.ledger:
                 self.progress.mark()
