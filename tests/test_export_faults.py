@@ -153,6 +153,43 @@ def test_a_new_file_the_machine_fails_to_read_keeps_its_ack_waiting(
         _stop(bus, proc)
 
 
+def test_a_late_lower_sequence_the_machine_fails_to_read_keeps_its_ack_waiting(
+    bus: Bus, faultfs: FaultFS
+) -> None:
+    """A's file is not there yet (A is retried), B commits and is exported; then A's file
+    appears and only busd's own process gets EIO from it. A's file is new to the export,
+    though its sequence is below the one the export covers: A is not acked before the
+    export holds it."""
+    rel = "run-a/fills.parquet"
+    cfg = bus.write_config(  # A is delivered again within seconds
+        exports=[LATEST], verify={"file_wait_s": 30}, consumer={"max_deliver": 30}
+    )
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        late = bus.event("run-a", [{"name": "fills", "path": str(faultfs.path(rel))}])
+        a, b = bus.publish([late, _event(bus, faultfs, "run-b")])
+        export = bus.data / "exports" / "latest_fills.parquet"
+        wait_for(
+            lambda: export.exists() and exported_runs(bus, "latest_fills") == ["run-b"],
+            60,
+            "run B exported while A waits for its file",
+        )
+        faultfs.set(rel, read=errno.EIO, pid=proc.pid)
+        bus.parquet("run-a/.fills.parquet.tmp").rename(bus.artifacts / rel)
+        wait_for(
+            lambda: faultfs.hits().get(f"{rel}:read", 0) >= 3,
+            60,
+            "the refresh to try A's file again",
+        )
+        assert not acked_through(bus, a)
+        assert exported_runs(bus, "latest_fills") == ["run-b"]
+        faultfs.clear()
+        wait_for(lambda: acked_through(bus, b), 30, "run A acked once its file reads")
+        assert exported_runs(bus, "latest_fills") == ["run-a", "run-b"]
+    finally:
+        _stop(bus, proc)
+
+
 def test_an_eio_inside_duckdb_leaves_the_file_out_for_this_refresh_only(
     bus: Bus, faultfs: FaultFS
 ) -> None:

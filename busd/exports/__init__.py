@@ -182,6 +182,8 @@ class Exporter:
                 or not self._parts_clean(name, entry, catalog_id, commits)
             ):
                 out.append(name)
+            else:
+                self._seed(name)
         return out
 
     def _parts_clean(self, name: str, entry: ManifestEntry, catalog_id: str, commits: int) -> bool:
@@ -200,6 +202,15 @@ class Exporter:
         )
         self._looks[name] = found
         return found.clean()
+
+    def _seed(self, name: str) -> None:
+        """A fresh export holds every file of its ``data.*`` inputs committed now: none of
+        them is new to it (acks wait only for new files, see ``ArtifactFiles.split``)."""
+        for input_name in data_names(self.exports[name].sql):
+            rows = self.cur.execute(
+                "SELECT seq FROM catalog.artifacts_f WHERE name = ?", [input_name]
+            ).fetchall()
+            self.files.seed(name, input_name, (int(s) for (s,) in rows))
 
     def _same_columns(self, name: str) -> bool:
         """A built-in export has its table's columns (configured ones are not checked)."""
@@ -247,13 +258,14 @@ class Exporter:
                 raise ConfigError(f"bad value for exports.{name}.sql: {first}") from None
 
     def _define_views(
-        self, names: Iterable[str], baseline: int | None = None
+        self, names: Iterable[str], export: str | None = None, baseline: int = 0
     ) -> tuple[list[str], bool]:
         """``data."<name>"``: the union by column name of the current files that can be
         read, plus busd's run_id (a file's own run_id column becomes ``file_run_id``).
         Returns the names that have no readable files (yet), and whether a file was left out
         because the machine failed to read it now (what reads the views is incomplete).
-        ``baseline``: the sequence the export being refreshed covered last."""
+        ``export``: the export being refreshed (None: a check), ``baseline`` the sequence
+        its manifest covers (see ``ArtifactFiles.split``)."""
         empty = []
         incomplete = False
         for name in names:
@@ -263,7 +275,7 @@ class Exporter:
                 "WHERE name = ? ORDER BY run_id",
                 [name],
             ).fetchall()
-            good, left_out = self.files.split(name, [f[:3] for f in files], baseline)
+            good, left_out = self.files.split(name, [f[:3] for f in files], export, baseline)
             incomplete = incomplete or left_out
             readable = {p for _, p in good}
             own_run_id = any(has and p in readable for _, p, _, has in files)
@@ -302,7 +314,9 @@ class Exporter:
             self.files.begin()
             for left in range(_PASSES - 1, -1, -1):
                 try:
-                    return self._refresh_pass(names, changed)
+                    done = self._refresh_pass(names, changed)
+                    self.files.listed()  # what it listed is no longer new to its exports
+                    return done
                 except _DamagedFile as exc:
                     if not left:  # the export loop retries; what was found stays left out
                         raise StorageError(f"export refresh failed: {exc}") from None
@@ -364,7 +378,7 @@ class Exporter:
         final = self.folder / f"{export.name}.parquet"
         tmp = self.folder / f".{export.name}.parquet.tmp-{os.getpid()}"
         try:
-            empty, incomplete = self._define_views(inputs, covered)
+            empty, incomplete = self._define_views(inputs, export.name, covered)
             if empty:  # a view reads the files' footers already
                 return None
             rows = self._copy(export.sql, tmp)

@@ -269,11 +269,26 @@ class ArtifactFiles:
         self._view_files: dict[str, list[str]] = {}  # the files each view reads now
         self._looked: dict[str, Look] = {}  # looks of the refresh under way
         self._skip: set[str] = set()  # left out of the refresh under way (DuckDB failed)
+        # per (export, artifact name): the seq of every committed file the export's last
+        # finished refresh listed (a file not among them is new to it), and the same of the
+        # refresh under way
+        self._listed: dict[tuple[str, str], frozenset[int]] = {}
+        self._listing: dict[tuple[str, str], frozenset[int]] = {}
 
     # ---- a refresh ----------------------------------------------------------------------
     def begin(self) -> None:
         """A refresh (or check) starts: every file is looked at again."""
-        self._looked, self._skip = {}, set()
+        self._looked, self._skip, self._listing = {}, set(), {}
+
+    def listed(self) -> None:
+        """A refresh finished: the files it listed are no longer new to its exports."""
+        self._listed.update(self._listing)
+        self._listing = {}
+
+    def seed(self, export: str, name: str, seqs: Iterable[int]) -> None:
+        """``export`` already holds these committed files of ``name`` (its file on disk is
+        as fresh as the catalog when busd starts): none of them is new to it."""
+        self._listed[(export, name)] = frozenset(seqs)
 
     def end(self) -> None:
         """A refresh, check or look is done: what other threads read is brought up to date
@@ -285,12 +300,25 @@ class ArtifactFiles:
         self.count_missing()
 
     def split(
-        self, name: str, files: Sequence[tuple[str, str, int]], baseline: int | None
+        self,
+        name: str,
+        files: Sequence[tuple[str, str, int]],
+        export: str | None = None,
+        baseline: int = 0,
     ) -> tuple[list[tuple[str, str]], bool]:
         """The (run_id, path) of ``name``'s committed files (run_id, path, seq) that can be
         read now, and whether some were left out because the machine failed to read them
-        (the export is then incomplete). Files committed after ``baseline`` (the sequence the
-        export last covered) that fail so are *held*: acks wait for them a while."""
+        (the export is then incomplete). Files new to ``export`` (the export being refreshed;
+        None: a check) that fail so are *held*: acks wait for them a while.
+
+        New is committed since the export's last finished refresh: not listed by it. Not by
+        sequence: a file that appeared late commits its lower sequence after higher ones
+        were exported. Only before that refresh (and without :meth:`seed`) is new judged by
+        ``baseline``, the sequence the export's manifest covers."""
+        key = (export or "", name)
+        before = self._listed.get(key)
+        if export is not None:
+            self._listing[key] = frozenset(seq for _, _, seq in files)
         new = list({p: None for _, p, _ in files if p not in self._looked and p not in self._skip})
         for path, found in zip(new, self.bounded.map(look, new), strict=True):
             self._looked[path] = found
@@ -307,7 +335,9 @@ class ArtifactFiles:
                 good.append((run_id, path))
             elif found.transient:
                 incomplete = True
-                held = baseline is not None and seq is not None and seq > baseline
+                held = export is not None and (
+                    seq not in before if before is not None else seq > baseline
+                )
                 self._unreadable(path, name, why, now, held=held, whole=path in self._skip)
             else:
                 self.unavailable.pop(path, None)
@@ -337,6 +367,7 @@ class ArtifactFiles:
             return
         known.names.add(name)
         known.whole = known.whole or whole
+        known.held = known.held or held  # a sweep may have looked at a new file first
         if known.due <= now:  # one failure per look, not per view that reads it
             known.failed_again(why, now)
 
