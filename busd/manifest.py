@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import msgspec
 
-from busd.sql import sql_str
+from busd.sql import quote_ident, sql_str
 
 MANIFEST = "_manifest.json"
 PART_GLOB = "part-*.parquet"
@@ -76,6 +77,18 @@ def reader_sql(folder: Path, name: str) -> str | None:
         return f"read_parquet({sql_str(str(parts / PART_GLOB))})"
     single = folder / f"{name}.parquet"
     return f"read_parquet({sql_str(single)})" if single.exists() else None
+
+
+def exports_reader(folder: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with a view per export in ``folder`` (named after it)
+    that can read nothing else: what ``busd query`` answers with."""
+    con = duckdb.connect(":memory:")
+    for name in export_names(folder):
+        con.execute(f"CREATE VIEW {quote_ident(name)} AS SELECT * FROM {reader_sql(folder, name)}")
+    con.execute(f"SET allowed_directories = [{sql_str(str(folder) + '/')}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
 
 
 def export_names(folder: Path) -> list[str]:

@@ -78,7 +78,9 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
         "rebuild_recheck",
         "verify",
         "soak",
+        "artifacts",
     }
+    assert s["artifacts"]["status"] == "skipped"  # opt-in: --artifacts N
     for key in ("raw", "stock", "naive", "catchup"):
         assert s[key]["status"] == "ok", s[key]
         _positive(s[key], "events_per_s", "events")

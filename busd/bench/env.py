@@ -350,8 +350,10 @@ class BenchEnv:
         *,
         metrics: str = "",
         data_dir: Path | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> tuple[Path, Settings]:
-        """Write ``<name>.toml`` for a busd on ``stream``; return it and its settings."""
+        """Write ``<name>.toml`` for a busd on ``stream``; return it and its settings.
+        ``extra``: further top-level settings."""
         data = {
             "data_dir": str(data_dir or self.root / name),
             "artifact_roots": [str(self.artifacts)],
@@ -364,6 +366,7 @@ class BenchEnv:
             },
             "consumer": {"shutdown_grace_s": 10.0},
             "metrics": {"listen": metrics},
+            **(extra or {}),
         }
         path = self.root / f"{name}.toml"
         path.write_text(to_toml(data))

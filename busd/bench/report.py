@@ -39,6 +39,7 @@ class Section:
 
 def sections() -> tuple[Section, ...]:
     """The report's sections, in the order they run. Adding one is one line here."""
+    from busd.bench import artifacts as artifacts
     from busd.bench import live as live
     from busd.bench import measure as m
     from busd.bench import replay as replay
@@ -55,6 +56,7 @@ def sections() -> tuple[Section, ...]:
         Section("rebuild_recheck", "busd rebuild --recheck", replay.measure_rebuild_recheck),
         Section("verify", "busd verify", replay.measure_verify),
         Section("soak", "RSS soak", soak.measure_soak),
+        Section("artifacts", "10M artifacts", artifacts.measure_artifacts),
     )
 
 
@@ -327,6 +329,10 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"{_n(r['events_per_s'])} ev/s",
             )
         )
+    if not failed("artifacts", "artifacts soak: partitioned exports"):
+        from busd.bench import artifacts
+
+        out += artifacts.rows(res["artifacts"])
     out += _ratio_rows(report.get("ratios", {}))
     return out
 

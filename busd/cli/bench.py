@@ -44,12 +44,21 @@ def bench(
             "--soak", help="Also consume this many events, sampling RSS (1000000: the target)."
         ),
     ] = 0,
+    artifacts: Annotated[
+        int,
+        typer.Option(
+            "--artifacts",
+            help="Also soak to this many artifacts (100 an event) with partitioned exports, "
+            "then time refreshes and point lookups (10000000: the target).",
+        ),
+    ] = 0,
     only: Annotated[
         str | None,
         typer.Option(
             "--only",
             help="Run only these sections, comma-separated (raw, stock, naive, catchup, live, "
-            "exports, rebuild, rebuild_recheck, verify, soak); the replays need catchup.",
+            "exports, rebuild, rebuild_recheck, verify, soak, artifacts); the replays need "
+            "catchup.",
         ),
     ] = None,
 ) -> None:
@@ -77,6 +86,8 @@ def bench(
         raise ConfigError("--runs: between 1 and 20")
     if soak and not 1000 <= soak <= 10_000_000:
         raise ConfigError("--soak: 0, or between 1000 and 10000000")
+    if artifacts and not 10_000 <= artifacts <= 20_000_000:
+        raise ConfigError("--artifacts: 0, or between 10000 and 20000000")
     keys = [section.key for section in sections()]
     chosen = None if only is None else [k.strip() for k in only.split(",") if k.strip()]
     if chosen is not None and (not chosen or set(chosen) - set(keys)):
@@ -97,7 +108,16 @@ def bench(
     ticker = Ticker(progress)
     try:
         with progress:
-            ctx = Ctx(env=env, events=n, runs=k, quick=quick, tick=ticker, soak=soak, only=chosen)
+            ctx = Ctx(
+                env=env,
+                events=n,
+                runs=k,
+                quick=quick,
+                tick=ticker,
+                soak=soak,
+                artifacts=artifacts,
+                only=chosen,
+            )
             report = asyncio.run(run_bench(ctx))
             ticker.finish()
     finally:

@@ -17,7 +17,6 @@ from busd import __version__
 from busd import events as ev
 from busd.cli.options import ConfigOpt, JsonOpt, choose_context, guarded, settings
 from busd.errors import BusdError, ConfigError, ExitCode, InvalidEvent
-from busd.sql import quote_ident, sql_str
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -253,16 +252,9 @@ def query(
 ) -> None:
     """Read-only SQL over the golden exports; never opens (or locks) the catalog."""
 
-    from busd.manifest import export_names, reader_sql
+    from busd.manifest import exports_reader
 
-    s = settings(config_path)
-    folder = s.exports_path
-    con = duckdb.connect(":memory:")
-    for name in export_names(folder):
-        con.execute(f"CREATE VIEW {quote_ident(name)} AS SELECT * FROM {reader_sql(folder, name)}")
-    con.execute(f"SET allowed_directories = [{sql_str(str(folder) + '/')}]")
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
+    con = exports_reader(settings(config_path).exports_path)
     try:
         cur = con.execute(sql)
     except duckdb.Error as exc:
