@@ -188,8 +188,9 @@ class Exporter:
 
     def _parts_clean(self, name: str, entry: ManifestEntry, catalog_id: str, commits: int) -> bool:
         """A partitioned export's part files are all there, whole, written with this span:
-        what they lack is rewritten by the next refresh (looked at once)."""
-        if not self.partition_seqs or name not in PARTITIONABLE:
+        what they lack is rewritten by the next refresh (looked at once, unless this
+        exporter wrote them: a standby that takes over)."""
+        if not self.partition_seqs or name not in PARTITIONABLE or name in self._covered:
             return True
         found = pt.look(
             self.cur,
