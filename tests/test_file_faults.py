@@ -78,11 +78,12 @@ def test_an_unreadable_file_waits_like_a_missing_one_then_file_unreadable(
     faultfs.set("locked/fills.parquet", open=errno.EACCES)
     faultfs.set("unlocked/fills.parquet", open=errno.EPERM)
     started = time.monotonic()
-    proc = _serve_drain(bus, verify={"file_wait_s": 6})
+    # the wait counts from publication: long enough for busd to start on a loaded machine
+    proc = _serve_drain(bus, verify={"file_wait_s": 12})
     wait_for(lambda: _nak_logged(bus, seq=2), 30, "the unreadable file to be nak'ed")
     faultfs.clear("unlocked/fills.parquet")
     assert proc.wait(60) == 0, bus.log()
-    assert time.monotonic() - started >= 6
+    assert time.monotonic() - started >= 12
     assert _outcomes(bus) == [
         ("locked", "rejected", "file_unreadable"),
         ("unlocked", "committed", None),
@@ -197,7 +198,8 @@ def test_a_rebuild_on_a_failing_disk_fails_rather_than_reject(bus: Bus, faultfs:
     assert bus.drain().outcomes == {"committed": 1}
     faultfs.set("kept/fills.parquet", read=errno.EIO)
     cfg = bus.write_config()
-    done = bus.cli("rebuild", "--config", str(cfg), timeout=120)
+    # --recheck: the file's identity is unchanged, so a plain rebuild would reuse its check
+    done = bus.cli("rebuild", "--recheck", "--config", str(cfg), timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "EIO" in done.stderr
     assert faultfs.hits().get("kept/fills.parquet:read", 0) >= 4  # checked again, 3 times
