@@ -63,6 +63,7 @@ class Catalog:
         if created:  # busd is its only writer; readers use the exports (a reader's lock
             os.chmod(path, 0o600)  # on the file would keep busd serve from starting)
         self.con.execute("SET preserve_insertion_order = false")
+        self._held = False  # a transaction left open by commit(hold=True)
         if not read_only:
             self.migrate()
 
@@ -159,12 +160,15 @@ class Catalog:
         ).fetchall()
         return [Sibling(int(q), str(h), str(o), r) for q, h, o, r in rows]
 
-    def commit(self, batch: Batch, *, derive: bool = True) -> Changed:
+    def commit(self, batch: Batch, *, derive: bool = True, hold: bool = False) -> Changed:
         """Apply one batch in one transaction; a sequence already applied is skipped.
 
-        ``derive=False`` (a replay into a new catalog) only appends to the logs and
-        ``events_f``; :meth:`derive_all` then computes ``artifacts_f`` and ``runs_d`` once, at
-        the end, instead of merging every batch into them."""
+        A replay into a new catalog, which needs no batch to be durable on its own:
+        ``derive=False`` only appends to the logs and ``events_f`` (:meth:`derive_all` then
+        computes ``artifacts_f`` and ``runs_d`` once, at the end, instead of merging every
+        batch into them), and ``hold=True`` leaves the transaction open for the next call,
+        so that one COMMIT (one WAL write and fsync) covers many batches. A failure rolls
+        back every batch held."""
         if not batch:
             return Changed()
         con = self.con
@@ -178,14 +182,18 @@ class Catalog:
         try:
             for name, table in staged.items():
                 con.register(name, table)
-            con.execute("BEGIN")
+            if not self._held:
+                con.execute("BEGIN")
+            self._held = hold
             changed = self._apply(bool(batch.demotions), derive)
             if batch.exports:
                 con.executemany(EXPORTS_D_INSERT, batch.exports)
-            con.execute("COMMIT")
+            if not hold:
+                con.execute("COMMIT")
         except duckdb.FatalException as exc:
             raise FatalStorageError(f"catalog: {exc}") from exc
         except duckdb.Error as exc:
+            self._held = False
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
             if "fatal" in str(exc).lower() or "invalidated" in str(exc).lower():
@@ -285,7 +293,9 @@ class Catalog:
         are a function of the logs alone."""
         con = self.con
         try:
-            con.execute("BEGIN")
+            if not self._held:  # else the batches held are committed with it
+                con.execute("BEGIN")
+            self._held = False
             con.execute(
                 "CREATE OR REPLACE TEMP TABLE touched_keys AS "
                 "SELECT DISTINCT run_id, name FROM catalog.artifact_log"
