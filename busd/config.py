@@ -68,6 +68,13 @@ class VerifySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     threads: int = 2  # with processes = 0; file checks hold the GIL most of the time
 
 
+class CatalogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # DuckDB's memory for the catalog (cached blocks, query state) in MiB: past it DuckDB evicts
+    # or spills to <data_dir>/catalog.duckdb.tmp, so busd's memory does not grow with the
+    # catalog. 0: DuckDB's own default (80 % of the machine's memory).
+    memory_limit_mb: int = 128
+
+
 class MetricsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     listen: str = "127.0.0.1:9464"
 
@@ -99,6 +106,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     nats: NatsSettings = NatsSettings()
     consumer: ConsumerSettings = ConsumerSettings()
     verify: VerifySettings = VerifySettings()
+    catalog: CatalogSettings = CatalogSettings()
     metrics: MetricsSettings = MetricsSettings()
     ha: HaSettings = HaSettings()
     lineage: LineageSettings = LineageSettings()
@@ -130,6 +138,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "nats": NatsSettings,
     "consumer": ConsumerSettings,
     "verify": VerifySettings,
+    "catalog": CatalogSettings,
     "metrics": MetricsSettings,
     "ha": HaSettings,
     "lineage": LineageSettings,
@@ -349,6 +358,8 @@ def _check(s: Settings, where: str) -> None:  # noqa: C901 - one flat check per 
         raise bad("verify.processes", "must be between 0 and 64")
     if not 1 <= s.verify.threads <= 64:
         raise bad("verify.threads", "must be between 1 and 64")
+    if s.catalog.memory_limit_mb and not 64 <= s.catalog.memory_limit_mb <= 2**24:
+        raise bad("catalog.memory_limit_mb", "must be 0 or between 64 and 16777216")
     if s.metrics.listen:
         parse_hostport(s.metrics.listen, "metrics.listen")
     parse_hostport(s.nats.embedded_listen, "nats.embedded_listen")

@@ -334,10 +334,11 @@ def test_a_list_key_from_the_environment_must_hold_strings() -> None:
 
 def test_every_key_of_every_section_can_come_from_the_environment() -> None:
     """The variable names are derived from the settings' own fields: each one is accepted."""
-    sections = {
+    sections: dict[str, type[msgspec.Struct]] = {
         "nats": config.NatsSettings,
         "consumer": config.ConsumerSettings,
         "verify": config.VerifySettings,
+        "catalog": config.CatalogSettings,
         "metrics": config.MetricsSettings,
         "ha": config.HaSettings,
         "lineage": config.LineageSettings,
@@ -358,3 +359,21 @@ def test_every_key_of_every_section_can_come_from_the_environment() -> None:
             config.load(env={name: "1"})
         except ConfigError as exc:  # a bad value, maybe, but never an unknown key
             assert "unknown key" not in str(exc), exc
+
+
+def test_the_catalog_memory_limit_reaches_duckdb(tmp_path: Path) -> None:
+    """catalog.memory_limit_mb is DuckDB's memory_limit; spills go next to the catalog file,
+    not to ./.tmp (the main database is in memory)."""
+    from busd.catalog import Catalog
+
+    s = config.load(env={"BUSD_CATALOG_MEMORY_LIMIT_MB": "96", "BUSD_DATA_DIR": str(tmp_path)})
+    catalog = Catalog(s.catalog_path, memory_limit_mb=s.catalog.memory_limit_mb)
+    try:
+        limit, temp = catalog.con.execute(
+            "SELECT current_setting('memory_limit'), current_setting('temp_directory')"
+        ).fetchone() or ("", "")
+    finally:
+        catalog.close()
+    assert limit.replace(" ", "") in ("96.0MiB", "96MiB")
+    assert temp == f"{s.catalog_path}.tmp"
+    assert config.load(env={}).catalog.memory_limit_mb == 128

@@ -43,7 +43,9 @@ from busd.sql import COMMITS_KEY, commit_count, first_row, sql_str
 class Catalog:
     """The read-write catalog. Not thread-safe: one writer thread owns it."""
 
-    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False, memory_limit_mb: int = 0) -> None:
+        """``memory_limit_mb``: DuckDB's memory limit (0: its default, 80 % of the machine's);
+        past it DuckDB evicts cached blocks or spills to ``<path>.tmp``."""
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         # The file is attached under another name: a database called "catalog" (the file's
@@ -63,6 +65,10 @@ class Catalog:
         if created:  # busd is its only writer; readers use the exports (a reader's lock
             os.chmod(path, 0o600)  # on the file would keep busd serve from starting)
         self.con.execute("SET preserve_insertion_order = false")
+        if not read_only:  # the main database is in memory: its default would be ./.tmp
+            self.con.execute(f"SET temp_directory = {sql_str(str(path) + '.tmp')}")
+        if memory_limit_mb:
+            self.con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MiB'")
         self._held = False  # a transaction left open by commit(hold=True)
         if not read_only:
             self.migrate()

@@ -129,7 +129,9 @@ class Daemon:
             host, port = parse_hostport(s.metrics.listen, "metrics.listen")
             self.metrics_server = MetricsServer(self.metrics, host, port)
             self.metrics_server.start()
-        self.catalog = await self._on_writer(Catalog, s.catalog_path)
+        self.catalog = await self._on_writer(
+            lambda: Catalog(s.catalog_path, memory_limit_mb=s.catalog.memory_limit_mb)
+        )
         if self.lineage.enabled:  # a reader of its own: the kinds of parent runs
             self.lineage.cursor = await self._on_writer(self.catalog.cursor)
         self.exporter = await self._on_writer(Exporter.of, self.catalog.cursor(), s)
