@@ -1,7 +1,7 @@
 """File-check workers that cannot start are the machine's fault, not the event's (issue 11).
 
-Staged for real, with no hook in busd: busd starts its workers as ``sys.executable -m
-busd.checker``, so the test runs a real ``busd serve`` whose ``sys.executable`` is a small
+Staged for real, with no hook in busd: busd starts its workers as ``sys.executable -c
+WORKER_CODE``, so the test runs a real ``busd serve`` whose ``sys.executable`` is a small
 script of the test's, which starts the real interpreter — or, while the test says so, fails
 the way a machine does: it exits at once (a worker that crashes as it starts), or it is gone
 (the exec fails, as after an upgrade removed the interpreter).

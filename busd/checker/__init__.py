@@ -3,9 +3,9 @@
 A check is mostly Python between short syscalls and a footer parse. On threads, every check
 competes with the event loop and the catalog writer for the GIL, and the hand-offs cost more
 than the work (60 µs of CPU per file inside the daemon against 33 µs alone). Worker processes
-share no GIL with the daemon: each is ``python -m busd.checker``, reads requests (a slice of a
-batch's events) on stdin and answers on stdout, both as length-prefixed msgpack, and exits when
-its stdin closes — so it never outlives busd. They are plain subprocesses, not
+share no GIL with the daemon: each is ``python -c WORKER_CODE`` (see wire.py), reads requests
+(a slice of a batch's events) on stdin and answers on stdout, both as length-prefixed msgpack,
+and exits when its stdin closes — so it never outlives busd. They are plain subprocesses, not
 ``multiprocessing``: nothing re-imports the program that embeds busd.
 
 A worker that dies (a file that crashes the Parquet reader, the OOM killer) is started again
@@ -32,6 +32,7 @@ from pathlib import Path
 from busd import log, validate
 from busd.checker.wire import (
     HEADER,
+    WORKER_CODE,
     Answer,
     Request,
     Result,
@@ -97,8 +98,8 @@ class _Worker:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                "-m",
-                "busd.checker",
+                "-c",
+                WORKER_CODE,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=1 << 26,
