@@ -108,6 +108,14 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     assert s["soak"]["status"] == "ok", s["soak"]
     _positive(s["soak"], "events", "events_per_s", "peak_rss_mb", "peak_worker_rss_mb")
     assert len(s["soak"]["samples"]) == 10
+    _positive(s["soak"], "peak_total_mb", "flat_base_mb", "flat_end_mb")
+    # every target of the issue, with the figure of this run next to it; a quick run is too
+    # short to judge the soak's flatness (1M to 5M events) or 10M artifacts
+    met = {t["target"]: t["met"] for t in report["targets"]}
+    assert all(t["figure"] for t in report["targets"]) and set(met.values()) <= {"yes", "no", "n/a"}
+    assert len(met) == 9, met
+    assert met["RSS of busd + workers flat within 10 % from 1M to 5M events"] == "n/a"
+    assert any(k.startswith("catch-up CPU per event") and v != "n/a" for k, v in met.items())
     for size in s["exports"]["sizes"].values():
         _positive(size["partitioned"], "whole_seconds", "after_batch_seconds", "parts_rewritten")
     for key in ("rebuild", "rebuild_recheck", "verify"):
@@ -120,6 +128,7 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
 
     assert "busd / naive" in run.stdout and "raw limit" in run.stdout
     assert "busd rebuild / stock fetch" in run.stdout
+    assert "targets (issue 15)" in run.stdout
     assert not list(tmp.iterdir()), "the temporary folder was not removed"
 
 

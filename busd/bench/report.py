@@ -15,6 +15,7 @@ costs other commands nothing.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -127,9 +128,11 @@ async def prepare(ctx: Ctx) -> dict[str, Any]:
 
 async def run_bench(ctx: Ctx) -> dict[str, Any]:
     from busd.bench import env as be
+    from busd.bench import targets
 
     env = ctx.env
     report: dict[str, Any] = {"date": be.today(), "machine": be.machine()}
+    report["load_average"] = {"start": list(os.getloadavg())}
     try:
         report["setup"] = await prepare(ctx)
         report["versions"] = be.versions(env.server_version)
@@ -153,6 +156,8 @@ async def run_bench(ctx: Ctx) -> dict[str, Any]:
                 results[section.key] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         report["sections"] = results
         report["ratios"] = ratios(results)
+        report["load_average"]["end"] = list(os.getloadavg())
+        report["targets"] = targets.as_dicts(targets.targets(report))
         ctx.tick("done", 0, None)
     finally:
         await env.aclose()
@@ -317,6 +322,7 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     if not failed("soak", "RSS soak: serve --drain"):
         r = res["soak"]
         marks = ", ".join(f"{x['rss_mb']:.0f}" for x in r["samples"])
+        totals = ", ".join(f"{x['total_mb']:.0f}" for x in r["samples"])
         out.append(
             (
                 f"RSS soak: serve --drain, {_n(r['events'])} events",
@@ -325,7 +331,8 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"accounting {_mib(r['duckdb_growth_mb'])} (the rest "
                 f"{_mib(r['rss_less_duckdb_growth_mb'])}); RSS per tenth {marks} MiB; "
                 f"peak {r['peak_rss_mb']:.0f} MiB + {r['peak_worker_rss_mb']:.0f} MiB per "
-                f"worker (growth {r['worker_rss_growth_mb']:+.0f}); "
+                f"worker (growth {r['worker_rss_growth_mb']:+.0f}); with all the workers per "
+                f"tenth {totals} MiB, peak {r['peak_total_mb']:.0f}; "
                 f"{_n(r['events_per_s'])} ev/s",
             )
         )
@@ -393,6 +400,7 @@ def render(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     v, m, b = report.get("versions", {}), report["machine"], report.get("bench", {})
+    load = report.get("load_average")
     setup = report.get("setup", {})
     table = Table(
         title=f"busd bench, {report['date']}",
@@ -412,6 +420,14 @@ def render(report: dict[str, Any]) -> None:
     )
     if b:
         console.print(f"nats: {b['nats']}")
+    if load:  # other work on the machine moves wall times (CPU times less)
+        console.print(
+            "load average (1, 5, 15 min): "
+            + " at the start, ".join(
+                "/".join(f"{x:.1f}" for x in load[k]) for k in ("start", "end")
+            )
+            + " at the end"
+        )
     if setup:
         console.print(
             f"setup: {setup['files']:,} Parquet files in {setup['files_seconds']:.1f} s;"
@@ -419,3 +435,10 @@ def render(report: dict[str, Any]) -> None:
             f"{setup['publish_window']}) at {setup['publish_events_per_s']:,.0f} ev/s"
         )
     console.print(table)
+    wanted = Table(title="targets (issue 15)", title_justify="left")
+    wanted.add_column("target", style="bold")
+    wanted.add_column("figure", justify="right")
+    wanted.add_column("met")
+    for t in report.get("targets", []):
+        wanted.add_row(t["target"], t["figure"], t["met"])
+    console.print(wanted)

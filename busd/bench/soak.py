@@ -6,9 +6,10 @@ file is still opened, parsed and hashed). Then a real ``busd serve --drain`` con
 while the bench samples, once a second (more often in a short soak), its resident memory
 (VmRSS), that of its file-check workers and DuckDB's own accounting (the ``memory`` verb of
 the request API), with the progress read from the consumer (events settled). The report
-keeps one sample per tenth of the run and the growth from the first tenth to the end: the
-catalog's indexes and DuckDB's cache grow with the data, busd's own state should not grow
-with the event count.
+keeps one sample per tenth of the run, the growth from the first tenth to the end, and what
+the target asks (issue 15): busd with all its workers flat within 10 % from 1,000,000 events
+to the end (5,000,000) and under 400 MiB — medians of the samples around each point, since
+one sample catches a refresh's buffers or not.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import itertools
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from busd import model, source
 from busd.bench.env import children, event, memory_mb, publish
@@ -25,6 +26,21 @@ from busd.bench.measure import Ctx
 from busd.errors import BusdError, TimedOut
 
 POOL_FILES = 1000  # distinct files the soak's events name
+FLAT_FROM = 1_000_000  # the target: RSS flat within 10 % from here to the end (5,000,000)
+FLAT_PCT = 10.0
+TOTAL_MB = 400.0  # ... and busd with its workers under this
+
+
+class Sample(NamedTuple):
+    """One look at the running busd; memory in MiB."""
+
+    settled: int  # events settled so far
+    seconds: float
+    rss: float  # busd's VmRSS
+    worker_rss: float  # the largest file-check worker's
+    duckdb: float | None  # DuckDB's own accounting inside busd
+    total: float  # busd and all its workers
+    workers: int  # how many workers were running
 
 
 async def measure_soak(ctx: Ctx) -> dict[str, Any]:
@@ -56,10 +72,9 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
     proc = env.spawn(
         [sys.executable, "-m", "busd", "serve", "--drain", "--config", str(config_path)], "soak.log"
     )
-    samples: list[tuple[int, float, float, float, float | None]] = []
-    # (settled, seconds, rss, worker rss, DuckDB's own accounting), all memory in MiB
+    samples: list[Sample] = []
     started = time.monotonic()
-    deadline = started + 120 + n / 1000
+    deadline = started + 120 + n / 200  # a loaded machine drains at 500 events/s
     done = 0
     every_s = min(1.0, max(0.1, n / 1_000_000))  # a short soak is sampled more often
     try:
@@ -81,7 +96,15 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
             duck = await _duckdb_mb(env.nc, s.nats.consumer)
             if rss is not None:
                 samples.append(
-                    (done, time.monotonic() - started, rss, max(workers, default=0), duck)
+                    Sample(
+                        done,
+                        time.monotonic() - started,
+                        rss,
+                        max(workers, default=0),
+                        duck,
+                        rss + sum(workers),
+                        len(workers),
+                    )
                 )
     finally:
         code = env.end(proc, 30.0)
@@ -107,22 +130,49 @@ def _less(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(a - b, 1)
 
 
-def summarize(
-    samples: list[tuple[int, float, float, float, float | None]], n: int, seconds: float
-) -> dict[str, Any]:
-    """One sample per tenth of the run, and RSS growth from the first tenth to the end."""
+def _median_total(samples: list[Sample], lo: float, hi: float) -> float | None:
+    """The median of busd + workers over the samples settled between ``lo`` and ``hi``
+    (one sample is noise: a refresh's buffers come and go), all workers running (not while
+    busd starts them or stops them at the end)."""
+    most = max(x.workers for x in samples)
+    totals = sorted(x.total for x in samples if lo <= x.settled <= hi and x.workers == most)
+    return totals[len(totals) // 2] if totals else None
+
+
+def flatness(samples: list[Sample], n: int) -> dict[str, Any]:
+    """RSS of busd + workers around ``FLAT_FROM`` events (± a tenth of the run) against the
+    last tenth of the run, medians of each; a soak too short for that range starts at its
+    fifth instead, and says so (``flat_from_events``)."""
+    start = FLAT_FROM if n >= 2 * FLAT_FROM else n // 5
+    base = _median_total(samples, start - n / 10, start + n / 10)
+    end = _median_total(samples, n * 0.9, n)
+    pct = None if base is None or end is None else round(100 * (end - base) / base, 1)
+    return {
+        "flat_from_events": start,
+        "flat_base_mb": base,
+        "flat_end_mb": end,
+        "flat_growth_pct": pct,
+        "flat_target_pct": FLAT_PCT,
+        "total_target_mb": TOTAL_MB,
+    }
+
+
+def summarize(samples: list[Sample], n: int, seconds: float) -> dict[str, Any]:
+    """One sample per tenth of the run, RSS growth from the first tenth to the end, and the
+    flatness the target asks for (:func:`flatness`)."""
     if not samples:
         raise BusdError("no RSS sample was taken")
     kept: list[dict[str, Any]] = []
     for tenth in range(1, 11):
-        at = next((x for x in samples if x[0] >= n * tenth / 10), samples[-1])
+        at = next((x for x in samples if x.settled >= n * tenth / 10), samples[-1])
         kept.append(
             {
-                "events": at[0],
-                "seconds": round(at[1], 1),
-                "rss_mb": at[2],
-                "worker_rss_mb": at[3],
-                "duckdb_mb": at[4],
+                "events": at.settled,
+                "seconds": round(at.seconds, 1),
+                "rss_mb": at.rss,
+                "worker_rss_mb": at.worker_rss,
+                "duckdb_mb": at.duckdb,
+                "total_mb": round(at.total, 1),
             }
         )
     first, last = kept[0], kept[-1]
@@ -132,12 +182,14 @@ def summarize(
         "seconds": round(seconds, 1),
         "events_per_s": round(n / seconds, 1),
         "samples": kept,
-        "peak_rss_mb": max(x[2] for x in samples),
-        "peak_worker_rss_mb": max(x[3] for x in samples),
+        "peak_rss_mb": max(x.rss for x in samples),
+        "peak_worker_rss_mb": max(x.worker_rss for x in samples),
+        "peak_total_mb": round(max(x.total for x in samples), 1),
         "rss_growth_mb": round(last["rss_mb"] - first["rss_mb"], 1),
         "duckdb_growth_mb": _less(last["duckdb_mb"], first["duckdb_mb"]),
         "rss_less_duckdb_growth_mb": _less(
             _less(last["rss_mb"], last["duckdb_mb"]), _less(first["rss_mb"], first["duckdb_mb"])
         ),
         "worker_rss_growth_mb": round(last["worker_rss_mb"] - first["worker_rss_mb"], 1),
+        **flatness(samples, n),
     }
