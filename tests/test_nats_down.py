@@ -27,6 +27,11 @@ from support import BUSD, Bus, wait_for
 from busd.embedded import EmbeddedServer
 
 CONNECT_TIMEOUT_S = 1.0
+# a command that waits out the client's reconnect attempts hangs until its subprocess timeout;
+# one that gives up after the connect timeout returns within seconds, plus its own start (a
+# replay opens the catalog and starts its file-check workers first), which a loaded machine
+# stretches several-fold: the bound tells the two apart without timing busd itself
+SETTLES_S = 30.0
 
 
 def free_port() -> int:
@@ -59,7 +64,7 @@ def startup_s() -> float:
 
 def timed(bus: Bus, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
     began = time.monotonic()
-    out = bus.cli(*args, timeout=30)
+    out = bus.cli(*args, timeout=90)
     return time.monotonic() - began, out
 
 
@@ -95,7 +100,7 @@ def test_commands_fail_fast_naming_the_url(
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert dead_nats in lines[0] and "Traceback" not in out.stderr
-    assert elapsed < CONNECT_TIMEOUT_S + 2 + startup_s, f"{elapsed:.1f}s: {lines[0]}"
+    assert elapsed < CONNECT_TIMEOUT_S + SETTLES_S + startup_s, f"{elapsed:.1f}s: {lines[0]}"
     # nothing was lost: the outbox still holds its event
     assert len(list(outbox.glob("*.json"))) == 1
 
@@ -122,7 +127,7 @@ def test_submit_outbox_keeps_the_event_and_flush_commits_it_once(
         f"fills={path}",
     )
     assert out.returncode == 0, out.stderr
-    assert elapsed < CONNECT_TIMEOUT_S + 2 + startup_s, f"{elapsed:.1f}s"
+    assert elapsed < CONNECT_TIMEOUT_S + SETTLES_S + startup_s, f"{elapsed:.1f}s"
     result = json.loads(out.stdout)
     assert result["state"] == "outbox"
     kept = list(outbox.glob("*.json"))
