@@ -113,7 +113,7 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     # short to judge the soak's flatness (1M to 5M events) or 10M artifacts
     met = {t["target"]: t["met"] for t in report["targets"]}
     assert all(t["figure"] for t in report["targets"]) and set(met.values()) <= {"yes", "no", "n/a"}
-    assert len(met) == 9, met
+    assert len(met) == 10, met
     assert met["RSS of busd + workers flat within 10 % from 1M to 5M events"] == "n/a"
     assert any(k.startswith("catch-up CPU per event") and v != "n/a" for k, v in met.items())
     for size in s["exports"]["sizes"].values():

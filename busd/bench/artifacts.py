@@ -253,12 +253,12 @@ def _measure(ctx: Ctx, config_path: Path) -> dict[str, Any]:
         started = time.perf_counter()
         exporter = Exporter.of(catalog.cursor(), s)
         stale = exporter.stale(catalog.catalog_seq())
-        looked = time.perf_counter()
+        judged = time.perf_counter()
         results, _ = exporter.refresh(stale) if stale else ([], 0)
         restart_s = time.perf_counter() - started
         restart = {
             "ms": round(restart_s * 1000, 1),
-            "look_ms": round((looked - started) * 1000, 1),
+            "stale_ms": round((judged - started) * 1000, 1),
             "stale": stale,
             "parts_rewritten": {r.name: r.parts for r in results},
             "parts": {n: len(list((s.exports_path / n).glob(PART_GLOB))) for n in stale},
@@ -360,8 +360,8 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"first refresh after a restart at {n}",
             f"{restart['ms']:.0f} ms, {written} of {there} parts",
             f"target: only what changed while busd was down ({BATCH:,} new events and one new "
-            f"version of an older artifact); of it, looking at the files {restart['look_ms']:.0f}"
-            f" ms; a whole rewrite {r['whole_seconds']:.1f} s",
+            f"version of an older artifact); of it, finding the stale exports "
+            f"{restart['stale_ms']:.0f} ms; a whole rewrite {r['whole_seconds']:.1f} s",
         ),
         (
             f"busd query: point lookup at {n}",
