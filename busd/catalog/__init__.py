@@ -29,10 +29,11 @@ from busd.catalog.schema import (
     MARK_MOVED,
     MERGE_ARTIFACTS,
     MERGE_RUNS,
-    MERGED_COLUMNS,
     MIGRATIONS,
+    NEW_KEYS,
     REJECTION_COLUMNS,
     RUN_LOG_COLUMNS,
+    Merge,
     to_arrow,
 )
 from busd.errors import CatalogLocked, FatalStorageError, StorageError
@@ -191,7 +192,7 @@ class Catalog:
             if not self._held:
                 con.execute("BEGIN")
             self._held = hold
-            changed = self._apply(bool(batch.demotions), derive)
+            changed = self._apply(bool(batch.demotions), derive, _unique_keys(batch))
             if batch.exports:
                 con.executemany(EXPORTS_D_INSERT, batch.exports)
             if not hold:
@@ -211,7 +212,11 @@ class Catalog:
                     con.unregister(name)
         return changed
 
-    def _apply(self, demotions: bool, derive: bool = True) -> Changed:
+    def _apply(
+        self, demotions: bool, derive: bool = True, unique: tuple[bool, bool] = (False, False)
+    ) -> Changed:
+        """``unique``: no artifact key, no run appears twice in the batch (the usual case):
+        their rows need no aggregate."""
         con = self.con
         # A sequence below what the catalog holds (a file that appeared late, a redelivery)
         # can lower a key's first_seq: its row moves to a lower part of a partitioned
@@ -274,24 +279,37 @@ class Catalog:
             con.execute(DERIVE_RUNS)
             con.execute(MARK_MOVED)
             return Changed(None, None)  # a key's first_seq may have changed, or it is gone
-        # a key is new when its version is just this batch's count of it
-        merged = to_arrow(con.execute(MERGE_ARTIFACTS).fetchall(), MERGED_COLUMNS)
-        con.register("merged", merged)
-        try:
-            con.execute("""
-                CREATE OR REPLACE TEMP TABLE new_keys AS
-                SELECT m.run_id, count(*)::INTEGER AS n
-                FROM merged m JOIN (SELECT run_id, name, count(*) AS c FROM stage_artifacts
-                                    WHERE seq IN (SELECT seq FROM fresh)
-                                    GROUP BY run_id, name) b USING (run_id, name)
-                WHERE m.version = b.c GROUP BY m.run_id""")
-        finally:
-            con.unregister("merged")
-        runs = {int(r[0]) for r in con.execute(MERGE_RUNS).fetchall()}
+        artifacts, new_artifacts = self._merge(MERGE_ARTIFACTS, unique=unique[0])
+        con.execute(NEW_KEYS.format(new=new_artifacts))
+        runs, _ = self._merge(MERGE_RUNS, unique=unique[1])
         if late:
             con.execute(MARK_MOVED)
             return Changed(None, None)
-        return Changed(runs, {int(v) for v in merged.column("first_seq").to_pylist()})
+        return Changed(runs, artifacts)
+
+    def _merge(self, m: Merge, *, unique: bool) -> tuple[set[int], str]:
+        """Merge the batch into ``m.table`` (see Merge in schema.py): the ``first_seq`` of
+        every row written, and the table holding the batch's rows of keys new to it."""
+        con, kind = self.con, m.kind
+        con.execute(m.batch_unique if unique else m.batch)
+        row = con.execute(
+            f"CREATE OR REPLACE TEMP TABLE old_{kind} AS SELECT t.rowid AS rid "
+            f"FROM {m.table} t SEMI JOIN batch_{kind} USING ({m.keys})"
+        ).fetchone()
+        new = f"batch_{kind}"  # no key held before: the usual case
+        written = f"SELECT first_seq FROM batch_{kind}"
+        if row and row[0]:
+            con.execute(m.merged)
+            con.execute(f"DELETE FROM {m.table} WHERE rowid IN (SELECT rid FROM old_{kind})")
+            con.execute(f"INSERT INTO {m.table} BY NAME SELECT * FROM merged_{kind}")
+            new = f"new_{kind}"
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE {new} AS "
+                f"SELECT * FROM batch_{kind} ANTI JOIN merged_{kind} USING ({m.keys})"
+            )
+            written = f"SELECT first_seq FROM merged_{kind} UNION ALL SELECT first_seq FROM {new}"
+        con.execute(f"INSERT INTO {m.table} BY NAME SELECT * FROM {new}")
+        return {int(r[0]) for r in con.execute(written).fetchall()}, new
 
     def derive_all(self) -> None:
         """``artifacts_f`` and ``runs_d`` computed from the logs in one transaction (after
@@ -370,3 +388,15 @@ class Catalog:
             with contextlib.suppress(duckdb.Error):
                 self.con.execute("ROLLBACK")
             raise StorageError(f"recording exports_d failed: {exc}") from exc
+
+
+_ART_KEY = tuple(i for i, (c, _) in enumerate(ARTIFACT_LOG_COLUMNS) if c in ("run_id", "name"))
+_RUN_KEY = next(i for i, (c, _) in enumerate(RUN_LOG_COLUMNS) if c == "run_id")
+
+
+def _unique_keys(batch: Batch) -> tuple[bool, bool]:
+    """Whether no artifact key and no run appears twice among the batch's rows."""
+    i, j = _ART_KEY
+    arts = {(r[i], r[j]) for r in batch.artifacts}
+    runs = {r[_RUN_KEY] for r in batch.runs}
+    return len(arts) == len(batch.artifacts), len(runs) == len(batch.runs)
