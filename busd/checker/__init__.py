@@ -154,7 +154,7 @@ class _Worker:
                 await self._reap()
                 raise WorkerStalled(answers) from None
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
-                await self._reap()
+                await self._exited()
                 raise WorkerDied(
                     f"exit status {proc.returncode}",
                     answers,
@@ -169,6 +169,20 @@ class _Worker:
             if pace is not None:
                 pace(len(answers), time.monotonic() - started)
             return answers
+
+    async def _exited(self) -> None:
+        """Its pipe closed: the worker is dying; wait for its exit status, which says whether
+        a file crashed it. Killing it at once would race the kernel: ``Popen.kill`` polls
+        first and reaps a zombie under asyncio's child watcher, which then reports 255."""
+        proc = self.proc
+        if proc is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), _KILL_WAIT_S)
+        except TimeoutError:
+            await self._reap()  # closed its output but lives on: it is no use
+        else:
+            self.proc = None
 
     async def _reap(self) -> None:
         """Kill it and go on: one in a read the kernel will not interrupt (a hung network
