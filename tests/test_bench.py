@@ -173,3 +173,18 @@ def test_histogram_quantiles_interpolate_inside_buckets() -> None:
     assert h.quantile(0.99) == pytest.approx(0.95)
     assert h.max_bound() == 1.0
     assert Hist(((1.0, 0.0), (inf, 0.0)), 0.0, 0.0).quantile(0.5) is None
+
+
+def test_a_short_soak_still_names_its_end() -> None:
+    """A soak that settles in a few batches has no sample inside its last tenth: the nearest
+    one stands for it (the CI failure of a 3,000-event soak), never a sample with workers
+    stopping."""
+    from busd.bench.soak import Sample, flatness
+
+    def at(settled: int, total: float, workers: int = 2) -> Sample:
+        return Sample(settled, 0.0, total, 50.0, None, total, workers)
+
+    samples = [at(0, 180.0), at(1000, 190.0), at(2000, 200.0), at(3000, 90.0, workers=0)]
+    flat = flatness(samples, 3000)
+    assert flat["flat_base_mb"] == 190.0  # 600 ± 300 -> none; nearest is 1000
+    assert flat["flat_end_mb"] == 200.0  # 2700-3000 held only the stopping sample

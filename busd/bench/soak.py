@@ -132,11 +132,17 @@ def _less(a: float | None, b: float | None) -> float | None:
 
 def _median_total(samples: list[Sample], lo: float, hi: float) -> float | None:
     """The median of busd + workers over the samples settled between ``lo`` and ``hi``
-    (one sample is noise: a refresh's buffers come and go), all workers running (not while
-    busd starts them or stops them at the end)."""
+    (one sample is noise: a refresh's buffers come and go), or the one nearest when none
+    settled there; all workers running (not while busd starts them or stops them at the end)."""
+    if not samples:
+        return None
     most = max(x.workers for x in samples)
-    totals = sorted(x.total for x in samples if lo <= x.settled <= hi and x.workers == most)
-    return totals[len(totals) // 2] if totals else None
+    running = [x for x in samples if x.workers == most]
+    totals = sorted(x.total for x in running if lo <= x.settled <= hi)
+    if not totals:  # a short soak settles in a few batches: the sample nearest the range
+        near = min(running, key=lambda x: max(lo - x.settled, x.settled - hi))
+        totals = [near.total]
+    return totals[len(totals) // 2]
 
 
 def flatness(samples: list[Sample], n: int) -> dict[str, Any]:
