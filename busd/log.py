@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import Any
 
 import structlog
 
 _level = logging.INFO
+_json = False
 
 
 def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
-    global _level
+    global _level, _json
     _level = level
-    json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    json_lines = _json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_lines
@@ -35,6 +37,14 @@ def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
 def debug_enabled() -> bool:
     """For a hot loop: skip building a debug line's fields when debug lines are dropped."""
     return _level <= logging.DEBUG
+
+
+def crashed(exc: BaseException) -> None:
+    """An exception no layer names (a bug): its traceback, for the journal, as one JSON line
+    (a terminal gets the one-line message only)."""
+    if _json:
+        trace = "".join(traceback.format_exception(exc))
+        get().error("unexpected error", error=f"{type(exc).__name__}: {exc}", traceback=trace)
 
 
 def get(name: str = "busd") -> Any:

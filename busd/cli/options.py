@@ -44,6 +44,7 @@ def guarded(fn: F) -> F:
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+            log.crashed(exc)  # ... but the journal keeps it, in a JSON line
             fail(f"unexpected error: {type(exc).__name__}: {exc}", ExitCode.RUNTIME)
         return None
 

@@ -501,7 +501,10 @@ class Daemon:
         assert self.publisher is not None
         if self.ledger.waiting or self.publisher.pending() or self._backfill is not None:
             return False
-        pending, ack_pending = await source.consumer_state(self.nc, self.settings)
+        try:
+            pending, ack_pending = await source.consumer_state(self.nc, self.settings)
+        except Exception:  # noqa: BLE001 - NATS down (it reconnects), the consumer gone (the
+            return False  # next fetch meets that and declares it again): not drained
         return pending == 0 and ack_pending == 0
 
     async def _finish(self) -> None:
