@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -115,8 +115,13 @@ class Folder:
         quarantined: dict[int, str] | None = None,
         checker: Checker | None = None,
         recorded: Recorded | None = None,
+        deaths: Callable[[int], int] | None = None,
     ) -> None:
         self.settings = settings
+        # live: busd's deaths holding a sequence (poison); and the consumer's own max_deliver
+        # (-1: unlimited, as busd declares it; a bound-only consumer may keep a limit)
+        self.deaths = deaths
+        self.server_max_deliver = -1
         self.recorded = recorded
         self.files_checked = 0  # artifacts whose files were checked
         self.files_reused = 0  # artifacts whose earlier check ``recorded`` says still stands
@@ -263,10 +268,9 @@ class Folder:
             payload_hash=payload_hash,
             traceparent=ev.traceparent_of(d.headers),
         )
-        if not self.replay and d.delivered >= self.settings.consumer.max_deliver - 1:
-            reject(
-                item, Reason.POISON, f"delivered {d.delivered} times without reaching an outcome"
-            )
+        poison = None if self.replay else self._poison(d)
+        if poison is not None:
+            reject(item, Reason.POISON, poison)
             return item, None
         if d.seq in self.quarantined:
             reject(item, Reason.POISON, self.quarantined[d.seq])
@@ -285,6 +289,21 @@ class Folder:
         item.run_id = event.run.run_id
         item.n_artifacts = len(event.artifacts)
         return item, event
+
+    def _poison(self, d: Delivery) -> str | None:
+        """Why a delivery is poison: busd died holding it ``max_deliver - 2`` times (this is
+        its ``max_deliver - 1``-th delivery that could reach an outcome), or the consumer
+        would deliver it no more. Redeliveries after a NATS outage count for nothing."""
+        died = self.deaths(d.seq) if self.deaths is not None else 0
+        if died >= self.settings.consumer.max_deliver - 2:
+            return f"busd died {died} times while handling it, without reaching an outcome"
+        last = self.server_max_deliver
+        if last > 0 and d.delivered >= last - 1:
+            return (
+                f"delivered {d.delivered} times without reaching an outcome (the consumer's "
+                f"max_deliver is {last})"
+            )
+        return None
 
     async def _demote(self, rows: Batch, winner: Decided) -> None:
         """A lower sequence takes an event_id over: every later sequence that carried it is
@@ -325,8 +344,10 @@ class Folder:
         ``verify.file_wait_s``, then reject it for that reason."""
         waited_s = max(0.0, time.time() - item.d.published_ns / 1e9)
         remaining_s = self.settings.verify.file_wait_s - waited_s
-        # keep two deliveries in reserve so a slow file never turns into `poison`
-        tries_left = self.settings.consumer.max_deliver - 3 - item.d.delivered
+        # a consumer with a max_deliver of its own: two deliveries kept in reserve, so a slow
+        # file never turns into `poison` (busd's own consumer has none: the file wait decides)
+        last = self.server_max_deliver
+        tries_left = last - 3 - item.d.delivered if last > 0 else 1_000_000
         if self.replay or remaining_s <= 0 or tries_left <= 0:
             # no wall-clock figure in the detail: a replay must write the same words
             reject(item, exc.reason, exc.detail)

@@ -33,6 +33,9 @@ class Ledger:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def seqs(self) -> list[int]:
+        return list(self._entries)
+
     def hold(self, deliveries: Iterable[Delivery], now: float) -> None:
         for d in deliveries:
             self._entries[d.seq] = Entry(d, now)

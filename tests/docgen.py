@@ -107,8 +107,10 @@ KEY_DOCS = {
     "up to this many events.",
     "consumer.ack_wait_s": "The consumer's ack wait: a message not acked (nor told in "
     "progress) within it is redelivered.",
-    "consumer.max_deliver": "Deliveries before the server gives up; busd quarantines a "
-    "message as `poison` at `max_deliver - 1`.",
+    "consumer.max_deliver": "busd quarantines a message as `poison` on its `max_deliver - 1`-th "
+    "delivery when busd died handling each earlier one (its own count, in `held.json` beside "
+    "the catalog; redeliveries after NATS outages count for nothing). The consumer is declared "
+    "with no delivery limit.",
     "consumer.max_ack_pending": "Messages delivered and not yet acked, at most.",
     "consumer.stall_s": "With a backlog and no progress (ack, commit, refresh) for this long, "
     "busd exits non-zero (systemd restarts it).",
@@ -304,8 +306,8 @@ REASON_DOCS = {
     "unsupported_version": "`schema_version` is not 1.",
     "producer_mismatch": "`producer` differs from the subject's producer (`artifacts.<producer>`).",
     "event_id_conflict": "An earlier event had the same `event_id` and a different payload.",
-    "poison": "Delivered `max_deliver - 1` times without an outcome (busd died handling it); "
-    "quarantined without opening its files again.",
+    "poison": "busd died handling it `max_deliver - 2` times (its `max_deliver - 1`-th delivery "
+    "without an outcome); quarantined without opening its files again.",
     "path_outside_roots": "After resolving `..` and symlinks, the path is not inside a "
     "configured artifact root.",
     "file_missing": "The file did not exist for `verify.file_wait_s` (retried with backoff "

@@ -35,9 +35,16 @@ BASE = (
     "busd.faults",
 )
 # Base as well, as long as they import only base (else they are simply not base): leaves that
-# many layers share — systemd's notify socket, the in-flight ledger, durable file writes and
-# the exports' on-disk format (split out of exports.py; replay, orphans and the CLI read it).
-BASE_IF_PURE = ("busd.sdnotify", "busd.inflight", "busd.durable", "busd.manifest")
+# many layers share — systemd's notify socket, the in-flight ledger, durable file writes,
+# busd's count of its deaths holding a message, and the exports' on-disk format (split out of
+# exports.py; replay, orphans and the CLI read it).
+BASE_IF_PURE = (
+    "busd.sdnotify",
+    "busd.inflight",
+    "busd.durable",
+    "busd.deaths",
+    "busd.manifest",
+)
 # Stages: one job each; they import only the base layer.
 STAGES = (
     "busd.source",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -50,12 +50,15 @@ class Committer:
         catalog_seq: int,
         send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
         stopping: Callable[[], bool],
+        record_held: Callable[[], Awaitable[None]],
+        forget: Callable[[Iterable[int]], None],
     ) -> None:
         self.consumer, self.src, self.folder, self.catalog = consumer, src, folder, catalog
         self.on_writer, self.publisher, self.ledger = on_writer, publisher, ledger
         self.lineage = lineage
         self.rechecks, self.metrics, self.progress = rechecks, metrics, progress
         self.outcomes, self.send, self.stopping = outcomes, send, stopping
+        self.record_held, self.forget = record_held, forget  # busd's deaths holding them
         self.log = log.get()
         self.debug = log.debug_enabled()
         self._catalog_seq = catalog_seq
@@ -77,6 +80,7 @@ class Committer:
         group reads the catalog only once the previous commit is done."""
         held = list(batch)
         self.ledger.hold(batch, time.monotonic())
+        await self.record_held()
         parts = [self.folder.prepare(batch)]
         try:
             await self._gather(held, parts)
@@ -115,6 +119,7 @@ class Committer:
             if not more:
                 return
             self.ledger.hold(more, time.monotonic())
+            await self.record_held()
             parts.append(self.folder.prepare(more))
             held.extend(more)
             size += sum(len(d.data) for d in more)
@@ -189,6 +194,7 @@ class Committer:
             generation = self.publisher.want(touched)
             self.ledger.wait([w.d for w in settled.waiting], generation, time.monotonic())
         await self.send(settled.now)  # not sent: the server redelivers, the fold decides again
+        self.forget(item.d.seq for item in decided if settlement(item.outcome) == "term")
         self.ledger.release(
             item.d.seq
             for item in decided

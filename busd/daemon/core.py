@@ -35,10 +35,14 @@ from busd.daemon.connect import connect_when_up, workers_when_up
 from busd.daemon.keeper import Keeper, Progress
 from busd.daemon.publisher import ExportThread, Publisher
 from busd.daemon.store import LiveStore
+from busd.deaths import Deaths
 from busd.embedded import EmbeddedServer
 from busd.errors import (
+    BusdError,
     ConsumerGone,
+    FatalStorageError,
     LeaseLost,
+    StorageError,
 )
 from busd.exports import Exporter
 from busd.fold import Folder
@@ -92,6 +96,7 @@ class Daemon:
         self.publisher: Publisher | None = None
         self.keeper: Keeper | None = None
         self.ledger = Ledger()  # every delivery held and not settled yet
+        self.deaths: Deaths | None = None  # busd's deaths holding a sequence (poison)
         self.rechecks = Rechecks()  # held, not nak'ed: the machine failed to read their files
         self.progress = Progress()
         self._fatal: BaseException | None = None
@@ -159,16 +164,53 @@ class Daemon:
             self.stopping = True
             return
         self.store = LiveStore(self.catalog, self._on_writer, self.nc, s.nats.stream)
-        self.folder = Folder(s, self.store, checker=self.checker)
+        self.deaths = await anyio.to_thread.run_sync(self._load_deaths)
+        self.folder = Folder(s, self.store, checker=self.checker, deaths=self.deaths)
         for problem in await source.ensure_stream(self.nc, s):
             self.log.warning("stream breaks a promise", stream=s.nats.stream, problem=problem)
+
+    def _load_deaths(self) -> Deaths:
+        """What the last busd held when it died counts one death each; the record says
+        nothing is held at once (a start that fails is no death of a message)."""
+        deaths = Deaths.load(self.settings.catalog_path.with_name("held.json"))
+        if deaths.unreadable is not None:
+            self.log.warning("the record of deaths is unreadable", why=deaths.unreadable)
+        held = {seq: n for seq, n in deaths.counts.items() if n}
+        if held:
+            self.log.warning(
+                "busd died holding messages; each counts toward poison",
+                messages=len(held),
+                most_deaths=max(held.values()),
+            )
+        data = deaths.encode(())
+        if data is not None:
+            deaths.write(data)
+        return deaths
+
+    async def _record_held(self) -> None:
+        """Before busd handles what it fetched: every sequence it holds, durably (its deaths
+        are counted from this record at the next start)."""
+        assert self.deaths is not None
+        data = self.deaths.encode(self.ledger.seqs())
+        if data is None:
+            return
+        try:
+            await anyio.to_thread.run_sync(self.deaths.write, data)
+        except FatalStorageError:
+            raise
+        except StorageError as exc:  # a full disk: counts are missed, nothing is lost
+            self.log.warning("cannot record the messages held", error=str(exc))
 
     async def _activate(self) -> None:
         """Bind the durable consumer and start serving (after winning the lease, with HA)."""
         s = self.settings
         assert self.catalog is not None and self.exporter is not None
         assert self.publisher is not None
-        await source.ensure_consumer(self.nc, s)
+        info = await source.ensure_consumer(self.nc, s)
+        assert self.folder is not None and self.deaths is not None
+        self.folder.server_max_deliver = int(info.config.max_deliver or -1)
+        if info.ack_floor is not None:
+            self.deaths.settled_through(int(info.ack_floor.stream_seq or 0))
         seq = await self._on_writer(self.catalog.catalog_seq)
         self.metrics.catalog_seq.set(seq)
         stale = await self._on_exporter(self.exporter.stale, seq)
@@ -204,6 +246,8 @@ class Daemon:
             catalog_seq=seq,
             send=self._send,
             stopping=lambda: self.stopping,
+            record_held=self._record_held,
+            forget=self.deaths.forget,
         )
         self.keeper = Keeper(
             s,
@@ -301,18 +345,24 @@ class Daemon:
     # ---- the main loop -------------------------------------------------------------------
     async def run(self) -> Stats:
         """Serve until SIGTERM/SIGINT (or, in drain mode, until the stream is empty)."""
+        died: BaseException | None = None
         try:
             await self.start()
             await self._serve()
         except BaseExceptionGroup as group:  # one failure in a task: report it, not the group
             leaves = _leaves(group)
+            died = leaves[0] if len(leaves) == 1 else group
             if len(leaves) == 1 and isinstance(leaves[0], Exception):
                 raise leaves[0] from None
+            raise
+        except BaseException as exc:
+            died = exc
             raise
         finally:
             self.notify.stopping()
             with anyio.CancelScope(shield=True):
                 await self.close()
+                await self._close_deaths(died or self._fatal)
         if self._fatal is not None:
             raise self._fatal
         self.stats.exports = self.publisher.refreshes if self.publisher is not None else 0
@@ -323,6 +373,17 @@ class Daemon:
             **dict(self.stats.outcomes),
         )
         return self.stats
+
+    async def _close_deaths(self, died: BaseException | None) -> None:
+        """Nothing is held any more, unless busd dies of a bug: an event that raises one in
+        busd each time must end as `poison` as surely as one that crashes it. The machine
+        (storage, NATS, a signal) is no fault of what busd held."""
+        if self.deaths is None or (died is not None and _a_bug(died)):
+            return
+        try:
+            await anyio.to_thread.run_sync(self.deaths.close)
+        except StorageError as exc:
+            self.log.warning("cannot clear the record of messages held", error=str(exc))
 
     async def _serve(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -548,10 +609,19 @@ class Daemon:
             return  # they stay in the ledger: the keeper acks them once it can
         faults.hit("after_ack")
         self.ledger.release(w.d.seq for w in done)
+        if self.deaths is not None:
+            self.deaths.forget(w.d.seq for w in done)
         now = time.time()
         for w in done:
             self.metrics.event_latency.observe(max(0.0, now - w.d.published_ns / 1e9))
         self.progress.mark()
+
+
+def _a_bug(exc: BaseException) -> bool:
+    """An exception no layer of busd names: a fault of its code (maybe met on an event)."""
+    machine = (BusdError, OSError, TimeoutError, KeyboardInterrupt, SystemExit)
+    cancelled = anyio.get_cancelled_exc_class()
+    return not isinstance(exc, (*machine, cancelled)) and not source.nats_error(exc)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

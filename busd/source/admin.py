@@ -12,6 +12,7 @@ import datetime as dt
 import time
 from typing import Any
 
+from nats.errors import Error as NatsError
 from nats.js import api
 from nats.js.errors import (
     BucketNotFoundError,
@@ -63,7 +64,9 @@ def consumer_config(s: Settings) -> api.ConsumerConfig:
         ack_policy=api.AckPolicy.EXPLICIT,
         deliver_policy=api.DeliverPolicy.ALL,
         ack_wait=c.ack_wait_s,
-        max_deliver=c.max_deliver,
+        # unlimited: busd judges `poison` from its own count of deaths (busd.deaths), as the
+        # server's count also grows with every NATS outage longer than the ack wait
+        max_deliver=-1,
         backoff=backoff_s(c.ack_wait_s, c.max_deliver),
         max_ack_pending=c.max_ack_pending,
         max_waiting=512,
@@ -127,6 +130,11 @@ async def ensure_consumer(nc: Client, s: Settings) -> api.ConsumerInfo:
         return found
     info: api.ConsumerInfo = await js.add_consumer(s.nats.stream, consumer_config(s))
     return info
+
+
+def nats_error(exc: BaseException) -> bool:
+    """An error of the NATS client (the server, the connection): never a fault of an event."""
+    return isinstance(exc, NatsError)
 
 
 async def redeclare_consumer(nc: Client, s: Settings, *, within_s: float = 30.0) -> None:

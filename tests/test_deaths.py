@@ -1,0 +1,112 @@
+"""`poison` is judged from busd's own count of its deaths holding a message, not from the
+server's delivery count (issue 11): that count also grows with every NATS outage longer than
+the ack wait, and an event whose file the machine cannot read through such outages became
+`poison` (the reviewer's repro: EIO on a file, NATS down past ``ack_wait_s``, ``max_deliver``
+3). Real nats-server, real busd processes, a real FUSE filesystem for the EIO."""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from faultfs import FaultFS
+from support import Bus, on_jetstream, wait_for
+
+from busd.deaths import Deaths
+
+
+def _event(bus: Bus, fs: FaultFS, run_id: str) -> dict[str, Any]:
+    rel = f"{run_id}/fills.parquet"
+    bus.parquet(rel)
+    return bus.event(run_id, [{"name": "fills", "path": str(fs.path(rel))}])
+
+
+def _delivered(bus: Bus) -> int:
+    async def info(js: Any) -> int:
+        ci = await js.consumer_info("ARTIFACTS", "busd")
+        return int(ci.num_redelivered or 0) + int(ci.delivered.consumer_seq or 0)
+
+    return on_jetstream(bus.url, info)
+
+
+def _wait_count(bus: Bus, text: str, n: int) -> None:
+    wait_for(lambda: bus.log().count(text) >= n, 60, f"{n} log lines with {text}")
+
+
+def test_nats_outages_past_the_ack_wait_never_make_a_held_event_poison(
+    bus: Bus, faultfs: FaultFS
+) -> None:
+    bus.overrides = {**bus.overrides, "consumer": {"max_deliver": 3, "ack_wait_s": 1}}
+    bus.init()
+    bus.publish([_event(bus, faultfs, "flaky")])
+    faultfs.set("flaky/fills.parquet", read=errno.EIO)
+    cfg = bus.write_config()
+    proc = bus.spawn("serve", "--config", str(cfg), "--drain")
+    try:
+        for outage in range(3):  # each longer than the ack wait: the server redelivers
+            _wait_count(bus, "the machine failed to read files", outage + 1)
+            bus.server.stop()
+            time.sleep(2.5)
+            bus.server.start()
+            _wait_count(bus, '"nats connected"', outage + 2)
+        assert _delivered(bus) >= 3  # the server's count alone would have made it poison
+        assert proc.poll() is None, bus.log()[-3000:]
+        faultfs.clear()
+        assert proc.wait(90) == 0, bus.log()[-3000:]
+    finally:
+        bus.reap()
+    assert bus.sql("SELECT run_id, outcome FROM catalog.events_f") == [("flaky", "committed")]
+    assert bus.sql("SELECT count(*) FROM catalog.rejections_f") == [(0,)]
+    assert not (bus.data / "held.json").exists()  # a clean exit with nothing held
+
+
+def test_deaths_survive_a_clean_restart_until_the_message_settles(bus: Bus) -> None:
+    """Killed holding a message, then stopped cleanly before its redelivery: the death still
+    counts at the next delivery (max_deliver 3: one death makes it poison)."""
+    bus.overrides = {"consumer": {"max_deliver": 3, "ack_wait_s": 30}}
+    bus.init()
+    bus.publish([bus.event("crashy")])
+    cfg = bus.write_config()
+    killed = bus.spawn("serve", "--config", str(cfg), env={"BUSD_TEST_FAULT": "during_validate"})
+    assert killed.wait(60) == -signal.SIGKILL, bus.log()
+    # a clean start and stop while the server waits the ack wait out before redelivering
+    calm = bus.spawn("serve", "--config", str(cfg), log="calm.log")
+    wait_for(lambda: '"busd ready"' in bus.log("calm.log"), 60, "busd to start")
+    assert "busd died holding messages" in bus.log("calm.log")
+    calm.send_signal(signal.SIGTERM)
+    assert calm.wait(60) == 0, bus.log("calm.log")
+    record = json.loads((bus.data / "held.json").read_text())
+    assert record == {"held": [], "deaths": {"1": 1}}
+    # the redelivery (the consumer is told to deliver it now) meets the count
+    bus.drain(consumer={"max_deliver": 3, "ack_wait_s": 1})
+    rows = bus.sql("SELECT reason, detail FROM catalog.rejections_f")
+    assert rows == [("poison", "busd died 1 times while handling it, without reaching an outcome")]
+    assert not (bus.data / "held.json").exists()
+
+
+def test_the_record_counts_one_death_per_held_sequence(tmp_path: Path) -> None:
+    path = tmp_path / "held.json"
+    first = Deaths.load(path)
+    assert first.counts == {}
+    first.write(first.encode([5, 6, 7, 9]) or b"")
+    assert json.loads(path.read_text()) == {"held": [[5, 7], [9, 9]], "deaths": {}}
+    second = Deaths.load(path)  # died holding 5-7 and 9
+    assert second.counts == {5: 1, 6: 1, 7: 1, 9: 1}
+    second.write(second.encode([6, 7]) or b"")
+    third = Deaths.load(path)
+    assert third.counts == {5: 1, 6: 2, 7: 2, 9: 1}
+    third.forget([6])
+    third.settled_through(5)
+    assert third.counts == {7: 2, 9: 1}
+    assert third.encode([]) is not None
+    third.close()  # counts left: kept, nothing held
+    assert Deaths.load(path).counts == {7: 2, 9: 1}
+    third.forget([7, 9])
+    third.close()
+    assert not path.exists()
+    path.write_text("not json")
+    assert Deaths.load(path).unreadable is not None
