@@ -131,7 +131,7 @@ def test_kill_9_at_random_moments(bus: Bus, trials: int) -> None:
     )
 
 
-def test_kill_9_at_each_named_point_repeatedly(bus: Bus) -> None:
+def test_kill_9_at_each_named_point_repeatedly(bus: Bus, request: pytest.FixtureRequest) -> None:
     points = [
         "after_decode",
         "during_validate",
@@ -148,8 +148,8 @@ def test_kill_9_at_each_named_point_repeatedly(bus: Bus) -> None:
     # one batch per transaction, so that each point is reached again in every round
     small = {"max_deliver": 50, "ack_wait_s": 1, "batch_max": 20, "commit_max": 20}
     cfg = str(bus.write_config(consumer=small))
-    kills = 0
-    for round_ in range(3):
+    kills, rounds = 0, 3 if request.config.getoption("--long") else 2
+    for round_ in range(rounds):
         for point in points:
             proc = bus.spawn(
                 "serve",
@@ -163,7 +163,8 @@ def test_kill_9_at_each_named_point_repeatedly(bus: Bus) -> None:
     found = check_exactly_once(bus, ids)
     verify_passes(bus, cfg)
     print(
-        f"\nnamed points: {len(points)} points x 3 rounds, {kills} kills, {total} events, {found}"
+        f"\nnamed points: {len(points)} points x {rounds} rounds, {kills} kills, {total} events, "
+        f"{found}"
     )
 
 

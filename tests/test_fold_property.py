@@ -120,9 +120,16 @@ def stream_and_schedule(draw: st.DrawFn) -> tuple[list[Any], list[list[int]]]:
     return stream, batches
 
 
-@pytest.mark.timeout(3600)  # --long runs 2,000 examples
+# 30 examples by default (each folds a random stream twice into real DuckDB catalogs, ~1 s);
+# --long loads the profile of 2,000
+EXAMPLES = 2000 if settings.default.max_examples >= 2000 else 30
+
+
+@pytest.mark.timeout(3600)
 @settings(
-    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(case=stream_and_schedule())
 def test_any_delivery_order_gives_the_replayed_catalog(
