@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 
 from busd.durable import write_bytes_atomic
-from busd.errors import StorageError
+from busd.errors import FatalStorageError, StorageError
 
 
 class _Record(msgspec.Struct, forbid_unknown_fields=False):
@@ -85,8 +85,18 @@ class Deaths:
         return None if data == self._written else data
 
     def write(self, data: bytes) -> None:
-        """Durable before busd handles what it holds (on a thread: two fsyncs)."""
-        write_bytes_atomic(self.path, data)
+        """Durable before busd handles what it holds (on a thread: two fsyncs). When it
+        cannot be written (a full disk), the old record is removed, which needs no space: a
+        stale list of what busd held would count deaths for messages it no longer held. The
+        counts stay in memory and are written with the next record that fits. A failed fsync
+        raises FatalStorageError, as everywhere."""
+        try:
+            write_bytes_atomic(self.path, data)
+        except FatalStorageError:
+            raise
+        except StorageError:
+            self._remove()
+            raise
         self._written = data
 
     def close(self) -> None:
@@ -96,8 +106,11 @@ class Deaths:
             if data is not None:
                 self.write(data)
         else:
-            try:
-                self.path.unlink(missing_ok=True)
-            except OSError as exc:
-                raise StorageError(f"cannot remove {self.path}: {exc.strerror}") from exc
-            self._written = None
+            self._remove()
+
+    def _remove(self) -> None:
+        self._written = None
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot remove {self.path}: {exc.strerror}") from exc

@@ -6,9 +6,11 @@ the ack wait, and an event whose file the machine cannot read through such outag
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -110,3 +112,65 @@ def test_the_record_counts_one_death_per_held_sequence(tmp_path: Path) -> None:
     assert not path.exists()
     path.write_text("not json")
     assert Deaths.load(path).unreadable is not None
+
+
+def test_a_clean_stop_on_a_full_disk_counts_no_death(bus: Bus, faultfs: FaultFS) -> None:
+    """One real death, then a clean stop while the data disk is full: the record cannot be
+    rewritten, so it is removed (which needs no space) rather than left saying busd still
+    held the message. Before: the next start counted a second death, and with max_deliver 4
+    a valid event became `poison`."""
+    data = bus.root / "small"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(data)], check=True)
+    try:
+        bus.overrides = {
+            **bus.overrides,
+            "data_dir": str(data),
+            "consumer": {"max_deliver": 4, "ack_wait_s": 2},
+        }
+        bus.init()
+        bus.publish([_event(bus, faultfs, "flaky")])
+        cfg = bus.write_config()
+        killed = bus.spawn(
+            "serve", "--config", str(cfg), env={"BUSD_TEST_FAULT": "during_validate"}
+        )
+        assert killed.wait(60) == -signal.SIGKILL, bus.log()
+        faultfs.set("flaky/fills.parquet", read=errno.EIO)  # held in hand, not decided
+        calm = bus.spawn("serve", "--config", str(cfg), log="calm.log")
+        wait_for(lambda: "the machine failed to read files" in bus.log("calm.log"), 60, "a recheck")
+        with open(data / "ballast", "wb") as f, contextlib.suppress(OSError):  # fill the disk
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        calm.send_signal(signal.SIGTERM)
+        assert calm.wait(60) == 0, bus.log("calm.log")[-3000:]
+        assert "cannot clear the record" in bus.log("calm.log")
+        (data / "ballast").unlink()
+        faultfs.clear()
+        last = bus.spawn("serve", "--config", str(cfg), "--drain", log="last.log")
+        assert last.wait(60) == 0, bus.log("last.log")[-3000:]
+        outcomes = bus.sql("SELECT run_id, outcome, reason FROM catalog.events_f")
+    finally:
+        bus.reap()
+        subprocess.run(["umount", "-l", str(data)], capture_output=True)
+    assert outcomes == [("flaky", "committed", None)]
+
+
+def test_a_second_sigterm_while_stopping_is_no_death(bus: Bus) -> None:
+    """An impatient second SIGTERM (or Ctrl-C) while busd waits for the refresh its acks
+    need: before, the first one had closed the signal receiver and the second killed busd
+    by the default action, a death counted for everything it held."""
+    slow = "SELECT i, md5(i::VARCHAR) AS h FROM range(600000000) t(i) WHERE i % 1000 = 0"
+    bus.publish([bus.event(f"r{i}") for i in range(5)])
+    cfg = bus.write_config(exports=[{"name": "slow", "sql": slow, "depends_on": ["fills"]}])
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        wait_for(lambda: '"committed": 5' in bus.log(), 60, "the batch to commit")
+        proc.send_signal(signal.SIGTERM)  # the slow refresh is under way: the stop waits
+        wait_for(lambda: '"stopping"' in bus.log(), 30, "busd to begin stopping")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]
+    finally:
+        bus.reap()
+    assert "already stopping" in bus.log()
+    assert not (bus.data / "held.json").exists()

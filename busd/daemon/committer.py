@@ -193,8 +193,9 @@ class Committer:
         if settled.waiting:  # acked after the export refresh that covers them
             generation = self.publisher.want(touched)
             self.ledger.wait([w.d for w in settled.waiting], generation, time.monotonic())
-        await self.send(settled.now)  # not sent: the server redelivers, the fold decides again
-        self.forget(item.d.seq for item in decided if settlement(item.outcome) == "term")
+        # not sent: the server redelivers, the fold decides again (with its deaths counted)
+        if await self.send(settled.now):
+            self.forget(item.d.seq for item in decided if settlement(item.outcome) == "term")
         self.ledger.release(
             item.d.seq
             for item in decided

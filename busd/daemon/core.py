@@ -184,7 +184,12 @@ class Daemon:
             )
         data = deaths.encode(())
         if data is not None:
-            deaths.write(data)
+            try:
+                deaths.write(data)
+            except FatalStorageError:
+                raise
+            except StorageError as exc:  # a full disk: the old record is gone, counts kept
+                self.log.warning("cannot record the messages held", error=str(exc))
         return deaths
 
     async def _record_held(self) -> None:
@@ -194,12 +199,15 @@ class Daemon:
         data = self.deaths.encode(self.ledger.seqs())
         if data is None:
             return
+        self.progress.committing_since = time.monotonic()  # a slow disk is no stall
         try:
             await anyio.to_thread.run_sync(self.deaths.write, data)
         except FatalStorageError:
             raise
-        except StorageError as exc:  # a full disk: counts are missed, nothing is lost
+        except StorageError as exc:  # a full disk: this death would go uncounted
             self.log.warning("cannot record the messages held", error=str(exc))
+        finally:
+            self.progress.committing_since = None
 
     async def _activate(self) -> None:
         """Bind the durable consumer and start serving (after winning the lease, with HA)."""
@@ -351,7 +359,7 @@ class Daemon:
             await self._serve()
         except BaseExceptionGroup as group:  # one failure in a task: report it, not the group
             leaves = _leaves(group)
-            died = leaves[0] if len(leaves) == 1 else group
+            died = next((leaf for leaf in leaves if _a_death(leaf)), leaves[0])
             if len(leaves) == 1 and isinstance(leaves[0], Exception):
                 raise leaves[0] from None
             raise
@@ -360,9 +368,16 @@ class Daemon:
             raise
         finally:
             self.notify.stopping()
-            with anyio.CancelScope(shield=True):
-                await self.close()
-                await self._close_deaths(died or self._fatal)
+            # a second signal (an impatient Ctrl-C, a second `systemctl stop`) must not kill
+            # busd by the default action while it stops: that would count as a death of what
+            # it holds (the receiver above restored the default handlers as it closed)
+            before = _ignore_further_stops()
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self.close()
+                    await self._close_deaths(died or self._fatal)
+            finally:
+                _restore(before)
         if self._fatal is not None:
             raise self._fatal
         self.stats.exports = self.publisher.refreshes if self.publisher is not None else 0
@@ -375,14 +390,16 @@ class Daemon:
         return self.stats
 
     async def _close_deaths(self, died: BaseException | None) -> None:
-        """Nothing is held any more, unless busd dies of a bug: an event that raises one in
-        busd each time must end as `poison` as surely as one that crashes it. The machine
-        (storage, NATS, a signal) is no fault of what busd held."""
-        if self.deaths is None or (died is not None and _a_bug(died)):
+        """Nothing is held any more, unless busd dies of an exception it did not decide on:
+        an event that raises one each time (whatever its type: an OSError or a MemoryError is
+        no proof that the machine is at fault) must end as `poison` as surely as one that
+        crashes busd. busd's own verdicts (a failed fsync, a stall, a lost lease, the consumer
+        gone) and a signal are no fault of what it held."""
+        if self.deaths is None or (died is not None and _a_death(died)):
             return
         try:
             await anyio.to_thread.run_sync(self.deaths.close)
-        except StorageError as exc:
+        except StorageError as exc:  # the record is removed if it cannot be rewritten
             self.log.warning("cannot clear the record of messages held", error=str(exc))
 
     async def _serve(self) -> None:
@@ -502,10 +519,12 @@ class Daemon:
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
             async for signum in received:
+                if self.stopping:
+                    self.log.info("already stopping", signal=signal.Signals(signum).name)
+                    continue
                 self.log.info("stopping", signal=signal.Signals(signum).name)
                 self.stopping = True
                 self.notify.stopping()
-                return
 
     def _committing(self) -> bool:
         return self.committer is not None and self.committer.committing()
@@ -617,11 +636,28 @@ class Daemon:
         self.progress.mark()
 
 
-def _a_bug(exc: BaseException) -> bool:
-    """An exception no layer of busd names: a fault of its code (maybe met on an event)."""
-    machine = (BusdError, OSError, TimeoutError, KeyboardInterrupt, SystemExit)
-    cancelled = anyio.get_cancelled_exc_class()
-    return not isinstance(exc, (*machine, cancelled)) and not source.nats_error(exc)
+def _ignore_further_stops() -> dict[int, Any]:
+    """SIGTERM and SIGINT logged, not obeyed; the handlers they replace."""
+
+    def logged(signum: int, _frame: object) -> None:
+        log.get().info("already stopping", signal=signal.Signals(signum).name)
+
+    before: dict[int, Any] = {}
+    with contextlib.suppress(ValueError):  # not the main thread (an embedded use)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            before[signum] = signal.signal(signum, logged)
+    return before
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def _a_death(exc: BaseException) -> bool:
+    """An exit busd did not decide on: it counts as a death for every message held."""
+    decided = (BusdError, KeyboardInterrupt, SystemExit, anyio.get_cancelled_exc_class())
+    return not isinstance(exc, decided)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -20,7 +20,6 @@ from busd.source.admin import delivered_seq as delivered_seq
 from busd.source.admin import ensure_consumer as ensure_consumer
 from busd.source.admin import ensure_stream as ensure_stream
 from busd.source.admin import lag_age_s as lag_age_s
-from busd.source.admin import nats_error as nats_error
 from busd.source.admin import next_stored_seq as next_stored_seq
 from busd.source.admin import oldest_unsettled_age_s as oldest_unsettled_age_s
 from busd.source.admin import redeclare_consumer as redeclare_consumer

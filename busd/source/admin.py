@@ -12,7 +12,6 @@ import datetime as dt
 import time
 from typing import Any
 
-from nats.errors import Error as NatsError
 from nats.js import api
 from nats.js.errors import (
     BucketNotFoundError,
@@ -130,11 +129,6 @@ async def ensure_consumer(nc: Client, s: Settings) -> api.ConsumerInfo:
         return found
     info: api.ConsumerInfo = await js.add_consumer(s.nats.stream, consumer_config(s))
     return info
-
-
-def nats_error(exc: BaseException) -> bool:
-    """An error of the NATS client (the server, the connection): never a fault of an event."""
-    return isinstance(exc, NatsError)
 
 
 async def redeclare_consumer(nc: Client, s: Settings, *, within_s: float = 30.0) -> None:
