@@ -2,10 +2,11 @@
 made to fail the way real storage fails (EIO, EACCES, a read that stalls, a file that is not
 there), switched from the test while busd reads them.
 
-It runs in a process of its own (``python faultfs.py BACKING MOUNTPOINT CONTROL``) so that
+It runs in a process of its own (``python faultfs.py BACKING MOUNTPOINT CONTROL ro|rw``) so that
 libfuse's signal handlers and a stalled request never touch the test process. Faults live in
 the JSON file CONTROL, re-read whenever it changes: ``{"rel/path": {"open": errno,
-"read": errno, "stall": true, "hide": true, "rate": bytes_per_s}}``. A stalled read waits
+"read": errno, "stall": true, "hide": true, "rate": bytes_per_s, "fsync_s": seconds}}``; the
+last makes each fsync of a file on a writable mount (``rw``) take that long. A stalled read waits
 until its fault is cleared, for at most ``STALL_MAX_S``; a ``rate`` makes every read take as
 long as that many bytes a second allow (a slow disk that keeps going). Two keys narrow a
 fault: ``"pid": N`` serves it to process N only (its threads included; other processes read
@@ -103,15 +104,25 @@ def usable() -> str | None:
 
 
 @contextlib.contextmanager
-def mounted(backing: Path, mountpoint: Path, log: Path) -> Iterator[FaultFS]:
-    """Mount, yield, and always unmount and stop the process (every wait bounded)."""
+def mounted(
+    backing: Path, mountpoint: Path, log: Path, *, writable: bool = False
+) -> Iterator[FaultFS]:
+    """Mount, yield, and always unmount and stop the process (every wait bounded).
+    ``writable``: files can be created and written too (a catalog's folder)."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     control = mountpoint.parent / f"{mountpoint.name}.faults.json"
     fs = FaultFS(backing, mountpoint, control)
     fs.clear()
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, __file__, str(backing), str(mountpoint), str(control)],
+            [
+                sys.executable,
+                __file__,
+                str(backing),
+                str(mountpoint),
+                str(control),
+                "rw" if writable else "ro",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -147,7 +158,7 @@ def _tgid(tid: int) -> int:
     return tid
 
 
-def _serve(backing: str, mountpoint: str, control: str) -> None:  # pragma: no cover
+def _serve(backing: str, mountpoint: str, control: str, mode: str) -> None:  # pragma: no cover
     from fuse import FUSE, FuseOSError, Operations, fuse_get_context
 
     class Faults:
@@ -253,6 +264,50 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:  # pragma: no c
         def release(self, path: str, fh: int) -> None:
             os.close(fh)
 
+        # ---- writes (a writable mount) ----------------------------------------------------
+        def create(self, path: str, mode: int, fi: Any = None) -> int:
+            return os.open(self._real(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
+
+        def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+            return os.pwrite(fh, data, offset)
+
+        def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+            if fh is not None:
+                os.ftruncate(fh, length)
+            else:
+                os.truncate(self._real(path), length)
+
+        def fsync(self, path: str, datasync: int, fh: int) -> None:
+            delay_s = float(faults.get(path).get("fsync_s", 0))
+            if delay_s:  # a slow disk: each fsync of this file takes this long
+                faults.hit(path, "fsync")
+                time.sleep(delay_s)
+            os.fsync(fh)
+
+        def flush(self, path: str, fh: int) -> None:
+            return None
+
+        def unlink(self, path: str) -> None:
+            os.unlink(self._real(path))
+
+        def rename(self, old: str, new: str) -> None:
+            os.rename(self._real(old), self._real(new))
+
+        def mkdir(self, path: str, mode: int) -> None:
+            os.mkdir(self._real(path), mode)
+
+        def rmdir(self, path: str) -> None:
+            os.rmdir(self._real(path))
+
+        def chmod(self, path: str, mode: int) -> None:
+            os.chmod(self._real(path), mode)
+
+        def chown(self, path: str, uid: int, gid: int) -> None:
+            os.chown(self._real(path), uid, gid)
+
+        def utimens(self, path: str, times: tuple[float, float] | None = None) -> None:
+            os.utime(self._real(path), times)
+
         def statfs(self, path: str) -> dict[str, Any]:
             st = os.statvfs(self._real(path))
             return {
@@ -276,7 +331,7 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:  # pragma: no c
         mountpoint,
         foreground=True,
         nothreads=False,
-        ro=True,
+        ro=mode != "rw",
         direct_io=True,
         attr_timeout=0,
         entry_timeout=0,
@@ -286,4 +341,4 @@ def _serve(backing: str, mountpoint: str, control: str) -> None:  # pragma: no c
 
 
 if __name__ == "__main__":  # pragma: no cover
-    _serve(*sys.argv[1:4])
+    _serve(*sys.argv[1:5])

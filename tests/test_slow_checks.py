@@ -6,13 +6,15 @@ filesystem (``faultfs.py``: reads at a set rate)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from faultfs import FaultFS
-from support import Bus, sha256_file
+from faultfs import FaultFS, mounted
+from support import Bus, sha256_file, wait_for
 
 from busd.checker import Checker, Result
 from busd.model import Artifact
@@ -76,3 +78,45 @@ def test_file_checks_that_keep_answering_are_progress_for_the_watchdog(
     assert bus.sql("SELECT outcome, count(*) FROM catalog.events_f GROUP BY ALL") == [
         ("committed", 6)
     ]
+
+
+def test_a_commit_slower_than_stall_s_is_no_stall(bus: Bus) -> None:
+    """The catalog on a disk whose every fsync of the WAL takes 5 s, with ``stall_s`` 2: a
+    commit says nothing while it runs, and busd is patient with it (for ten stall periods)
+    rather than exit as stalled with the batch in hand. The disk is a writable FUSE mount."""
+    (bus.root / "disk").mkdir()
+    with mounted(
+        bus.root / "disk", bus.root / "slow", bus.root / "slowfs.log", writable=True
+    ) as disk:
+        bus.overrides = {**bus.overrides, "data_dir": str(disk.mountpoint / "data")}
+        cfg = bus.write_config(consumer={"stall_s": 2, "ack_wait_s": 30})
+        proc = bus.spawn("serve", "--config", str(cfg))
+        try:
+            wait_for(lambda: '"busd ready"' in bus.log(), 60, "busd to start")
+            disk.set("data/catalog.duckdb.wal", fsync_s=5)
+            bus.publish([bus.event(f"r{i}") for i in range(20)])
+            wait_for(
+                lambda: disk.hits().get("data/catalog.duckdb.wal:fsync", 0) >= 1,
+                60,
+                "a slow commit",
+            )
+            wait_for(
+                lambda: _committed(bus.log()) == 20 or proc.poll() is not None,
+                90,
+                "the slow commits to finish",
+            )
+            assert proc.poll() is None, bus.log()[-3000:]
+            disk.clear()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, bus.log()[-3000:]
+            rows = bus.sql("SELECT count(*) FROM catalog.events_f WHERE outcome = 'committed'")
+        finally:
+            bus.reap()
+    assert rows == [(20,)]
+    assert "no progress" not in bus.log()
+
+
+def _committed(log: str) -> int:
+    """Events committed so far, from the batch lines of busd's log."""
+    lines = (json.loads(line) for line in log.splitlines() if line.startswith("{"))
+    return sum(int(e.get("committed", 0)) for e in lines if e.get("event") == "batch")

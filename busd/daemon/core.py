@@ -113,7 +113,13 @@ class Daemon:
 
     # ---- threads -------------------------------------------------------------------------
     async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.wrap_future(self._writer.submit(fn, *args))
+        """A job on the catalog's writer thread; while it runs the keeper is patient (a
+        slow disk is no stall, whichever transaction meets it first)."""
+        self.progress.write_started()
+        try:
+            return await asyncio.wrap_future(self._writer.submit(fn, *args))
+        finally:
+            self.progress.write_ended()
 
     async def _on_exporter(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.wrap_future(self._export_pool.submit(fn, *args))

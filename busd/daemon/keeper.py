@@ -33,14 +33,32 @@ COMMIT_PATIENCE = 10  # ... and a catalog commit (DuckDB says nothing while it c
 
 @dataclass
 class Progress:
-    """When the daemon last made progress: an ack, a commit, or a refresh done; and since
-    when a catalog commit runs (None: none does)."""
+    """When the daemon last made progress: an ack, a commit, or a refresh done; since when
+    a catalog commit runs (None: none does); and since when the catalog's writer thread has
+    been busy with the job it runs now (any transaction waits on the same disk)."""
 
     at: float = field(default_factory=time.monotonic)
     committing_since: float | None = None
+    writing_since: float | None = None
+    writes: int = 0  # jobs queued or running on the writer thread
 
     def mark(self) -> None:
         self.at = time.monotonic()
+
+    def write_started(self) -> None:
+        if self.writes == 0:
+            self.writing_since = time.monotonic()
+        self.writes += 1
+
+    def write_ended(self) -> None:
+        self.writes -= 1
+        self.writing_since = time.monotonic() if self.writes else None
+
+    def busy_since(self) -> float | None:
+        """Since when a commit, or the writer's job under way, runs (None: neither)."""
+        if self.committing_since is not None:
+            return self.committing_since
+        return self.writing_since
 
 
 class Keeper:
@@ -114,7 +132,7 @@ class Keeper:
                 self.progress.mark()
             # file checks that answer (or read on through a large file), and a commit for up
             # to COMMIT_PATIENCE stall periods: a slow disk is not a stuck daemon
-            advanced_checks, since = self.checker.progress(), self.progress.committing_since
+            advanced_checks, since = self.checker.progress(), self.progress.busy_since()
             if advanced_checks != checked or (
                 since is not None and time.monotonic() - since < COMMIT_PATIENCE * stall_s
             ):
