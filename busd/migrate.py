@@ -38,7 +38,7 @@ from busd.config import Settings
 from busd.errors import BusdError, ConfigError, FileUnavailable, InvalidEvent, TransientError
 from busd.manifest import reader_sql
 
-DEFAULT_PRODUCER = "busd.import"
+DEFAULT_PRODUCER = model.IMPORT_PRODUCER
 # below the 1 MiB payload limit with room for the run and the JSON around the artifacts
 _PAYLOAD_BUDGET = 768 * 1024
 _NOT_IDENT = re.compile(r"[^A-Za-z0-9._:/-]")

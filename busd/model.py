@@ -23,6 +23,7 @@ MAX_PAYLOAD_BYTES = 1024 * 1024
 MAX_ARTIFACTS = 1000
 MAX_DEPTH = 64
 IDENT_PATTERN = r"^[A-Za-z0-9._:/-]{1,200}$"
+IMPORT_PRODUCER = "busd.import"  # the producer of `busd import`'s events, unless told
 
 Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=IDENT_PATTERN)]
 Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]

@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from busd.catalog import Catalog
 from busd.cli.options import (
     ConfigOpt,
     JsonOpt,
@@ -20,9 +18,7 @@ from busd.cli.options import (
     nats_for,
     settings,
 )
-from busd.daemon import answers
 from busd.errors import BusdError, CatalogLocked, ConfigError, ExitCode
-from busd.producer import ArtifactBus, flush_outbox
 
 RecheckOpt = Annotated[
     bool,
@@ -37,6 +33,8 @@ RecheckOpt = Annotated[
 @guarded
 def rebuild(config_path: ConfigOpt = None, recheck: RecheckOpt = False) -> None:
     """Replay the whole stream into a new catalog, refresh the exports, swap it in."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
     from busd.replay import rebuild as run_rebuild
 
     s = settings(config_path)
@@ -143,6 +141,8 @@ def export(
     config_path: ConfigOpt = None,
 ) -> None:
     """Refresh exports now, through the running daemon (or directly when none runs)."""
+    from busd.catalog import Catalog
+
     s = settings(config_path)
     answer = asyncio.run(ask_daemon(s, "export", {"names": names or []}, timeout_s=300))
     if answer is None:
@@ -172,6 +172,8 @@ def rejections_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Rejected events, oldest first."""
+    from busd.daemon import answers
+
     s = settings(config_path)
     args = {"reason": reason, "producer": producer, "since": since, "limit": limit}
     rows = asyncio.run(ask_daemon(s, "rejections", args))
@@ -187,6 +189,8 @@ def rejections_list(
 @guarded
 def rejections_show(seq: int, config_path: ConfigOpt = None) -> None:
     """One rejection: its reason, detail and the original payload."""
+    from busd.daemon import answers
+
     s = settings(config_path)
     row = asyncio.run(ask_daemon(s, "rejection", {"seq": seq}))
     if row is None:
@@ -199,6 +203,9 @@ def rejections_show(seq: int, config_path: ConfigOpt = None) -> None:
 @guarded
 def rejections_retry(seqs: list[int], config_path: ConfigOpt = None) -> None:
     """Re-publish the original payloads to their original subjects (after a fix)."""
+    from busd.daemon import answers
+    from busd.producer import ArtifactBus
+
     s = settings(config_path)
 
     async def go() -> list[dict[str, Any]]:
@@ -229,6 +236,8 @@ def rejections_retry(seqs: list[int], config_path: ConfigOpt = None) -> None:
 @guarded
 def outbox_flush(folder: Path, config_path: ConfigOpt = None) -> None:
     """Send the events kept in FOLDER, oldest first, without doubles."""
+    from busd.producer import ArtifactBus, flush_outbox
+
     s = settings(config_path)
 
     async def go() -> list[int]:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import duckdb
 import typer
 
 from busd import __version__
@@ -29,6 +28,8 @@ def versions() -> str:
     """busd's version, and those of the nats-server binary, nats-py and duckdb in use."""
     import subprocess
     from importlib import metadata
+
+    import duckdb
 
     from busd.embedded import server_binary
 
@@ -251,6 +252,7 @@ def query(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
 ) -> None:
     """Read-only SQL over the golden exports; never opens (or locks) the catalog."""
+    import duckdb
 
     from busd.manifest import exports_reader
 

@@ -10,21 +10,21 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from busd import config, migrate, source
+from busd import config, model
 from busd.cli.options import ConfigOpt, JsonOpt, guarded, nats_for, settings
-from busd.legacy import load_map, plan_catalog
+
+if TYPE_CHECKING:  # imported when a command runs: they load pyarrow, DuckDB and nats-py
+    from busd import migrate
 
 ProducerOpt = Annotated[
     str | None,
     typer.Option(
         "--producer",
-        help=f"Producer name (subject artifacts.<producer>); default {migrate.DEFAULT_PRODUCER}.",
+        help=f"Producer name (subject artifacts.<producer>); default {model.IMPORT_PRODUCER}.",
     ),
 ]
 
@@ -32,6 +32,9 @@ ProducerOpt = Annotated[
 @contextlib.contextmanager
 def progress_bar() -> Iterator[Callable[[str, int, int], None]]:
     """A bar on stderr, so that stdout keeps only the result."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -55,6 +58,7 @@ def run_import(
     plan_of: Callable[[Callable[[str, int, int], None]], migrate.Plan],
     as_json: bool,
 ) -> None:
+    from busd import migrate, source
 
     with progress_bar() as progress:
         plan = plan_of(progress)
@@ -103,6 +107,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Parquet files under the roots: one run per folder, an artifact per file."""
+        from busd import migrate
+
         s = settings(config_path)
         run_import(
             s,
@@ -131,6 +137,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """The runs and artifacts of a legacy catalog: one event per run."""
+        from busd.legacy import load_map, plan_catalog
+
         s = settings(config_path)
         mapping = load_map(map_path, producer=producer)
         run_import(

@@ -11,11 +11,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from busd import config, log, model, source
-from busd.catalog import Catalog
-from busd.embedded import EmbeddedServer
+from busd import config, log, model
 from busd.errors import BusdError, CatalogLocked, ExitCode, TransientError
-from busd.producer import nats_url
+
+# The heavy modules (DuckDB, nats-py, the embedded server) are imported by the functions that
+# use them: `busd submit` or `busd --version` should not pay for `busd serve`'s imports.
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,6 +78,10 @@ def context_flag() -> str | None:
 async def nats_for(s: config.Settings, *, may_embed: bool = True) -> AsyncIterator[Any]:
     """A connection to the configured NATS; with no ``nats.url`` and no busd serve running,
     the embedded server is started on its store for the duration."""
+    from busd import source
+    from busd.embedded import EmbeddedServer
+    from busd.producer import nats_url
+
     embedded = None
     try:
         nc = await source.connect(s.nats, nats_url(s), reconnect=False)
@@ -103,6 +107,9 @@ async def ask_daemon(
     A configured NATS that does not answer is an error (exit 1 naming the URL); without
     ``nats.url`` the embedded server only runs with ``busd serve``, so no answer means none
     runs."""
+    from busd import source
+    from busd.producer import nats_url
+
     try:
         nc = await source.connect(s.nats, nats_url(s), reconnect=False)
     except TransientError:
@@ -124,6 +131,8 @@ async def ask_daemon(
 
 
 def from_catalog(s: config.Settings, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from busd.catalog import Catalog
+
     try:
         catalog = Catalog(s.catalog_path, read_only=True)
     except CatalogLocked:
