@@ -74,17 +74,26 @@ class FaultFS:
         os.replace(tmp, self.control)
 
 
+def _is_mount(mountpoint: Path) -> bool:
+    """Mounted, even dead (its process gone: ``os.path.ismount`` then says False)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == str(mountpoint) for line in f if line.strip())
+    except OSError:
+        return os.path.ismount(mountpoint)
+
+
 def unmount(mountpoint: Path) -> None:
     """Unmount, lazily if something still holds the mount; never leaves it mounted."""
     tools = [t for t in ("fusermount3", "fusermount") if shutil.which(t)]
     for args in (["-u"], ["-uz"]):
         for tool in tools:
-            if not os.path.ismount(mountpoint):
+            if not _is_mount(mountpoint):
                 return
             subprocess.run(
                 [tool, *args, str(mountpoint)], capture_output=True, timeout=10, check=False
             )
-    if os.path.ismount(mountpoint):
+    if _is_mount(mountpoint):
         subprocess.run(
             ["umount", "-l", str(mountpoint)], capture_output=True, timeout=10, check=False
         )
