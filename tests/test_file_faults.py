@@ -208,3 +208,29 @@ def test_a_rebuild_on_a_failing_disk_fails_rather_than_reject(bus: Bus, faultfs:
     done = bus.cli("rebuild", "--config", str(cfg), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert _outcomes(bus) == [("kept", "committed", None)]
+
+
+def test_a_stop_does_not_wait_for_a_file_check_that_hangs(bus: Bus, faultfs: FaultFS) -> None:
+    """SIGTERM while the batch's file read hangs: busd gives the check up, commits nothing
+    of that batch, nak's it and exits 0 (before: it waited for the check's timeout, 30 s by
+    default, past its shutdown grace). The check timeout here is 300 s: a stop that waited
+    for it would not end within the test's wait."""
+    bus.publish([_event(bus, faultfs, "stuck")])
+    faultfs.set("stuck/fills.parquet", stall=True)
+    cfg = bus.write_config(verify={"check_timeout_s": 300})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        wait_for(
+            lambda: faultfs.hits().get("stuck/fills.parquet:stall", 0) >= 1,
+            60,
+            "the read to hang",
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]
+    finally:
+        faultfs.clear()
+        bus.reap()
+    assert not (bus.data / "held.json").exists()  # a clean stop: no death counted
+    faultfs.clear()
+    assert _serve_drain(bus).wait(60) == 0, bus.log()[-3000:]
+    assert _outcomes(bus) == [("stuck", "committed", None)]

@@ -50,6 +50,7 @@ class Committer:
         catalog_seq: int,
         send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
         stopping: Callable[[], bool],
+        stopped: asyncio.Event,
         record_held: Callable[[], Awaitable[None]],
         forget: Callable[[Iterable[int]], None],
     ) -> None:
@@ -58,6 +59,7 @@ class Committer:
         self.lineage = lineage
         self.rechecks, self.metrics, self.progress = rechecks, metrics, progress
         self.outcomes, self.send, self.stopping = outcomes, send, stopping
+        self.stopped = stopped  # set once busd stops: file checks under way are given up
         self.record_held, self.forget = record_held, forget  # busd's deaths holding them
         self.log = log.get()
         self.debug = log.debug_enabled()
@@ -85,12 +87,34 @@ class Committer:
         try:
             await self._gather(held, parts)
             await self.committed()
+            folded = await self._unless_stopped(self.folder.finish(merge(parts)))
         except BaseException:
             for p in parts:
                 p.cancel()
             raise
-        folded = await self.folder.finish(merge(parts))
+        if folded is None:  # stopped while its files were checked: nak'ed as busd closes
+            for p in parts:
+                p.cancel()
+            return
         self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, held))
+
+    async def _unless_stopped(self, decide: Awaitable[Folded]) -> Folded | None:
+        """The batch decided, or None when busd stops first: a stop does not wait for a
+        file check that hangs (up to ``verify.check_timeout_s``); nothing of the batch is
+        committed yet, and what busd holds is nak'ed as it closes."""
+        task = asyncio.ensure_future(decide)
+        stop = asyncio.ensure_future(self.stopped.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        return None
 
     async def _gather(self, held: list[model.Delivery], parts: list[Prepared]) -> None:
         """While the previous commit runs, fetch and prepare what is already coming: up to

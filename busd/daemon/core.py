@@ -78,7 +78,8 @@ class Daemon:
         self.log = log.get()
         self.notify = SdNotifier()
         self.stats = Stats()
-        self.stopping = False
+        self._stopping = False
+        self.stop_event = asyncio.Event()  # set with `stopping`: waits on work give up
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="busd-writer")
         self._export_pool = ExportThread()
         self.catalog: Catalog | None = None
@@ -110,6 +111,16 @@ class Daemon:
         self._pinged_at = 0.0
         self._ping_every_s = self.notify.watchdog_interval_s() or 1.0
         self._debug = log.debug_enabled()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self._stopping = value
+        if value:
+            self.stop_event.set()
 
     # ---- threads -------------------------------------------------------------------------
     async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
@@ -260,6 +271,7 @@ class Daemon:
             catalog_seq=seq,
             send=self._send,
             stopping=lambda: self.stopping,
+            stopped=self.stop_event,
             record_held=self._record_held,
             forget=self.deaths.forget,
         )
