@@ -45,8 +45,7 @@ NATS_ENV: dict[str, str] = {  # the variables the nats CLI reads, as busd keys
     "NATS_CERT": "tls_cert",
     "NATS_KEY": "tls_key",
     "NATS_CONTEXT": "context",
-    "NATS_JSDOMAIN": "js_domain",
-}
+}  # no NATS_* for the JetStream domain: the nats CLI reads none (only --js-domain)
 CONTEXT_KEYS: dict[str, str] = {  # a nats CLI context file's keys, as busd keys
     "url": "url",
     "creds": "creds",
