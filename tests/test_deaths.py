@@ -174,3 +174,26 @@ def test_a_second_sigterm_while_stopping_is_no_death(bus: Bus) -> None:
         bus.reap()
     assert "already stopping" in bus.log()
     assert not (bus.data / "held.json").exists()
+
+
+def test_stop_signals_repeated_until_exit_never_kill_busd(bus: Bus) -> None:
+    """SIGTERM, then SIGTERM or SIGINT every 2 ms until busd exits (a reviewer's script):
+    each exit is 0 with no record of messages held. Before, a signal between the closing
+    of the event loop's receiver and the next handler, or during the interpreter's exit,
+    killed busd by the default action (6 trials of 6), twice with a death recorded."""
+    results = []
+    for trial, again in enumerate([signal.SIGTERM, signal.SIGINT, signal.SIGTERM]):
+        bus.publish([bus.event(f"t{trial}-{i}") for i in range(30)])
+        cfg = bus.write_config(consumer={"shutdown_grace_s": 5})
+        proc = bus.spawn("serve", "--config", str(cfg))
+        _wait_count(bus, '"busd ready"', trial + 1)
+        time.sleep(0.3 + 0.2 * trial)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(again)
+            time.sleep(0.002)
+        results.append((proc.wait(30), (bus.data / "held.json").exists()))
+    bus.reap()
+    assert results == [(0, False)] * 3, results

@@ -211,10 +211,10 @@ def test_a_rebuild_on_a_failing_disk_fails_rather_than_reject(bus: Bus, faultfs:
 
 
 def test_a_stop_does_not_wait_for_a_file_check_that_hangs(bus: Bus, faultfs: FaultFS) -> None:
-    """SIGTERM while the batch's file read hangs: busd gives the check up, commits nothing
-    of that batch, nak's it and exits 0 (before: it waited for the check's timeout, 30 s by
-    default, past its shutdown grace). The check timeout here is 300 s: a stop that waited
-    for it would not end within the test's wait."""
+    """SIGTERM while the batch's file read hangs: after ``shutdown_grace_s`` (10 s here)
+    busd gives the check up, commits nothing of that batch, nak's it and exits 0 (before: it
+    waited for the check's timeout, 30 s by default, past its shutdown grace). The check
+    timeout here is 300 s: a stop that waited for it would not end within the test's wait."""
     bus.publish([_event(bus, faultfs, "stuck")])
     faultfs.set("stuck/fills.parquet", stall=True)
     cfg = bus.write_config(verify={"check_timeout_s": 300})

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -78,7 +79,7 @@ def serve(
     from busd.daemon import serve as run_serve
 
     s = settings(config_path)
-    asyncio.run(run_serve(s, drain=drain))
+    asyncio.run(run_serve(s, drain=drain, restore_signals=False))
 
 
 @app.command()
@@ -348,4 +349,15 @@ def main() -> None:
             sys.exit(int(ExitCode.RUNTIME))
         typer.echo(f"busd: unexpected error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(int(ExitCode.RUNTIME))
-    sys.exit(code if isinstance(code, int) else 0)
+    _exit(code if isinstance(code, int) else 0)
+
+
+def _exit(code: int) -> None:
+    """Exit; at once when `serve` left a thread behind stuck on a disk that does not answer
+    (the interpreter's clean-up would wait for DuckDB's connection, and that thread)."""
+    daemon = sys.modules.get("busd.daemon.core")
+    if daemon is not None and daemon.threads_left_behind():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -99,13 +99,17 @@ class Committer:
         self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, held))
 
     async def _unless_stopped(self, decide: Awaitable[Folded]) -> Folded | None:
-        """The batch decided, or None when busd stops first: a stop does not wait for a
-        file check that hangs (up to ``verify.check_timeout_s``); nothing of the batch is
-        committed yet, and what busd holds is nak'ed as it closes."""
+        """The batch decided, or None when busd stops and its file checks do not end within
+        ``consumer.shutdown_grace_s``: a stop waits for slow checks, not for one that hangs
+        (up to ``verify.check_timeout_s``). Nothing of a batch given up is committed, and
+        what busd holds is nak'ed as it closes (a nak: a delivery on a consumer with a
+        limit of its own)."""
         task = asyncio.ensure_future(decide)
         stop = asyncio.ensure_future(self.stopped.wait())
         try:
             await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                await asyncio.wait({task}, timeout=self.consumer.shutdown_grace_s)
         except BaseException:
             task.cancel()
             raise

@@ -13,7 +13,7 @@ systemd used to cost one each, until a valid event became ``poison``).
 
 from __future__ import annotations
 
-import signal
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -34,8 +34,10 @@ async def connect_when_up(
     metrics: Metrics,
     notify: SdNotifier,
     on_state: Callable[[bool], None],
+    stopped: asyncio.Event,
 ) -> source.Client | None:
-    """A connection, however long NATS takes to answer; None when told to stop first."""
+    """A connection, however long NATS takes to answer; None when ``stopped`` is set first
+    (the daemon's signal handler sets it)."""
     logger = log.get()
     nc: source.Client | None = None
     said_at: float | None = None
@@ -56,11 +58,8 @@ async def connect_when_up(
         tg.cancel_scope.cancel()
 
     async def stop_signal() -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-            async for signum in received:
-                logger.info("stopping", signal=signal.Signals(signum).name)
-                tg.cancel_scope.cancel()
-                return
+        await stopped.wait()
+        tg.cancel_scope.cancel()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(stop_signal)

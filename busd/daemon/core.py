@@ -13,7 +13,6 @@ rather than nak'ing them, so it never eats into max_deliver.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import gc
 import signal
@@ -33,7 +32,7 @@ from busd.daemon.answers import Answers
 from busd.daemon.committer import Committer
 from busd.daemon.connect import connect_when_up, workers_when_up
 from busd.daemon.keeper import Keeper, Progress
-from busd.daemon.publisher import ExportThread, Publisher
+from busd.daemon.publisher import CallThread, Publisher
 from busd.daemon.store import LiveStore
 from busd.deaths import Deaths
 from busd.embedded import EmbeddedServer
@@ -70,18 +69,24 @@ class Daemon:
     """``busd serve``: one durable pull consumer feeding one catalog writer."""
 
     def __init__(
-        self, settings: Settings, *, drain: bool = False, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        *,
+        drain: bool = False,
+        metrics: Metrics | None = None,
+        restore_signals: bool = True,
     ) -> None:
         self.settings = settings
         self.drain = drain
+        self.restore_signals = restore_signals
         self.metrics = metrics or Metrics()
         self.log = log.get()
         self.notify = SdNotifier()
         self.stats = Stats()
         self._stopping = False
         self.stop_event = asyncio.Event()  # set with `stopping`: waits on work give up
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="busd-writer")
-        self._export_pool = ExportThread()
+        self._writer = CallThread("busd-writer")
+        self._export_pool = CallThread("busd-export")
         self.catalog: Catalog | None = None
         self.checker: Checker | None = None
         self.folder: Folder | None = None
@@ -175,7 +180,12 @@ class Daemon:
             url = await anyio.to_thread.run_sync(self.embedded.start)
             self.log.info("embedded nats-server started", url=url)
         self.nc = await connect_when_up(
-            s.nats, url, metrics=self.metrics, notify=self.notify, on_state=self._on_nats_state
+            s.nats,
+            url,
+            metrics=self.metrics,
+            notify=self.notify,
+            on_state=self._on_nats_state,
+            stopped=self.stop_event,
         )
         if self.nc is None:  # stopped before NATS answered
             self.stopping = True
@@ -340,29 +350,23 @@ class Daemon:
                 await self.nc.drain()
             except Exception:  # noqa: BLE001 - closing anyway
                 await self.nc.close()
+        # one grace period for what waits on the disk below (a commit, the export thread,
+        # the catalog's close): a disk that does not answer must not keep busd from exiting
+        grace_s = self.settings.consumer.shutdown_grace_s
+        deadline = time.monotonic() + grace_s
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         if self.committer is not None:
-            with contextlib.suppress(Exception):
-                await self.committer.committed()
+            with anyio.move_on_after(left()), contextlib.suppress(Exception):
+                await self.committer.committed()  # given up: never acked, redelivered
         if self.folder is not None:
             await self.folder.close()
         elif self.checker is not None:
             await self.checker.close()
         await anyio.to_thread.run_sync(self.lineage.close)  # its reader, before the catalog
-        # the export thread's cursor must be idle before the catalog's connection closes;
-        # stuck in a read that does not return, it is left behind with the catalog open
-        # (what is committed is durable in its WAL), and busd exits all the same
-        grace_s = self.settings.consumer.shutdown_grace_s
-        if not await anyio.to_thread.run_sync(self._export_pool.stop, grace_s):
-            self.log.error(
-                "the export thread is stuck in a read; exiting without it", waited_s=grace_s
-            )
-            self.catalog = None
-        if self.catalog is not None:
-            if self.publisher is not None:
-                with contextlib.suppress(Exception):
-                    await self.publisher.record_when_idle(False)
-            await self._on_writer(self.catalog.close)
-        self._writer.shutdown()
+        await self._close_catalog(grace_s, left)
         if self.embedded is not None:
             await anyio.to_thread.run_sync(self.embedded.stop)
         if self.metrics_server is not None:
@@ -372,6 +376,7 @@ class Daemon:
     async def run(self) -> Stats:
         """Serve until SIGTERM/SIGINT (or, in drain mode, until the stream is empty)."""
         died: BaseException | None = None
+        before = self._install_signals()
         try:
             await self.start()
             await self._serve()
@@ -386,16 +391,14 @@ class Daemon:
             raise
         finally:
             self.notify.stopping()
-            # a second signal (an impatient Ctrl-C, a second `systemctl stop`) must not kill
-            # busd by the default action while it stops: that would count as a death of what
-            # it holds (the receiver above restored the default handlers as it closed)
-            before = _ignore_further_stops()
             try:
                 with anyio.CancelScope(shield=True):
                     await self.close()
                     await self._close_deaths(died or self._fatal)
             finally:
-                _restore(before)
+                # from here to the exit, a stop signal is ignored by the kernel: Python puts
+                # the default action back for its own handlers as the interpreter finalizes
+                _restore(before if self.restore_signals else _IGNORED)
         if self._fatal is not None:
             raise self._fatal
         self.stats.exports = self.publisher.refreshes if self.publisher is not None else 0
@@ -407,6 +410,32 @@ class Daemon:
         )
         return self.stats
 
+    async def _close_catalog(self, grace_s: float, left: Callable[[], float]) -> None:
+        """The export thread, then the catalog and its writer thread, within what is left
+        of the grace period."""
+        # the export thread's cursor must be idle before the catalog's connection closes;
+        # stuck in a read that does not return, it is left behind with the catalog open
+        # (what is committed is durable in its WAL), and busd exits all the same
+        if not await anyio.to_thread.run_sync(self._export_pool.stop, left()):
+            self.log.error(
+                "the export thread is stuck in a read; exiting without it", waited_s=grace_s
+            )
+            _LEFT_BEHIND.append(self)
+            self.catalog = None
+        if self.catalog is not None:
+            with anyio.move_on_after(left()) as waited:
+                if self.publisher is not None:
+                    with contextlib.suppress(Exception):
+                        await self.publisher.record_when_idle(False)
+                await self._on_writer(self.catalog.close)
+            if waited.cancelled_caught:  # what it committed is durable in its WAL
+                self.log.error(
+                    "the catalog's writer is stuck on the disk; exiting without it",
+                    waited_s=grace_s,
+                )
+        if not await anyio.to_thread.run_sync(self._writer.stop, left()):
+            _LEFT_BEHIND.append(self)
+
     async def _close_deaths(self, died: BaseException | None) -> None:
         """Nothing is held any more, unless busd dies of an exception it did not decide on:
         an event that raises one each time (whatever its type: an OSError or a MemoryError is
@@ -416,13 +445,14 @@ class Daemon:
         if self.deaths is None or (died is not None and _a_death(died)):
             return
         try:
-            await anyio.to_thread.run_sync(self.deaths.close)
+            with anyio.move_on_after(self.settings.consumer.shutdown_grace_s):
+                # a disk that does not answer: left behind, and the deaths are counted
+                await anyio.to_thread.run_sync(self.deaths.close, abandon_on_cancel=True)
         except StorageError as exc:  # the record is removed if it cannot be rewritten
             self.log.warning("cannot clear the record of messages held", error=str(exc))
 
     async def _serve(self) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._signals)
             # stopped while waiting for NATS, or for the workers (before the lease: a busd
             # that cannot check files must not hold it)
             if self.settings.ha.enabled and not self.stopping and await self._workers_up():
@@ -534,15 +564,31 @@ class Daemon:
         changed = await self._on_writer(self.catalog.commit, rows)
         self.publisher.committed(changed)
 
-    async def _signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-            async for signum in received:
-                if self.stopping:
-                    self.log.info("already stopping", signal=signal.Signals(signum).name)
-                    continue
-                self.log.info("stopping", signal=signal.Signals(signum).name)
-                self.stopping = True
-                self.notify.stopping()
+    def _install_signals(self) -> dict[int, Any]:
+        """SIGTERM and SIGINT stop busd, once; a second one (an impatient Ctrl-C, a second
+        `systemctl stop`) is logged and ignored, for as long as the process lives unless
+        ``restore_signals``: dying of it would count as a death of every message held. Plain
+        handlers, not the event loop's, which puts the default action back as it closes."""
+        loop = asyncio.get_running_loop()
+
+        def handler(signum: int, _frame: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: busd is exiting
+                loop.call_soon_threadsafe(self._on_signal, signum)
+
+        before: dict[int, Any] = {}
+        with contextlib.suppress(ValueError):  # not the main thread (an embedded use)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                before[signum] = signal.signal(signum, handler)
+        return before
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping:
+            self.log.info("already stopping", signal=name)
+            return
+        self.log.info("stopping", signal=name)
+        self.stopping = True
+        self.notify.stopping()
 
     def _committing(self) -> bool:
         return self.committer is not None and self.committer.committing()
@@ -654,22 +700,24 @@ class Daemon:
         self.progress.mark()
 
 
-def _ignore_further_stops() -> dict[int, Any]:
-    """SIGTERM and SIGINT logged, not obeyed; the handlers they replace."""
+# daemons whose threads a stop gave up on, stuck in DuckDB on a hung disk: kept alive, as
+# freeing their catalog's connections and cursors would wait for those threads
+_LEFT_BEHIND: list[Any] = []
 
-    def logged(signum: int, _frame: object) -> None:
-        log.get().info("already stopping", signal=signal.Signals(signum).name)
 
-    before: dict[int, Any] = {}
-    with contextlib.suppress(ValueError):  # not the main thread (an embedded use)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            before[signum] = signal.signal(signum, logged)
-    return before
+def threads_left_behind() -> bool:
+    """A stop left a thread stuck in DuckDB: the process should exit without the
+    interpreter's clean-up, which would wait for it (the CLI does)."""
+    return bool(_LEFT_BEHIND)
+
+
+_IGNORED: dict[int, Any] = {signal.SIGTERM: signal.SIG_IGN, signal.SIGINT: signal.SIG_IGN}
 
 
 def _restore(handlers: dict[int, Any]) -> None:
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
+    with contextlib.suppress(ValueError):  # not the main thread (an embedded use)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def _a_death(exc: BaseException) -> bool:
@@ -686,7 +734,9 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
-async def serve(settings: Settings, *, drain: bool = False) -> Stats:
+async def serve(settings: Settings, *, drain: bool = False, restore_signals: bool = True) -> Stats:
+    """``restore_signals=False`` for the CLI: a stop signal after busd stopped is ignored too
+    (the process is about to exit; dying of it would tell systemd of a failure)."""
     # Python's cyclic collector, tuned as a replay's (busd.replay.fewer_collections): busd
     # makes no cycles of its own while it folds, so what exists once it starts is frozen out of
     # the collector's passes and a pass comes every 50,000 allocations, not 700 (a catch-up:
@@ -695,7 +745,7 @@ async def serve(settings: Settings, *, drain: bool = False) -> Stats:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     try:
-        return await Daemon(settings, drain=drain).run()
+        return await Daemon(settings, drain=drain, restore_signals=restore_signals).run()
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()

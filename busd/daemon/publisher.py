@@ -14,7 +14,7 @@ file is new to an export — committed since its last refresh — the acks wait 
 while (``Exporter.files.hold_s``): a message is acked once the exports hold its rows, unless
 its file stays unreadable; then it is acked, the file reported, and the exports follow later.
 
-The export thread is :class:`ExportThread`: exit never waits for it, as DuckDB cannot be
+The export thread is a :class:`CallThread`: exit never waits for it, as DuckDB cannot be
 interrupted in a read that hangs.
 """
 
@@ -41,16 +41,16 @@ from busd.model import Changed
 OnThread = Callable[..., Awaitable[Any]]
 
 
-class ExportThread:
-    """The one thread the exporter's cursor is used on, taking calls in order (a
-    one-worker ``ThreadPoolExecutor``, but a daemon thread that exit does not join): if a
-    read in DuckDB hangs (a stalled network or FUSE filesystem), :meth:`stop` gives up on
-    it after a while and busd still exits."""
+class CallThread:
+    """One thread taking calls in order, as the catalog's writer and the exporter's cursor
+    need (a one-worker ``ThreadPoolExecutor``, but a daemon thread that exit does not join):
+    if DuckDB hangs in a read or an fsync (a stalled network or FUSE filesystem, a disk that
+    does not answer), :meth:`stop` gives up on it after a while and busd still exits."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
         self._calls: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Any] | None]
         self._calls = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="busd-export", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
