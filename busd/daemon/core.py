@@ -226,7 +226,7 @@ class Daemon:
         data = self.deaths.encode(self.ledger.seqs())
         if data is None:
             return
-        self.progress.committing_since = time.monotonic()  # a slow disk is no stall
+        self.progress.write_started()  # a slow disk is no stall (nor is a commit beside it)
         try:
             await anyio.to_thread.run_sync(self.deaths.write, data)
         except FatalStorageError:
@@ -234,7 +234,7 @@ class Daemon:
         except StorageError as exc:  # a full disk: this death would go uncounted
             self.log.warning("cannot record the messages held", error=str(exc))
         finally:
-            self.progress.committing_since = None
+            self.progress.write_ended()
 
     async def _activate(self) -> None:
         """Bind the durable consumer and start serving (after winning the lease, with HA)."""

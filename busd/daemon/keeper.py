@@ -34,13 +34,13 @@ COMMIT_PATIENCE = 10  # ... and a catalog commit (DuckDB says nothing while it c
 @dataclass
 class Progress:
     """When the daemon last made progress: an ack, a commit, or a refresh done; since when
-    a catalog commit runs (None: none does); and since when the catalog's writer thread has
-    been busy with the job it runs now (any transaction waits on the same disk)."""
+    a catalog commit runs (None: none does); and since when the disk has been busy with the
+    write under way (a job of the catalog's writer thread, or the record of what is held)."""
 
     at: float = field(default_factory=time.monotonic)
     committing_since: float | None = None
     writing_since: float | None = None
-    writes: int = 0  # jobs queued or running on the writer thread
+    writes: int = 0  # writes queued or running
 
     def mark(self) -> None:
         self.at = time.monotonic()
