@@ -347,14 +347,13 @@ class Folder:
         # a consumer with a max_deliver of its own: two deliveries kept in reserve, so a slow
         # file never turns into `poison` (busd's own consumer has none: the file wait decides)
         last = self.server_max_deliver
-        tries_left = last - 3 - item.d.delivered if last > 0 else 1_000_000
-        if self.replay or remaining_s <= 0 or tries_left <= 0:
+        tries_left = last - 3 - item.d.delivered if last > 0 else None
+        if self.replay or remaining_s <= 0 or (tries_left is not None and tries_left <= 0):
             # no wall-clock figure in the detail: a replay must write the same words
             reject(item, exc.reason, exc.detail)
             return
-        item.nak_delay_s = min(
-            remaining_s, max(2.0 ** (item.d.delivered - 1), remaining_s / tries_left)
-        )
+        spread_s = remaining_s / tries_left if tries_left is not None else 0.0
+        item.nak_delay_s = min(remaining_s, max(2.0 ** (item.d.delivered - 1), spread_s))
         if exc.reason in CONTENT_REASONS and item.d.delivered == 1:
             # a file that stops changing now is judged once settled, not a while later
             item.nak_delay_s = min(item.nak_delay_s, self.settings.verify.settle_s + 0.5)

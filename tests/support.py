@@ -259,6 +259,10 @@ class Bus:
         return path.read_text() if path.exists() else ""
 
 
+# a configured export whose refresh takes seconds (acks wait for it): a window for faults
+SLOW_EXPORT_SQL = "SELECT i, md5(i::VARCHAR) AS h FROM range(600000000) t(i) WHERE i % 1000 = 0"
+
+
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

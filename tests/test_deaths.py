@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from faultfs import FaultFS
-from support import Bus, on_jetstream, wait_for
+from support import SLOW_EXPORT_SQL, Bus, on_jetstream, wait_for
 
 from busd.deaths import Deaths
 
@@ -160,9 +160,10 @@ def test_a_second_sigterm_while_stopping_is_no_death(bus: Bus) -> None:
     """An impatient second SIGTERM (or Ctrl-C) while busd waits for the refresh its acks
     need: before, the first one had closed the signal receiver and the second killed busd
     by the default action, a death counted for everything it held."""
-    slow = "SELECT i, md5(i::VARCHAR) AS h FROM range(600000000) t(i) WHERE i % 1000 = 0"
     bus.publish([bus.event(f"r{i}") for i in range(5)])
-    cfg = bus.write_config(exports=[{"name": "slow", "sql": slow, "depends_on": ["fills"]}])
+    cfg = bus.write_config(
+        exports=[{"name": "slow", "sql": SLOW_EXPORT_SQL, "depends_on": ["fills"]}]
+    )
     proc = bus.spawn("serve", "--config", str(cfg))
     try:
         wait_for(lambda: '"committed": 5' in bus.log(), 60, "the batch to commit")

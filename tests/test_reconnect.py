@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from support import Bus, on_jetstream, wait_for
-
-SLOW_SQL = "SELECT i, md5(i::VARCHAR) AS h FROM range(600000000) t(i) WHERE i % 1000 = 0"
+from support import SLOW_EXPORT_SQL, Bus, on_jetstream, wait_for
 
 
 def _consumer(bus: Bus) -> tuple[int, int, int]:
@@ -31,7 +29,7 @@ def test_acks_a_failed_lease_check_held_back_go_out_when_nats_is_back(bus: Bus) 
     cfg = bus.write_config(
         ha={"enabled": True, "lease_ttl_s": 120},
         consumer={"ack_wait_s": 120},  # a redelivery cannot be what acks them below
-        exports=[{"name": "slow", "sql": SLOW_SQL, "depends_on": ["fills"]}],
+        exports=[{"name": "slow", "sql": SLOW_EXPORT_SQL, "depends_on": ["fills"]}],
     )
     proc = bus.spawn("serve", "--config", str(cfg))
     try:
