@@ -198,3 +198,32 @@ def test_stop_signals_repeated_until_exit_never_kill_busd(bus: Bus) -> None:
         results.append((proc.wait(30), (bus.data / "held.json").exists()))
     bus.reap()
     assert results == [(0, False)] * 3, results
+
+
+def test_a_death_while_a_message_waits_for_its_redelivery_is_not_counted(bus: Bus) -> None:
+    """A file not there yet: busd naks the event and holds nothing until it comes back. The
+    record must say so at once: before, it listed the sequence until the next fetch, so a
+    kill meanwhile counted a death and, with max_deliver 3, made the valid event poison."""
+    bus.overrides = {
+        **bus.overrides,
+        "consumer": {"max_deliver": 3},
+        "verify": {"file_wait_s": 600},
+    }
+    bus.init()
+    late = bus.artifacts / "late" / "fills.parquet"
+    bus.publish([bus.event("late", [{"name": "fills", "path": str(late)}])])
+    cfg = bus.write_config()
+    proc = bus.spawn("serve", "--config", str(cfg))
+    record = bus.data / "held.json"
+    try:  # the third nak waits 4 s: time to see the record and kill busd inside that wait
+        wait_for(lambda: '"delay_s": 4.0' in bus.log(), 60, "the third nak")
+        wait_for(lambda: json.loads(record.read_text())["held"] == [], 3, "the record to clear")
+        proc.kill()
+        proc.wait(30)
+        bus.parquet("late/fills.parquet")
+        second = bus.spawn("serve", "--config", str(cfg), "--drain", log="second.log")
+        assert second.wait(90) == 0, bus.log("second.log")[-3000:]
+    finally:
+        bus.reap()
+    assert "died holding" not in bus.log("second.log")
+    assert bus.sql("SELECT run_id, outcome FROM catalog.events_f") == [("late", "committed")]

@@ -224,11 +224,14 @@ class Committer:
         # not sent: the server redelivers, the fold decides again (with its deaths counted)
         if await self.send(settled.now):
             self.forget(item.d.seq for item in decided if settlement(item.outcome) == "term")
-        self.ledger.release(
-            item.d.seq
-            for item in decided
-            if settlement(item.outcome) != "ack" and item.recheck_s is None
-        )
+        released = [
+            item for item in decided if settlement(item.outcome) != "ack" and item.recheck_s is None
+        ]
+        self.ledger.release(item.d.seq for item in released)
+        if any(settlement(item.outcome) == "nak" for item in released):
+            # a nak'ed message comes back: the record must not say busd still holds it, or
+            # a death before the next fetch counts one for it (toward poison)
+            await self.record_held()
         self.rechecks.hold(settled.held, time.monotonic())  # still in the ledger, kept alive
         if settled.now or settled.held:
             self.progress.mark()
