@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 
@@ -67,6 +68,41 @@ async def connect_when_up(
     if said_at is not None and nc is not None:
         logger.info("NATS answered", url=url)
     return nc
+
+
+T = TypeVar("T")
+
+
+async def when_answered(
+    call: Callable[[], Awaitable[T]],
+    what: str,
+    *,
+    notify: SdNotifier,
+    stopping: Callable[[], bool],
+) -> T | None:
+    """``call()`` (a request to NATS while busd starts), retried while NATS does not answer
+    it: a NATS that goes away just after busd connected is waited for like one that was
+    not there yet, not an unexpected error. None when ``stopping()`` first."""
+    logger = log.get()
+    said_at: float | None = None
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not source.unanswered(exc):
+                raise
+            if said_at is None or time.monotonic() - said_at >= source.WAITING_SAID_EVERY_S:
+                said_at = time.monotonic()
+                logger.warning("NATS does not answer; retrying", waiting_to=what, error=repr(exc))
+                notify.status(
+                    f"NATS does not answer; waiting to {what}",
+                    extend_start_s=2 * source.WAITING_SAID_EVERY_S,
+                )
+        pause_until = time.monotonic() + source.WAITING_RETRY_S
+        while time.monotonic() < pause_until:
+            if stopping():
+                return None
+            await anyio.sleep(0.1)
 
 
 WORKERS_RETRY_S = (1.0, 10.0)  # the first and the longest pause between two tries

@@ -18,7 +18,7 @@ import gc
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,8 +30,8 @@ from busd.checker import Checker
 from busd.config import Settings, parse_hostport
 from busd.daemon.answers import Answers
 from busd.daemon.committer import Committer
-from busd.daemon.connect import connect_when_up, workers_when_up
-from busd.daemon.keeper import Keeper, Progress
+from busd.daemon.connect import connect_when_up, when_answered, workers_when_up
+from busd.daemon.keeper import REFRESH_PATIENCE, Keeper, Progress
 from busd.daemon.publisher import CallThread, Publisher
 from busd.daemon.store import LiveStore
 from busd.deaths import Deaths
@@ -193,7 +193,12 @@ class Daemon:
         self.store = LiveStore(self.catalog, self._on_writer, self.nc, s.nats.stream)
         self.deaths = await anyio.to_thread.run_sync(self._load_deaths)
         self.folder = Folder(s, self.store, checker=self.checker, deaths=self.deaths)
-        for problem in await source.ensure_stream(self.nc, s):
+        nc = self.nc
+        problems = await self._answered(lambda: source.ensure_stream(nc, s), "declare the stream")
+        if problems is None:  # stopped while NATS did not answer
+            self.stopping = True
+            return
+        for problem in problems:
             self.log.warning("stream breaks a promise", stream=s.nats.stream, problem=problem)
 
     def _load_deaths(self) -> Deaths:
@@ -236,12 +241,16 @@ class Daemon:
         finally:
             self.progress.write_ended()
 
-    async def _activate(self) -> None:
-        """Bind the durable consumer and start serving (after winning the lease, with HA)."""
+    async def _activate(self) -> bool:
+        """Bind the durable consumer and start serving (after winning the lease, with HA);
+        False when stopped while NATS did not answer."""
         s = self.settings
         assert self.catalog is not None and self.exporter is not None
         assert self.publisher is not None
-        info = await source.ensure_consumer(self.nc, s)
+        nc = self.nc
+        info = await self._answered(lambda: source.ensure_consumer(nc, s), "bind the consumer")
+        if info is None:
+            return False
         assert self.folder is not None and self.deaths is not None
         self.folder.server_max_deliver = int(info.config.max_deliver or -1)
         if info.ack_floor is not None:
@@ -300,7 +309,9 @@ class Daemon:
             ack_late=lambda: self._ack_through(publisher.exported_generation),
             recreate_consumer=self._recreate_consumer,
         )
-        await self.keeper.measure_lag()  # before ready: an alert must never see a lag of 0
+        # before ready: an alert must never see a lag of 0
+        if await self._answered(self._measured, "measure the lag") is None:
+            return False
         self.log.info(
             "busd ready",
             stream=s.nats.stream,
@@ -310,6 +321,7 @@ class Daemon:
         )
         self.metrics.ready.set(1)
         self.notify.ready()
+        return True
 
     async def _workers_up(self) -> bool:
         """Wait until the file-check workers answer (False: stopped first); at once as a
@@ -349,7 +361,10 @@ class Daemon:
             try:
                 await self.nc.drain()
             except Exception:  # noqa: BLE001 - closing anyway
-                await self.nc.close()
+                # NATS gone meanwhile: closing raises too (ConnectionResetError), and must not
+                # take the place of the reason busd stops
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
         # one grace period for what waits on the disk below (a commit, the export thread,
         # the catalog's close): a disk that does not answer must not keep busd from exiting
         grace_s = self.settings.consumer.shutdown_grace_s
@@ -461,9 +476,11 @@ class Daemon:
                     # renewed from the moment it is won: the backfill's start and a refresh of
                     # stale exports come before the keeper runs, and may outlast the TTL
                     tg.start_soon(self._keep_lease, self.lease)
+                    tg.start_soon(self._ping_while_starting)
                     await self._start_backfill(quarantined)
-            if not self.stopping:
-                await self._activate()
+            if self.lease is None and not self.stopping:
+                tg.start_soon(self._ping_while_starting)
+            if not self.stopping and await self._activate():
                 assert self.publisher is not None and self.keeper is not None
                 tg.start_soon(self.publisher.run, self._ack_through)
                 tg.start_soon(self.publisher.sweep_loop, self._committing)
@@ -633,11 +650,35 @@ class Daemon:
         assert self.src is not None
         self.src.reset()
 
+    async def _answered(self, call: Callable[[], Awaitable[T]], what: str) -> T | None:
+        """A request of the start, retried while NATS does not answer (None: stopped)."""
+        return await when_answered(call, what, notify=self.notify, stopping=lambda: self.stopping)
+
+    async def _measured(self) -> bool:
+        assert self.keeper is not None
+        await self.keeper.measure_lag()
+        return True
+
+    async def _ping_while_starting(self) -> None:
+        """The watchdog, from the start or the takeover (a standby has said READY=1 long
+        before) until the keeper pings: a backfill's start, a refresh of stale exports and
+        requests to NATS run in between. For no longer than the keeper's patience with a
+        refresh: a start that hangs past it is not kept alive."""
+        patience_s = REFRESH_PATIENCE * self.settings.consumer.stall_s
+        until = time.monotonic() + patience_s
+        while not (self.keeper is not None and self.keeper.running):
+            if time.monotonic() > until:
+                self.log.error("still starting; no more watchdog pings", waited_s=patience_s)
+                return
+            self._alive()
+            await anyio.sleep(min(1.0, self._ping_every_s))
+
     def _alive(self) -> None:
-        """Ping systemd's watchdog at most once per half watchdog period, from the follow
+        """Ping systemd's watchdog at most once per quarter watchdog period, from the follow
         loop in standby (the keeper pings while active)."""
         now = time.monotonic()
-        if now - self._pinged_at >= self._ping_every_s:
+        # half of ping_every_s: a loop that sleeps ping_every_s never skips a turn on jitter
+        if now - self._pinged_at >= self._ping_every_s / 2:
             self._pinged_at = now
             self.notify.watchdog()
 

@@ -89,17 +89,20 @@ class Keeper:
         self.backlog = 0  # pending + ack pending, as last measured
         self._pinged_at = 0.0
         self._ping_every_s = notify.watchdog_interval_s() or 1.0
+        self.running = False  # its watchdog loop pings (before: the daemon's start does)
 
     async def run(self) -> None:
+        self.running = True
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watchdog_loop)
             tg.start_soon(self._progress_loop)
             tg.start_soon(self._lag_loop)
 
     def alive(self) -> None:
-        """Ping systemd's watchdog, at most once per half watchdog period."""
+        """Ping systemd's watchdog, at most once per quarter watchdog period."""
         now = time.monotonic()
-        if now - self._pinged_at >= self._ping_every_s:
+        # half of ping_every_s: a loop that sleeps ping_every_s never skips a turn on jitter
+        if now - self._pinged_at >= self._ping_every_s / 2:
             self._pinged_at = now
             self.notify.watchdog()
 

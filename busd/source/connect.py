@@ -19,6 +19,7 @@ import nats
 from nats.aio.client import Client as Client  # the type of a connection, for callers
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
+from nats.js import errors as js_errors
 from nats.protocol.parser import AUTHORIZATION_VIOLATION
 
 from busd.config import NatsSettings, is_nkey_seed
@@ -167,6 +168,24 @@ class NatsUnreachable(TransientError):
             f"cannot reach NATS at {url} within {float(timeout_s)}s ({_unreachable_why(cause)})"
         )
         self.url = url
+
+
+# NATS did not answer a request (the connection down or reconnecting, a timeout, JetStream
+# restarting); a closed connection is not among them: it does not come back
+_UNANSWERED: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    js_errors.ServiceUnavailableError,
+    asyncio.TimeoutError,
+)
+
+
+def unanswered(exc: BaseException) -> bool:
+    """True when ``exc`` says NATS did not answer, as opposed to answering no."""
+    return isinstance(exc, _UNANSWERED)
 
 
 def _unreachable_why(exc: BaseException) -> str:
