@@ -355,7 +355,7 @@ def main() -> None:
 def _exit(code: int) -> None:
     """Exit; at once when `serve` left a thread behind stuck on a disk that does not answer
     (the interpreter's clean-up would wait for DuckDB's connection, and that thread)."""
-    daemon = sys.modules.get("busd.daemon.core")
+    daemon = sys.modules.get("busd.daemon.stop")
     if daemon is not None and daemon.threads_left_behind():
         sys.stdout.flush()
         sys.stderr.flush()

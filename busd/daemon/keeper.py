@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from busd import lag, model, sdnotify, source
+from busd import lag, log, model, sdnotify, source
 from busd.checker import Checker
 from busd.config import Settings
 from busd.errors import ConsumerGone, Stalled
@@ -61,6 +61,37 @@ class Progress:
         return self.writing_since
 
 
+class Watchdog:
+    """systemd's watchdog (``WATCHDOG_USEC``), pinged by whoever shows busd alive: the
+    follower in standby, the start until the keeper runs, then the keeper's loop."""
+
+    def __init__(self, notify: SdNotifier) -> None:
+        self.notify = notify
+        self.every_s = notify.watchdog_interval_s() or 1.0  # half the watchdog's period
+        self._pinged_at = 0.0
+
+    def alive(self) -> None:
+        """A ping, at most once per quarter of the watchdog's period."""
+        now = time.monotonic()
+        # half of every_s: a loop that sleeps every_s never skips a turn on jitter
+        if now - self._pinged_at >= self.every_s / 2:
+            self._pinged_at = now
+            self.notify.watchdog()
+
+    async def while_starting(self, started: Callable[[], bool], patience_s: float) -> None:
+        """Pings from the start or a takeover (a standby has said READY=1 long before)
+        until ``started()``: a backfill's start, a refresh of stale exports and requests to
+        NATS run in between. For no longer than ``patience_s``: a start that hangs past it
+        is not kept alive."""
+        until = time.monotonic() + patience_s
+        while not started():
+            if time.monotonic() > until:
+                log.get().error("still starting; no more watchdog pings", waited_s=patience_s)
+                return
+            self.alive()
+            await anyio.sleep(min(1.0, self.every_s))
+
+
 class Keeper:
     """Built once the consumer is bound; :meth:`run` runs until the daemon stops."""
 
@@ -75,6 +106,7 @@ class Keeper:
         checker: Checker,
         metrics: Metrics,
         notify: SdNotifier,
+        watchdog: Watchdog,
         progress: Progress,
         outcomes: Callable[[], dict[str, int]],
         send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
@@ -86,9 +118,8 @@ class Keeper:
         self.progress, self.outcomes, self.checker = progress, outcomes, checker
         self.send, self.ack_late = send, ack_late
         self.recreate_consumer = recreate_consumer
+        self.watchdog = watchdog
         self.backlog = 0  # pending + ack pending, as last measured
-        self._pinged_at = 0.0
-        self._ping_every_s = notify.watchdog_interval_s() or 1.0
         self.running = False  # its watchdog loop pings (before: the daemon's start does)
 
     async def run(self) -> None:
@@ -97,14 +128,6 @@ class Keeper:
             tg.start_soon(self._watchdog_loop)
             tg.start_soon(self._progress_loop)
             tg.start_soon(self._lag_loop)
-
-    def alive(self) -> None:
-        """Ping systemd's watchdog, at most once per quarter watchdog period."""
-        now = time.monotonic()
-        # half of ping_every_s: a loop that sleeps ping_every_s never skips a turn on jitter
-        if now - self._pinged_at >= self._ping_every_s / 2:
-            self._pinged_at = now
-            self.notify.watchdog()
 
     async def measure_lag(self) -> None:
         s = self.settings
@@ -122,8 +145,8 @@ class Keeper:
         stall_s, exported = self.settings.consumer.stall_s, self.exporter.progress()
         checked = self.checker.progress()
         while True:
-            await anyio.sleep(min(1.0, self._ping_every_s))
-            self.alive()
+            await anyio.sleep(min(1.0, self.watchdog.every_s))
+            self.watchdog.alive()
             # a long refresh is progress while it advances (files written, query progress),
             # and for up to REFRESH_PATIENCE stall periods while it runs at all: DuckDB gives
             # no progress for some queries (a recursive CTE), or plateaus (a sort)

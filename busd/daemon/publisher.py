@@ -14,16 +14,13 @@ file is new to an export — committed since its last refresh — the acks wait 
 while (``Exporter.files.hold_s``): a message is acked once the exports hold its rows, unless
 its file stays unreadable; then it is acked, the file reported, and the exports follow later.
 
-The export thread is a :class:`CallThread`: exit never waits for it, as DuckDB cannot be
-interrupted in a read that hangs.
+The export thread is a :class:`~busd.daemon.threads.CallThread`: exit never waits for it, as
+DuckDB cannot be interrupted in a read that hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import queue
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -39,41 +36,6 @@ from busd.metrics import Metrics
 from busd.model import Changed
 
 OnThread = Callable[..., Awaitable[Any]]
-
-
-class CallThread:
-    """One thread taking calls in order, as the catalog's writer and the exporter's cursor
-    need (a one-worker ``ThreadPoolExecutor``, but a daemon thread that exit does not join):
-    if DuckDB hangs in a read or an fsync (a stalled network or FUSE filesystem, a disk that
-    does not answer), :meth:`stop` gives up on it after a while and busd still exits."""
-
-    def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Any] | None]
-        self._calls = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._calls.put((future, lambda: fn(*args)))
-        return future
-
-    def _run(self) -> None:
-        while (call := self._calls.get()) is not None:
-            future, fn = call
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
-                future.set_exception(exc)
-
-    def stop(self, timeout_s: float) -> bool:
-        """Let the calls queued finish, for up to ``timeout_s``; False if the thread is
-        still busy then (stuck in a read)."""
-        self._calls.put(None)
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
 
 
 class Publisher:

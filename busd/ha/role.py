@@ -1,0 +1,137 @@
+"""Active or standby (``ha.enabled``): the lease, following the stream until it is won, its
+renewal, and the backfill of what the former active acked. Without HA busd is active and
+holds no lease.
+
+The daemon asks two things of it while active: whether it may settle for good now
+(:meth:`Role.lease_ok`, before every ack or term) and the backfill's next step. A lost lease
+raises :class:`~busd.errors.LeaseLost` after ``on_lost`` has stopped the daemon's acks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from busd import log, source
+from busd.checker import Checker
+from busd.config import Settings
+from busd.errors import LeaseLost
+from busd.fold import Store
+from busd.ha.backfill import Backfill
+from busd.ha.follower import Follower, resume_after, stand_by
+from busd.ha.lease import Lease
+from busd.metrics import Metrics
+from busd.model import Batch
+from busd.sdnotify import SdNotifier
+
+
+class Role:
+    """The lease (None without HA, or once lost) and the backfill after a takeover (None
+    once done); ``active`` says which side busd is on."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        nc: source.Client,
+        store: Store,
+        checker: Checker,
+        *,
+        commit_rows: Callable[[Batch], Awaitable[None]],
+        recorded_through: Callable[[int], Awaitable[int]],
+        refresh_changed: Callable[[set[str]], Awaitable[None]],
+        touched: Callable[[set[str]], None],
+        notify: SdNotifier,
+        metrics: Metrics,
+        alive: Callable[[], None],
+        ping_every_s: float,
+        stopping: Callable[[], bool],
+        on_lost: Callable[[LeaseLost], None],
+    ) -> None:
+        self.settings, self.nc, self.store, self.checker = settings, nc, store, checker
+        self.commit_rows, self.recorded_through = commit_rows, recorded_through
+        self.refresh_changed, self.touched = refresh_changed, touched
+        self.notify, self.metrics, self.alive = notify, metrics, alive
+        self.ping_every_s, self.stopping, self.on_lost = ping_every_s, stopping, on_lost
+        self.lease: Lease | None = None
+        self.backfill: Backfill | None = None
+        self.active = True
+        self.log = log.get()
+
+    async def stand_by(self) -> dict[int, str]:
+        """Follow the stream into our own catalog until we win the lease (or are stopped):
+        the poison decisions the follower carries over."""
+        self.lease = Lease(self.nc, self.settings)
+        await self.lease.open()
+        if await self.lease.acquire():
+            self._set_active(True)
+            return {}
+        self._set_active(False)
+        self.notify.ready()
+        self.notify.status("standby")
+        self.log.info("standby: following the stream", holder=await self.lease.holder())
+        # not the highest sequence: a former active's catalog lacks the ones it was still
+        # waiting for (a late file), and a standby resuming past them never folds them
+        after_seq = await resume_after(self.nc, self.settings, self.recorded_through)
+        quarantined = await stand_by(
+            Follower(self.settings, self.nc, self.store, self.commit_rows, self.checker),
+            after_seq, self.lease, self.refresh_changed, self.alive,
+            min(1.0, self.ping_every_s), self.stopping,
+        )  # fmt: skip
+        if quarantined is None:
+            return {}
+        self._set_active(True)
+        self.log.warning("took over the lease: active now", instance=self.lease.me)
+        return quarantined
+
+    async def keep_lease(self) -> None:
+        """Renew the lease while it is ours; a NATS error is retried at the next tick, a
+        lost lease raises (and ends the daemon)."""
+        lease = self.lease
+        assert lease is not None
+        while True:
+            await anyio.sleep(min(1.0, lease.ttl_s / 10))
+            if lease.due():
+                await self.lease_ok(renew=True)
+
+    async def start_backfill(self, quarantined: dict[int, str]) -> None:
+        self.backfill = await Backfill.start(
+            self.settings,
+            self.nc,
+            self.store,
+            self.commit_rows,
+            self.checker,
+            self.recorded_through,
+            quarantined,
+            self.touched,
+        )
+
+    async def lease_ok(self, *, renew: bool = False) -> bool:
+        """Renew or check the lease. Lost: ``on_lost`` stops acking for good, and LeaseLost
+        is raised, which ends the daemon (exit 1). A NATS error: False, not now (nothing is
+        settled; the messages wait or are redelivered)."""
+        if self.lease is None:
+            return False
+        try:
+            await (self.lease.renew() if renew else self.lease.check())
+        except LeaseLost as exc:
+            self.log.error("lost the lease; not acking any more", error=str(exc))
+            self.lease = None
+            self.on_lost(exc)
+            raise
+        except Exception as exc:  # noqa: BLE001 - NATS reconnecting: decide later
+            self.log.warning("cannot reach the lease; not settling now", error=str(exc))
+            return False
+        return True
+
+    async def close(self, *, failed: bool) -> None:
+        """Hand the lease on at a clean stop (not after a failure: the next holder waits out
+        its TTL), and stop the backfill."""
+        if self.lease is not None and not failed and self.active:
+            await self.lease.release()
+        if self.backfill is not None:
+            await self.backfill.stop()
+
+    def _set_active(self, active: bool) -> None:
+        self.active = active
+        self.metrics.active.set(1 if active else 0)
