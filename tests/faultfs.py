@@ -291,6 +291,7 @@ def _serve(backing: str, mountpoint: str, control: str, mode: str) -> None:  # p
             if delay_s:  # a slow disk: each fsync of this file takes this long
                 faults.hit(path, "fsync")
                 time.sleep(delay_s)
+                faults.hit(path, "fsync_done")
             os.fsync(fh)
 
         def flush(self, path: str, fh: int) -> None:

@@ -120,3 +120,41 @@ def _committed(log: str) -> int:
     """Events committed so far, from the batch lines of busd's log."""
     lines = (json.loads(line) for line in log.splitlines() if line.startswith("{"))
     return sum(int(e.get("committed", 0)) for e in lines if e.get("event") == "batch")
+
+
+def test_a_stop_gives_up_on_a_commit_the_disk_does_not_finish(bus: Bus) -> None:
+    """SIGTERM while a commit waits on a WAL fsync that takes 20 s (a disk that does not
+    answer), with ``shutdown_grace_s`` 2: busd gives the commit up and stops while the fsync
+    still runs (before: it waited for the fsync twice, in the fetch loop and in the commit
+    of the next batch, and only then began its own grace periods). The process ends once
+    the kernel lets the thread in the fsync go; nothing given up was acked, and a restart
+    commits every event."""
+    (bus.root / "disk").mkdir()
+    with mounted(
+        bus.root / "disk", bus.root / "slow", bus.root / "slowfs.log", writable=True
+    ) as disk:
+        bus.overrides = {**bus.overrides, "data_dir": str(disk.mountpoint / "data")}
+        cfg = bus.write_config(consumer={"shutdown_grace_s": 2, "ack_wait_s": 60})
+        proc = bus.spawn("serve", "--config", str(cfg))
+        try:
+            wait_for(lambda: '"busd ready"' in bus.log(), 60, "busd to start")
+            disk.set("data/catalog.duckdb.wal", fsync_s=20)
+            bus.publish([bus.event(f"r{i}") for i in range(5)])
+            wal = "data/catalog.duckdb.wal"
+            wait_for(lambda: disk.hits().get(f"{wal}:fsync", 0) >= 1, 60, "a commit's fsync")
+            proc.send_signal(signal.SIGTERM)
+            wait_for(
+                lambda: "busd stopped" in bus.log() or disk.hits().get(f"{wal}:fsync_done"),
+                60,
+                "the stop or the fsync",
+            )
+            assert not disk.hits().get(f"{wal}:fsync_done"), "the stop waited for the fsync"
+            assert "the catalog's writer is stuck on the disk" in bus.log()
+            assert proc.wait(60) == 0, bus.log()[-3000:]
+            disk.clear()
+            again = bus.spawn("serve", "--config", str(cfg), "--drain", log="again.log")
+            assert again.wait(120) == 0, bus.log("again.log")[-3000:]
+            rows = bus.sql("SELECT count(*) FROM catalog.events_f WHERE outcome = 'committed'")
+        finally:
+            bus.reap()
+    assert rows == [(5,)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -26,6 +26,8 @@ from busd.lineage import Lineage
 from busd.metrics import Metrics
 from busd.model import Batch, Decided, Folded
 from busd.settle import Rechecks, outcome_line, settle, settlement
+
+T = TypeVar("T")
 
 GROUP_BYTES = 64 << 20  # a group commit stops gathering at this many bytes of payloads
 GATHER_CHECKS_S = 5.0  # ... or when the file checks it queued would take longer than this
@@ -51,6 +53,7 @@ class Committer:
         send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
         stopping: Callable[[], bool],
         stopped: asyncio.Event,
+        grace_left: Callable[[], float],
         record_held: Callable[[], Awaitable[None]],
         forget: Callable[[Iterable[int]], None],
     ) -> None:
@@ -60,6 +63,7 @@ class Committer:
         self.rechecks, self.metrics, self.progress = rechecks, metrics, progress
         self.outcomes, self.send, self.stopping = outcomes, send, stopping
         self.stopped = stopped  # set once busd stops: file checks under way are given up
+        self.grace_left = grace_left  # ... once what is left of the stop's grace period ends
         self.record_held, self.forget = record_held, forget  # busd's deaths holding them
         self.log = log.get()
         self.debug = log.debug_enabled()
@@ -86,30 +90,43 @@ class Committer:
         parts = [self.folder.prepare(batch)]
         try:
             await self._gather(held, parts)
-            await self.committed()
-            folded = await self._unless_stopped(self.folder.finish(merge(parts)))
+            # stopped while the commit before it or its files' checks outlast the grace
+            # period (a disk that does not answer, a read that hangs): nak'ed as busd closes
+            folded = None
+            if await self.committed_unless_stopped():
+                folded = await self._unless_stopped(self.folder.finish(merge(parts)))
         except BaseException:
             for p in parts:
                 p.cancel()
             raise
-        if folded is None:  # stopped while its files were checked: nak'ed as busd closes
+        if folded is None:
             for p in parts:
                 p.cancel()
             return
         self._commit_task = asyncio.ensure_future(self._commit_and_settle(folded, held))
 
-    async def _unless_stopped(self, decide: Awaitable[Folded]) -> Folded | None:
-        """The batch decided, or None when busd stops and its file checks do not end within
-        ``consumer.shutdown_grace_s``: a stop waits for slow checks, not for one that hangs
-        (up to ``verify.check_timeout_s``). Nothing of a batch given up is committed, and
-        what busd holds is nak'ed as it closes (a nak: a delivery on a consumer with a
-        limit of its own)."""
-        task = asyncio.ensure_future(decide)
+    async def committed_unless_stopped(self) -> bool:
+        """Wait for the commit under way, unless busd stops and it outlasts what is left of
+        the grace period (False: given up, never acked)."""
+
+        async def done() -> bool:
+            await self.committed()
+            return True
+
+        return await self._unless_stopped(done()) is not None
+
+    async def _unless_stopped(self, work: Awaitable[T]) -> T | None:
+        """What ``work`` gives, or None when busd stops and it does not end within what is
+        left of the stop's grace period (``consumer.shutdown_grace_s``): a stop waits for slow
+        checks and commits, not for a read or an fsync that hangs. Nothing of a batch given
+        up is acked, and what busd holds is nak'ed as it closes (a nak: a delivery on a
+        consumer with a limit of its own)."""
+        task = asyncio.ensure_future(work)
         stop = asyncio.ensure_future(self.stopped.wait())
         try:
             await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():
-                await asyncio.wait({task}, timeout=self.consumer.shutdown_grace_s)
+                await asyncio.wait({task}, timeout=self.grace_left())
         except BaseException:
             task.cancel()
             raise

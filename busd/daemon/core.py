@@ -82,6 +82,7 @@ class Daemon:
         self.notify = SdNotifier()
         self.stats = Stats()
         self._stopping = False
+        self._stop_at: float | None = None
         self.stop_event = asyncio.Event()  # set with `stopping`: waits on work give up
         self.catalog: Catalog | None = None
         self.checker: Checker | None = None
@@ -124,6 +125,15 @@ class Daemon:
         self._stopping = value
         if value:
             self.stop_event.set()
+            self._grace_left()
+
+    def _grace_left(self) -> float:
+        """What is left of the grace period that began with the stop (now, if not yet): the
+        waits of a stop for a commit, file checks and the last refresh share it."""
+        now = time.monotonic()
+        if self._stop_at is None:
+            self._stop_at = now
+        return max(0.0, self._stop_at + self.settings.consumer.shutdown_grace_s - now)
 
     # ---- start and stop ------------------------------------------------------------------
     async def start(self) -> None:
@@ -261,6 +271,7 @@ class Daemon:
             send=acks.send,
             stopping=lambda: self.stopping,
             stopped=self.stop_event,
+            grace_left=self._grace_left,
             record_held=self.held.record,
             forget=self.deaths.forget,
         )
@@ -460,7 +471,8 @@ class Daemon:
             while not self.stopping:
                 backfill = self.role.backfill if self.role is not None else None
                 if backfill is not None and backfill.due():
-                    await committer.committed()  # the backfill reads the catalog, then commits
+                    # the backfill reads the catalog, then commits
+                    await committer.committed_unless_stopped()
                     if await backfill.step() and self.role is not None:
                         self.role.backfill = None
                 try:
@@ -474,14 +486,18 @@ class Daemon:
                 if batch:
                     await committer.handle(batch)
                     self.stats.batches += 1
-                else:
-                    await committer.committed()
+                else:  # a stop does not wait for a commit on a disk that does not answer
+                    await committer.committed_unless_stopped()
                     if self.drain and await self._drained():
                         return
                 if self._fatal is not None:
                     return
+        except BaseException:
+            self.stopping = True  # going down: the wait below is bounded by the grace period
+            raise
         finally:
-            await committer.committed()
+            # given up at a stop after the grace period: never acked, its messages nak'ed
+            await committer.committed_unless_stopped()
 
     async def _recreate_consumer(self, why: str) -> None:
         """The durable consumer was deleted under busd: say so and declare it again (the
@@ -521,7 +537,7 @@ class Daemon:
     async def _finish(self) -> None:
         """Shutdown: export and settle everything committed, within the grace period."""
         assert self.publisher is not None
-        with anyio.move_on_after(self.settings.consumer.shutdown_grace_s):
+        with anyio.move_on_after(self._grace_left()):
             while (self.ledger.waiting or self.publisher.pending()) and self._fatal is None:
                 await self.publisher.until_idle()
 
