@@ -37,7 +37,7 @@ from busd.daemon.connect import connect_when_up, when_answered, workers_when_up
 from busd.daemon.held import HeldRecord, a_death
 from busd.daemon.keeper import REFRESH_PATIENCE, Keeper, Progress, Watchdog
 from busd.daemon.publisher import Publisher
-from busd.daemon.stop import IGNORED, install_signals, leaves, restore
+from busd.daemon.stop import IGNORED, install_signals, leave_behind, leaves, restore
 from busd.daemon.store import LiveStore
 from busd.daemon.threads import CatalogThreads
 from busd.deaths import Deaths
@@ -361,7 +361,13 @@ class Daemon:
             await self.folder.close()
         elif self.checker is not None:
             await self.checker.close()
-        await anyio.to_thread.run_sync(self.lineage.close)  # its reader, before the catalog
+        # its reader, before the catalog; stuck in a read of a disk that does not answer, it
+        # is left behind (its pool's threads would hold the interpreter's exit)
+        with anyio.move_on_after(left()) as waited:
+            await anyio.to_thread.run_sync(self.lineage.close, abandon_on_cancel=True)
+        if waited.cancelled_caught:
+            self.log.error("the lineage thread is stuck in a read; exiting without it")
+            leave_behind(self.lineage)
         await self.threads.close(self.catalog, self.publisher, grace_s, left)
         if self.embedded is not None:
             await anyio.to_thread.run_sync(self.embedded.stop)
