@@ -5,6 +5,7 @@ fatal (after it the page cache can no longer be trusted): it is never retried an
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from pathlib import Path
 
@@ -52,8 +53,13 @@ def durable_replace(tmp: Path, final: Path) -> None:
         raise FatalStorageError(f"fsync of {final.parent} failed: {exc.strerror}") from exc
 
 
+_TEMP_NAMES = itertools.count()
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``data`` in ``path``, atomically and durably. The temporary file's name is this
+    call's own: two writes of one file from two threads never share it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(_TEMP_NAMES)}")
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)

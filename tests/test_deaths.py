@@ -11,6 +11,7 @@ import errno
 import json
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from faultfs import FaultFS
 from support import SLOW_EXPORT_SQL, Bus, on_jetstream, wait_for
 
 from busd.deaths import Deaths
+from busd.durable import write_bytes_atomic
 
 
 def _event(bus: Bus, fs: FaultFS, run_id: str) -> dict[str, Any]:
@@ -227,3 +229,28 @@ def test_a_death_while_a_message_waits_for_its_redelivery_is_not_counted(bus: Bu
         bus.reap()
     assert "died holding" not in bus.log("second.log")
     assert bus.sql("SELECT run_id, outcome FROM catalog.events_f") == [("late", "committed")]
+
+
+def test_two_threads_writing_the_record_at_once_both_succeed(tmp_path: Path) -> None:
+    """The fetch loop and a commit's settlement both rewrite held.json (on threads): each
+    write has a temporary file of its own. Before, both used `.held.json.tmp-<pid>`; one
+    renamed the other's away, which then failed its fsync (busd exited 1) or its rename
+    (the record was removed while messages were held)."""
+    path = tmp_path / "held.json"
+    failures: list[BaseException] = []
+
+    def writes(n: int) -> None:
+        for i in range(300):
+            try:
+                write_bytes_atomic(path, json.dumps({"writer": n, "i": i}).encode())
+            except BaseException as exc:  # noqa: BLE001 - counted, then asserted on
+                failures.append(exc)
+
+    threads = [threading.Thread(target=writes, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert failures == []
+    assert json.loads(path.read_text())["i"] == 299
+    assert [p.name for p in tmp_path.iterdir()] == ["held.json"]

@@ -8,6 +8,7 @@ and after it gave messages back (naks); cleared at an exit busd decided on.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import anyio
@@ -32,6 +33,9 @@ class HeldRecord:
         self.path, self.ledger, self.progress = path, ledger, progress
         self.deaths: Deaths | None = None  # once loaded
         self.log = log.get()
+        # the fetch loop and a commit's settlement both rewrite it: one write at a time, each
+        # of what is held when it begins (an older snapshot never lands after a newer one)
+        self._writing = asyncio.Lock()
 
     def load(self) -> Deaths:
         """What the last busd held when it died counts one death each; the record says
@@ -61,18 +65,19 @@ class HeldRecord:
         """Every sequence busd holds now, durably (its deaths are counted from this record
         at the next start)."""
         assert self.deaths is not None
-        data = self.deaths.encode(self.ledger.seqs())
-        if data is None:
-            return
-        self.progress.write_started()  # a slow disk is no stall (nor is a commit beside it)
-        try:
-            await anyio.to_thread.run_sync(self.deaths.write, data)
-        except FatalStorageError:
-            raise
-        except StorageError as exc:  # a full disk: this death would go uncounted
-            self.log.warning("cannot record the messages held", error=str(exc))
-        finally:
-            self.progress.write_ended()
+        async with self._writing:
+            data = self.deaths.encode(self.ledger.seqs())
+            if data is None:
+                return
+            self.progress.write_started()  # a slow disk is no stall (nor a commit beside it)
+            try:
+                await anyio.to_thread.run_sync(self.deaths.write, data)
+            except FatalStorageError:
+                raise
+            except StorageError as exc:  # a full disk: this death would go uncounted
+                self.log.warning("cannot record the messages held", error=str(exc))
+            finally:
+                self.progress.write_ended()
 
     async def close(self, died: BaseException | None, grace_s: float) -> None:
         """Nothing is held any more, unless busd dies of an exception it did not decide on:
