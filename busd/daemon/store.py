@@ -7,9 +7,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from busd import source
+import anyio
+
+from busd import log, source
 from busd.catalog import Catalog
 from busd.model import Claim, Known, Sibling
+
+PAYLOAD_RETRY_S = (0.5, 5.0)  # the first and the longest pause between two reads
 
 
 class LiveStore:
@@ -35,4 +39,18 @@ class LiveStore:
         return found
 
     async def payload(self, seq: int) -> bytes:
-        return await source.stored_payload(self.nc, self.stream, seq)
+        """A stored payload (an event_id taken over: the demoted one's, for its rejection).
+        Asked again while NATS does not answer: the batch stays in hand meanwhile (a stop
+        gives it up after its grace period), never an exit that counts as a death."""
+        delay_s = PAYLOAD_RETRY_S[0]
+        while True:
+            try:
+                return await source.stored_payload(self.nc, self.stream, seq)
+            except Exception as exc:
+                if not source.unanswered(exc):
+                    raise
+                log.get().warning(
+                    "NATS does not answer; reading a payload again", seq=seq, error=repr(exc)
+                )
+            await anyio.sleep(delay_s)
+            delay_s = min(delay_s * 2, PAYLOAD_RETRY_S[1])

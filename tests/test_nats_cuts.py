@@ -1,0 +1,56 @@
+"""NATS cut away right after a given request left busd (``natsproxy.py``, a loopback proxy in
+front of the real nats-server): whatever busd was asking, it asks again once NATS answers;
+an outage is never an 'unexpected error', an exit, or a death counted toward poison."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+from natsproxy import NatsProxy
+from support import Bus, wait_for
+
+
+@pytest.fixture
+def proxy(bus: Bus) -> Iterator[NatsProxy]:
+    p = NatsProxy(bus.server.port)
+    yield p
+    p.close()
+
+
+def test_a_demoted_payload_read_during_an_outage_is_read_again(bus: Bus, proxy: NatsProxy) -> None:
+    """seq 1 (a late file) and seq 2 share an event_id; seq 2 commits first. When seq 1's
+    file comes, it takes the event_id over and seq 2's payload is read back from the stream
+    for its rejection: NATS goes away right after that request. Before, busd exited 1
+    ('unexpected error: TimeoutError') holding seq 1, and the next start counted a death."""
+    late = bus.artifacts / "late" / "fills.parquet"
+    bus.publish(
+        [
+            bus.event("late", [{"name": "fills", "path": str(late)}], event_id="X"),
+            bus.event("other", event_id="X"),
+        ]
+    )
+    cfg = bus.write_config(nats={"url": proxy.url}, verify={"file_wait_s": 60})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        wait_for(lambda: '"committed": 1' in bus.log(), 60, "seq 2 committed")
+        proxy.arm(b'{"seq": 2}', outage_s=5)  # the body of the stream's MSG.GET for seq 2
+        bus.parquet("late/fills.parquet")
+        wait_for(lambda: proxy.fired or proc.poll() is not None, 60, "the cut")
+        wait_for(
+            lambda: bus.log().count('"committed": 1') >= 2 or proc.poll() is not None,
+            90,
+            "seq 1 committed (and seq 2 demoted) once NATS is back",
+        )
+        assert proc.poll() is None, bus.log()[-3000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]
+        bus.reap()
+    assert "unexpected error" not in bus.log()
+    assert not (bus.data / "held.json").exists()  # a clean exit holding nothing
+    assert bus.sql("SELECT seq, outcome, reason FROM catalog.events_f ORDER BY seq") == [
+        (1, "committed", None),
+        (2, "rejected", "event_id_conflict"),
+    ]
