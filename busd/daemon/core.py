@@ -204,6 +204,7 @@ class Daemon:
             ping_every_s=self.watchdog.every_s,
             stopping=lambda: self.stopping,
             on_lost=self._lost_lease,
+            answered=self._answered,
         )
         nc = self.nc
         problems = await self._answered(lambda: source.ensure_stream(nc, s), "declare the stream")

@@ -304,8 +304,13 @@ async def follow_until_leader(
         alive()
         if time.monotonic() - tried > lease.ttl_s / 3:
             tried = time.monotonic()
-            if await lease.acquire():
-                return True
+            try:
+                if await lease.acquire():
+                    return True
+            except Exception as exc:
+                if not source.unanswered(exc):
+                    raise
+                log.get().warning("NATS does not answer; the lease is tried again", error=repr(exc))
     return False
 
 

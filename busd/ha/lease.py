@@ -52,6 +52,25 @@ class Lease:
         try:
             self.revision = await self._kv.create(self.key, self.me.encode())
         except KeyConflict:
+            # ours all the same when a create that timed out here reached the server later
+            # (nats-py sends what it buffered during an outage once it reconnects)
+            return await self._adopted()
+        self.renewed_at = time.monotonic()
+        return True
+
+    async def _adopted(self) -> bool:
+        """The key carries our own name at another revision (a write of ours that timed out
+        was applied after all): take that revision and write again from it. False when the
+        key is someone else's or gone."""
+        try:
+            revision, value = await self._kv.get(self.key)
+        except KeyMissing:
+            return False
+        if value.decode() != self.me:
+            return False
+        try:
+            self.revision = await self._kv.update(self.key, self.me.encode(), last=revision)
+        except KeyConflict:
             return False
         self.renewed_at = time.monotonic()
         return True
@@ -64,6 +83,8 @@ class Lease:
                     self.key, self.me.encode(), last=self.revision
                 )
             except KeyConflict:
+                if await self._adopted():
+                    return
                 raise LeaseLost(
                     f"lost the lease {self.bucket}/{self.key} to "
                     f"{await self.holder() or 'nobody (expired)'}"
@@ -81,6 +102,9 @@ class Lease:
             except KeyMissing:
                 raise LeaseLost(f"the lease {self.bucket}/{self.key} expired") from None
         if entry[0] != self.revision:
+            if entry[1].decode() == self.me:  # a renewal that timed out, applied after all
+                self.revision = entry[0]
+                return
             raise LeaseLost(f"lost the lease {self.bucket}/{self.key} to {entry[1].decode()}")
 
     async def holder(self) -> str | None:

@@ -10,6 +10,7 @@ raises :class:`~busd.errors.LeaseLost` after ``on_lost`` has stopped the daemon'
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import anyio
 
@@ -24,6 +25,15 @@ from busd.ha.lease import Lease
 from busd.metrics import Metrics
 from busd.model import Batch
 from busd.sdnotify import SdNotifier
+
+T = TypeVar("T")
+
+
+class Answered(Protocol):
+    """``call()``, a request to NATS, asked again while NATS does not answer; None when busd
+    stops first (the daemon's ``when_answered``)."""
+
+    async def __call__(self, call: Callable[[], Awaitable[T]], what: str) -> T | None: ...
 
 
 class Role:
@@ -47,12 +57,14 @@ class Role:
         ping_every_s: float,
         stopping: Callable[[], bool],
         on_lost: Callable[[LeaseLost], None],
+        answered: Answered,
     ) -> None:
         self.settings, self.nc, self.store, self.checker = settings, nc, store, checker
         self.commit_rows, self.recorded_through = commit_rows, recorded_through
         self.refresh_changed, self.touched = refresh_changed, touched
         self.notify, self.metrics, self.alive = notify, metrics, alive
         self.ping_every_s, self.stopping, self.on_lost = ping_every_s, stopping, on_lost
+        self.answered = answered
         self.lease: Lease | None = None
         self.backfill: Backfill | None = None
         self.active = True
@@ -60,19 +72,30 @@ class Role:
 
     async def stand_by(self) -> dict[int, str]:
         """Follow the stream into our own catalog until we win the lease (or are stopped):
-        the poison decisions the follower carries over."""
-        self.lease = Lease(self.nc, self.settings)
-        await self.lease.open()
-        if await self.lease.acquire():
+        the poison decisions the follower carries over. Each request to NATS here is asked
+        again while NATS does not answer; stopped meanwhile: nothing."""
+        lease = self.lease = Lease(self.nc, self.settings)
+        won = None
+        if await self.answered(self._open, "open the lease's bucket"):
+            won = await self.answered(lease.acquire, "try the lease")
+        if won is None:
+            return {}
+        if won:
             self._set_active(True)
             return {}
         self._set_active(False)
         self.notify.ready()
         self.notify.status("standby")
-        self.log.info("standby: following the stream", holder=await self.lease.holder())
+        holder = await self.answered(self._holder, "read the lease")
+        self.log.info("standby: following the stream", holder=holder)
         # not the highest sequence: a former active's catalog lacks the ones it was still
         # waiting for (a late file), and a standby resuming past them never folds them
-        after_seq = await resume_after(self.nc, self.settings, self.recorded_through)
+        after_seq = await self.answered(
+            lambda: resume_after(self.nc, self.settings, self.recorded_through),
+            "find where to follow from",
+        )
+        if after_seq is None:
+            return {}
         quarantined = await stand_by(
             Follower(self.settings, self.nc, self.store, self.commit_rows, self.checker),
             after_seq, self.lease, self.refresh_changed, self.alive,
@@ -83,6 +106,15 @@ class Role:
         self._set_active(True)
         self.log.warning("took over the lease: active now", instance=self.lease.me)
         return quarantined
+
+    async def _open(self) -> bool:
+        assert self.lease is not None
+        await self.lease.open()
+        return True
+
+    async def _holder(self) -> str:
+        assert self.lease is not None
+        return await self.lease.holder() or "nobody"
 
     async def keep_lease(self) -> None:
         """Renew the lease while it is ours; a NATS error is retried at the next tick, a
@@ -95,16 +127,24 @@ class Role:
                 await self.lease_ok(renew=True)
 
     async def start_backfill(self, quarantined: dict[int, str]) -> None:
-        self.backfill = await Backfill.start(
-            self.settings,
-            self.nc,
-            self.store,
-            self.commit_rows,
-            self.checker,
-            self.recorded_through,
-            quarantined,
-            self.touched,
-        )
+        """Asked again while NATS does not answer (stopped meanwhile: none)."""
+
+        async def start() -> tuple[Backfill | None]:
+            return (
+                await Backfill.start(
+                    self.settings,
+                    self.nc,
+                    self.store,
+                    self.commit_rows,
+                    self.checker,
+                    self.recorded_through,
+                    quarantined,
+                    self.touched,
+                ),
+            )
+
+        started = await self.answered(start, "start the backfill")
+        self.backfill = started[0] if started is not None else None
 
     async def lease_ok(self, *, renew: bool = False) -> bool:
         """Renew or check the lease. Lost: ``on_lost`` stops acking for good, and LeaseLost
