@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import jsonschema
 import nats
 import pytest
 import referencing
-from support import Bus, committed_batch
+from support import Bus, committed_batch, wait_for
 
 from busd.daemon.core import Daemon
 from busd.lineage import PRODUCER, Lineage, build_event, run_uuid, state_of
@@ -349,3 +350,28 @@ def test_a_failure_to_build_events_is_counted_and_the_sender_goes_on(
     asyncio.run(go())
     assert sample(metrics, "busd_lineage_events_total", outcome="failed") == 1
     assert sample(metrics, "busd_lineage_events_total", outcome="sent") == len(sent) == 1
+
+
+def test_a_stop_does_not_wait_for_a_lineage_request_that_hangs(
+    bus: Bus, receiver: Receiver
+) -> None:
+    """SIGTERM while the lineage endpoint holds a request (``timeout_s`` 60): the stop
+    leaves the lineage thread behind after ``shutdown_grace_s`` (3 here) and exits 0. Before,
+    it waited for the request with no bound (a reviewer's endpoint that answered a byte
+    every 2 s held busd for minutes)."""
+    receiver.gate.clear()  # every POST hangs until the end of the test
+    cfg = bus.write_config(
+        lineage={"url": receiver.url, "timeout_s": 60}, consumer={"shutdown_grace_s": 3}
+    )
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        wait_for(lambda: "busd ready" in bus.log(), 60, "busd ready")
+        bus.publish([bus.event("held-by-lineage")])
+        wait_for(receiver.arrived.is_set, 60, "the lineage request")
+        proc.send_signal(signal.SIGTERM)
+        # well under the request's 60 s: the stop's two grace periods, and busd's own exit
+        assert proc.wait(40) == 0, bus.log()[-3000:]
+    finally:
+        receiver.gate.set()
+        bus.reap()
+    assert "the lineage thread is stuck in a read; exiting without it" in bus.log()

@@ -25,6 +25,10 @@ from busd.daemon.stop import leave_behind
 
 T = TypeVar("T")
 
+# what an idle thread gets to stop even when the grace period is spent (something else
+# used it up): not reported stuck for not having been given the time to end
+IDLE_STOP_S = 1.0
+
 
 class CallThread:
     """One thread taking calls in order, as the catalog's writer and the exporter's cursor
@@ -94,14 +98,14 @@ class CatalogThreads:
         # the export thread's cursor must be idle before the catalog's connection closes;
         # stuck in a read that does not return, it is left behind with the catalog open
         # (what is committed is durable in its WAL), and busd exits all the same
-        if not await anyio.to_thread.run_sync(self._exporter.stop, left()):
+        if not await anyio.to_thread.run_sync(self._exporter.stop, max(left(), IDLE_STOP_S)):
             self.log.error(
                 "the export thread is stuck in a read; exiting without it", waited_s=grace_s
             )
             leave_behind((self, catalog))
             catalog = None
         if catalog is not None:
-            with anyio.move_on_after(left()) as waited:
+            with anyio.move_on_after(max(left(), IDLE_STOP_S)) as waited:
                 if publisher is not None:
                     with contextlib.suppress(Exception):
                         await publisher.record_when_idle(False)
@@ -111,5 +115,5 @@ class CatalogThreads:
                     "the catalog's writer is stuck on the disk; exiting without it",
                     waited_s=grace_s,
                 )
-        if not await anyio.to_thread.run_sync(self._writer.stop, left()):
+        if not await anyio.to_thread.run_sync(self._writer.stop, max(left(), IDLE_STOP_S)):
             leave_behind((self, catalog))
