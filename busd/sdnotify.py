@@ -86,7 +86,13 @@ class SdNotifier:
         payload = "\n".join(assignments).encode("utf-8")
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                # never wait on the receiver (this runs on the event loop): a full queue of
+                # a manager that reads slowly drops this message, not busd's other work
+                sock.setblocking(False)
                 sock.sendto(payload, self._address)
+        except BlockingIOError:
+            log.debug("sd_notify %s dropped: the receiver's queue is full", assignments[0])
+            return False
         except OSError as exc:
             log.warning("sd_notify %s failed: %s", assignments[0].split("=", 1)[0], exc)
             return False

@@ -164,3 +164,13 @@ def test_real_serve_notifies_ready_watchdog_and_stopping(
         while "STOPPING=1" not in rest:
             rest += fake_systemd.receive()
     assert "STOPPING=1" in rest
+
+
+def test_a_manager_that_does_not_read_never_blocks_busd(fake_systemd: FakeSystemd) -> None:
+    """The notifications go out on the event loop: once the manager's queue is full (Linux
+    keeps 10 datagrams by default) they are dropped, not waited on. Before, the send
+    blocked until the manager read: a test's unread socket froze a standby's event loop."""
+    notifier = SdNotifier({"NOTIFY_SOCKET": fake_systemd.address})
+    sent = [notifier.watchdog() for _ in range(200)]  # nobody reads meanwhile
+    assert sent[0] and not all(sent)
+    assert fake_systemd.receive() == ["WATCHDOG=1"]
