@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from faultfs import mounted
 from support import Bus, FakeSystemd, notify_socket, on_jetstream, to_toml, wait_for
 
 
@@ -255,3 +256,58 @@ def _at(log: str, event: str) -> float:
             if str(entry.get("event", "")).startswith(event):
                 return dt.datetime.fromisoformat(entry["timestamp"]).timestamp()
     raise AssertionError(f"no {event!r} in the log")
+
+
+def test_a_standby_stuck_on_its_disk_is_not_kept_alive(bus: Bus, systemd: FakeSystemd) -> None:
+    """A standby whose follow loop hangs in a commit (each fsync of its WAL takes 40 s, a
+    FUSE disk) stops pinging the watchdog once the loop has not turned for ten stall periods
+    (``stall_s`` 1), so systemd restarts it. Before, a task of its own pinged with no bound,
+    and a standby that could never take over looked alive (49 pings in 45 s, a reviewer's
+    script)."""
+    (bus.root / "disk").mkdir()
+    with mounted(
+        bus.root / "disk", bus.root / "slow", bus.root / "slowfs.log", writable=True
+    ) as disk:
+        bus.overrides["ha"] = {"enabled": True, "lease_ttl_s": 30}
+        active = bus.spawn(
+            "serve", "--config", str(bus.write_config(data_dir=str(bus.root / "a"))), log="a.log"
+        )
+        wait_for(lambda: "busd ready" in bus.log("a.log"), 60, "the active")
+        cfg_b = bus.root / "b.toml"
+        cfg_b.write_text(
+            bus.write_config(
+                data_dir=str(disk.mountpoint / "b"), consumer={"stall_s": 1}
+            ).read_text()
+        )
+        standby = bus.spawn(
+            "serve",
+            "--config",
+            str(cfg_b),
+            log="b.log",
+            env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "2000000"},
+        )
+        try:
+            wait_for(lambda: "standby: following" in bus.log("b.log"), 60, "the standby")
+            disk.set("b/catalog.duckdb.wal", fsync_s=40)
+            bus.publish([bus.event(f"r{i}") for i in range(3)])
+            wait_for(
+                lambda: disk.hits().get("b/catalog.duckdb.wal:fsync", 0) >= 1,
+                60,
+                "the standby's commit on the hung disk",
+            )
+            wait_for(lambda: "no more watchdog pings" in bus.log("b.log"), 30, "the pings to end")
+            with contextlib.suppress(TimeoutError):
+                while True:  # what was sent before
+                    systemd.receive()
+            pings = 0
+            quiet_until = time.monotonic() + 4  # two WatchdogSec: systemd would restart it
+            while time.monotonic() < quiet_until:
+                with contextlib.suppress(TimeoutError):
+                    pings += systemd.receive().count("WATCHDOG=1")
+            assert pings == 0
+        finally:
+            active.kill()
+            standby.kill()
+            disk.clear()
+            standby.wait(60)  # once its fsync returns: a thread in it holds even SIGKILL
+            bus.reap()

@@ -205,6 +205,7 @@ class Daemon:
             stopping=lambda: self.stopping,
             on_lost=self._lost_lease,
             answered=self._answered,
+            patience_s=REFRESH_PATIENCE * s.consumer.stall_s,
         )
         nc = self.nc
         problems = await self._answered(lambda: source.ensure_stream(nc, s), "declare the stream")

@@ -322,21 +322,34 @@ async def stand_by(
     alive: Callable[[], None],
     ping_every_s: float,
     stopping: Callable[[], bool],
+    patience_s: float,
 ) -> dict[int, str] | None:
     """Follow from ``after_seq`` as a standby until the lease is ours: the poison decisions
     the follower carries over, or None when stopped first. The watchdog is pinged from a
-    task of its own, so a slow batch or refresh never starves it."""
+    task of its own, so a slow batch or refresh never starves it, for as long as the follow
+    loop has turned within ``patience_s``: a standby stuck on a disk that does not answer is
+    left to the watchdog, not kept alive."""
+    turned_at = time.monotonic()
+
+    def turned() -> None:
+        nonlocal turned_at
+        turned_at = time.monotonic()
+        alive()
 
     async def ping() -> None:
         while True:
             await anyio.sleep(ping_every_s)
-            alive()
+            if time.monotonic() - turned_at < patience_s:
+                alive()
+            else:
+                log.get().error("standby: no progress; no more watchdog pings", waited_s=patience_s)
+                return
 
     await follower.start(after_seq)
     try:
         async with anyio.create_task_group() as pings:
             pings.start_soon(ping)
-            leader = await follow_until_leader(lease, follower, refresh, alive, stopping)
+            leader = await follow_until_leader(lease, follower, refresh, turned, stopping)
             pings.cancel_scope.cancel()
     finally:
         await follower.stop()

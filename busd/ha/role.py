@@ -58,6 +58,7 @@ class Role:
         stopping: Callable[[], bool],
         on_lost: Callable[[LeaseLost], None],
         answered: Answered,
+        patience_s: float,
     ) -> None:
         self.settings, self.nc, self.store, self.checker = settings, nc, store, checker
         self.commit_rows, self.recorded_through = commit_rows, recorded_through
@@ -65,6 +66,7 @@ class Role:
         self.notify, self.metrics, self.alive = notify, metrics, alive
         self.ping_every_s, self.stopping, self.on_lost = ping_every_s, stopping, on_lost
         self.answered = answered
+        self.patience_s = patience_s  # a standby's follow loop stuck longer: no more pings
         self.lease: Lease | None = None
         self.backfill: Backfill | None = None
         self.active = True
@@ -99,7 +101,7 @@ class Role:
         quarantined = await stand_by(
             Follower(self.settings, self.nc, self.store, self.commit_rows, self.checker),
             after_seq, self.lease, self.refresh_changed, self.alive,
-            min(1.0, self.ping_every_s), self.stopping,
+            min(1.0, self.ping_every_s), self.stopping, self.patience_s,
         )  # fmt: skip
         if quarantined is None:
             return {}
