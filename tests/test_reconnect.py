@@ -6,7 +6,9 @@ messages were then acked only after a redelivery at the ack wait)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -142,3 +144,23 @@ def test_nats_gone_while_busd_starts_is_waited_for(bus: Bus) -> None:
     finally:
         bus.reap()
     assert "unexpected error" not in bus.log("second.log")
+
+
+def test_a_stop_does_not_wait_for_a_nats_that_does_not_answer(bus: Bus) -> None:
+    """The nats-server SIGSTOPped (connections open, nothing answers), then SIGTERM with
+    ``shutdown_grace_s`` 2: busd stops within a grace period for what goes to NATS (naks,
+    the drain) and exits 0. Before, the naks' flush (10 s) and nats-py's drain (30 s) came
+    on top of the grace periods: 41 s in a reviewer's run with the default grace."""
+    bus.publish([bus.event("held")])
+    proc = bus.spawn("serve", "--config", str(bus.write_config(consumer={"shutdown_grace_s": 2})))
+    assert bus.server.proc is not None
+    server = bus.server.proc.pid
+    try:
+        wait_for(lambda: '"committed": 1' in bus.log(), 60, "the event committed")
+        os.kill(server, signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, bus.log()[-3000:]
+    finally:
+        os.kill(server, signal.SIGCONT)
+        bus.reap()
+    assert "NATS does not answer the stop; closing without it" in bus.log()

@@ -39,7 +39,7 @@ from busd.daemon.keeper import REFRESH_PATIENCE, Keeper, Progress, Watchdog
 from busd.daemon.publisher import Publisher
 from busd.daemon.stop import IGNORED, install_signals, leave_behind, leaves, restore
 from busd.daemon.store import LiveStore
-from busd.daemon.threads import CatalogThreads
+from busd.daemon.threads import IDLE_STOP_S, CatalogThreads
 from busd.deaths import Deaths
 from busd.embedded import EmbeddedServer
 from busd.errors import ConsumerGone, LeaseLost
@@ -332,22 +332,18 @@ class Daemon:
 
     async def close(self) -> None:
         self.metrics.ready.set(0)
-        if self.src is not None:
-            await self.src.stop()  # unsubscribe first: nothing arrives after the naks below
-            # what is held and not acked goes back to the server now, not after ack_wait
-            leftovers = [*self.ledger.held(), *self.src.take_buffered()]
-            if self.acks is not None:
-                await self.acks.send([(d.reply, model.nak_body(0)) for d in leftovers])
-        if self.role is not None:
-            await self.role.close(failed=self._fatal is not None)
-        if self.nc is not None:
-            try:
-                await self.nc.drain()
-            except Exception:  # noqa: BLE001 - closing anyway
-                # NATS gone meanwhile: closing raises too (ConnectionResetError), and must not
-                # take the place of the reason busd stops
-                with contextlib.suppress(Exception):
-                    await self.nc.close()
+        # one grace period for what goes to NATS: a server that does not answer (stopped, a
+        # network that drops everything) must not hold the stop; what was not sent is
+        # redelivered after the ack wait, and a standby takes the lease after its TTL
+        with anyio.move_on_after(self.settings.consumer.shutdown_grace_s) as waited:
+            await self._close_nats()
+        if waited.cancelled_caught:
+            self.log.warning("NATS does not answer the stop; closing without it")
+        if self.nc is not None and not self.nc.is_closed:
+            with anyio.move_on_after(IDLE_STOP_S), contextlib.suppress(Exception):
+                # NATS gone meanwhile: closing raises too (ConnectionResetError), and must
+                # not take the place of the reason busd stops
+                await self.nc.close()
         # one grace period for what waits on the disk below (a commit, the export thread,
         # the catalog's close): a disk that does not answer must not keep busd from exiting
         grace_s = self.settings.consumer.shutdown_grace_s
@@ -375,6 +371,19 @@ class Daemon:
             await anyio.to_thread.run_sync(self.embedded.stop)
         if self.metrics_server is not None:
             self.metrics_server.stop()
+
+    async def _close_nats(self) -> None:
+        if self.src is not None:
+            await self.src.stop()  # unsubscribe first: nothing arrives after the naks below
+            # what is held and not acked goes back to the server now, not after ack_wait
+            leftovers = [*self.ledger.held(), *self.src.take_buffered()]
+            if self.acks is not None:
+                await self.acks.send([(d.reply, model.nak_body(0)) for d in leftovers])
+        if self.role is not None:
+            await self.role.close(failed=self._fatal is not None)
+        if self.nc is not None:
+            with contextlib.suppress(Exception):  # closed below all the same
+                await self.nc.drain()
 
     # ---- the main loop -------------------------------------------------------------------
     async def run(self) -> Stats:
