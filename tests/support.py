@@ -131,6 +131,23 @@ class Bus:
         path.write_text(to_toml(self.config_dict(**over)))
         return path
 
+    def ha_active(self, lease_ttl_s: float = 30) -> subprocess.Popen[str]:
+        """HA on (for every config written after), and an active on data dir ``a``, ready;
+        its log is ``a.log``."""
+        self.overrides["ha"] = {"enabled": True, "lease_ttl_s": lease_ttl_s}
+        cfg = self.root / "a.toml"
+        cfg.write_text(to_toml(self.config_dict(data_dir=str(self.root / "a"))))
+        active = self.spawn("serve", "--config", str(cfg), log="a.log")
+        wait_for(lambda: "busd ready" in self.log("a.log") or active.poll(), 60, "the active")
+        assert active.poll() is None, self.log("a.log")[-3000:]
+        return active
+
+    def second_config(self, data_dir: Path | None = None, **over: Any) -> Path:
+        """``b.toml``: a second instance's config, on data dir ``b`` unless given."""
+        cfg = self.root / "b.toml"
+        cfg.write_text(to_toml(self.config_dict(data_dir=str(data_dir or self.root / "b"), **over)))
+        return cfg
+
     def parquet(self, rel: str, rows: int = 3, **columns: list[Any]) -> Path:
         path = self.artifacts / rel
         path.parent.mkdir(parents=True, exist_ok=True)

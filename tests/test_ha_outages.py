@@ -36,14 +36,8 @@ def test_an_outage_keeps_the_active_and_the_standby(bus: Bus) -> None:
     TimeoutError'); the active's renewal timed out, was sent by nats-py once it reconnected,
     and the next renewal found the key at a revision it did not know: 'lost the lease ...
     to' its own name, exit 1."""
-    bus.overrides["ha"] = {"enabled": True, "lease_ttl_s": 20}
-    active = bus.spawn(
-        "serve", "--config", str(bus.write_config(data_dir=str(bus.root / "a"))), log="a.log"
-    )
-    wait_for(lambda: "busd ready" in bus.log("a.log"), 60, "the active")
-    cfg_b = bus.root / "b.toml"
-    cfg_b.write_text(bus.write_config(data_dir=str(bus.root / "b")).read_text())
-    standby = bus.spawn("serve", "--config", str(cfg_b), log="b.log")
+    active = bus.ha_active(lease_ttl_s=20)
+    standby = bus.spawn("serve", "--config", str(bus.second_config()), log="b.log")
     try:
         wait_for(lambda: "standby: following" in bus.log("b.log"), 60, "the standby")
         bus.server.stop()
@@ -77,15 +71,8 @@ def test_nats_cut_as_a_standby_starts_is_waited_for(
 ) -> None:
     """NATS gone right after the standby asked for the lease's bucket, or for where to
     follow from: it waits and follows once NATS answers (before: exit 1)."""
-    bus.overrides["ha"] = {"enabled": True, "lease_ttl_s": 30}
-    active = bus.spawn(
-        "serve", "--config", str(bus.write_config(data_dir=str(bus.root / "a"))), log="a.log"
-    )
-    wait_for(lambda: "busd ready" in bus.log("a.log"), 60, "the active")
-    cfg_b = bus.root / "b.toml"
-    cfg_b.write_text(
-        bus.write_config(data_dir=str(bus.root / "b"), nats={"url": proxy.url}).read_text()
-    )
+    active = bus.ha_active()
+    cfg_b = bus.second_config(nats={"url": proxy.url})
     proxy.arm(request_sent, outage_s=5)
     standby = bus.spawn("serve", "--config", str(cfg_b), log="b.log")
     try:

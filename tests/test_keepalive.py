@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from faultfs import mounted
-from support import Bus, FakeSystemd, notify_socket, on_jetstream, to_toml, wait_for
+from support import Bus, FakeSystemd, notify_socket, on_jetstream, wait_for
 
 
 @pytest.fixture
@@ -199,20 +199,9 @@ def test_a_takeover_pings_the_watchdog_while_it_refreshes_stale_exports(
     """A standby has said READY=1 long before it takes over; the takeover's refresh of stale
     exports and its requests to NATS run before the keeper pings. Before, nothing pinged
     then: a 10 s gap under a 2 s WatchdogSec, and systemd kills busd as it takes over."""
-    bus.overrides["ha"] = {"enabled": True, "lease_ttl_s": 2}
-    cfg_a = bus.write_config(data_dir=str(bus.root / "a"))
-    active = bus.spawn("serve", "--config", str(cfg_a), log="a.log")
-    wait_for(lambda: "busd ready" in bus.log("a.log"), 60, "the active to be ready")
+    active = bus.ha_active(lease_ttl_s=2)
     slow = SLOW_SQL.replace("1000000000", "3000000000")  # ~10 s here: longer than the watchdog
-    cfg_b = bus.root / "b.toml"
-    cfg_b.write_text(
-        to_toml(
-            bus.config_dict(
-                data_dir=str(bus.root / "b"),
-                exports=[{"name": "slow", "sql": slow, "depends_on": ["fills"]}],
-            )
-        )
-    )
+    cfg_b = bus.second_config(exports=[{"name": "slow", "sql": slow, "depends_on": ["fills"]}])
     standby = bus.spawn(
         "serve",
         "--config",
@@ -268,17 +257,8 @@ def test_a_standby_stuck_on_its_disk_is_not_kept_alive(bus: Bus, systemd: FakeSy
     with mounted(
         bus.root / "disk", bus.root / "slow", bus.root / "slowfs.log", writable=True
     ) as disk:
-        bus.overrides["ha"] = {"enabled": True, "lease_ttl_s": 30}
-        active = bus.spawn(
-            "serve", "--config", str(bus.write_config(data_dir=str(bus.root / "a"))), log="a.log"
-        )
-        wait_for(lambda: "busd ready" in bus.log("a.log"), 60, "the active")
-        cfg_b = bus.root / "b.toml"
-        cfg_b.write_text(
-            bus.write_config(
-                data_dir=str(disk.mountpoint / "b"), consumer={"stall_s": 1}
-            ).read_text()
-        )
+        active = bus.ha_active()
+        cfg_b = bus.second_config(disk.mountpoint / "b", consumer={"stall_s": 1})
         standby = bus.spawn(
             "serve",
             "--config",
