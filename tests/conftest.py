@@ -76,6 +76,22 @@ def faultfs(bus: Bus) -> Iterator[FaultFS]:
         yield fs
 
 
+@pytest.fixture
+def slow_disk(bus: Bus) -> Iterator[FaultFS]:
+    """A writable fault filesystem (``disk.set(rel, fsync_s=N)`` slows each fsync of a file)
+    for busd's data dir or a second instance's: its mount point is ``disk.mountpoint``."""
+    why = usable()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"FUSE is needed here: {why}")
+        pytest.skip(f"FUSE unavailable: {why}")
+    (bus.root / "disk").mkdir()
+    with mounted(
+        bus.root / "disk", bus.root / "slow", bus.root / "slowfs.log", writable=True
+    ) as disk:
+        yield disk
+
+
 # ---- hostile input -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:

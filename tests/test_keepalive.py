@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from faultfs import mounted
+from faultfs import FaultFS
 from support import Bus, FakeSystemd, notify_socket, on_jetstream, wait_for
 
 
@@ -193,6 +194,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _watched_standby(bus: Bus, cfg: Path, systemd: FakeSystemd) -> subprocess.Popen[str]:
+    """A second instance (log ``b.log``) under a watchdog of 2 s: a ping every second."""
+    env = {"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "2000000"}
+    return bus.spawn("serve", "--config", str(cfg), log="b.log", env=env)
+
+
 def test_a_takeover_pings_the_watchdog_while_it_refreshes_stale_exports(
     bus: Bus, systemd: FakeSystemd
 ) -> None:
@@ -202,13 +209,7 @@ def test_a_takeover_pings_the_watchdog_while_it_refreshes_stale_exports(
     active = bus.ha_active(lease_ttl_s=2)
     slow = SLOW_SQL.replace("1000000000", "3000000000")  # ~10 s here: longer than the watchdog
     cfg_b = bus.second_config(exports=[{"name": "slow", "sql": slow, "depends_on": ["fills"]}])
-    standby = bus.spawn(
-        "serve",
-        "--config",
-        str(cfg_b),
-        log="b.log",
-        env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "2000000"},
-    )
+    standby = _watched_standby(bus, cfg_b, systemd)
     try:
         messages_until(systemd, "READY=1", 60)
         wait_for(lambda: "standby: following" in bus.log("b.log"), 30, "the standby")
@@ -247,47 +248,39 @@ def _at(log: str, event: str) -> float:
     raise AssertionError(f"no {event!r} in the log")
 
 
-def test_a_standby_stuck_on_its_disk_is_not_kept_alive(bus: Bus, systemd: FakeSystemd) -> None:
+def test_a_standby_stuck_on_its_disk_is_not_kept_alive(
+    bus: Bus, systemd: FakeSystemd, slow_disk: FaultFS
+) -> None:
     """A standby whose follow loop hangs in a commit (each fsync of its WAL takes 40 s, a
     FUSE disk) stops pinging the watchdog once the loop has not turned for ten stall periods
     (``stall_s`` 1), so systemd restarts it. Before, a task of its own pinged with no bound,
     and a standby that could never take over looked alive (49 pings in 45 s, a reviewer's
     script)."""
-    (bus.root / "disk").mkdir()
-    with mounted(
-        bus.root / "disk", bus.root / "slow", bus.root / "slowfs.log", writable=True
-    ) as disk:
-        active = bus.ha_active()
-        cfg_b = bus.second_config(disk.mountpoint / "b", consumer={"stall_s": 1})
-        standby = bus.spawn(
-            "serve",
-            "--config",
-            str(cfg_b),
-            log="b.log",
-            env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "2000000"},
+    active = bus.ha_active()
+    cfg_b = bus.second_config(slow_disk.mountpoint / "b", consumer={"stall_s": 1})
+    standby = _watched_standby(bus, cfg_b, systemd)
+    try:
+        wait_for(lambda: "standby: following" in bus.log("b.log"), 60, "the standby")
+        slow_disk.set("b/catalog.duckdb.wal", fsync_s=40)
+        bus.publish([bus.event(f"r{i}") for i in range(3)])
+        wait_for(
+            lambda: slow_disk.hits().get("b/catalog.duckdb.wal:fsync", 0) >= 1,
+            60,
+            "the standby's commit on the hung disk",
         )
-        try:
-            wait_for(lambda: "standby: following" in bus.log("b.log"), 60, "the standby")
-            disk.set("b/catalog.duckdb.wal", fsync_s=40)
-            bus.publish([bus.event(f"r{i}") for i in range(3)])
-            wait_for(
-                lambda: disk.hits().get("b/catalog.duckdb.wal:fsync", 0) >= 1,
-                60,
-                "the standby's commit on the hung disk",
-            )
-            wait_for(lambda: "no more watchdog pings" in bus.log("b.log"), 30, "the pings to end")
+        wait_for(lambda: "no more watchdog pings" in bus.log("b.log"), 30, "the pings to end")
+        with contextlib.suppress(TimeoutError):
+            while True:  # what was sent before
+                systemd.receive()
+        pings = 0
+        quiet_until = time.monotonic() + 4  # two WatchdogSec: systemd would restart it
+        while time.monotonic() < quiet_until:
             with contextlib.suppress(TimeoutError):
-                while True:  # what was sent before
-                    systemd.receive()
-            pings = 0
-            quiet_until = time.monotonic() + 4  # two WatchdogSec: systemd would restart it
-            while time.monotonic() < quiet_until:
-                with contextlib.suppress(TimeoutError):
-                    pings += systemd.receive().count("WATCHDOG=1")
-            assert pings == 0
-        finally:
-            active.kill()
-            standby.kill()
-            disk.clear()
-            standby.wait(60)  # once its fsync returns: a thread in it holds even SIGKILL
-            bus.reap()
+                pings += systemd.receive().count("WATCHDOG=1")
+        assert pings == 0
+    finally:
+        active.kill()
+        standby.kill()
+        slow_disk.clear()
+        standby.wait(60)  # once its fsync returns: a thread in it holds even SIGKILL
+        bus.reap()

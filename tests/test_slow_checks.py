@@ -13,7 +13,7 @@ import signal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from faultfs import FaultFS, mounted
+from faultfs import FaultFS
 from support import Bus, sha256_file, wait_for
 
 from busd.checker import Checker, Result
@@ -80,38 +80,34 @@ def test_file_checks_that_keep_answering_are_progress_for_the_watchdog(
     ]
 
 
-def test_a_commit_slower_than_stall_s_is_no_stall(bus: Bus) -> None:
+def test_a_commit_slower_than_stall_s_is_no_stall(bus: Bus, slow_disk: FaultFS) -> None:
     """The catalog on a disk whose every fsync of the WAL takes 5 s, with ``stall_s`` 2: a
     commit says nothing while it runs, and busd is patient with it (for ten stall periods)
     rather than exit as stalled with the batch in hand. The disk is a writable FUSE mount."""
-    (bus.root / "disk").mkdir()
-    with mounted(
-        bus.root / "disk", bus.root / "slow", bus.root / "slowfs.log", writable=True
-    ) as disk:
-        bus.overrides = {**bus.overrides, "data_dir": str(disk.mountpoint / "data")}
-        cfg = bus.write_config(consumer={"stall_s": 2, "ack_wait_s": 30})
-        proc = bus.spawn("serve", "--config", str(cfg))
-        try:
-            wait_for(lambda: '"busd ready"' in bus.log(), 60, "busd to start")
-            disk.set("data/catalog.duckdb.wal", fsync_s=5)
-            bus.publish([bus.event(f"r{i}") for i in range(20)])
-            wait_for(
-                lambda: disk.hits().get("data/catalog.duckdb.wal:fsync", 0) >= 1,
-                60,
-                "a slow commit",
-            )
-            wait_for(
-                lambda: _committed(bus.log()) == 20 or proc.poll() is not None,
-                90,
-                "the slow commits to finish",
-            )
-            assert proc.poll() is None, bus.log()[-3000:]
-            disk.clear()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(60) == 0, bus.log()[-3000:]
-            rows = bus.sql("SELECT count(*) FROM catalog.events_f WHERE outcome = 'committed'")
-        finally:
-            bus.reap()
+    bus.overrides = {**bus.overrides, "data_dir": str(slow_disk.mountpoint / "data")}
+    cfg = bus.write_config(consumer={"stall_s": 2, "ack_wait_s": 30})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        wait_for(lambda: '"busd ready"' in bus.log(), 60, "busd to start")
+        slow_disk.set("data/catalog.duckdb.wal", fsync_s=5)
+        bus.publish([bus.event(f"r{i}") for i in range(20)])
+        wait_for(
+            lambda: slow_disk.hits().get("data/catalog.duckdb.wal:fsync", 0) >= 1,
+            60,
+            "a slow commit",
+        )
+        wait_for(
+            lambda: _committed(bus.log()) == 20 or proc.poll() is not None,
+            90,
+            "the slow commits to finish",
+        )
+        assert proc.poll() is None, bus.log()[-3000:]
+        slow_disk.clear()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]
+        rows = bus.sql("SELECT count(*) FROM catalog.events_f WHERE outcome = 'committed'")
+    finally:
+        bus.reap()
     assert rows == [(20,)]
     assert "no progress" not in bus.log()
 
@@ -122,39 +118,35 @@ def _committed(log: str) -> int:
     return sum(int(e.get("committed", 0)) for e in lines if e.get("event") == "batch")
 
 
-def test_a_stop_gives_up_on_a_commit_the_disk_does_not_finish(bus: Bus) -> None:
+def test_a_stop_gives_up_on_a_commit_the_disk_does_not_finish(bus: Bus, slow_disk: FaultFS) -> None:
     """SIGTERM while a commit waits on a WAL fsync that takes 20 s (a disk that does not
     answer), with ``shutdown_grace_s`` 2: busd gives the commit up and stops while the fsync
     still runs (before: it waited for the fsync twice, in the fetch loop and in the commit
     of the next batch, and only then began its own grace periods). The process ends once
     the kernel lets the thread in the fsync go; nothing given up was acked, and a restart
     commits every event."""
-    (bus.root / "disk").mkdir()
-    with mounted(
-        bus.root / "disk", bus.root / "slow", bus.root / "slowfs.log", writable=True
-    ) as disk:
-        bus.overrides = {**bus.overrides, "data_dir": str(disk.mountpoint / "data")}
-        cfg = bus.write_config(consumer={"shutdown_grace_s": 2, "ack_wait_s": 60})
-        proc = bus.spawn("serve", "--config", str(cfg))
-        try:
-            wait_for(lambda: '"busd ready"' in bus.log(), 60, "busd to start")
-            disk.set("data/catalog.duckdb.wal", fsync_s=20)
-            bus.publish([bus.event(f"r{i}") for i in range(5)])
-            wal = "data/catalog.duckdb.wal"
-            wait_for(lambda: disk.hits().get(f"{wal}:fsync", 0) >= 1, 60, "a commit's fsync")
-            proc.send_signal(signal.SIGTERM)
-            wait_for(
-                lambda: "busd stopped" in bus.log() or disk.hits().get(f"{wal}:fsync_done"),
-                60,
-                "the stop or the fsync",
-            )
-            assert not disk.hits().get(f"{wal}:fsync_done"), "the stop waited for the fsync"
-            assert "the catalog's writer is stuck on the disk" in bus.log()
-            assert proc.wait(60) == 0, bus.log()[-3000:]
-            disk.clear()
-            again = bus.spawn("serve", "--config", str(cfg), "--drain", log="again.log")
-            assert again.wait(120) == 0, bus.log("again.log")[-3000:]
-            rows = bus.sql("SELECT count(*) FROM catalog.events_f WHERE outcome = 'committed'")
-        finally:
-            bus.reap()
+    bus.overrides = {**bus.overrides, "data_dir": str(slow_disk.mountpoint / "data")}
+    cfg = bus.write_config(consumer={"shutdown_grace_s": 2, "ack_wait_s": 60})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        wait_for(lambda: '"busd ready"' in bus.log(), 60, "busd to start")
+        slow_disk.set("data/catalog.duckdb.wal", fsync_s=20)
+        bus.publish([bus.event(f"r{i}") for i in range(5)])
+        wal = "data/catalog.duckdb.wal"
+        wait_for(lambda: slow_disk.hits().get(f"{wal}:fsync", 0) >= 1, 60, "a commit's fsync")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(
+            lambda: "busd stopped" in bus.log() or slow_disk.hits().get(f"{wal}:fsync_done"),
+            60,
+            "the stop or the fsync",
+        )
+        assert not slow_disk.hits().get(f"{wal}:fsync_done"), "the stop waited for the fsync"
+        assert "the catalog's writer is stuck on the disk" in bus.log()
+        assert proc.wait(60) == 0, bus.log()[-3000:]
+        slow_disk.clear()
+        again = bus.spawn("serve", "--config", str(cfg), "--drain", log="again.log")
+        assert again.wait(120) == 0, bus.log("again.log")[-3000:]
+        rows = bus.sql("SELECT count(*) FROM catalog.events_f WHERE outcome = 'committed'")
+    finally:
+        bus.reap()
     assert rows == [(5,)]
