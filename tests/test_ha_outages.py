@@ -87,3 +87,28 @@ def test_nats_cut_as_a_standby_starts_is_waited_for(
         _stop(active, standby)
         bus.reap()
     assert "unexpected error" not in bus.log("b.log")
+
+
+def test_a_standby_stopped_before_it_holds_the_lease_leaves_it_alone(
+    bus: Bus, proxy: NatsProxy
+) -> None:
+    """A standby stopped while its first try of the lease waits for NATS (the answer to its
+    create cut away) releases nothing. Before, it deleted the key at revision 0, which
+    nats-py sends unconditionally: the active's lease was gone and it exited 1 ('lost the
+    lease ... to nobody'), 3 of 3 in a reviewer's runs."""
+    active = bus.ha_active(lease_ttl_s=9)
+    cfg_b = bus.second_config(nats={"url": proxy.url})
+    proxy.arm(b"$KV.busd_leases.busd", outage_s=2)  # the standby's create of the lease
+    standby = bus.spawn("serve", "--config", str(cfg_b), log="b.log")
+    try:
+        wait_for(lambda: proxy.fired or standby.poll() is not None, 60, "the cut")
+        standby.send_signal(signal.SIGTERM)
+        assert standby.wait(60) == 0, bus.log("b.log")[-3000:]
+        bus.publish([bus.event("after")])  # acked by the active: it still holds the lease
+        wait_for(lambda: active.poll() is not None or _acked(bus) == 1, 60, "the active's ack")
+        time.sleep(9)  # one TTL: a renewal of a lease it lost would have failed by now
+        assert active.poll() is None, bus.log("a.log")[-3000:]
+    finally:
+        _stop(active)
+        bus.reap()
+    assert "lost the lease" not in bus.log("a.log")

@@ -115,6 +115,10 @@ class Lease:
         return entry[1].decode() or None
 
     async def release(self) -> None:
-        """On a clean stop, so a standby takes over at once instead of after the TTL."""
+        """On a clean stop, so a standby takes over at once instead of after the TTL. Only a
+        lease this process holds: a delete at revision 0 would be unconditional (nats-py
+        checks the revision only above 0) and remove another instance's lease."""
+        if self.revision <= 0:
+            return
         with contextlib.suppress(Exception):
             await self._kv.delete(self.key, last=self.revision)

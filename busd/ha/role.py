@@ -77,6 +77,7 @@ class Role:
         the poison decisions the follower carries over. Each request to NATS here is asked
         again while NATS does not answer; stopped meanwhile: nothing."""
         lease = self.lease = Lease(self.nc, self.settings)
+        self._set_active(False)  # until the lease is won: a stop before then releases nothing
         won = None
         if await self.answered(self._open, "open the lease's bucket"):
             won = await self.answered(lease.acquire, "try the lease")
