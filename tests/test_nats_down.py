@@ -24,7 +24,7 @@ import nats
 import pytest
 from support import BUSD, Bus, wait_for
 
-from busd.embedded import EmbeddedServer
+from busd.embedded import EmbeddedServer, server_binary
 
 CONNECT_TIMEOUT_S = 1.0
 # a command that waits out the client's reconnect attempts hangs until its subprocess timeout;
@@ -240,3 +240,32 @@ def test_a_silent_server_of_a_cluster_leaves_time_for_the_others(
             assert out.returncode == 0, out.stderr
             assert json.loads(out.stdout)["nats"]["connected"] is True
             assert elapsed < 2 + 2 + startup_s
+
+
+def test_a_nats_without_jetstream_is_named_not_waited_for(bus: Bus) -> None:
+    """A nats-server without JetStream answers, and every JetStream request gets no
+    responders: a mistake of the setup, not an outage. busd retries for ten connect timeouts
+    (JetStream may be restarting), then exits 1 naming it, instead of 'NATS does not answer'
+    forever."""
+    port = free_port()
+    plain = subprocess.Popen(
+        [server_binary(), "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        wait_for(lambda: _listening(port), 30, "the plain nats-server")
+        cfg = bus.write_config(nats={"url": url, "connect_timeout_s": 1})
+        proc = bus.spawn("serve", "--config", str(cfg))
+        assert proc.wait(SETTLES_S + 10) == 1, bus.log()[-3000:]
+    finally:
+        plain.terminate()
+        plain.wait(30)
+        bus.reap()
+    assert "JetStream does not answer (waiting to declare the stream, 10s)" in bus.log()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -23,7 +23,7 @@ import anyio
 from busd import log, source
 from busd.checker import Checker
 from busd.config import NatsSettings
-from busd.errors import TransientError
+from busd.errors import BusdError, TransientError
 from busd.metrics import Metrics
 from busd.sdnotify import SdNotifier
 
@@ -79,18 +79,32 @@ async def when_answered(
     *,
     notify: SdNotifier,
     stopping: Callable[[], bool],
+    jetstream_patience_s: float,
 ) -> T | None:
     """``call()`` (a request to NATS while busd starts), retried while NATS does not answer
     it: a NATS that goes away just after busd connected is waited for like one that was
-    not there yet, not an unexpected error. None when ``stopping()`` first."""
+    not there yet, not an unexpected error. None when ``stopping()`` first. A NATS that
+    answers while JetStream does not, for ``jetstream_patience_s``, is a mistake of the
+    setup (no JetStream for this account or domain): BusdError, exit 1."""
     logger = log.get()
     said_at: float | None = None
+    silent_since: float | None = None
     while True:
         try:
             return await call()
         except Exception as exc:
             if not source.unanswered(exc):
                 raise
+            if not source.jetstream_silent(exc):
+                silent_since = None
+            elif silent_since is None:
+                silent_since = time.monotonic()
+            elif time.monotonic() - silent_since > jetstream_patience_s:
+                raise BusdError(
+                    f"JetStream does not answer (waiting to {what}, "
+                    f"{jetstream_patience_s:g}s): is it enabled on the server, for this "
+                    "account, in the configured domain?"
+                ) from None
             if said_at is None or time.monotonic() - said_at >= source.WAITING_SAID_EVERY_S:
                 said_at = time.monotonic()
                 logger.warning("NATS does not answer; retrying", waiting_to=what, error=repr(exc))

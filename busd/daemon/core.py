@@ -55,6 +55,9 @@ from busd.settle import Rechecks
 
 T = TypeVar("T")
 
+# JetStream silent while NATS answers, for this many connect timeouts: a mistake of the setup
+JETSTREAM_PATIENCE = 10
+
 
 @dataclass
 class Stats:
@@ -526,7 +529,13 @@ class Daemon:
 
     async def _answered(self, call: Callable[[], Awaitable[T]], what: str) -> T | None:
         """A request of the start, retried while NATS does not answer (None: stopped)."""
-        return await when_answered(call, what, notify=self.notify, stopping=lambda: self.stopping)
+        return await when_answered(
+            call,
+            what,
+            notify=self.notify,
+            stopping=lambda: self.stopping,
+            jetstream_patience_s=JETSTREAM_PATIENCE * self.settings.nats.connect_timeout_s,
+        )
 
     async def _measured(self) -> bool:
         assert self.keeper is not None

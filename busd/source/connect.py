@@ -188,6 +188,12 @@ def unanswered(exc: BaseException) -> bool:
     return isinstance(exc, _UNANSWERED)
 
 
+def jetstream_silent(exc: BaseException) -> bool:
+    """NATS answered, JetStream did not (no responders, 503): JetStream restarting, or not
+    there at all for this account or domain (a mistake that waiting does not mend)."""
+    return isinstance(exc, (nats.errors.NoRespondersError, js_errors.ServiceUnavailableError))
+
+
 def _unreachable_why(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer"
