@@ -63,14 +63,19 @@ def proxy(bus: Bus) -> Iterator[NatsProxy]:
 
 @pytest.mark.parametrize(
     "request_sent",
-    [b"$JS.API.STREAM.INFO.KV_busd_leases", b"next_by_subj"],
-    ids=["opening-the-lease", "finding-where-to-follow-from"],
+    [
+        b"$JS.API.STREAM.INFO.KV_busd_leases",
+        b"next_by_subj",
+        b"CONSUMER.CREATE.ARTIFACTS.busd-standby-",
+    ],
+    ids=["opening-the-lease", "finding-where-to-follow-from", "creating-its-reader"],
 )
 def test_nats_cut_as_a_standby_starts_is_waited_for(
     bus: Bus, proxy: NatsProxy, request_sent: bytes
 ) -> None:
-    """NATS gone right after the standby asked for the lease's bucket, or for where to
-    follow from: it waits and follows once NATS answers (before: exit 1)."""
+    """NATS gone right after the standby asked for the lease's bucket, for where to follow
+    from, or for its reader of the stream: it waits and follows once NATS answers (before:
+    exit 1, 'unexpected error: TimeoutError')."""
     active = bus.ha_active()
     cfg_b = bus.second_config(nats={"url": proxy.url})
     proxy.arm(request_sent, outage_s=5)
@@ -82,6 +87,7 @@ def test_nats_cut_as_a_standby_starts_is_waited_for(
             60,
             "the standby to follow",
         )
+        time.sleep(6)  # past the cut's 5 s: the reader is created once NATS answers
         assert standby.poll() is None, bus.log("b.log")[-3000:]
     finally:
         _stop(active, standby)

@@ -345,15 +345,31 @@ async def stand_by(
                 log.get().error("standby: no progress; no more watchdog pings", waited_s=patience_s)
                 return
 
-    await follower.start(after_seq)
     try:
         async with anyio.create_task_group() as pings:
             pings.start_soon(ping)
-            leader = await follow_until_leader(lease, follower, refresh, turned, stopping)
+            leader = await _started(follower, after_seq, stopping) and await follow_until_leader(
+                lease, follower, refresh, turned, stopping
+            )
             pings.cancel_scope.cancel()
     finally:
         await follower.stop()
     return follower.folder.quarantined if leader else None
+
+
+async def _started(follower: Follower, after_seq: int, stopping: Callable[[], bool]) -> bool:
+    """The follower's reader created, asked again while NATS does not answer; False when
+    stopped first."""
+    while not stopping():
+        try:
+            await follower.start(after_seq)
+            return True
+        except Exception as exc:
+            if not source.unanswered(exc):
+                raise
+            log.get().warning("NATS does not answer; creating the standby's reader again")
+        await anyio.sleep(1.0)
+    return False
 
 
 def _file_verdict(item: Decided) -> bool:

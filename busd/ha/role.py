@@ -86,11 +86,7 @@ class Role:
         if won:
             self._set_active(True)
             return {}
-        self._set_active(False)
-        self.notify.ready()
-        self.notify.status("standby")
         holder = await self.answered(self._holder, "read the lease")
-        self.log.info("standby: following the stream", holder=holder)
         # not the highest sequence: a former active's catalog lacks the ones it was still
         # waiting for (a late file), and a standby resuming past them never folds them
         after_seq = await self.answered(
@@ -99,6 +95,11 @@ class Role:
         )
         if after_seq is None:
             return {}
+        # ready once it follows, and pinged from then on: before, a wait for NATS is the
+        # start's (whose timeout the waits extend), not a watchdog's gap
+        self.notify.ready()
+        self.notify.status("standby")
+        self.log.info("standby: following the stream", holder=holder)
         quarantined = await stand_by(
             Follower(self.settings, self.nc, self.store, self.commit_rows, self.checker),
             after_seq, self.lease, self.refresh_changed, self.alive,
