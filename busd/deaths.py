@@ -12,12 +12,13 @@ The record is a small JSON file beside the catalog, replaced atomically (write, 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 import msgspec
 
-from busd.durable import write_bytes_atomic
+from busd.durable import replace_synced, write_temp
 from busd.errors import FatalStorageError, StorageError
 
 
@@ -44,6 +45,10 @@ class Deaths:
         self.counts: dict[int, int] = {}
         self.unreadable: str | None = None  # why a record found at start was not used
         self._written: bytes | None = None
+        # set (on the event loop) once busd clears the record at a decided exit: a write still
+        # in flight on a slow disk then leaves the record alone, whenever its fsync returns
+        self.closing = False
+        self._renames = threading.Lock()  # a write's check of `closing` and its rename
 
     @classmethod
     def load(cls, path: Path) -> Deaths:
@@ -90,8 +95,16 @@ class Deaths:
         stale list of what busd held would count deaths for messages it no longer held. The
         counts stay in memory and are written with the next record that fits. A failed fsync
         raises FatalStorageError, as everywhere."""
+        self._write(data, final=False)
+
+    def _write(self, data: bytes, *, final: bool) -> None:
         try:
-            write_bytes_atomic(self.path, data)
+            tmp = write_temp(self.path, data)
+            with self._renames:
+                if self.closing and not final:  # the exit's record is (being) written
+                    tmp.unlink(missing_ok=True)
+                    return
+                replace_synced(tmp, self.path)
         except FatalStorageError:
             raise
         except StorageError:
@@ -100,17 +113,21 @@ class Deaths:
         self._written = data
 
     def close(self) -> None:
-        """A clean exit: nothing held; the file goes when no count is left either."""
+        """A clean exit: nothing held; the file goes when no count is left either (at once:
+        no write of its own to wait for). ``closing`` is set first, so that no write in
+        flight lands after this."""
+        self.closing = True
         if self.counts:
             data = self.encode(())
             if data is not None:
-                self.write(data)
+                self._write(data, final=True)
         else:
             self._remove()
 
     def _remove(self) -> None:
         self._written = None
         try:
-            self.path.unlink(missing_ok=True)
+            with self._renames:
+                self.path.unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot remove {self.path}: {exc.strerror}") from exc

@@ -37,11 +37,20 @@ def durable_replace(tmp: Path, final: Path) -> None:
     """fsync ``tmp``, rename it over ``final``, fsync the folder. A failed fsync is fatal."""
     with contextlib.suppress(OSError):
         os.chmod(tmp, READABLE_FILE)
+    _fsync_temp(tmp)
+    replace_synced(tmp, final)
+
+
+def _fsync_temp(tmp: Path) -> None:
     try:
         fsync_path(tmp)
     except OSError as exc:
         # After a failed fsync the page cache can no longer be trusted (fsyncgate): exit.
         raise FatalStorageError(f"fsync of {tmp} failed: {exc.strerror}") from exc
+
+
+def replace_synced(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` (already fsynced) over ``final``, fsync the folder."""
     try:
         os.replace(tmp, final)
     except OSError as exc:
@@ -56,9 +65,9 @@ def durable_replace(tmp: Path, final: Path) -> None:
 _TEMP_NAMES = itertools.count()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """``data`` in ``path``, atomically and durably. The temporary file's name is this
-    call's own: two writes of one file from two threads never share it."""
+def write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a temporary file beside ``path``, fsynced, for :func:`replace_synced`. Its
+    name is this call's own: two writes of one file from two threads never share it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(_TEMP_NAMES)}")
     try:
         with open(tmp, "wb") as handle:
@@ -66,4 +75,16 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
-    durable_replace(tmp, path)
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, READABLE_FILE)
+    try:
+        _fsync_temp(tmp)
+    except FatalStorageError:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """``data`` in ``path``, atomically and durably."""
+    replace_synced(write_temp(path, data), path)

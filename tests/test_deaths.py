@@ -254,3 +254,43 @@ def test_two_threads_writing_the_record_at_once_both_succeed(tmp_path: Path) -> 
     assert failures == []
     assert json.loads(path.read_text())["i"] == 299
     assert [p.name for p in tmp_path.iterdir()] == ["held.json"]
+
+
+def test_a_record_write_in_flight_at_a_clean_stop_does_not_land_after_it(
+    bus: Bus, slow_disk: FaultFS
+) -> None:
+    """A commit's settlement rewrites the record after a nak; on a slow disk (each fsync of
+    those writes 8 s) SIGTERM gives that commit up after the grace period (3 s) and clears
+    the record. Before, the write's rename landed afterwards: the record listed the messages
+    that waited for their export, and the next start counted a death for each (5), 3 of 3
+    in a reviewer's runs. Now a write still in flight leaves the record alone."""
+    data = slow_disk.mountpoint / "d"
+    late = bus.artifacts / "late" / "fills.parquet"
+    bus.publish(
+        [
+            *(bus.event(f"r{i}") for i in range(5)),
+            bus.event("late", [{"name": "fills", "path": str(late)}]),
+        ]
+    )
+    cfg = bus.write_config(
+        data_dir=str(data),
+        consumer={"shutdown_grace_s": 3},
+        verify={"file_wait_s": 600},
+        exports=[{"name": "slow", "sql": SLOW_EXPORT_SQL, "depends_on": ["fills"]}],
+    )
+    proc = bus.spawn("serve", "--config", str(cfg))
+    for n in range(300):  # every write of the record by this process: 8 s fsyncs
+        slow_disk.faults[f"d/.held.json.tmp-{proc.pid}-{n}"] = {"fsync_s": 8}
+    slow_disk.set("d/.unused", fsync_s=0)  # writes the faults out
+    try:
+        wait_for(lambda: "file missing; retrying later" in bus.log(), 120, "the nak")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]
+        slow_disk.clear()
+        second = bus.spawn("serve", "--config", str(cfg), log="second.log")
+        wait_for(lambda: "busd ready" in bus.log("second.log"), 90, "the next start")
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0, bus.log("second.log")[-3000:]
+    finally:
+        bus.reap()
+    assert "died holding" not in bus.log("second.log")

@@ -87,6 +87,7 @@ class HeldRecord:
         gone) and a signal are no fault of what it held."""
         if self.deaths is None or (died is not None and a_death(died)):
             return
+        self.deaths.closing = True  # a write still in flight leaves the record alone
         try:
             with anyio.move_on_after(grace_s):
                 # a disk that does not answer: left behind, and the deaths are counted
