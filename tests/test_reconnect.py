@@ -92,7 +92,7 @@ def _traced_server(server: EmbeddedServer, trace: Path) -> Iterator[None]:
 
 def test_no_burst_of_pull_requests_when_nats_comes_back(bus: Bus) -> None:
     """While NATS is away busd sends no pull requests; nats-py would queue them and send them
-    together on reconnect (seen: 4 in the same millisecond after an 8 s outage)."""
+    together on reconnect (without the guard: 4 within 0.1 ms after an 8 s outage, 2 of 2)."""
     proc = bus.spawn("serve", "--config", str(bus.write_config()))
     try:
         wait_for(lambda: "busd ready" in bus.log(), 60, "busd to be ready")
@@ -107,7 +107,9 @@ def test_no_burst_of_pull_requests_when_nats_comes_back(bus: Bus) -> None:
         bus.reap()
     times = _pull_times(trace.read_text())
     together = max(sum(1 for t in times if first <= t < first + 0.010) for first in times)
-    assert together == 1, f"{together} pull requests within 10 ms: {times[:8]}"
+    # one request sent as the connection broke, before nats-py noticed, may come with the
+    # first after it (seen once in CI, under load); without the guard 4 come at once
+    assert together <= 2, f"{together} pull requests within 10 ms: {times[:8]}"
 
 
 def test_nats_gone_while_busd_starts_is_waited_for(bus: Bus) -> None:
