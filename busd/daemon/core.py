@@ -455,9 +455,9 @@ class Daemon:
                 await self.lineage.flush(min(5.0, self.settings.consumer.shutdown_grace_s))
             tg.cancel_scope.cancel()
 
-    def _lost_lease(self, _exc: LeaseLost) -> None:
+    def _lost_lease(self, exc: LeaseLost) -> None:
         """Stop acking at once: another instance owns the stream now. Exit 1 follows."""
-        self._fatal = _exc
+        self._fatal = exc
         self.stopping = True
         if self.acks is not None:
             self.acks.settler = None
