@@ -108,7 +108,8 @@ class Deaths:
         except FatalStorageError:
             raise
         except StorageError:
-            self._remove()
+            if final or not self.closing:  # else the exit's record is not this write's to drop
+                self._remove()
             raise
         self._written = data
 

@@ -123,3 +123,29 @@ def test_r3_stream_survives_the_loss_of_its_leader(tmp_path: Path, cluster: Clus
         f"{election_s:.1f}s, node restarted; {pub.acked} events ({pub.retries} publish "
         f"retries), {found}"
     )
+
+
+def test_a_cluster_without_a_leader_is_waited_for(tmp_path: Path, cluster: Cluster) -> None:
+    """Two of three nodes down for 15 s (a reboot of the whole cluster, nodes back at
+    different times): JetStream answers 503 'temporarily unavailable' (10008), an outage,
+    so busd waits past its patience with a JetStream that is not there (10 connect timeouts,
+    10 s here) and is ready once the cluster is. A reviewer found the first version of that
+    patience judging this 'JetStream does not answer', exit 1 (3 of 3 runs)."""
+    bus = Bus(tmp_path, cluster.nodes[0], cluster_url=cluster.url)
+    bus.artifacts.mkdir(parents=True, exist_ok=True)
+    bus.init()
+    for node in cluster.nodes[1:]:
+        node.stop()
+    cfg = bus.write_config(nats={"connect_timeout_s": 1})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        time.sleep(15)  # the outage: past busd's patience with a JetStream that is not there
+        assert proc.poll() is None, bus.log()[-3000:]
+        for node in cluster.nodes[1:]:
+            node.start(timeout_s=60)
+        asyncio.run(cluster.wait_for_jetstream())
+        wait_for(lambda: "busd ready" in bus.log() or proc.poll() is not None, 90, "ready")
+        assert proc.poll() is None, bus.log()[-3000:]
+    finally:
+        bus.reap()
+    assert "JetStream does not answer" not in bus.log()

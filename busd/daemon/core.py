@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 import signal
 import time
 from collections import Counter
@@ -534,8 +535,17 @@ class Daemon:
             what,
             notify=self.notify,
             stopping=lambda: self.stopping,
-            jetstream_patience_s=JETSTREAM_PATIENCE * self.settings.nats.connect_timeout_s,
+            jetstream_patience_s=self._jetstream_patience_s(),
         )
+
+    def _jetstream_patience_s(self) -> float:
+        """How long a JetStream that is not there is waited for: through a domain or an
+        account import, no responders may be a hub or a far account that is down (an
+        outage), so for as long as it lasts."""
+        n = self.settings.nats
+        if n.js_domain or n.js_api_prefix:
+            return math.inf
+        return JETSTREAM_PATIENCE * n.connect_timeout_s
 
     async def _measured(self) -> bool:
         assert self.keeper is not None

@@ -348,18 +348,20 @@ async def stand_by(
     try:
         async with anyio.create_task_group() as pings:
             pings.start_soon(ping)
-            leader = await _started(follower, after_seq, stopping) and await follow_until_leader(
-                lease, follower, refresh, turned, stopping
-            )
+            leader = await _started(follower, after_seq, stopping, turned)
+            if leader:
+                leader = await follow_until_leader(lease, follower, refresh, turned, stopping)
             pings.cancel_scope.cancel()
     finally:
         await follower.stop()
     return follower.folder.quarantined if leader else None
 
 
-async def _started(follower: Follower, after_seq: int, stopping: Callable[[], bool]) -> bool:
-    """The follower's reader created, asked again while NATS does not answer; False when
-    stopped first."""
+async def _started(
+    follower: Follower, after_seq: int, stopping: Callable[[], bool], turned: Callable[[], None]
+) -> bool:
+    """The follower's reader created, asked again while NATS does not answer (each try is a
+    turn: an outage is no hang of busd); False when stopped first."""
     while not stopping():
         try:
             await follower.start(after_seq)
@@ -368,6 +370,7 @@ async def _started(follower: Follower, after_seq: int, stopping: Callable[[], bo
             if not source.unanswered(exc):
                 raise
             log.get().warning("NATS does not answer; creating the standby's reader again")
+        turned()
         await anyio.sleep(1.0)
     return False
 

@@ -188,10 +188,22 @@ def unanswered(exc: BaseException) -> bool:
     return isinstance(exc, _UNANSWERED)
 
 
+# JetStream's own word that it is not there: "JetStream not enabled" (for the account); a 503
+# with another code (10008, "JetStream system temporarily unavailable": a cluster without a
+# leader yet) is an outage
+_JETSTREAM_OFF = frozenset({10039, 10076})
+
+
 def jetstream_silent(exc: BaseException) -> bool:
-    """NATS answered, JetStream did not (no responders, 503): JetStream restarting, or not
-    there at all for this account or domain (a mistake that waiting does not mend)."""
-    return isinstance(exc, (nats.errors.NoRespondersError, js_errors.ServiceUnavailableError))
+    """NATS answered and JetStream is not there (no responders on its API, or it says it is
+    not enabled): a mistake of the setup that waiting does not mend, unless the API is
+    reached through a domain or an import whose far side may be down (the caller's call)."""
+    if isinstance(exc, nats.errors.NoRespondersError):
+        return True
+    # nats-py's JetStream API turns no responders into a 503 with no error code
+    return isinstance(exc, js_errors.ServiceUnavailableError) and (
+        exc.err_code is None or exc.err_code in _JETSTREAM_OFF
+    )
 
 
 def _unreachable_why(exc: BaseException) -> str:
