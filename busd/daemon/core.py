@@ -41,7 +41,6 @@ from busd.daemon.publisher import Publisher
 from busd.daemon.stop import IGNORED, install_signals, leave_behind, leaves, restore
 from busd.daemon.store import LiveStore
 from busd.daemon.threads import IDLE_STOP_S, CatalogThreads
-from busd.deaths import Deaths
 from busd.embedded import EmbeddedServer
 from busd.errors import ConsumerGone, LeaseLost
 from busd.exports import Exporter
@@ -102,7 +101,6 @@ class Daemon:
         self.publisher: Publisher | None = None
         self.keeper: Keeper | None = None
         self.ledger = Ledger()  # every delivery held and not settled yet
-        self.deaths: Deaths | None = None  # busd's deaths holding a sequence (poison)
         self.rechecks = Rechecks()  # held, not nak'ed: the machine failed to read their files
         self.progress = Progress()
         self.threads = CatalogThreads(self.progress)
@@ -190,8 +188,8 @@ class Daemon:
             self.stopping = True
             return
         self.store = LiveStore(self.catalog, self._on_writer, self.nc, s.nats.stream)
-        self.deaths = await anyio.to_thread.run_sync(self.held.load)
-        self.folder = Folder(s, self.store, checker=self.checker, deaths=self.deaths)
+        deaths = await anyio.to_thread.run_sync(self.held.load)  # busd's deaths holding each
+        self.folder = Folder(s, self.store, checker=self.checker, deaths=deaths)
         catalog = self.catalog
         self.role = Role(
             s,
@@ -229,10 +227,11 @@ class Daemon:
         info = await self._answered(lambda: source.ensure_consumer(nc, s), "bind the consumer")
         if info is None:
             return False
-        assert self.folder is not None and self.deaths is not None
+        deaths = self.held.deaths
+        assert self.folder is not None and deaths is not None
         self.folder.server_max_deliver = int(info.config.max_deliver or -1)
         if info.ack_floor is not None:
-            self.deaths.settled_through(int(info.ack_floor.stream_seq or 0))
+            deaths.settled_through(int(info.ack_floor.stream_seq or 0))
         seq = await self._on_writer(self.catalog.catalog_seq)
         self.metrics.catalog_seq.set(seq)
         stale = await self._on_exporter(self.exporter.stale, seq)
@@ -241,11 +240,10 @@ class Daemon:
             await self.publisher.refresh(stale)
         self.src = source.PullSource(self.nc, s.nats.stream, s.nats.consumer)
         await self.src.start()
-        assert self.deaths is not None
         self.acks = acks = Acks(
             source.Settler(self.nc),
             self.ledger,
-            self.deaths,
+            deaths,
             self.role,
             self.metrics,
             self.progress,
@@ -279,7 +277,7 @@ class Daemon:
             stopped=self.stop_event,
             grace_left=self._grace_left,
             record_held=self.held.record,
-            forget=self.deaths.forget,
+            forget=deaths.forget,
         )
         self.keeper = Keeper(
             s,
