@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -279,21 +282,8 @@ def test_catalog_disk_full_then_freed(bus: Bus) -> None:
     """The data directory on a tiny tmpfs fills up mid-flow: nothing is acked that is not
     committed and exported, busd retries (or exits for systemd), and once space is freed every
     event commits exactly once."""
-    import os
-    import subprocess
-
     small = bus.root / "small"
-    small.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
+    with tmpfs(small, "12m"):
         data = small / "data"
         # max_deliver 3: one death counted for a message busd held would make it poison
         over = {"data_dir": str(data), "consumer": {"stall_s": 30, "max_deliver": 3}}
@@ -305,11 +295,7 @@ def test_catalog_disk_full_then_freed(bus: Bus) -> None:
         wait_for(lambda: "busd ready" in bus.log(), 30, "ready")
         bus.publish(events[:20])
         wait_for(lambda: read_manifest(data / "exports").catalog_seq == 20, 30, "20 committed")
-        ballast = small / "ballast"
-        with open(ballast, "wb") as f, contextlib.suppress(OSError):  # fill the disk
-            while True:
-                f.write(b"\0" * (1 << 20))
-                f.flush()
+        ballast = fill(small)
         bus.publish(events[20:])
         failed = wait_for(
             lambda: "failed" in bus.log() or proc.poll() is not None,
@@ -329,7 +315,12 @@ def test_catalog_disk_full_then_freed(bus: Bus) -> None:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) in (0, 1), bus.log()[-3000:]
         proc = bus.spawn("serve", "--config", cfg, log="full.log")
-        wait_for(lambda: "busd ready" in bus.log("full.log"), 60, "a start on a full disk")
+        wait_for(
+            lambda: "busd ready" in bus.log("full.log") or proc.poll() is not None,
+            60,
+            "a start on a full disk",
+        )
+        assert "busd ready" in bus.log("full.log"), bus.log("full.log")[-3000:]
         ballast.unlink()
         wait_for(lambda: read_manifest(data / "exports").catalog_seq == 60, 90, "recovery")
         proc.send_signal(signal.SIGTERM)
@@ -340,8 +331,75 @@ def test_catalog_disk_full_then_freed(bus: Bus) -> None:
         print(
             f"\ndisk full: 60 events, busd {how}, the ack floor stayed within the exports; {found}"
         )
+
+
+def test_a_start_with_stale_exports_on_a_full_disk_serves_and_catches_up(bus: Bus) -> None:
+    """busd dies after a commit, before its export; it starts again with the exports' disk
+    full. It serves (the refresh is retried by the export loop, acks wait for it) instead of
+    exiting 1 on the start's refresh, and once space is freed the exports hold every event
+    and everything is acked. Before: "busd: export refresh failed", exit 1, at every start."""
+    exports = bus.data / "exports"
+    with tmpfs(exports, "4m"):
+        ids = ["s-1", "s-2", "s-3"]
+        bus.publish([bus.event(r, event_id=r) for r in ids])
+        cfg = str(bus.write_config())
+        killed = bus.spawn("serve", "--config", cfg, env={"BUSD_TEST_FAULT": "after_commit"})
+        assert killed.wait(60) == -signal.SIGKILL, bus.log()
+        committed = bus.sql("SELECT count(*) FROM catalog.events_f")[0][0]
+        assert committed >= 1
+        ballast = fill(exports)
+        proc = bus.spawn("serve", "--config", cfg, log="full.log")
+        wait_for(
+            lambda: "export refresh failed" in bus.log("full.log") or proc.poll() is not None,
+            60,
+            "the start's refresh to fail",
+        )
+        wait_for(
+            lambda: "busd ready" in bus.log("full.log") or proc.poll() is not None,
+            60,
+            "a start with the exports' disk full",
+        )
+        assert "busd ready" in bus.log("full.log"), bus.log("full.log")[-3000:]
+        time.sleep(1)  # the export loop retries meanwhile
+        assert proc.poll() is None, bus.log("full.log")[-3000:]
+        assert _ack_floor(bus) == 0  # nothing acked that the exports do not hold
+        ballast.unlink()
+        wait_for(lambda: _ack_floor(bus) == 3, 60, "every event acked once exports are written")
+        manifest = read_manifest(exports)
+        assert manifest.catalog_seq == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log("full.log")[-3000:]
+        assert sorted(bus.export("runs").column("run_id").to_pylist()) == ids
+        print(f"\nstale exports on a full disk: {committed} committed before the kill, served")
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs mounted at ``path`` (created), to fill up; unmounted at the end."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
     finally:
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a ballast file until the disk holding ``folder`` is full."""
+    ballast = folder / "ballast"
+    with open(ballast, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+    return ballast
 
 
 def _ack_floor(bus: Bus) -> int:

@@ -42,7 +42,7 @@ from busd.daemon.stop import IGNORED, install_signals, leave_behind, leaves, res
 from busd.daemon.store import LiveStore
 from busd.daemon.threads import IDLE_STOP_S, CatalogThreads
 from busd.embedded import EmbeddedServer
-from busd.errors import ConsumerGone, LeaseLost
+from busd.errors import ConsumerGone, FatalStorageError, LeaseLost, StorageError
 from busd.exports import Exporter
 from busd.fold import Folder
 from busd.ha.role import Role
@@ -237,7 +237,13 @@ class Daemon:
         stale = await self._on_exporter(self.exporter.stale, seq)
         if stale:
             self.log.info("refreshing exports older than the catalog", exports=stale)
-            await self.publisher.refresh(stale)
+            try:
+                await self.publisher.refresh(stale)
+            except FatalStorageError:
+                raise
+            except StorageError as exc:  # a full disk: no reason not to start; acks wait
+                self.log.error("export refresh failed at start; retried, acks wait", error=str(exc))
+                self.publisher.stale(stale)
         self.src = source.PullSource(self.nc, s.nats.stream, s.nats.consumer)
         await self.src.start()
         self.acks = acks = Acks(

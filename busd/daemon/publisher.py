@@ -56,6 +56,7 @@ class Publisher:
         self.exported_generation = 0  # the newest generation a finished refresh covers
         self.refreshes = 0
         self._touched: set[str] = set()
+        self._stale: set[str] = set()  # exports to refresh whole (found stale at start)
         self._changed = Changed()  # rows committed since the last refresh (partitioned exports)
         self._rows: dict[str, tuple[Any, ...]] = {}  # latest exports_d row per export
         self._wanted = asyncio.Event()
@@ -81,8 +82,14 @@ class Publisher:
         self._touched |= names
         self._wanted.set()
 
+    def stale(self, names: Sequence[str]) -> None:
+        """Exports older than the catalog whose refresh failed at start (a full disk): the
+        loop refreshes them whole, before any ack, and again until that succeeds."""
+        self._stale.update(names)
+        self._wanted.set()
+
     def pending(self) -> bool:
-        return bool(self._touched)
+        return bool(self._touched or self._stale)
 
     def take_rows(self) -> list[tuple[Any, ...]]:
         """exports_d rows to ride along with the next transaction (one fsync fewer)."""
@@ -100,9 +107,11 @@ class Publisher:
             generation = self.generation
             touched, self._touched = self._touched, set()
             changed, self._changed = self._changed, Changed()
-            names = self.exporter.due(touched)
+            stale, self._stale = self._stale, set()
+            due = set(self.exporter.due(touched)) | stale
+            names = [n for n in self.exporter.exports if n in due]
             try:
-                await self.refresh(names, changed)
+                await self.refresh(names, None if stale else changed)
             except FatalStorageError:  # a failed fsync: never retried, never acked
                 raise
             except StorageError as exc:
@@ -111,6 +120,7 @@ class Publisher:
                 )
                 self._touched |= touched
                 self._changed.update(changed)
+                self._stale |= stale
                 await anyio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 30.0)
                 self._wanted.set()
