@@ -88,11 +88,16 @@ class MemoryStore:
         return p if isinstance(p, bytes) else json.dumps(p).encode()
 
 
-async def fold_into(catalog: Catalog, stream: list[Any], batches: list[list[int]]) -> None:
+async def fold_into(
+    catalog: Catalog, stream: list[Any], batches: list[list[int]], *, derive: bool = True
+) -> None:
+    """``derive`` False: as a replay does, logs only, artifacts_f and runs_d at the end."""
     folder = Folder(SETTINGS, MemoryStore(catalog, stream), replay=True)
     for batch in batches:
         folded = await folder.fold([delivery(i + 1, stream[i]) for i in batch])
-        catalog.commit(folded.rows)
+        catalog.commit(folded.rows, derive=derive)
+    if not derive:
+        catalog.derive_all()
 
 
 def snapshot(catalog: Catalog) -> dict[str, list[tuple[Any, ...]]]:
@@ -139,14 +144,19 @@ def test_any_delivery_order_gives_the_replayed_catalog(
     folder_dir = tmp_path_factory.mktemp("fold")
     live = Catalog(folder_dir / "live.duckdb")
     replay = Catalog(folder_dir / "replay.duckdb")
+    derived = Catalog(folder_dir / "derived.duckdb")
     try:
         asyncio.run(fold_into(live, stream, batches))
         asyncio.run(fold_into(replay, stream, [list(range(len(stream)))]))
-        got, want = snapshot(live), snapshot(replay)
+        in_order = [[i] for i in range(len(stream))]  # a replay's batches, derived at the end
+        asyncio.run(fold_into(derived, stream, in_order, derive=False))
+        got, want, at_end = snapshot(live), snapshot(replay), snapshot(derived)
         for table in COMPARED:
             assert got[table] == want[table], (table, stream, batches)
+            assert at_end[table] == want[table], (table, stream)
         outcomes = live.con.execute("SELECT count(*) FROM catalog.events_f").fetchone()
         assert outcomes == (len(stream),)
     finally:
         live.close()
         replay.close()
+        derived.close()

@@ -23,7 +23,9 @@ from busd.catalog.schema import (
     ARTIFACT_LOG_COLUMNS,
     DEMOTION_COLUMNS,
     DERIVE_ARTIFACTS,
+    DERIVE_ARTIFACTS_ONCE,
     DERIVE_RUNS,
+    DERIVE_RUNS_ONCE,
     EVENT_COLUMNS,
     EXPORTS_D_INSERT,
     MARK_MOVED,
@@ -321,16 +323,18 @@ class Catalog:
                 con.execute("BEGIN")
             self._held = False
             con.execute(
-                "CREATE OR REPLACE TEMP TABLE touched_keys AS "
-                "SELECT DISTINCT run_id, name FROM catalog.artifact_log"
+                "CREATE OR REPLACE TEMP TABLE touched_keys AS SELECT run_id, name "
+                "FROM catalog.artifact_log GROUP BY ALL HAVING count(*) > 1"
             )
             con.execute(
-                "CREATE OR REPLACE TEMP TABLE touched_runs AS "
-                "SELECT DISTINCT run_id FROM catalog.run_log"
+                "CREATE OR REPLACE TEMP TABLE touched_runs AS SELECT run_id "
+                "FROM catalog.run_log GROUP BY ALL HAVING count(*) > 1"
             )
             con.execute("DELETE FROM catalog.artifacts_f")
+            con.execute(DERIVE_ARTIFACTS_ONCE)
             con.execute(DERIVE_ARTIFACTS)
             con.execute("DELETE FROM catalog.runs_d")
+            con.execute(DERIVE_RUNS_ONCE)
             con.execute(DERIVE_RUNS)
             con.execute("DROP TABLE touched_keys")
             con.execute("DROP TABLE touched_runs")

@@ -372,6 +372,24 @@ DERIVE_RUNS = f"""
     WHERE l.run_id IN (SELECT run_id FROM touched_runs)
     GROUP BY l.run_id"""
 
+# A whole catalog derived from its logs (a replay's end): the keys with one log row, nearly
+# all of them, need none of the aggregates above (a third of their cost); ``touched_*`` then
+# hold the keys logged more than once, which DERIVE_ARTIFACTS and DERIVE_RUNS derive.
+DERIVE_ARTIFACTS_ONCE = f"""
+    INSERT INTO catalog.artifacts_f
+    SELECT run_id, name, {", ".join(ARTIFACT_FIELDS)}, seq, 1::INTEGER, published_at,
+           committed_at, seq, {", ".join(FILE_COLUMNS)}, {COMMIT_NOW}
+    FROM catalog.artifact_log ANTI JOIN touched_keys USING (run_id, name)"""
+
+DERIVE_RUNS_ONCE = f"""
+    INSERT INTO catalog.runs_d
+    SELECT l.run_id, {", ".join(f"l.{c}" for c in RUN_FIELDS)}, coalesce(n.n, 0), l.seq,
+           l.seq, l.published_at, l.published_at, {", ".join(f"l.{c}" for c in RUN_LAST)},
+           {COMMIT_NOW}
+    FROM catalog.run_log l ANTI JOIN touched_runs USING (run_id)
+    LEFT JOIN (SELECT run_id, count(*)::INTEGER AS n FROM catalog.artifacts_f
+               GROUP BY run_id) n USING (run_id)"""
+
 
 def to_arrow(rows: Sequence[tuple[Any, ...]], columns: Columns) -> pa.Table:
     cols = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
