@@ -14,6 +14,8 @@ import pytest
 from natsproxy import NatsProxy
 from support import Bus, on_jetstream, wait_for
 
+from busd.manifest import read_manifest
+
 
 def _acked(bus: Bus) -> int:
     async def go(js: Any) -> int:
@@ -87,7 +89,16 @@ def test_nats_cut_as_a_standby_starts_is_waited_for(
             60,
             "the standby to follow",
         )
-        time.sleep(6)  # past the cut's 5 s: the reader is created once NATS answers
+        # the reader is created once NATS answers, and the standby folds what comes next
+        bus.publish([bus.event("after-the-cut")])
+        wait_for(
+            lambda: (
+                standby.poll() is not None
+                or read_manifest(bus.root / "b" / "exports").catalog_seq >= 1
+            ),
+            60,
+            "the standby to fold an event published after the cut",
+        )
         assert standby.poll() is None, bus.log("b.log")[-3000:]
     finally:
         _stop(active, standby)
