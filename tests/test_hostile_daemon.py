@@ -196,3 +196,22 @@ def test_non_utf8_subject_does_not_kill_busd(bus: Bus) -> None:
         ("rejected",),
         ("committed",),
     ]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Status": "100"}, {"Status": "409", "Description": "Consumer Deleted"}, {"Status": "503"}],
+    ids=["100", "409-deleted", "503"],
+)
+def test_an_event_dressed_as_a_status_reply_is_rejected(bus: Bus, headers: dict[str, str]) -> None:
+    """An empty message whose headers read like a status reply of the server (Status: 100,
+    409 'Consumer Deleted', 503) is a stored message like any other: rejected `malformed`,
+    and the next event commits. Before: taken for the server speaking, it was never settled
+    (or the consumer was declared gone, again and again), and busd exited on the stall at
+    every start (a reviewer helper's finding, 2 of 2 runs each)."""
+    seqs = bus.publish([b""], headers=[headers])
+    seqs += bus.publish([bus.event("after")])
+    stats = bus.drain()
+    assert stats.outcomes == {"rejected": 1, "committed": 1}
+    rows = dict(bus.sql("SELECT seq, reason FROM catalog.rejections_f"))
+    assert rows == {seqs[0]: "malformed"}

@@ -57,7 +57,15 @@ class PullSource:
 
     async def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers
-        if headers and "Status" in headers and not msg.data:
+        # A status reply of the server has no ack subject; a stored message always has one,
+        # whatever headers and body its producer gave it (an empty body with a 'Status'
+        # header is an event to reject, not the server speaking).
+        if (
+            headers
+            and "Status" in headers
+            and not msg.data
+            and not (msg.reply or "").startswith("$JS.ACK.")
+        ):
             status = headers["Status"]
             if status == "100":  # idle heartbeat or flow control
                 return
