@@ -108,6 +108,11 @@ class ConsumerGone(TransientError):
     """The durable consumer or its stream was deleted under busd."""
 
 
+class PullUnanswered(ConsumerGone):
+    """A pull request answered 503 (no responders): the consumer is gone, or has no leader
+    now (a cluster that lost its quorum); declaring it again tells which."""
+
+
 class Stalled(BusdError):
     """There is a backlog but nothing was acked for ``consumer.stall_s``."""
 

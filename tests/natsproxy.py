@@ -41,6 +41,11 @@ class NatsProxy:
     def fired(self) -> bool:
         return self.fired_at is not None
 
+    @property
+    def cutting(self) -> bool:
+        """Fired, and its outage not over yet."""
+        return self._down()
+
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)

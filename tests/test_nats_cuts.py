@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from natsproxy import NatsProxy
-from support import Bus, wait_for
+from support import Bus, on_jetstream, wait_for
 
 
 @pytest.fixture
@@ -54,3 +54,42 @@ def test_a_demoted_payload_read_during_an_outage_is_read_again(bus: Bus, proxy: 
         (1, "committed", None),
         (2, "rejected", "event_id_conflict"),
     ]
+
+
+def test_a_consumer_declared_again_through_a_long_outage_is_waited_for(
+    bus: Bus, proxy: NatsProxy
+) -> None:
+    """The durable consumer is deleted under busd, and NATS goes away right after busd asks
+    to create it again, for longer than the 30 s busd gave JetStream to stop refusing.
+    busd waits for NATS, declares the consumer once it answers and commits what comes next.
+    Before: exit 1 after 30 s ('the consumer is gone and cannot be recreated: nats:
+    timeout', here with stall_s 120 and in 3 of 3 runs of a reviewer helper's script), or,
+    with stall_s 10, sooner on the stall check ('no progress for 10s with 1 messages
+    waiting': a backlog last measured before the outage). Each try of the declaration is a
+    turn now, not a stall."""
+    bus.publish([bus.event("before")])
+    cfg = bus.write_config(nats={"url": proxy.url}, consumer={"stall_s": 10})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        wait_for(lambda: '"committed": 1' in bus.log() or proc.poll() is not None, 60, "first")
+        proxy.arm(b"CREATE.ARTIFACTS.busd", outage_s=40)
+        on_jetstream(bus.url, lambda js: js.delete_consumer("ARTIFACTS", "busd"))
+        wait_for(lambda: proxy.fired or proc.poll() is not None, 60, "the cut")
+        wait_for(
+            lambda: proc.poll() is not None or not proxy.cutting,
+            60,
+            "the end of the outage",
+        )
+        bus.publish([bus.event("after")])
+        wait_for(
+            lambda: bus.log().count('"committed": 1') >= 2 or proc.poll() is not None,
+            90,
+            "the next event committed once NATS is back",
+        )
+        assert proc.poll() is None, bus.log()[-3000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]
+        bus.reap()
+    assert "unexpected error" not in bus.log()
+    assert bus.sql("SELECT run_id FROM catalog.runs_d ORDER BY ALL") == [("after",), ("before",)]

@@ -42,7 +42,13 @@ from busd.daemon.stop import IGNORED, install_signals, leave_behind, leaves, res
 from busd.daemon.store import LiveStore
 from busd.daemon.threads import IDLE_STOP_S, CatalogThreads
 from busd.embedded import EmbeddedServer
-from busd.errors import ConsumerGone, FatalStorageError, LeaseLost, StorageError
+from busd.errors import (
+    ConsumerGone,
+    FatalStorageError,
+    LeaseLost,
+    PullUnanswered,
+    StorageError,
+)
 from busd.exports import Exporter
 from busd.fold import Folder
 from busd.ha.role import Role
@@ -103,6 +109,7 @@ class Daemon:
         self.ledger = Ledger()  # every delivery held and not settled yet
         self.rechecks = Rechecks()  # held, not nak'ed: the machine failed to read their files
         self.progress = Progress()
+        self._unanswered_said_at = -math.inf  # "pull requests unanswered", last said
         self.threads = CatalogThreads(self.progress)
         self._on_writer = self.threads.on_writer
         self._on_exporter = self.threads.on_exporter
@@ -505,7 +512,7 @@ class Daemon:
                         c.batch_max, c.batch_wait_ms, prefetch=lambda: not self.stopping
                     )
                 except ConsumerGone as exc:
-                    await self._recreate_consumer(str(exc))
+                    await self._recreate_consumer(exc)
                     continue
                 batch = [*self.rechecks.due(time.monotonic()), *batch]
                 if batch:
@@ -524,13 +531,26 @@ class Daemon:
             # given up at a stop after the grace period: never acked, its messages nak'ed
             await committer.committed_unless_stopped()
 
-    async def _recreate_consumer(self, why: str) -> None:
-        """The durable consumer was deleted under busd: say so and declare it again (the
-        catalog recognises what it already holds); if the stream is gone too, exit."""
-        self.log.error("the durable consumer is gone; recreating it", reason=why)
-        await source.redeclare_consumer(self.nc, self.settings)
+    async def _recreate_consumer(self, gone: ConsumerGone) -> None:
+        """The durable consumer was deleted under busd, or its pull requests go unanswered
+        (a cluster without a leader): declare it again (the catalog recognises what it
+        already holds), waiting while NATS does not answer; if the stream is gone, exit."""
+        if isinstance(gone, PullUnanswered):
+            now = time.monotonic()
+            if now - self._unanswered_said_at >= source.WAITING_SAID_EVERY_S:
+                self._unanswered_said_at = now
+                self.log.warning(
+                    "pull requests unanswered; declaring the consumer again", reason=str(gone)
+                )
+        else:
+            self.log.error("the durable consumer is gone; recreating it", reason=str(gone))
+        declared = await source.redeclare_consumer(
+            self.nc, self.settings, stopping=lambda: self.stopping, turned=self.progress.mark
+        )
         assert self.src is not None
         self.src.reset()
+        if declared and isinstance(gone, PullUnanswered):  # no new request at once
+            await anyio.sleep(source.WAITING_RETRY_S)
 
     async def _answered(self, call: Callable[[], Awaitable[T]], what: str) -> T | None:
         """A request of the start, retried while NATS does not answer (None: stopped)."""

@@ -111,7 +111,7 @@ class Keeper:
         outcomes: Callable[[], dict[str, int]],
         send: Callable[[Sequence[tuple[str, bytes]]], Awaitable[bool]],
         ack_late: Callable[[], Awaitable[None]],
-        recreate_consumer: Callable[[str], Awaitable[None]],
+        recreate_consumer: Callable[[ConsumerGone], Awaitable[None]],
     ) -> None:
         self.settings, self.nc, self.src = s, nc, src
         self.ledger, self.exporter, self.metrics, self.notify = ledger, exporter, metrics, notify
@@ -197,7 +197,7 @@ class Keeper:
             try:
                 await self.measure_lag()
             except ConsumerGone as exc:  # deleted under busd: declared again, or raised
-                await self.recreate_consumer(str(exc))
+                await self.recreate_consumer(exc)
             except Exception:  # noqa: BLE001 - NATS down: it reconnects
                 pass
             self.notify.status_every(sdnotify.active_status(self.outcomes(), *self.metrics.lag()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+from collections.abc import Callable
 from typing import Any
 
 from nats.js import api
@@ -20,9 +21,16 @@ from nats.js.errors import (
     NotFoundError,
 )
 
+from busd import log
 from busd.config import Settings
 from busd.errors import BusdError, ConsumerGone, KeyConflict, KeyMissing
-from busd.source.connect import Client, jetstream, js_api_prefix
+from busd.source.connect import (
+    WAITING_SAID_EVERY_S,
+    Client,
+    jetstream,
+    js_api_prefix,
+    unanswered,
+)
 
 MAX_MSG_BYTES = 1024 * 1024
 DUPLICATE_WINDOW_S = 3600.0
@@ -131,24 +139,48 @@ async def ensure_consumer(nc: Client, s: Settings) -> api.ConsumerInfo:
     return info
 
 
-async def redeclare_consumer(nc: Client, s: Settings, *, within_s: float = 30.0) -> None:
-    """Declare the durable consumer again, retrying while JetStream restarts; ConsumerGone
-    when the stream itself is gone, the consumer is not busd's to create (bind-only), or
-    nothing worked within ``within_s``."""
+async def redeclare_consumer(
+    nc: Client,
+    s: Settings,
+    *,
+    within_s: float = 30.0,
+    stopping: Callable[[], bool] = lambda: False,
+    turned: Callable[[], None] = lambda: None,
+) -> bool:
+    """Declare the durable consumer again; False when ``stopping()`` first. While NATS or
+    JetStream does not answer (an outage, a cluster without a leader) it is asked again for
+    as long as that lasts, each try a turn (``turned()``: busd is waiting, not stuck).
+    ConsumerGone when the stream itself is gone, the consumer is not busd's to create
+    (bind-only), or JetStream kept refusing for ``within_s``."""
     delay_s, deadline = 0.2, time.monotonic() + within_s
+    said_at: float | None = None
     while True:
         try:
             await ensure_consumer(nc, s)
-            return
+            return True
         except BindOnlyMissing as exc:
             raise ConsumerGone(f"the consumer is gone: {exc}") from None
         except NotFoundError as exc:
             if exc.err_code == STREAM_NOT_FOUND or time.monotonic() > deadline:
                 raise ConsumerGone(f"the consumer is gone and cannot be recreated: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - JetStream restarting, NATS down
-            if time.monotonic() > deadline:
-                raise ConsumerGone(f"the consumer is gone and cannot be recreated: {exc}") from None
-        await asyncio.sleep(delay_s)
+            if not unanswered(exc):
+                if time.monotonic() > deadline:
+                    raise ConsumerGone(
+                        f"the consumer is gone and cannot be recreated: {exc}"
+                    ) from None
+            else:
+                turned()
+                if said_at is None or time.monotonic() - said_at >= WAITING_SAID_EVERY_S:
+                    said_at = time.monotonic()
+                    log.get().warning(
+                        "NATS does not answer; declaring the consumer again", error=repr(exc)
+                    )
+        pause_until = time.monotonic() + delay_s
+        while time.monotonic() < pause_until:
+            if stopping():
+                return False
+            await asyncio.sleep(0.1)
         delay_s = min(delay_s * 2, 5.0)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
-from busd.errors import ConsumerGone
+from busd.errors import ConsumerGone, PullUnanswered
 from busd.model import Delivery
 from busd.source.connect import Client, js_api_prefix
 
@@ -44,7 +44,7 @@ class PullSource:
         self._want = 0
         self._wake = asyncio.Event()
         self._done_token = -1
-        self._gone: str | None = None
+        self._gone: ConsumerGone | None = None
         self._outstanding = False
 
     async def start(self) -> None:
@@ -74,9 +74,11 @@ class PullSource:
             # only the server's description tells apart (there is no error code in them)
             description = headers.get("Description", "")
             if status == "409" and "deleted" in description.lower():
-                self._gone = description
-            elif status == "503" or (status == "404" and "consumer" in description.lower()):
-                self._gone = f"{status} {description}".strip()
+                self._gone = ConsumerGone(f"the consumer is gone: {description}")
+            elif status == "404" and "consumer" in description.lower():
+                self._gone = ConsumerGone(f"the consumer is gone: {status} {description}")
+            elif status == "503":
+                self._gone = PullUnanswered(f"pull requests unanswered: {status} {description}")
             if token == str(self._token):
                 self._done_token = self._token
                 self._wake.set()
@@ -106,8 +108,8 @@ class PullSource:
 
         With ``until``: an empty list as soon as that future is done before a full batch is
         buffered; the request in flight stays in flight for the next call."""
-        if self._gone:
-            raise ConsumerGone(f"the consumer is gone: {self._gone}")
+        if self._gone is not None:
+            raise self._gone
         if not self.nc.is_connected and not self._buf:
             # no pull requests while NATS is away: nats-py would queue each one and send
             # them all in a burst on reconnect; the server forgot the one in flight anyway
@@ -132,8 +134,8 @@ class PullSource:
                 if until is not None and until.done() and not self._wake.is_set():
                     return []
         self._outstanding = False
-        if self._gone:
-            raise ConsumerGone(f"the consumer is gone: {self._gone}")
+        if self._gone is not None:
+            raise self._gone
         msgs, self._buf = self._buf[:batch], self._buf[batch:]
         if (prefetch is None or prefetch()) and self.nc.is_connected and len(self._buf) < batch:
             await self._request(batch - len(self._buf), wait_ms, want=batch)
