@@ -129,3 +129,40 @@ def test_a_standby_stopped_before_it_holds_the_lease_leaves_it_alone(
         _stop(active)
         bus.reap()
     assert "lost the lease" not in bus.log("a.log")
+
+
+def test_nats_cut_as_a_standby_creates_its_reader_again_is_waited_for(
+    bus: Bus, proxy: NatsProxy
+) -> None:
+    """The standby's reader of the stream is gone (it is kept in memory: every NATS restart
+    loses it), and NATS is cut right after the standby asks for a new one. The standby waits
+    and follows on. Before: exit 1, 'unexpected error: TimeoutError: nats: timeout', 3 of 3
+    runs of a reviewer helper's script."""
+    bus.publish([bus.event("before")])
+    active = bus.ha_active(lease_ttl_s=30)
+    cfg_b = bus.second_config(nats={"url": proxy.url})
+    standby = bus.spawn("serve", "--config", str(cfg_b), log="b.log")
+    exports_b = bus.root / "b" / "exports"
+    try:
+        wait_for(
+            lambda: standby.poll() is not None or read_manifest(exports_b).catalog_seq >= 1,
+            60,
+            "the standby to follow",
+        )
+        readers = on_jetstream(bus.url, lambda js: js.consumers_info("ARTIFACTS"))
+        names = [r.name for r in readers if r.name.startswith("busd-standby")]
+        assert len(names) == 1, names
+        proxy.arm(b"CREATE.ARTIFACTS.busd-standby", outage_s=8)
+        on_jetstream(bus.url, lambda js: js.delete_consumer("ARTIFACTS", names[0]))
+        wait_for(lambda: proxy.fired or standby.poll() is not None, 60, "the cut")
+        bus.publish([bus.event("after-the-cut")])
+        wait_for(
+            lambda: standby.poll() is not None or read_manifest(exports_b).catalog_seq >= 2,
+            90,
+            "the standby to fold an event published after the cut",
+        )
+        assert standby.poll() is None, bus.log("b.log")[-3000:]
+    finally:
+        _stop(active, standby)
+        bus.reap()
+    assert "unexpected error" not in bus.log("b.log")

@@ -94,6 +94,12 @@ class Backfill:
             self.log.error("backfill commit failed; retrying", error=str(exc), retry_in_s=5)
             self._next_at = time.monotonic() + 5.0
             return False
+        except Exception as exc:
+            if not source.unanswered(exc):
+                raise
+            self.log.warning("NATS does not answer; the backfill goes on later", error=repr(exc))
+            self._next_at = time.monotonic() + 1.0
+            return False
         self.recorded += n
         if n:
             self.committed(touched)

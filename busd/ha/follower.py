@@ -81,8 +81,9 @@ class Follower:
         quarantined: dict[int, str] | None = None,
     ) -> None:
         self.settings, self.nc, self.store, self.commit = s, nc, store, commit
-        self.name = f"busd-standby-{uuid.uuid4().hex[:10]}"
+        self.name = _reader_name()
         self.pull: source.PullSource | None = None
+        self._reader_lost = False  # its reader is to be created again (NATS did not answer)
         self.folder = Folder(
             s, store, replay=True, checker=checker, quarantined=dict(quarantined or {})
         )
@@ -121,15 +122,19 @@ class Follower:
         busd, is decided by the active first and the standby follows that decision.
         Sequences the catalog already holds are skipped before their files are checked."""
         assert self.pull is not None
+        if self._reader_lost and not await self._reader_again():
+            return 0, set()
         c = self.settings.consumer
         fetched: list[model.Delivery] = []
         self.waited = len(self._held) - len(self._back) < c.batch_max
         if self.waited:
             try:
                 fetched = await self.pull.fetch(c.batch_max, c.batch_wait_ms)
-            except ConsumerGone:  # idle past its inactive threshold (a floor held for long)
+            except ConsumerGone:  # idle past its inactive threshold, or at a NATS restart
                 await self.pull.stop()
-                await self.start(self.through)
+                # a name of its own: the old reader may live on, from another sequence
+                self.name, self._reader_lost = _reader_name(), True
+                await self._reader_again()
                 return 0, set()
             self._held += fetched
         self.idle = not fetched and not self._held
@@ -254,6 +259,22 @@ class Follower:
             retry_in_s=pause_s,
         )
 
+    async def _reader_again(self) -> bool:
+        """The reader created again; False while NATS does not answer (the next step tries
+        again: each step is a turn of the standby, an outage no hang)."""
+        try:
+            await self.start(self.through)
+        except Exception as exc:
+            if not source.unanswered(exc):
+                raise
+            self.log.warning(
+                "NATS does not answer; creating the standby's reader again", error=repr(exc)
+            )
+            await anyio.sleep(1.0)
+            return False
+        self._reader_lost = False
+        return True
+
     async def _active_floor(self) -> int:
         """The active's ack floor, trusted only together with a poison list read after it.
 
@@ -373,6 +394,10 @@ async def _started(
         turned()
         await anyio.sleep(1.0)
     return False
+
+
+def _reader_name() -> str:
+    return f"busd-standby-{uuid.uuid4().hex[:10]}"
 
 
 def _file_verdict(item: Decided) -> bool:
