@@ -166,3 +166,41 @@ def test_nats_cut_as_a_standby_creates_its_reader_again_is_waited_for(
         _stop(active, standby)
         bus.reap()
     assert "unexpected error" not in bus.log("b.log")
+
+
+def test_a_standby_whose_exports_disk_is_full_follows_on_and_catches_up(bus: Bus) -> None:
+    """The standby's exports are on a full disk: its refreshes fail and are tried again
+    while it follows on; once space is freed its exports hold every event. Before: exit 1
+    ('export refresh failed: ... No space left on device') within half a second of the
+    first batch it followed, 2 of 2 runs of a reviewer helper's script."""
+    from test_chaos import fill, tmpfs
+
+    exports_b = bus.root / "b" / "exports"
+    with tmpfs(exports_b, "4m"):
+        active = bus.ha_active(lease_ttl_s=30)
+        standby = bus.spawn("serve", "--config", str(bus.second_config()), log="b.log")
+        try:
+            wait_for(
+                lambda: "standby: following" in bus.log("b.log") or standby.poll() is not None,
+                60,
+                "the standby to follow",
+            )
+            ballast = fill(exports_b)
+            bus.publish([bus.event(f"r-{i}") for i in range(3)])
+            wait_for(
+                lambda: "export refresh failed" in bus.log("b.log") or standby.poll() is not None,
+                60,
+                "the standby's refresh to fail",
+            )
+            time.sleep(2)  # a few retries with the disk still full
+            assert standby.poll() is None, bus.log("b.log")[-3000:]
+            ballast.unlink()
+            wait_for(
+                lambda: standby.poll() is not None or read_manifest(exports_b).catalog_seq >= 3,
+                60,
+                "the standby's exports to catch up",
+            )
+            assert standby.poll() is None, bus.log("b.log")[-3000:]
+        finally:
+            _stop(active, standby)
+            bus.reap()

@@ -182,7 +182,12 @@ class Publisher:
     async def refresh_changed(self, touched: set[str]) -> None:
         """The standby's refresh after it followed a batch."""
         changed, self._changed = self._changed, Changed()
-        await self.refresh(self.exporter.due(touched), changed)
+        try:
+            await self.refresh(self.exporter.due(touched), changed)
+        except StorageError:  # tried again: its rows are still to be refreshed
+            changed.update(self._changed)
+            self._changed = changed
+            raise
 
     async def sweep_loop(self, committing: Callable[[], bool]) -> None:
         """Committed files that vanish are counted while no refresh runs, too (the check

@@ -26,7 +26,14 @@ import anyio
 from busd import log, model, source
 from busd.checker import Checker
 from busd.config import Settings
-from busd.errors import ConsumerGone, Outcome, Reason, TransientError
+from busd.errors import (
+    ConsumerGone,
+    FatalStorageError,
+    Outcome,
+    Reason,
+    StorageError,
+    TransientError,
+)
 from busd.fold import Folder, Store
 from busd.ha.lease import Lease
 from busd.model import Batch, Decided, Folded
@@ -38,6 +45,7 @@ FILE_REASONS = frozenset(
 )
 RETRY_MAX_S = 10.0  # the longest pause before a held-back event's files are checked again
 MAX_DELETED_RUNS = 100  # runs of sequences gone from the stream skipped to find a gap
+REFRESH_RETRY_S = (0.5, 30.0)  # the first and the longest pause after a failed refresh
 
 
 @dataclass
@@ -314,13 +322,28 @@ async def follow_until_leader(
     stopping: Callable[[], bool],
 ) -> bool:
     """The standby's loop: follow, refresh the exports, try the lease every third of its TTL.
-    True once the lease is ours; False when stopped first. The caller stops the follower."""
+    True once the lease is ours; False when stopped first. The caller stops the follower.
+    A refresh that fails (a full disk) is tried again with a back-off while the standby
+    follows on: its exports lag, nothing is lost (the catalog holds the rows)."""
     tried = time.monotonic()
+    due, touched_since = False, set[str]()  # rows committed since the last refresh
+    retry_at, delay_s = 0.0, REFRESH_RETRY_S[0]
     while not stopping():
         n, touched = await follower.step()
-        if n:
-            await refresh(touched)
-        elif not follower.waited:  # events held back fill the batch: no fetch paced the loop
+        due, touched_since = due or n > 0, touched_since | touched
+        if due and time.monotonic() >= retry_at:
+            try:
+                await refresh(touched_since)
+                due, touched_since, delay_s = False, set(), REFRESH_RETRY_S[0]
+            except FatalStorageError:
+                raise
+            except StorageError as exc:
+                log.get().error(
+                    "standby: export refresh failed; retrying", error=str(exc), retry_in_s=delay_s
+                )
+                retry_at = time.monotonic() + delay_s
+                delay_s = min(delay_s * 2, REFRESH_RETRY_S[1])
+        if not n and not follower.waited:  # events held back fill the batch: no fetch paced it
             await anyio.sleep(0.1)
         alive()
         if time.monotonic() - tried > lease.ttl_s / 3:
