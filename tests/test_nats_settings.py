@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import urllib.request
@@ -24,7 +25,7 @@ from typing import Any
 
 import nkeys
 import pytest
-from support import BUSD, Bus
+from support import BUSD, Bus, wait_for
 
 from busd import config, source
 from busd.config import NatsSettings, Settings
@@ -560,3 +561,51 @@ def test_context_flag(tmp_path: Path, nats_server: EmbeddedServer) -> None:
     assert missing.returncode == 2, missing.stderr
     assert "nats context 'nope'" in missing.stderr
     assert "no such context" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("denied", "seen"),
+    [('"$JS.ACK.>"', "$JS.ACK"), ('"$JS.API.CONSUMER.>"', "$JS.API.CONSUMER")],
+    ids=["acks", "consumer-api"],
+)
+def test_a_permissions_violation_is_named(tmp_path: Path, denied: str, seen: str) -> None:
+    """busd's user may not publish where busd must (its acks, or the consumer API): the
+    server says so only in an -ERR that nats-py passes to the error callback, the publish
+    itself succeeding. busd logs it at error level naming the subject, and names it in the
+    waits it causes. Before: acks silently dropped (events redelivered and acked again as
+    duplicates forever), or 'NATS does not answer; retrying' with nothing about
+    permissions (2 of 2 runs each of a reviewer helper's script)."""
+    extra = (
+        "accounts { A { jetstream: enabled, users: [\n"
+        "  {user: admin, password: admin}\n"
+        "  {user: busd, password: busd, permissions: "
+        f'{{publish: {{allow: [">"], deny: [{denied}]}}}}}}\n'
+        "] } }\n"
+    )
+    server = EmbeddedServer("127.0.0.1", 0, tmp_path / "nats", extra_config=extra)
+    server.start()
+    try:
+        bus = Bus(tmp_path, server)
+        bus.artifacts.mkdir(parents=True, exist_ok=True)
+        bus.cluster_url = server.url.replace("nats://", "nats://admin:admin@")
+        bus.init()  # the stream and the consumer, as admin
+        bus.publish([bus.event("r-1")])
+        user = {"url": server.url, "user": "busd", "password": "busd"}
+        cfg = bus.write_config(nats=user, consumer={"stall_s": 30})
+        proc = bus.spawn("serve", "--config", str(cfg))
+        try:
+            wait_for(
+                lambda: "check its permissions" in bus.log() or proc.poll() is not None,
+                60,
+                "the violation named",
+            )
+            lines = [line for line in bus.log().splitlines() if "check its permissions" in line]
+            assert lines and seen.lower() in lines[0].lower(), bus.log()[-3000:]  # nats-py
+            assert json.loads(lines[0])["level"] == "error"  # lowercases the server's -ERR
+            if seen == "$JS.API.CONSUMER":  # busd's start waits for the consumer: why, said
+                wait_for(lambda: "nats_refused" in bus.log(), 60, "the wait's cause named")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    finally:
+        server.stop()

@@ -80,6 +80,7 @@ async def when_answered(
     notify: SdNotifier,
     stopping: Callable[[], bool],
     jetstream_patience_s: float,
+    refusal: Callable[[], str | None] = lambda: None,
 ) -> T | None:
     """``call()`` (a request to NATS while busd starts), retried while NATS does not answer
     it: a NATS that goes away just after busd connected is waited for like one that was
@@ -107,7 +108,13 @@ async def when_answered(
                 ) from None
             if said_at is None or time.monotonic() - said_at >= source.WAITING_SAID_EVERY_S:
                 said_at = time.monotonic()
-                logger.warning("NATS does not answer; retrying", waiting_to=what, error=repr(exc))
+                refused = refusal()  # a request denied goes unanswered: say why, if known
+                logger.warning(
+                    "NATS does not answer; retrying",
+                    waiting_to=what,
+                    error=repr(exc),
+                    **({"nats_refused": refused} if refused else {}),
+                )
                 notify.status(
                     f"NATS does not answer; waiting to {what}",
                     extend_start_s=2 * source.WAITING_SAID_EVERY_S,

@@ -560,6 +560,7 @@ class Daemon:
             notify=self.notify,
             stopping=lambda: self.stopping,
             jetstream_patience_s=self._jetstream_patience_s(),
+            refusal=lambda: source.refusal(self.nc),
         )
 
     def _jetstream_patience_s(self) -> float:

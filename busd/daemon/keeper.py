@@ -167,8 +167,10 @@ class Keeper:
             if self.backlog == 0 and not self.ledger:
                 self.progress.mark()
             elif time.monotonic() - self.progress.at > stall_s:
+                refused = source.refusal(self.nc)
                 raise Stalled(
                     f"no progress for {stall_s:.0f}s with {self.backlog} messages waiting"
+                    + (f" (NATS refused busd: {refused})" if refused else "")
                 )
 
     async def _progress_loop(self) -> None:

@@ -36,6 +36,7 @@ from busd.source.connect import connection_name as connection_name
 from busd.source.connect import jetstream as jetstream
 from busd.source.connect import jetstream_silent as jetstream_silent
 from busd.source.connect import js_api_prefix as js_api_prefix
+from busd.source.connect import refusal as refusal
 from busd.source.connect import request as request
 from busd.source.connect import unanswered as unanswered
 from busd.source.pull import PullSource as PullSource

@@ -29,6 +29,7 @@ from busd.source.connect import (
     Client,
     jetstream,
     js_api_prefix,
+    refusal,
     unanswered,
 )
 
@@ -173,8 +174,11 @@ async def redeclare_consumer(
                 turned()
                 if said_at is None or time.monotonic() - said_at >= WAITING_SAID_EVERY_S:
                     said_at = time.monotonic()
+                    refused = refusal(nc)
                     log.get().warning(
-                        "NATS does not answer; declaring the consumer again", error=repr(exc)
+                        "NATS does not answer; declaring the consumer again",
+                        error=repr(exc),
+                        **({"nats_refused": refused} if refused else {}),
                     )
         pause_until = time.monotonic() + delay_s
         while time.monotonic() < pause_until:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from nats.js import JetStreamContext, api
 from nats.js import errors as js_errors
 from nats.protocol.parser import AUTHORIZATION_VIOLATION
 
+from busd import log
 from busd.config import NatsSettings, is_nkey_seed
 from busd.errors import BusdError, ConfigError, TransientError
 
@@ -100,6 +102,10 @@ def _auth_refused(exc: BaseException) -> bool:
     return any(mark in line for mark in _AUTH_ERR_MARKS)
 
 
+DENIAL_SAID_EVERY_S = 30.0  # a permissions violation repeats; it is logged this often
+DENIAL_RECENT_S = 120.0  # and named as the likely cause of what fails this long after
+
+
 class _Client(Client):
     """A connection that knows busd's JetStream API prefix, and survives odd subjects.
 
@@ -108,6 +114,32 @@ class _Client(Client):
     replacement instead; the event is then rejected like any other bad input."""
 
     api_prefix: str = api.DEFAULT_PREFIX
+    refused: str | None = None  # the last permissions violation the server reported
+    refused_at = -DENIAL_SAID_EVERY_S  # when (monotonic), and when it was last logged
+    refused_said_at = -DENIAL_SAID_EVERY_S
+    refused_since_said = 0
+
+    def refusal(self) -> str | None:
+        """The server's last word that busd may not publish or subscribe somewhere, if
+        recent: the likelier cause of a request never answered, or of acks that stay out."""
+        recent = time.monotonic() - self.refused_at < DENIAL_RECENT_S
+        return self.refused if recent else None
+
+    def denied(self, exc: BaseException) -> None:
+        """A permissions violation, reported by nats-py only to the error callback (the
+        publish itself succeeds): said at error level, at most once a period, with how
+        many there were."""
+        text = str(exc).removeprefix("nats: ").strip()
+        now = time.monotonic()
+        self.refused_since_said += 1
+        if now - self.refused_said_at >= DENIAL_SAID_EVERY_S:  # each ack has its subject
+            log.get().error(
+                "NATS refused busd a subject; check its permissions",
+                error=text,
+                times=self.refused_since_said,
+            )
+            self.refused_said_at, self.refused_since_said = now, 0
+        self.refused, self.refused_at = text, now
 
     def jetstream(self, **opts: Any) -> JetStreamContext:
         if "prefix" not in opts and "domain" not in opts:
@@ -183,6 +215,11 @@ _UNANSWERED: tuple[type[BaseException], ...] = (
 )
 
 
+def refusal(nc: Client) -> str | None:
+    """The server's recent permissions violation on this connection, if any."""
+    return nc.refusal() if isinstance(nc, _Client) else None
+
+
 def unanswered(exc: BaseException) -> bool:
     """True when ``exc`` says NATS did not answer, as opposed to answering no."""
     return isinstance(exc, _UNANSWERED)
@@ -251,6 +288,8 @@ async def connect(  # noqa: C901 - the options nats-py takes, one by one
             last_error[:] = [exc]
             if _refusal(n, exc) is not None:
                 raise exc
+        elif "permissions violation" in str(exc).lower():
+            nc.denied(exc)
 
     servers = [u.strip() for u in url.split(",") if u.strip()]
     options: dict[str, Any] = {
