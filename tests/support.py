@@ -275,6 +275,18 @@ class Bus:
         path = self.root / name
         return path.read_text() if path.exists() else ""
 
+    def while_alive(
+        self,
+        proc: subprocess.Popen[str],
+        predicate: Callable[[], Any],
+        timeout: float,
+        what: str,
+        log: str = "serve.log",
+    ) -> None:
+        """Wait for ``predicate`` while ``proc`` runs; fail with its log's tail if it exits."""
+        wait_for(lambda: proc.poll() is not None or predicate(), timeout, what)
+        assert proc.poll() is None, self.log(log)[-3000:]
+
 
 # a configured export whose refresh takes seconds (acks wait for it): a window for faults
 SLOW_EXPORT_SQL = "SELECT i, md5(i::VARCHAR) AS h FROM range(600000000) t(i) WHERE i % 1000 = 0"
