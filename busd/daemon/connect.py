@@ -23,7 +23,7 @@ import anyio
 from busd import log, source
 from busd.checker import Checker
 from busd.config import NatsSettings
-from busd.errors import BusdError, TransientError
+from busd.errors import TransientError
 from busd.metrics import Metrics
 from busd.sdnotify import SdNotifier
 
@@ -45,11 +45,16 @@ async def connect_when_up(
     what = f"waiting for NATS at {url}"
     metrics.nats_connected.set(0)
 
+    def refused(violation: str, times: int) -> None:
+        logger.error(
+            "NATS refused busd a subject; check its permissions", error=violation, times=times
+        )
+
     async def attempts() -> None:
         nonlocal nc, said_at
         while nc is None:
             try:
-                nc = await source.connect(n, url, on_state=on_state)
+                nc = await source.connect(n, url, on_state=on_state, on_refused=refused)
             except source.NatsUnreachable as exc:
                 if said_at is None or time.monotonic() - said_at >= source.WAITING_SAID_EVERY_S:
                     said_at = time.monotonic()
@@ -88,26 +93,14 @@ async def when_answered(
     answers while JetStream does not, for ``jetstream_patience_s``, is a mistake of the
     setup (no JetStream for this account or domain): BusdError, exit 1."""
     logger = log.get()
-    said_at: float | None = None
-    silent_since: float | None = None
+    waiting = source.Waiting(jetstream_patience_s)
     while True:
         try:
             return await call()
         except Exception as exc:
             if not source.unanswered(exc):
                 raise
-            if not source.jetstream_silent(exc):
-                silent_since = None
-            elif silent_since is None:
-                silent_since = time.monotonic()
-            elif time.monotonic() - silent_since > jetstream_patience_s:
-                raise BusdError(
-                    f"JetStream does not answer (waiting to {what}, "
-                    f"{jetstream_patience_s:g}s): is it enabled on the server, for this "
-                    "account, in the configured domain?"
-                ) from None
-            if said_at is None or time.monotonic() - said_at >= source.WAITING_SAID_EVERY_S:
-                said_at = time.monotonic()
+            if waiting.unanswered(exc, what):
                 refused = refusal()  # a request denied goes unanswered: say why, if known
                 logger.warning(
                     "NATS does not answer; retrying",

@@ -61,9 +61,6 @@ from busd.settle import Rechecks
 
 T = TypeVar("T")
 
-# JetStream silent while NATS answers, for this many connect timeouts: a mistake of the setup
-JETSTREAM_PATIENCE = 10
-
 
 @dataclass
 class Stats:
@@ -544,8 +541,24 @@ class Daemon:
                 )
         else:
             self.log.error("the durable consumer is gone; recreating it", reason=str(gone))
+        waited = source.Waiting(self._jetstream_patience_s())
+        patience_s = REFRESH_PATIENCE * self.settings.consumer.stall_s
+
+        def waiting(exc: BaseException) -> None:
+            # an outage: busd waits and is not stuck, for as long as the stall check gives a
+            # refresh; a JetStream silent past its patience is a BusdError (exit 1)
+            if waited.lasted_s() < patience_s:
+                self.progress.mark()
+            if waited.unanswered(exc, "declare the consumer again"):
+                refused = source.refusal(self.nc)
+                self.log.warning(
+                    "NATS does not answer; declaring the consumer again",
+                    error=repr(exc),
+                    **({"nats_refused": refused} if refused else {}),
+                )
+
         declared = await source.redeclare_consumer(
-            self.nc, self.settings, stopping=lambda: self.stopping, turned=self.progress.mark
+            self.nc, self.settings, stopping=lambda: self.stopping, turned=waiting
         )
         assert self.src is not None
         self.src.reset()
@@ -564,13 +577,7 @@ class Daemon:
         )
 
     def _jetstream_patience_s(self) -> float:
-        """How long a JetStream that is not there is waited for: through a domain or an
-        account import, no responders may be a hub or a far account that is down (an
-        outage), so for as long as it lasts."""
-        n = self.settings.nats
-        if n.js_domain or n.js_api_prefix:
-            return math.inf
-        return JETSTREAM_PATIENCE * n.connect_timeout_s
+        return source.jetstream_patience_s(self.settings.nats)
 
     async def _measured(self) -> bool:
         assert self.keeper is not None

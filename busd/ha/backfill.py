@@ -97,9 +97,13 @@ class Backfill:
         except Exception as exc:
             if not source.unanswered(exc):
                 raise
-            self.log.warning("NATS does not answer; the backfill goes on later", error=repr(exc))
+            if self.follower.waiting.unanswered(exc, "backfill"):
+                self.log.warning(
+                    "NATS does not answer; the backfill goes on later", error=repr(exc)
+                )
             self._next_at = time.monotonic() + 1.0
             return False
+        self.follower.waiting.answered()
         self.recorded += n
         if n:
             self.committed(touched)

@@ -92,6 +92,7 @@ class Follower:
         self.name = _reader_name()
         self.pull: source.PullSource | None = None
         self._reader_lost = False  # its reader is to be created again (NATS did not answer)
+        self.waiting = source.Waiting(source.jetstream_patience_s(s.nats))  # for the reader
         self.folder = Folder(
             s, store, replay=True, checker=checker, quarantined=dict(quarantined or {})
         )
@@ -275,12 +276,14 @@ class Follower:
         except Exception as exc:
             if not source.unanswered(exc):
                 raise
-            self.log.warning(
-                "NATS does not answer; creating the standby's reader again", error=repr(exc)
-            )
+            if self.waiting.unanswered(exc, "create the standby's reader"):
+                self.log.warning(
+                    "NATS does not answer; creating the standby's reader again", error=repr(exc)
+                )
             await anyio.sleep(1.0)
             return False
         self._reader_lost = False
+        self.waiting.answered()
         return True
 
     async def _active_floor(self) -> int:
@@ -326,6 +329,7 @@ async def follow_until_leader(
     A refresh that fails (a full disk) is tried again with a back-off while the standby
     follows on: its exports lag, nothing is lost (the catalog holds the rows)."""
     tried = time.monotonic()
+    waiting = source.Waiting(follower.waiting.patience_s)  # for the lease
     due, touched_since = False, set[str]()  # rows committed since the last refresh
     retry_at, delay_s = 0.0, REFRESH_RETRY_S[0]
     while not stopping():
@@ -351,10 +355,14 @@ async def follow_until_leader(
             try:
                 if await lease.acquire():
                     return True
+                waiting.answered()
             except Exception as exc:
                 if not source.unanswered(exc):
                     raise
-                log.get().warning("NATS does not answer; the lease is tried again", error=repr(exc))
+                if waiting.unanswered(exc, "try the lease"):
+                    log.get().warning(
+                        "NATS does not answer; the lease is tried again", error=repr(exc)
+                    )
     return False
 
 
@@ -409,11 +417,15 @@ async def _started(
     while not stopping():
         try:
             await follower.start(after_seq)
+            follower.waiting.answered()
             return True
         except Exception as exc:
             if not source.unanswered(exc):
                 raise
-            log.get().warning("NATS does not answer; creating the standby's reader again")
+            if follower.waiting.unanswered(exc, "create the standby's reader"):
+                log.get().warning(
+                    "NATS does not answer; creating the standby's reader", error=repr(exc)
+                )
         turned()
         await anyio.sleep(1.0)
     return False

@@ -30,10 +30,12 @@ from busd.source.connect import WAITING_RETRY_S as WAITING_RETRY_S
 from busd.source.connect import WAITING_SAID_EVERY_S as WAITING_SAID_EVERY_S
 from busd.source.connect import Client as Client
 from busd.source.connect import NatsUnreachable as NatsUnreachable
+from busd.source.connect import Waiting as Waiting
 from busd.source.connect import api_prefix as api_prefix
 from busd.source.connect import connect as connect
 from busd.source.connect import connection_name as connection_name
 from busd.source.connect import jetstream as jetstream
+from busd.source.connect import jetstream_patience_s as jetstream_patience_s
 from busd.source.connect import jetstream_silent as jetstream_silent
 from busd.source.connect import js_api_prefix as js_api_prefix
 from busd.source.connect import refusal as refusal

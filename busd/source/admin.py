@@ -21,17 +21,9 @@ from nats.js.errors import (
     NotFoundError,
 )
 
-from busd import log
 from busd.config import Settings
 from busd.errors import BusdError, ConsumerGone, KeyConflict, KeyMissing
-from busd.source.connect import (
-    WAITING_SAID_EVERY_S,
-    Client,
-    jetstream,
-    js_api_prefix,
-    refusal,
-    unanswered,
-)
+from busd.source.connect import Client, jetstream, js_api_prefix, unanswered
 
 MAX_MSG_BYTES = 1024 * 1024
 DUPLICATE_WINDOW_S = 3600.0
@@ -146,15 +138,14 @@ async def redeclare_consumer(
     *,
     within_s: float = 30.0,
     stopping: Callable[[], bool] = lambda: False,
-    turned: Callable[[], None] = lambda: None,
+    turned: Callable[[BaseException], None] = lambda exc: None,
 ) -> bool:
     """Declare the durable consumer again; False when ``stopping()`` first. While NATS or
     JetStream does not answer (an outage, a cluster without a leader) it is asked again for
-    as long as that lasts, each try a turn (``turned()``: busd is waiting, not stuck).
+    as long as that lasts, each try a turn (``turned(error)``: busd is waiting, not stuck).
     ConsumerGone when the stream itself is gone, the consumer is not busd's to create
     (bind-only), or JetStream kept refusing for ``within_s``."""
     delay_s, deadline = 0.2, time.monotonic() + within_s
-    said_at: float | None = None
     while True:
         try:
             await ensure_consumer(nc, s)
@@ -171,15 +162,7 @@ async def redeclare_consumer(
                         f"the consumer is gone and cannot be recreated: {exc}"
                     ) from None
             else:
-                turned()
-                if said_at is None or time.monotonic() - said_at >= WAITING_SAID_EVERY_S:
-                    said_at = time.monotonic()
-                    refused = refusal(nc)
-                    log.get().warning(
-                        "NATS does not answer; declaring the consumer again",
-                        error=repr(exc),
-                        **({"nats_refused": refused} if refused else {}),
-                    )
+                turned(exc)
         pause_until = time.monotonic() + delay_s
         while time.monotonic() < pause_until:
             if stopping():

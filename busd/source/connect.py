@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import ssl
@@ -23,7 +24,6 @@ from nats.js import JetStreamContext, api
 from nats.js import errors as js_errors
 from nats.protocol.parser import AUTHORIZATION_VIOLATION
 
-from busd import log
 from busd.config import NatsSettings, is_nkey_seed
 from busd.errors import BusdError, ConfigError, TransientError
 
@@ -125,21 +125,19 @@ class _Client(Client):
         recent = time.monotonic() - self.refused_at < DENIAL_RECENT_S
         return self.refused if recent else None
 
-    def denied(self, exc: BaseException) -> None:
+    def denied(self, exc: BaseException) -> tuple[str, int] | None:
         """A permissions violation, reported by nats-py only to the error callback (the
-        publish itself succeeds): said at error level, at most once a period, with how
-        many there were."""
+        publish itself succeeds): recorded, and returned with how many there were since it
+        was last returned, at most once a period (each ack has a subject of its own)."""
         text = str(exc).removeprefix("nats: ").strip()
         now = time.monotonic()
-        self.refused_since_said += 1
-        if now - self.refused_said_at >= DENIAL_SAID_EVERY_S:  # each ack has its subject
-            log.get().error(
-                "NATS refused busd a subject; check its permissions",
-                error=text,
-                times=self.refused_since_said,
-            )
-            self.refused_said_at, self.refused_since_said = now, 0
         self.refused, self.refused_at = text, now
+        self.refused_since_said += 1
+        if now - self.refused_said_at < DENIAL_SAID_EVERY_S:
+            return None
+        said = (text, self.refused_since_said)
+        self.refused_said_at, self.refused_since_said = now, 0
+        return said
 
     def jetstream(self, **opts: Any) -> JetStreamContext:
         if "prefix" not in opts and "domain" not in opts:
@@ -211,6 +209,7 @@ _UNANSWERED: tuple[type[BaseException], ...] = (
     nats.errors.ConnectionReconnectingError,
     nats.errors.OutboundBufferLimitError,
     js_errors.ServiceUnavailableError,
+    js_errors.NoStreamResponseError,  # a JetStream publish nobody answered (the lease's)
     asyncio.TimeoutError,
 )
 
@@ -235,7 +234,7 @@ def jetstream_silent(exc: BaseException) -> bool:
     """NATS answered and JetStream is not there (no responders on its API, or it says it is
     not enabled): a mistake of the setup that waiting does not mend, unless the API is
     reached through a domain or an import whose far side may be down (the caller's call)."""
-    if isinstance(exc, nats.errors.NoRespondersError):
+    if isinstance(exc, nats.errors.NoRespondersError | js_errors.NoStreamResponseError):
         return True
     # nats-py's JetStream API turns no responders into a 503 with no error code
     return isinstance(exc, js_errors.ServiceUnavailableError) and (
@@ -257,12 +256,14 @@ async def connect(  # noqa: C901 - the options nats-py takes, one by one
     *,
     name: str | None = None,
     on_state: Callable[[bool], None] | None = None,
+    on_refused: Callable[[str, int], None] | None = None,
     reconnect: bool = True,
 ) -> Client:
     """Connect with the configured credentials; reconnect forever when ``reconnect``.
 
     ``name`` is the role of the tool (``busd-submit``), shown as ``<name>@<host>`` in the
     server's monitoring; without it the connection is named by :func:`connection_name`.
+    ``on_refused(violation, times)``: the server denied busd a subject, at most every 30 s.
     Inboxes (JetStream deliveries, request replies, PubAcks) use ``nats.inbox_prefix``, so
     a server's permissions can keep them from every other user.
 
@@ -289,7 +290,9 @@ async def connect(  # noqa: C901 - the options nats-py takes, one by one
             if _refusal(n, exc) is not None:
                 raise exc
         elif "permissions violation" in str(exc).lower():
-            nc.denied(exc)
+            said = nc.denied(exc)
+            if said is not None and on_refused is not None:
+                on_refused(*said)
 
     servers = [u.strip() for u in url.split(",") if u.strip()]
     options: dict[str, Any] = {
@@ -361,3 +364,54 @@ async def request(nc: Client, subject: str, data: bytes, *, timeout_s: float) ->
     """A core NATS request; its answer's payload."""
     reply = await nc.request(subject, data, timeout=timeout_s)
     return bytes(reply.data or b"")
+
+
+# JetStream silent while NATS answers, for this many connect timeouts: a mistake of the setup
+JETSTREAM_PATIENCE = 10
+
+
+def jetstream_patience_s(n: NatsSettings) -> float:
+    """How long a JetStream that is not there is waited for: through a domain or an account
+    import, no responders may be a hub or a far account that is down (an outage), so for as
+    long as it lasts."""
+    if n.js_domain or n.js_api_prefix:
+        return math.inf
+    return JETSTREAM_PATIENCE * n.connect_timeout_s
+
+
+class Waiting:
+    """Tries of one request that NATS did not answer, in a row, for whoever retries it: when
+    to say so (at most every ``WAITING_SAID_EVERY_S``), for how long it has lasted, and a
+    JetStream silent past its patience, which waiting does not mend (:class:`BusdError`)."""
+
+    def __init__(self, patience_s: float) -> None:
+        self.patience_s = patience_s
+        self.since: float | None = None  # the first try of the row NATS did not answer
+        self._silent_since: float | None = None
+        self._said_at = -math.inf
+
+    def unanswered(self, exc: BaseException, what: str) -> bool:
+        """Count a try that ``exc`` (one :func:`unanswered` accepts) ended; True when it is
+        time to say that NATS does not answer."""
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        if not jetstream_silent(exc):
+            self._silent_since = None
+        elif self._silent_since is None:
+            self._silent_since = now
+        elif now - self._silent_since > self.patience_s:
+            raise BusdError(
+                f"JetStream does not answer (waiting to {what}, {self.patience_s:g}s): is it "
+                "enabled on the server, for this account, in the configured domain?"
+            ) from None
+        if now - self._said_at < WAITING_SAID_EVERY_S:
+            return False
+        self._said_at = now
+        return True
+
+    def answered(self) -> None:
+        self.since = self._silent_since = None
+        self._said_at = -math.inf
+
+    def lasted_s(self) -> float:
+        return 0.0 if self.since is None else time.monotonic() - self.since
