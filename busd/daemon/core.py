@@ -191,7 +191,9 @@ class Daemon:
         if self.nc is None:  # stopped before NATS answered
             self.stopping = True
             return
-        self.store = LiveStore(self.catalog, self._on_writer, self.nc, s.nats.stream)
+        self.store = LiveStore(
+            self.catalog, self._on_writer, self.nc, s.nats.stream, self._jetstream_patience_s()
+        )
         deaths = await anyio.to_thread.run_sync(self.held.load)  # busd's deaths holding each
         self.folder = Folder(s, self.store, checker=self.checker, deaths=deaths)
         catalog = self.catalog

@@ -23,8 +23,10 @@ class LiveStore:
         on_writer: Callable[..., Awaitable[Any]],
         nc: source.Client,
         stream: str,
+        patience_s: float = float("inf"),
     ) -> None:
         self.catalog, self.on_writer, self.nc, self.stream = catalog, on_writer, nc, stream
+        self.patience_s = patience_s  # of a JetStream that is not there (source.Waiting)
 
     async def lookup(
         self, seqs: Sequence[int], event_ids: Sequence[str]
@@ -43,14 +45,16 @@ class LiveStore:
         Asked again while NATS does not answer: the batch stays in hand meanwhile (a stop
         gives it up after its grace period), never an exit that counts as a death."""
         delay_s = PAYLOAD_RETRY_S[0]
+        waiting = source.Waiting(self.patience_s)
         while True:
             try:
                 return await source.stored_payload(self.nc, self.stream, seq)
             except Exception as exc:
                 if not source.unanswered(exc):
                     raise
-                log.get().warning(
-                    "NATS does not answer; reading a payload again", seq=seq, error=repr(exc)
-                )
+                if waiting.unanswered(exc, "read a payload back"):
+                    log.get().warning(
+                        "NATS does not answer; reading a payload again", seq=seq, error=repr(exc)
+                    )
             await anyio.sleep(delay_s)
             delay_s = min(delay_s * 2, PAYLOAD_RETRY_S[1])
