@@ -234,7 +234,9 @@ def jetstream_silent(exc: BaseException) -> bool:
     """NATS answered and JetStream is not there (no responders on its API, or it says it is
     not enabled): a mistake of the setup that waiting does not mend, unless the API is
     reached through a domain or an import whose far side may be down (the caller's call)."""
-    if isinstance(exc, nats.errors.NoRespondersError | js_errors.NoStreamResponseError):
+    # (a JetStream publish nobody answered, NoStreamResponseError, is not among them: a
+    # stream without a leader, the lease's in a cluster that lost its quorum, says the same)
+    if isinstance(exc, nats.errors.NoRespondersError):
         return True
     # nats-py's JetStream API turns no responders into a 503 with no error code
     return isinstance(exc, js_errors.ServiceUnavailableError) and (
