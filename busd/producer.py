@@ -158,8 +158,10 @@ class ArtifactBus:
                 subject, payload, headers=headers, timeout=timeout_s
             )
         except Exception as exc:  # noqa: BLE001 - nats-py raises many kinds
+            refused = source.refusal(self.nc)  # a publish denied goes unanswered: say why
             raise TransientError(
                 f"publish to {subject} failed: {exc or type(exc).__name__}"
+                + (f" (NATS refused: {refused})" if refused else "")
             ) from None
         return int(ack.seq)
 

@@ -20,11 +20,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 from support import BUSD, Bus, wait_for
 
+from busd import config, source
 from busd.embedded import EmbeddedServer, server_binary
 
 CONNECT_TIMEOUT_S = 1.0
@@ -335,3 +337,68 @@ def test_jetstream_gone_under_a_standby_is_named_not_an_unexpected_error(bus: Bu
     assert "JetStream does not answer" in log, log[-3000:]
     assert "unexpected error" not in log
     assert log.count("NATS does not answer") <= 6, log[-3000:]
+
+
+def test_a_backfill_whose_reader_cannot_be_created_names_jetstream(tmp_path: Path) -> None:
+    """A new active's backfill lost its reader (a NATS restart) and NATS now has no
+    JetStream: each try of the reader is an unanswered request, not an answer, so the
+    patience runs out and busd exits naming JetStream. Before: the backfill took the
+    failed try for an answer, said so at every try and waited forever (a reviewer helper's
+    finding, 2 of 2 runs)."""
+    from busd.catalog import Catalog
+    from busd.checker import Checker
+    from busd.errors import BusdError
+    from busd.ha.backfill import Backfill
+    from busd.ha.follower import Follower
+    from busd.replay import ReplayStore
+
+    port = free_port()
+    plain = subprocess.Popen(
+        [server_binary(), "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"nats://127.0.0.1:{port}"
+    s = config.load(
+        env={},
+        overrides={
+            "data_dir": str(tmp_path / "data"),
+            "artifact_roots": [str(tmp_path)],
+            "nats": {"url": url, "connect_timeout_s": 1},
+        },
+    )
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+
+    async def go() -> str:
+        nc = await source.connect(s.nats, url)
+        try:
+            checker = Checker(s.roots, "never", processes=0, threads=1)
+            store = ReplayStore(catalog, nc, "ARTIFACTS")
+            follower = Follower(s, nc, store, _no_commit, checker)
+            follower.pull = source.PullSource(nc, "ARTIFACTS", follower.name)
+            follower.reader_lost = True  # as after a ConsumerGone at a NATS restart
+            backfill = Backfill(follower, 1, 100, lambda touched: None)
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline:
+                if backfill.due():
+                    try:
+                        await backfill.step()
+                    except BusdError as exc:
+                        return str(exc)
+                await asyncio.sleep(0.05)
+            return "still waiting"
+        finally:
+            await nc.close()
+
+    try:
+        wait_for(lambda: _listening(port), 30, "the plain nats-server")
+        said = asyncio.run(go())
+    finally:
+        catalog.close()
+        plain.terminate()
+        plain.wait(30)
+    assert said.startswith("JetStream does not answer (waiting to create the standby's reader")
+
+
+async def _no_commit(rows: Any) -> None:
+    raise AssertionError("nothing to commit here")

@@ -609,3 +609,33 @@ def test_a_permissions_violation_is_named(tmp_path: Path, denied: str, seen: str
             proc.wait(60)
     finally:
         server.stop()
+
+
+def test_a_denied_submit_names_the_refusal(tmp_path: Path) -> None:
+    """A producer whose user may not publish events: `busd submit` fails naming the
+    server's refusal, not only the timeout it sees (a reviewer helper's finding: the
+    refusal went unsaid outside the daemon)."""
+    extra = (
+        "accounts { A { jetstream: enabled, users: [\n"
+        "  {user: admin, password: admin}\n"
+        '  {user: lab, password: lab, permissions: {publish: {allow: [">"], '
+        'deny: ["artifacts.>"]}}}\n'
+        "] } }\n"
+    )
+    server = EmbeddedServer("127.0.0.1", 0, tmp_path / "nats", extra_config=extra)
+    server.start()
+    try:
+        bus = Bus(tmp_path, server)
+        bus.artifacts.mkdir(parents=True, exist_ok=True)
+        bus.cluster_url = server.url.replace("nats://", "nats://admin:admin@")
+        bus.init()
+        user = {"url": server.url, "user": "lab", "password": "lab"}
+        cfg = bus.write_config(nats=user)
+        path = bus.parquet("job/fills.parquet")
+        out = bus.cli(
+            "submit", "--config", str(cfg), "--run-id", "r", "--kind", "k", f"fills={path}"
+        )
+        assert out.returncode != 0, out.stdout
+        assert "NATS refused" in out.stderr and "artifacts." in out.stderr, out.stderr
+    finally:
+        server.stop()

@@ -103,6 +103,9 @@ class Backfill:
                 )
             self._next_at = time.monotonic() + 1.0
             return False
+        if self.follower.reader_lost:  # NATS did not answer its reader: not an answer
+            self._next_at = time.monotonic() + 1.0
+            return False
         self.follower.waiting.answered()
         self.recorded += n
         if n:

@@ -91,7 +91,7 @@ class Follower:
         self.settings, self.nc, self.store, self.commit = s, nc, store, commit
         self.name = _reader_name()
         self.pull: source.PullSource | None = None
-        self._reader_lost = False  # its reader is to be created again (NATS did not answer)
+        self.reader_lost = False  # its reader is to be created again (NATS did not answer)
         self.waiting = source.Waiting(source.jetstream_patience_s(s.nats))  # for the reader
         self.folder = Folder(
             s, store, replay=True, checker=checker, quarantined=dict(quarantined or {})
@@ -131,7 +131,7 @@ class Follower:
         busd, is decided by the active first and the standby follows that decision.
         Sequences the catalog already holds are skipped before their files are checked."""
         assert self.pull is not None
-        if self._reader_lost and not await self._reader_again():
+        if self.reader_lost and not await self._reader_again():
             return 0, set()
         c = self.settings.consumer
         fetched: list[model.Delivery] = []
@@ -142,7 +142,7 @@ class Follower:
             except ConsumerGone:  # idle past its inactive threshold, or at a NATS restart
                 await self.pull.stop()
                 # a name of its own: the old reader may live on, from another sequence
-                self.name, self._reader_lost = _reader_name(), True
+                self.name, self.reader_lost = _reader_name(), True
                 await self._reader_again()
                 return 0, set()
             self._held += fetched
@@ -280,9 +280,12 @@ class Follower:
                 self.log.warning(
                     "NATS does not answer; creating the standby's reader again", error=repr(exc)
                 )
+            # unanswered is not undone: the reader may exist, assigned to a server now
+            # gone, and a create of the same name would be refused ('consumer is offline')
+            self.name = _reader_name()
             await anyio.sleep(1.0)
             return False
-        self._reader_lost = False
+        self.reader_lost = False
         self.waiting.answered()
         return True
 
@@ -426,6 +429,7 @@ async def _started(
                 log.get().warning(
                     "NATS does not answer; creating the standby's reader", error=repr(exc)
                 )
+            follower.name = _reader_name()  # as in Follower._reader_again
         turned()
         await anyio.sleep(1.0)
     return False

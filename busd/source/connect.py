@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -214,13 +215,28 @@ _UNANSWERED: tuple[type[BaseException], ...] = (
 )
 
 
+def _refused_to_logging(violation: str, times: int) -> None:
+    """Where a refusal goes when the caller names no place (the producer API, one-shot
+    commands): the standard library's logging, which a library may write to."""
+    logging.getLogger("busd.nats").error(
+        "NATS refused busd a subject; check its permissions: %s (%d times)", violation, times
+    )
+
+
 def refusal(nc: Client) -> str | None:
     """The server's recent permissions violation on this connection, if any."""
     return nc.refusal() if isinstance(nc, _Client) else None
 
 
+# JetStream's 500 "consumer is offline": assigned to a server that is down (a cluster that
+# lost its quorum); an outage, though the server answered
+_CONSUMER_OFFLINE = 10119
+
+
 def unanswered(exc: BaseException) -> bool:
     """True when ``exc`` says NATS did not answer, as opposed to answering no."""
+    if isinstance(exc, js_errors.APIError) and exc.err_code == _CONSUMER_OFFLINE:
+        return True
     return isinstance(exc, _UNANSWERED)
 
 
@@ -265,7 +281,8 @@ async def connect(  # noqa: C901 - the options nats-py takes, one by one
 
     ``name`` is the role of the tool (``busd-submit``), shown as ``<name>@<host>`` in the
     server's monitoring; without it the connection is named by :func:`connection_name`.
-    ``on_refused(violation, times)``: the server denied busd a subject, at most every 30 s.
+    ``on_refused(violation, times)``: the server denied busd a subject, at most every 30 s
+    (default: the standard library's logging, logger ``busd.nats``).
     Inboxes (JetStream deliveries, request replies, PubAcks) use ``nats.inbox_prefix``, so
     a server's permissions can keep them from every other user.
 
@@ -293,8 +310,8 @@ async def connect(  # noqa: C901 - the options nats-py takes, one by one
                 raise exc
         elif "permissions violation" in str(exc).lower():
             said = nc.denied(exc)
-            if said is not None and on_refused is not None:
-                on_refused(*said)
+            if said is not None:
+                (on_refused or _refused_to_logging)(*said)
 
     servers = [u.strip() for u in url.split(",") if u.strip()]
     options: dict[str, Any] = {
