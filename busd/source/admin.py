@@ -144,25 +144,30 @@ async def redeclare_consumer(
     JetStream does not answer (an outage, a cluster without a leader) it is asked again for
     as long as that lasts, each try a turn (``turned(error)``: busd is waiting, not stuck).
     ConsumerGone when the stream itself is gone, the consumer is not busd's to create
-    (bind-only), or JetStream kept refusing for ``within_s``."""
-    delay_s, deadline = 0.2, time.monotonic() + within_s
+    (bind-only), or JetStream kept refusing for ``within_s`` (counted from the first
+    refusal since NATS last failed to answer: a server that just came back may refuse for a
+    moment, as with a 500 while it still removes the deleted consumer's files)."""
+    delay_s = 0.2
+    refused_since: float | None = None
     while True:
         try:
             await ensure_consumer(nc, s)
             return True
         except BindOnlyMissing as exc:
             raise ConsumerGone(f"the consumer is gone: {exc}") from None
-        except NotFoundError as exc:
-            if exc.err_code == STREAM_NOT_FOUND or time.monotonic() > deadline:
-                raise ConsumerGone(f"the consumer is gone and cannot be recreated: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - JetStream restarting, NATS down
-            if not unanswered(exc):
-                if time.monotonic() > deadline:
+            if isinstance(exc, NotFoundError) and exc.err_code == STREAM_NOT_FOUND:
+                raise ConsumerGone(f"the consumer is gone and cannot be recreated: {exc}") from None
+            if unanswered(exc):
+                refused_since = None
+                turned(exc)
+            else:
+                now = time.monotonic()
+                refused_since = now if refused_since is None else refused_since
+                if now - refused_since > within_s:
                     raise ConsumerGone(
                         f"the consumer is gone and cannot be recreated: {exc}"
                     ) from None
-            else:
-                turned(exc)
         pause_until = time.monotonic() + delay_s
         while time.monotonic() < pause_until:
             if stopping():
