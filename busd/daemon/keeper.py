@@ -164,7 +164,9 @@ class Keeper:
             ):
                 checked = advanced_checks
                 self.progress.mark()
-            if self.backlog == 0 and not self.ledger:
+            # nothing waits, or NATS is away (nats-py reconnects; nothing could progress
+            # meanwhile, and the backlog is as last measured): no stall
+            if (self.backlog == 0 and not self.ledger) or not self.nc.is_connected:
                 self.progress.mark()
             elif time.monotonic() - self.progress.at > stall_s:
                 refused = source.refusal(self.nc)
