@@ -68,7 +68,7 @@ def test_a_consumer_declared_again_through_a_long_outage_is_waited_for(
     messages waiting': a backlog last measured before the outage). Each try of the
     declaration is a turn now, for up to ten stall periods."""
     bus.publish([bus.event("before")])
-    cfg = bus.write_config(nats={"url": proxy.url}, consumer={"stall_s": 20})
+    cfg = bus.write_config(nats={"url": proxy.url}, consumer={"stall_s": 60})
     proc = bus.spawn("serve", "--config", str(cfg))
     try:
         wait_for(lambda: '"committed": 1' in bus.log() or proc.poll() is not None, 60, "first")
