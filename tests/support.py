@@ -312,6 +312,12 @@ def on_jetstream(servers: str | list[str], action: Callable[[Any], Awaitable[T]]
     return asyncio.run(go())
 
 
+def ack_floor(bus: Bus) -> int:
+    """The stream sequence through which busd's durable consumer has acked everything."""
+    info = on_jetstream(bus.servers, lambda js: js.consumer_info("ARTIFACTS", "busd"))
+    return int(info.ack_floor.stream_seq or 0)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -22,7 +22,7 @@ from typing import Any
 import nats
 import pyarrow.parquet as pq
 import pytest
-from support import Bus, on_jetstream, wait_for
+from support import Bus, ack_floor, on_jetstream, wait_for
 from test_cli import free_port
 
 from busd.manifest import read_manifest
@@ -305,7 +305,7 @@ def test_catalog_disk_full_then_freed(bus: Bus) -> None:
         assert failed
         time.sleep(2)
         # nothing past the last durable export was acked
-        acked = _ack_floor(bus)
+        acked = ack_floor(bus)
         assert acked <= read_manifest(data / "exports").catalog_seq
         # a clean stop, and a start, while the disk is still full: what busd holds is no death
         # of its messages (its record of them cannot be rewritten: it is removed instead), and
@@ -362,9 +362,9 @@ def test_a_start_with_stale_exports_on_a_full_disk_serves_and_catches_up(bus: Bu
         assert "busd ready" in bus.log("full.log"), bus.log("full.log")[-3000:]
         time.sleep(1)  # the export loop retries meanwhile
         assert proc.poll() is None, bus.log("full.log")[-3000:]
-        assert _ack_floor(bus) == 0  # nothing acked that the exports do not hold
+        assert ack_floor(bus) == 0  # nothing acked that the exports do not hold
         ballast.unlink()
-        wait_for(lambda: _ack_floor(bus) == 3, 60, "every event acked once exports are written")
+        wait_for(lambda: ack_floor(bus) == 3, 60, "every event acked once exports are written")
         manifest = read_manifest(exports)
         assert manifest.catalog_seq == 3
         proc.send_signal(signal.SIGTERM)
@@ -400,8 +400,3 @@ def fill(folder: Path) -> Path:
             f.write(b"\0" * (1 << 20))
             f.flush()
     return ballast
-
-
-def _ack_floor(bus: Bus) -> int:
-    info = on_jetstream(bus.servers, lambda js: js.consumer_info("ARTIFACTS", "busd"))
-    return int(info.ack_floor.stream_seq or 0)

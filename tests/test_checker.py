@@ -8,6 +8,7 @@ import asyncio
 import os
 import resource
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from support import Bus, sha256_file, wait_for
 from busd.checker import Checker, Result
 from busd.errors import FileNotYetThere, FileUnavailable, InvalidEvent
 from busd.model import Artifact
+from busd.validate import RACY_NS
 
 
 def _artifact_cases(bus: Bus) -> list[list[Artifact]]:
@@ -26,6 +28,9 @@ def _artifact_cases(bus: Bus) -> list[list[Artifact]]:
     (bus.artifacts / "ok" / "link.parquet").symlink_to("/etc/hostname")
     big = bus.artifacts / "ok" / "big.parquet"  # over the read-whole-file limit
     big.write_bytes(b"PAR1" + os.urandom(3 << 20))
+    # A file changed less than RACY_NS ago records no identity; both paths must see them old.
+    written_ns = max(p.lstat().st_ctime_ns for p in (good, other, text, big))
+    time.sleep(max(0.0, (written_ns + 2 * RACY_NS - time.time_ns()) / 1e9))
     return [
         [Artifact("a", str(good), rows=5, bytes=good.stat().st_size, sha256=sha256_file(good))],
         [Artifact("a", "ok/a.parquet"), Artifact("b", str(other), meta={"k": [1, 2]})],

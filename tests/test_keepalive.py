@@ -8,6 +8,7 @@ not stalled.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import itertools
@@ -16,16 +17,18 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pyarrow.parquet as pq
 import pytest
 from faultfs import FaultFS
-from support import Bus, FakeSystemd, notify_socket, on_jetstream, wait_for
+from support import Bus, FakeSystemd, ack_floor, notify_socket, on_jetstream, wait_for
 
 
 @pytest.fixture
@@ -306,5 +309,56 @@ def test_nats_away_with_a_backlog_is_no_stall(bus: Bus) -> None:
         bus.parquet("late/fills.parquet")
         bus.while_alive(proc, lambda: '"committed": 1' in bus.log(), 90, "the event committed")
     finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]
+
+
+def test_a_backlog_measured_before_the_last_ack_is_no_stall(bus: Bus) -> None:
+    """The backlog the stall check reads is measured once a second: one measured before the
+    last ack still counts the messages acked since. nats-server is SIGSTOPped the moment the
+    acks reach it (the connection stays up, no lag request is answered) with stall_s 1:
+    nothing waits, so busd goes on. Before: exit 1, 'no progress for 1s with 3 messages
+    waiting' (the stale count; a full run under load ended the same way)."""
+    cfg = bus.write_config(
+        consumer={"stall_s": 1},  # the slow export holds the acks: the lag sees them pending
+        exports=[{"name": "slow", "sql": SLOW_SQL, "depends_on": ["fills"]}],
+    )
+    proc = bus.spawn("serve", "--config", str(cfg))
+    server = bus.server.proc
+    assert server is not None
+    acked = threading.Event()
+
+    def stop_on_the_first_ack() -> None:
+        async def go() -> None:
+            nc = await nats.connect(servers=bus.servers)
+
+            async def on_ack(_: Any) -> None:
+                if not acked.is_set():
+                    server.send_signal(signal.SIGSTOP)
+                    acked.set()
+
+            await nc.subscribe("$JS.ACK.ARTIFACTS.busd.>", cb=on_ack)
+            for _ in range(600):  # bounded: 60 s
+                if acked.is_set():
+                    break
+                await asyncio.sleep(0.1)
+            await nc.close()
+
+        asyncio.run(go())
+
+    watcher = threading.Thread(target=stop_on_the_first_ack, daemon=True)
+    try:
+        wait_for(lambda: "busd ready" in bus.log() or proc.poll() is not None, 30, "ready")
+        watcher.start()
+        bus.publish([bus.event(f"r{i}") for i in range(3)])
+        bus.while_alive(proc, acked.is_set, 60, "the first ack")
+        time.sleep(4)  # four stall periods without an answer from NATS
+        assert proc.poll() is None, bus.log()[-3000:]
+        server.send_signal(signal.SIGCONT)
+        bus.while_alive(proc, lambda: ack_floor(bus) == 3, 60, "every event acked")
+        assert "no progress" not in bus.log()
+    finally:
+        server.send_signal(signal.SIGCONT)
+        watcher.join(10)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, bus.log()[-3000:]

@@ -120,6 +120,7 @@ class Keeper:
         self.recreate_consumer = recreate_consumer
         self.watchdog = watchdog
         self.backlog = 0  # pending + ack pending, as last measured
+        self.backlog_asked_at = 0.0  # when the request that measured it went out
         self.running = False  # its watchdog loop pings (before: the daemon's start does)
 
     async def run(self) -> None:
@@ -130,9 +131,9 @@ class Keeper:
             tg.start_soon(self._lag_loop)
 
     async def measure_lag(self) -> None:
-        s = self.settings
+        s, asked_at = self.settings, time.monotonic()
         pending, ack_pending = await source.consumer_state(self.nc, s)
-        self.backlog = pending + ack_pending
+        self.backlog, self.backlog_asked_at = pending + ack_pending, asked_at
         self.metrics.pending.set(pending)
         self.metrics.ack_pending.set(ack_pending)
         self.metrics.bound(s.nats.stream, s.nats.consumer)
@@ -168,12 +169,18 @@ class Keeper:
             # meanwhile, and the backlog is as last measured): no stall
             if (self.backlog == 0 and not self.ledger) or not self.nc.is_connected:
                 self.progress.mark()
-            elif time.monotonic() - self.progress.at > stall_s:
+            elif time.monotonic() - self.progress.at > stall_s and self._waiting_since_progress():
                 refused = source.refusal(self.nc)
                 raise Stalled(
                     f"no progress for {stall_s:.0f}s with {self.backlog} messages waiting"
                     + (f" (NATS refused busd: {refused})" if refused else "")
                 )
+
+    def _waiting_since_progress(self) -> bool:
+        """Whether NATS, asked since the last progress, answered that messages wait. One
+        asked before may count messages acked since; none answered (a frozen server, the
+        connection still up) is NATS's outage, as is NATS away."""
+        return self.backlog > 0 and self.backlog_asked_at > self.progress.at
 
     async def _progress_loop(self) -> None:
         """In-progress signals for everything in hand, and acks that could not go out: no
