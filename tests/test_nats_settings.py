@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -563,6 +565,29 @@ def test_context_flag(tmp_path: Path, nats_server: EmbeddedServer) -> None:
     assert "no such context" in missing.stderr
 
 
+@contextlib.contextmanager
+def restricted(tmp_path: Path, user: str, deny: str) -> Iterator[tuple[Bus, dict[str, str]]]:
+    """A server with an ``admin`` and a ``user`` who may not publish to ``deny``; the bus
+    initialised as admin, and the restricted user's ``nats`` settings."""
+    extra = (
+        "accounts { A { jetstream: enabled, users: [\n"
+        "  {user: admin, password: admin}\n"
+        f"  {{user: {user}, password: {user}, permissions: "
+        f'{{publish: {{allow: [">"], deny: [{deny}]}}}}}}\n'
+        "] } }\n"
+    )
+    server = EmbeddedServer("127.0.0.1", 0, tmp_path / "nats", extra_config=extra)
+    server.start()
+    try:
+        bus = Bus(tmp_path, server)
+        bus.artifacts.mkdir(parents=True, exist_ok=True)
+        bus.cluster_url = server.url.replace("nats://", "nats://admin:admin@")
+        bus.init()  # the stream and the consumer, as admin
+        yield bus, {"url": server.url, "user": user, "password": user}
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(
     ("denied", "seen"),
     [('"$JS.ACK.>"', "$JS.ACK"), ('"$JS.API.CONSUMER.>"', "$JS.API.CONSUMER")],
@@ -575,22 +600,8 @@ def test_a_permissions_violation_is_named(tmp_path: Path, denied: str, seen: str
     waits it causes. Before: acks silently dropped (events redelivered and acked again as
     duplicates forever), or 'NATS does not answer; retrying' with nothing about
     permissions (2 of 2 runs each of a reviewer helper's script)."""
-    extra = (
-        "accounts { A { jetstream: enabled, users: [\n"
-        "  {user: admin, password: admin}\n"
-        "  {user: busd, password: busd, permissions: "
-        f'{{publish: {{allow: [">"], deny: [{denied}]}}}}}}\n'
-        "] } }\n"
-    )
-    server = EmbeddedServer("127.0.0.1", 0, tmp_path / "nats", extra_config=extra)
-    server.start()
-    try:
-        bus = Bus(tmp_path, server)
-        bus.artifacts.mkdir(parents=True, exist_ok=True)
-        bus.cluster_url = server.url.replace("nats://", "nats://admin:admin@")
-        bus.init()  # the stream and the consumer, as admin
+    with restricted(tmp_path, "busd", denied) as (bus, user):
         bus.publish([bus.event("r-1")])
-        user = {"url": server.url, "user": "busd", "password": "busd"}
         cfg = bus.write_config(nats=user, consumer={"stall_s": 30})
         proc = bus.spawn("serve", "--config", str(cfg))
         try:
@@ -607,29 +618,13 @@ def test_a_permissions_violation_is_named(tmp_path: Path, denied: str, seen: str
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    finally:
-        server.stop()
 
 
 def test_a_denied_submit_names_the_refusal(tmp_path: Path) -> None:
     """A producer whose user may not publish events: `busd submit` fails naming the
     server's refusal, not only the timeout it sees (a reviewer helper's finding: the
     refusal went unsaid outside the daemon)."""
-    extra = (
-        "accounts { A { jetstream: enabled, users: [\n"
-        "  {user: admin, password: admin}\n"
-        '  {user: lab, password: lab, permissions: {publish: {allow: [">"], '
-        'deny: ["artifacts.>"]}}}\n'
-        "] } }\n"
-    )
-    server = EmbeddedServer("127.0.0.1", 0, tmp_path / "nats", extra_config=extra)
-    server.start()
-    try:
-        bus = Bus(tmp_path, server)
-        bus.artifacts.mkdir(parents=True, exist_ok=True)
-        bus.cluster_url = server.url.replace("nats://", "nats://admin:admin@")
-        bus.init()
-        user = {"url": server.url, "user": "lab", "password": "lab"}
+    with restricted(tmp_path, "lab", '"artifacts.>"') as (bus, user):
         cfg = bus.write_config(nats=user)
         path = bus.parquet("job/fills.parquet")
         out = bus.cli(
@@ -637,5 +632,3 @@ def test_a_denied_submit_names_the_refusal(tmp_path: Path) -> None:
         )
         assert out.returncode != 0, out.stdout
         assert "NATS refused" in out.stderr and "artifacts." in out.stderr, out.stderr
-    finally:
-        server.stop()

@@ -41,7 +41,7 @@ def bench(
     soak: Annotated[
         int,
         typer.Option(
-            "--soak", help="Also consume this many events, sampling RSS (1000000: the target)."
+            "--soak", help="Also consume this many events, sampling RSS (5000000: the target)."
         ),
     ] = 0,
     artifacts: Annotated[
