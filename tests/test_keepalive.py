@@ -362,3 +362,32 @@ def test_a_backlog_measured_before_the_last_ack_is_no_stall(bus: Bus) -> None:
         watcher.join(10)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, bus.log()[-3000:]
+
+
+def test_nats_frozen_while_busd_flushes_leaves_it_able_to_hear(bus: Bus) -> None:
+    """nats-server SIGSTOPped 8 s while busd holds committed events (their in-progress
+    signals and acks flushed with a timeout), then SIGCONT and five more events: all ten
+    acked. Before: nats-py's read loop ended on the PONG of a flush that had timed out
+    ('InvalidStateError'), busd still 'connected' heard nothing again, 5 of 10 acked after
+    300 s and the watchdog pinged on (a reviewer helper's script, 4 of 4 runs)."""
+    cfg = bus.write_config(
+        consumer={"stall_s": 5, "ack_wait_s": 3},
+        exports=[{"name": "slow", "sql": SLOW_SQL, "depends_on": ["fills"]}],
+    )
+    proc = bus.spawn("serve", "--config", str(cfg))
+    server = bus.server.proc
+    assert server is not None
+    try:
+        wait_for(lambda: "busd ready" in bus.log() or proc.poll() is not None, 30, "ready")
+        bus.publish([bus.event(f"a{i}") for i in range(5)])
+        bus.while_alive(proc, lambda: '"batch"' in bus.log(), 30, "a batch committed")
+        server.send_signal(signal.SIGSTOP)  # acks wait for the slow export meanwhile
+        time.sleep(8)
+        server.send_signal(signal.SIGCONT)
+        bus.publish([bus.event(f"b{i}") for i in range(5)])
+        bus.while_alive(proc, lambda: ack_floor(bus) == 10, 60, "all ten acked")
+        assert "InvalidStateError" not in bus.log()
+    finally:
+        server.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]

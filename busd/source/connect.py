@@ -140,6 +140,19 @@ class _Client(Client):
         self.refused_said_at, self.refused_since_said = now, 0
         return said
 
+    async def _process_pong(self) -> None:
+        # nats-py 2.16 leaves the future of a flush that timed out or was cancelled in its
+        # list of pings; the PONG that answers that ping set its result, the read loop
+        # ended on InvalidStateError ('nats: encountered error'), and the client, still
+        # connected, received nothing more: every request and pull unanswered, for good
+        # (nats-io/nats.py#624). The same pairing, a done future skipped.
+        if self._pongs:
+            future = self._pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+
     def jetstream(self, **opts: Any) -> JetStreamContext:
         if "prefix" not in opts and "domain" not in opts:
             opts["prefix"] = self.api_prefix
