@@ -391,3 +391,26 @@ def test_nats_frozen_while_busd_flushes_leaves_it_able_to_hear(bus: Bus) -> None
         server.send_signal(signal.SIGCONT)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, bus.log()[-3000:]
+
+
+def test_a_message_waiting_out_a_nak_delay_is_no_stall(bus: Bus) -> None:
+    """One event whose file is late, on a quiet stream, with stall_s 2: busd naks it with
+    delays of 1, 2, 4, 8 s, and between them only the server's redelivery is awaited, not
+    busd. The file appears after 12 s and the event commits. Before: exit 1 'no progress
+    for 2s with 1 messages waiting' once a nak's delay passed stall_s (a reviewer helper's
+    script: with stall_s 3, 10 and 30, 4 of 4 runs; with the defaults after a nak of 128 s
+    or a back-off of 240 s after crashes)."""
+    late = bus.artifacts / "late" / "fills.parquet"
+    cfg = bus.write_config(consumer={"stall_s": 2}, verify={"file_wait_s": 60})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        wait_for(lambda: "busd ready" in bus.log() or proc.poll() is not None, 30, "ready")
+        bus.publish([bus.event("late", [{"name": "fills", "path": str(late)}])])
+        bus.while_alive(proc, lambda: "file missing" in bus.log(), 30, "the event waiting")
+        time.sleep(12)  # naks of 1, 2, 4 and 8 s
+        assert proc.poll() is None, bus.log()[-3000:]
+        bus.parquet("late/fills.parquet")
+        bus.while_alive(proc, lambda: '"committed": 1' in bus.log(), 60, "the event committed")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]

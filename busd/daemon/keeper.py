@@ -120,6 +120,7 @@ class Keeper:
         self.recreate_consumer = recreate_consumer
         self.watchdog = watchdog
         self.backlog = 0  # pending + ack pending, as last measured
+        self.undelivered = 0  # of which never delivered yet (pending)
         self.backlog_asked_at = 0.0  # when the request that measured it went out
         self.running = False  # its watchdog loop pings (before: the daemon's start does)
 
@@ -134,6 +135,7 @@ class Keeper:
         s, asked_at = self.settings, time.monotonic()
         pending, ack_pending = await source.consumer_state(self.nc, s)
         self.backlog, self.backlog_asked_at = pending + ack_pending, asked_at
+        self.undelivered = pending
         self.metrics.pending.set(pending)
         self.metrics.ack_pending.set(ack_pending)
         self.metrics.bound(s.nats.stream, s.nats.consumer)
@@ -177,10 +179,16 @@ class Keeper:
                 )
 
     def _waiting_since_progress(self) -> bool:
-        """Whether NATS, asked since the last progress, answered that messages wait. One
-        asked before may count messages acked since; none answered (a frozen server, the
-        connection still up) is NATS's outage, as is NATS away."""
-        return self.backlog > 0 and self.backlog_asked_at > self.progress.at
+        """Whether NATS, asked since the last progress, answered that messages wait for
+        busd: some not delivered yet, or delivered and unacked while busd holds some (or
+        while NATS refuses busd a subject). One asked before may count messages acked
+        since; none answered (a frozen server, the connection still up) is NATS's outage,
+        as is NATS away; delivered messages busd does not hold wait for the server to
+        deliver them again (a nak's delay, the back-off after a crash), not for busd."""
+        if self.backlog_asked_at <= self.progress.at:
+            return False
+        held = bool(self.ledger) or source.refusal(self.nc) is not None
+        return self.undelivered > 0 or (held and self.backlog > 0)
 
     async def _progress_loop(self) -> None:
         """In-progress signals for everything in hand, and acks that could not go out: no
