@@ -606,11 +606,17 @@ def test_a_permissions_violation_is_named(tmp_path: Path, denied: str, seen: str
         proc = bus.spawn("serve", "--config", str(cfg))
         try:
             wait_for(
-                lambda: "check its permissions" in bus.log() or proc.poll() is not None,
+                lambda: (
+                    "check its credentials and permissions" in bus.log() or proc.poll() is not None
+                ),
                 60,
                 "the violation named",
             )
-            lines = [line for line in bus.log().splitlines() if "check its permissions" in line]
+            lines = [
+                line
+                for line in bus.log().splitlines()
+                if "check its credentials and permissions" in line
+            ]
             assert lines and seen.lower() in lines[0].lower(), bus.log()[-3000:]  # nats-py
             assert json.loads(lines[0])["level"] == "error"  # lowercases the server's -ERR
             if seen == "$JS.API.CONSUMER":  # busd's start waits for the consumer: why, said
@@ -632,3 +638,42 @@ def test_a_denied_submit_names_the_refusal(tmp_path: Path) -> None:
         )
         assert out.returncode != 0, out.stdout
         assert "NATS refused" in out.stderr and "artifacts." in out.stderr, out.stderr
+
+
+def test_credentials_refused_while_reconnecting_end_busd_naming_them(tmp_path: Path) -> None:
+    """busd is connected, then nats-server restarts with busd's password changed: nats-py
+    tries to reconnect forever and no try will be let in. busd logs the refusal and exits 1
+    once stall_s passes without a reconnect, as a start with those credentials would.
+    Before: only 'nats disconnected', no exit and the watchdog pinged on (a reviewer
+    helper's script, 2 of 2 runs)."""
+
+    def users(password: str) -> str:
+        return (
+            "accounts { A { jetstream: enabled, users: [\n  {user: admin, password: admin}\n"
+            f"  {{user: busd, password: {password}}}\n] }} }}\n"
+        )
+
+    server = EmbeddedServer("127.0.0.1", 0, tmp_path / "nats", extra_config=users("old"))
+    server.start()
+    try:
+        bus = Bus(tmp_path, server)
+        bus.artifacts.mkdir(parents=True, exist_ok=True)
+        bus.cluster_url = server.url.replace("nats://", "nats://admin:admin@")
+        bus.init()
+        user = {"url": server.url, "user": "busd", "password": "old"}
+        cfg = bus.write_config(nats=user, consumer={"stall_s": 3})
+        proc = bus.spawn("serve", "--config", str(cfg))
+        try:
+            bus.while_alive(proc, lambda: "busd ready" in bus.log(), 30, "ready")
+            server.kill()
+            server.extra_config = users("rotated")
+            server.start()
+            assert proc.wait(60) == 1, bus.log()[-3000:]
+        finally:
+            proc.kill()
+            proc.wait(10)
+        log = bus.log()
+        assert "check its credentials and permissions" in log, log[-3000:]
+        assert "NATS has refused busd's reconnects for 3s: credentials refused" in log, log[-3000:]
+    finally:
+        server.stop()

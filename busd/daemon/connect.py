@@ -47,7 +47,9 @@ async def connect_when_up(
 
     def refused(violation: str, times: int) -> None:
         logger.error(
-            "NATS refused busd a subject; check its permissions", error=violation, times=times
+            "NATS refused busd; check its credentials and permissions",
+            error=violation,
+            times=times,
         )
 
     async def attempts() -> None:

@@ -169,7 +169,13 @@ class Keeper:
                 self.progress.mark()
             # nothing waits, or NATS is away (nats-py reconnects; nothing could progress
             # meanwhile, and the backlog is as last measured): no stall
-            if (self.backlog == 0 and not self.ledger) or not self.nc.is_connected:
+            if source.turned_away(self.nc):  # no reconnect will be let in: say so, exit
+                if time.monotonic() - self.progress.at > stall_s:
+                    raise Stalled(
+                        f"NATS has refused busd's reconnects for {stall_s:.0f}s: "
+                        f"{source.refusal(self.nc)}"
+                    )
+            elif (self.backlog == 0 and not self.ledger) or not self.nc.is_connected:
                 self.progress.mark()
             elif time.monotonic() - self.progress.at > stall_s and self._waiting_since_progress():
                 refused = source.refusal(self.nc)

@@ -40,6 +40,7 @@ from busd.source.connect import jetstream_silent as jetstream_silent
 from busd.source.connect import js_api_prefix as js_api_prefix
 from busd.source.connect import refusal as refusal
 from busd.source.connect import request as request
+from busd.source.connect import turned_away as turned_away
 from busd.source.connect import unanswered as unanswered
 from busd.source.pull import PullSource as PullSource
 from busd.source.pull import Settler as Settler

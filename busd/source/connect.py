@@ -119,6 +119,7 @@ class _Client(Client):
     refused_at = -DENIAL_SAID_EVERY_S  # when (monotonic), and when it was last logged
     refused_said_at = -DENIAL_SAID_EVERY_S
     refused_since_said = 0
+    turned_away = False  # a reconnect was refused (credentials, certificates) since the cut
 
     def refusal(self) -> str | None:
         """The server's last word that busd may not publish or subscribe somewhere, if
@@ -126,10 +127,11 @@ class _Client(Client):
         recent = time.monotonic() - self.refused_at < DENIAL_RECENT_S
         return self.refused if recent else None
 
-    def denied(self, exc: BaseException) -> tuple[str, int] | None:
+    def denied(self, exc: BaseException | str) -> tuple[str, int] | None:
         """A permissions violation, reported by nats-py only to the error callback (the
-        publish itself succeeds): recorded, and returned with how many there were since it
-        was last returned, at most once a period (each ack has a subject of its own)."""
+        publish itself succeeds), or a reconnect refused: recorded, and returned with how
+        many there were since it was last returned, at most once a period (each ack has a
+        subject of its own)."""
         text = str(exc).removeprefix("nats: ").strip()
         now = time.monotonic()
         self.refused, self.refused_at = text, now
@@ -232,8 +234,16 @@ def _refused_to_logging(violation: str, times: int) -> None:
     """Where a refusal goes when the caller names no place (the producer API, one-shot
     commands): the standard library's logging, which a library may write to."""
     logging.getLogger("busd.nats").error(
-        "NATS refused busd a subject; check its permissions: %s (%d times)", violation, times
+        "NATS refused busd; check its credentials and permissions: %s (%d times)",
+        violation,
+        times,
     )
+
+
+def turned_away(nc: Client) -> bool:
+    """Whether the server refuses ``nc``'s reconnects (its credentials or certificates):
+    nats-py retries forever, and no retry will connect."""
+    return isinstance(nc, _Client) and not nc.is_connected and nc.turned_away
 
 
 def refusal(nc: Client) -> str | None:
@@ -312,6 +322,7 @@ async def connect(  # noqa: C901 - the options nats-py takes, one by one
             on_state(False)
 
     async def reconnected() -> None:
+        nc.turned_away = False
         if on_state:
             on_state(True)
 
@@ -321,8 +332,10 @@ async def connect(  # noqa: C901 - the options nats-py takes, one by one
             last_error[:] = [exc]
             if _refusal(n, exc) is not None:
                 raise exc
-        elif "permissions violation" in str(exc).lower():
-            said = nc.denied(exc)
+        elif (why := _refusal(n, exc)) is not None or "permissions violation" in str(exc).lower():
+            # reconnecting with credentials the server refuses now: no retry will mend it
+            nc.turned_away = nc.turned_away or why is not None
+            said = nc.denied(why or exc)
             if said is not None:
                 (on_refused or _refused_to_logging)(*said)
 
