@@ -289,18 +289,29 @@ def test_a_standby_stuck_on_its_disk_is_not_kept_alive(
         bus.reap()
 
 
-def test_nats_away_with_a_backlog_is_no_stall(bus: Bus) -> None:
-    """NATS goes away for 5 s while a message waits (its file not there yet) and stall_s is
-    1: nothing can progress, which is NATS's outage, not busd stuck; once NATS is back the
-    event commits. Before: exit 1, 'no progress for 1s with 1 messages waiting' (seen in a
-    full run when NATS dropped busd under load, and in a reviewer helper's control run)."""
+@contextlib.contextmanager
+def a_late_event_waiting(bus: Bus, stall_s: float) -> Iterator[subprocess.Popen[str]]:
+    """``busd serve`` with ``stall_s``, and one event waiting for its file
+    (``late/fills.parquet``, not there yet); stopped at the end, cleanly."""
     late = bus.artifacts / "late" / "fills.parquet"
-    cfg = bus.write_config(consumer={"stall_s": 1}, verify={"file_wait_s": 60})
+    cfg = bus.write_config(consumer={"stall_s": stall_s}, verify={"file_wait_s": 60})
     proc = bus.spawn("serve", "--config", str(cfg))
     try:
         wait_for(lambda: "busd ready" in bus.log() or proc.poll() is not None, 30, "ready")
         bus.publish([bus.event("late", [{"name": "fills", "path": str(late)}])])
         bus.while_alive(proc, lambda: "file missing" in bus.log(), 30, "the event waiting")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]
+
+
+def test_nats_away_with_a_backlog_is_no_stall(bus: Bus) -> None:
+    """NATS goes away for 5 s while a message waits (its file not there yet) and stall_s is
+    1: nothing can progress, which is NATS's outage, not busd stuck; once NATS is back the
+    event commits. Before: exit 1, 'no progress for 1s with 1 messages waiting' (seen in a
+    full run when NATS dropped busd under load, and in a reviewer helper's control run)."""
+    with a_late_event_waiting(bus, stall_s=1) as proc:
         time.sleep(2)  # the backlog measured (once a second): 1
         bus.server.kill()
         wait_for(lambda: "nats disconnected" in bus.log() or proc.poll() is not None, 30, "away")
@@ -308,9 +319,6 @@ def test_nats_away_with_a_backlog_is_no_stall(bus: Bus) -> None:
         bus.server.start()
         bus.parquet("late/fills.parquet")
         bus.while_alive(proc, lambda: '"committed": 1' in bus.log(), 90, "the event committed")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, bus.log()[-3000:]
 
 
 def test_a_backlog_measured_before_the_last_ack_is_no_stall(bus: Bus) -> None:
@@ -400,17 +408,8 @@ def test_a_message_waiting_out_a_nak_delay_is_no_stall(bus: Bus) -> None:
     for 2s with 1 messages waiting' once a nak's delay passed stall_s (a reviewer helper's
     script: with stall_s 3, 10 and 30, 4 of 4 runs; with the defaults after a nak of 128 s
     or a back-off of 240 s after crashes)."""
-    late = bus.artifacts / "late" / "fills.parquet"
-    cfg = bus.write_config(consumer={"stall_s": 2}, verify={"file_wait_s": 60})
-    proc = bus.spawn("serve", "--config", str(cfg))
-    try:
-        wait_for(lambda: "busd ready" in bus.log() or proc.poll() is not None, 30, "ready")
-        bus.publish([bus.event("late", [{"name": "fills", "path": str(late)}])])
-        bus.while_alive(proc, lambda: "file missing" in bus.log(), 30, "the event waiting")
+    with a_late_event_waiting(bus, stall_s=2) as proc:
         time.sleep(12)  # naks of 1, 2, 4 and 8 s
         assert proc.poll() is None, bus.log()[-3000:]
         bus.parquet("late/fills.parquet")
         bus.while_alive(proc, lambda: '"committed": 1' in bus.log(), 60, "the event committed")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, bus.log()[-3000:]
