@@ -117,7 +117,11 @@ SLOW_SQL = "SELECT i, md5(i::VARCHAR) AS h FROM range(1000000000) t(i) WHERE i %
 
 def test_an_export_refresh_longer_than_stall_s_is_no_stall(bus: Bus) -> None:
     """The configured export takes seconds (a large ``data.*`` view would); busd with
-    ``stall_s = 1`` keeps going while it advances, and acks once it is done."""
+    ``stall_s = 1`` keeps going while it advances, and acks once it is done. Two events
+    commit while the first one's refresh runs: after it, the pause in which batches
+    coalesce (as long as the refresh, at most 2 s) stays inside a stall period. Before: exit
+    1 'no progress for 1s with 2 messages waiting' in the pause (in full runs under load,
+    where the batches came apart; every time once they are published apart)."""
     cfg = bus.write_config(
         consumer={"stall_s": 1},
         exports=[{"name": "slow", "sql": SLOW_SQL, "depends_on": ["fills"]}],
@@ -125,7 +129,9 @@ def test_an_export_refresh_longer_than_stall_s_is_no_stall(bus: Bus) -> None:
     proc = bus.spawn("serve", "--config", str(cfg))
     try:
         wait_for(lambda: "busd ready" in bus.log(), 30, "busd ready")
-        bus.publish([bus.event(f"r{i}") for i in range(3)])
+        bus.publish([bus.event("r0")])
+        bus.while_alive(proc, lambda: '"batch"' in bus.log(), 30, "the first batch")
+        bus.publish([bus.event(f"r{i}") for i in (1, 2)])
         wait_for(
             lambda: (
                 (

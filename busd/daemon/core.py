@@ -37,7 +37,7 @@ from busd.daemon.committer import Committer
 from busd.daemon.connect import connect_when_up, when_answered, workers_when_up
 from busd.daemon.held import HeldRecord, a_death
 from busd.daemon.keeper import REFRESH_PATIENCE, Keeper, Progress, Watchdog
-from busd.daemon.publisher import Publisher
+from busd.daemon.publisher import PAUSE_MAX_S, Publisher
 from busd.daemon.stop import IGNORED, install_signals, leave_behind, leaves, restore
 from busd.daemon.store import LiveStore
 from busd.daemon.threads import IDLE_STOP_S, CatalogThreads
@@ -172,6 +172,8 @@ class Daemon:
             on_exporter=self._on_exporter,
             on_writer=self._on_writer,
             progress=self.progress.mark,
+            # the pause that coalesces batches is no progress: well inside a stall period
+            pause_max_s=min(PAUSE_MAX_S, s.consumer.stall_s / 4),
         )
         self.metrics.watch_exports(list(self.exporter.exports))
         url = s.nats.url

@@ -38,6 +38,9 @@ from busd.model import Changed
 OnThread = Callable[..., Awaitable[Any]]
 
 
+PAUSE_MAX_S = 2.0  # the longest pause after a refresh, for batches to coalesce
+
+
 class Publisher:
     def __init__(
         self,
@@ -48,6 +51,7 @@ class Publisher:
         on_exporter: OnThread,
         on_writer: OnThread,
         progress: Callable[[], None],
+        pause_max_s: float = PAUSE_MAX_S,
     ) -> None:
         self.exporter, self.catalog, self.metrics = exporter, catalog, metrics
         self.on_exporter, self.on_writer, self.progress = on_exporter, on_writer, progress
@@ -63,6 +67,7 @@ class Publisher:
         self._idle = asyncio.Event()
         self._lock = asyncio.Lock()  # the export loop, sweeps and `busd export` share it
         self._last_refresh_s = 0.0
+        self.pause_max_s = pause_max_s
         self._unavailable = 0  # files the machine failed to read, as last logged
 
     # ---- what commits hand over ------------------------------------------------------------
@@ -141,9 +146,9 @@ class Publisher:
             self.exported_generation = generation
             await ack_through(generation)
             # Exports take at most about half the time: a refresh that took d seconds is
-            # followed by a pause of d (at most 2 s) in which further batches commit and
-            # coalesce into the next one. Small catalogs refresh in milliseconds.
-            await anyio.sleep(min(self._last_refresh_s, 2.0))
+            # followed by a pause of d (at most pause_max_s) in which further batches commit
+            # and coalesce into the next one. Small catalogs refresh in milliseconds.
+            await anyio.sleep(min(self._last_refresh_s, self.pause_max_s))
 
     async def until_idle(self) -> None:
         """One more pass of the loop over whatever is pending (shutdown)."""
