@@ -4,12 +4,16 @@ an outage is never an 'unexpected error', an exit, or a death counted toward poi
 
 from __future__ import annotations
 
+import shutil
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from natsproxy import NatsProxy
 from support import Bus, on_jetstream, wait_for
+
+from busd import source
 
 
 @pytest.fixture
@@ -93,3 +97,21 @@ def test_a_consumer_declared_again_through_a_long_outage_is_waited_for(
         bus.reap()
     assert "unexpected error" not in bus.log()
     assert bus.sql("SELECT run_id FROM catalog.runs_d ORDER BY ALL") == [("after",), ("before",)]
+
+
+def test_a_consumer_left_without_its_files_is_declared_anew(bus: Bus) -> None:
+    """The server holds busd's consumer but not its directory, as when a create raced the
+    removal of the deleted consumer's files (seen in a full run after a NATS cut): every
+    create answers a 500 (10012, 'meta.inf.tmp: no such file or directory'). Declaring it
+    again deletes that consumer first and creates it whole. Before: refused until the 30 s
+    ran out, then exit 1 ('the consumer is gone and cannot be recreated')."""
+    bus.init()
+    shutil.rmtree(next(bus.server.store_dir.rglob("obs/busd")))
+    settings = bus.settings()
+
+    async def redeclared(js: Any) -> int:
+        assert await source.redeclare_consumer(js._nc, settings, within_s=3)
+        await source.ensure_consumer(js._nc, settings)  # its files are there again
+        return int((await js.consumer_info("ARTIFACTS", "busd")).num_pending or 0)
+
+    assert on_jetstream(bus.servers, redeclared) == 0

@@ -8,6 +8,7 @@ or API prefix. Errors are told apart by their types and JetStream error codes, n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
 from collections.abc import Callable
@@ -29,6 +30,18 @@ MAX_MSG_BYTES = 1024 * 1024
 DUPLICATE_WINDOW_S = 3600.0
 # JetStream API error codes (nats-server's errors.json)
 STREAM_NOT_FOUND = 10059
+GENERAL_ERROR = 10012  # JetStream's "general error": a 500, here the server's own storage
+
+
+def files_lost(exc: BaseException) -> bool:
+    """A 500 from a server holding the consumer without its files (a create that raced the
+    removal of the deleted consumer's directory): every later create or update fails the
+    same way until that consumer is deleted."""
+    return getattr(exc, "err_code", None) == GENERAL_ERROR and "no such file or directory" in str(
+        getattr(exc, "description", "")
+    )
+
+
 CONSUMER_NOT_FOUND = 10014
 
 
@@ -146,7 +159,8 @@ async def redeclare_consumer(
     ConsumerGone when the stream itself is gone, the consumer is not busd's to create
     (bind-only), or JetStream kept refusing for ``within_s`` (counted from the first
     refusal since NATS last failed to answer: a server that just came back may refuse for a
-    moment, as with a 500 while it still removes the deleted consumer's files)."""
+    moment). A server left holding the consumer without its files (its create raced the
+    removal of the deleted one's) has that consumer deleted before the next try."""
     delay_s = 0.2
     refused_since: float | None = None
     while True:
@@ -168,6 +182,9 @@ async def redeclare_consumer(
                     raise ConsumerGone(
                         f"the consumer is gone and cannot be recreated: {exc}"
                     ) from None
+                if files_lost(exc):  # it was gone already: nothing of it is lost
+                    with contextlib.suppress(Exception):
+                        await jetstream(nc).delete_consumer(s.nats.stream, s.nats.consumer)
         pause_until = time.monotonic() + delay_s
         while time.monotonic() < pause_until:
             if stopping():
