@@ -419,3 +419,52 @@ def test_a_message_waiting_out_a_nak_delay_is_no_stall(bus: Bus) -> None:
         assert proc.poll() is None, bus.log()[-3000:]
         bus.parquet("late/fills.parquet")
         bus.while_alive(proc, lambda: '"committed": 1' in bus.log(), 60, "the event committed")
+
+
+def test_a_stuck_fetch_loop_with_messages_buffered_is_a_stall(bus: Bus) -> None:
+    """busd's fetch loop stuck after its first batch (a sitecustomize in the test makes the
+    next fetch never return) while the prefetch it asked for holds two more: the keeper
+    keeps them in progress, so the server never delivers them again and counts nothing
+    pending. Those wait for busd: it exits 1 on the stall. Before (the rule of the previous
+    commit): alive after 40 s, the two never handled (a reviewer helper's script)."""
+    consumer = {"stall_s": 3, "batch_max": 2, "commit_max": 2, "max_ack_pending": 4}
+    bus.init(consumer=consumer)
+    cfg = bus.write_config(consumer=consumer)
+    env = {"PYTHONPATH": str(Path(__file__).parent / "stuck_fetch")}
+    proc = bus.spawn("serve", "--config", str(cfg), env=env)
+    try:
+        wait_for(lambda: "busd ready" in bus.log() or proc.poll() is not None, 30, "ready")
+        bus.publish([bus.event(f"r{i}") for i in range(4)])
+        assert proc.wait(60) == 1, bus.log()[-3000:]
+        assert "no progress for 3s with 2 messages waiting" in bus.log(), bus.log()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_late_files_filling_max_ack_pending_are_no_stall(bus: Bus) -> None:
+    """Four events wait for late files (nak'ed with delays) and fill max_ack_pending (4);
+    three more cannot be delivered until they settle. busd holds nothing and only waits for
+    the server: no stall (stall_s 2) through 12 s, and all seven commit once the files are
+    there. Before: exit 1 'no progress for 2s with 7 messages waiting' (a reviewer helper's
+    script, 2 of 2 runs)."""
+    consumer = {"stall_s": 2, "batch_max": 2, "commit_max": 2, "max_ack_pending": 4}
+    bus.init(consumer=consumer)
+    cfg = bus.write_config(consumer=consumer, verify={"file_wait_s": 120})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    late = [bus.artifacts / f"late{i}" / "fills.parquet" for i in range(4)]
+    try:
+        wait_for(lambda: "busd ready" in bus.log() or proc.poll() is not None, 30, "ready")
+        bus.publish(
+            [bus.event(f"late{i}", [{"name": "fills", "path": str(p)}]) for i, p in enumerate(late)]
+        )
+        bus.while_alive(proc, lambda: "file missing" in bus.log(), 30, "the events waiting")
+        bus.publish([bus.event(f"ok{i}") for i in range(3)])
+        time.sleep(12)  # naks of 1, 2, 4 and 8 s
+        assert proc.poll() is None, bus.log()[-3000:]
+        for i in range(4):
+            bus.parquet(f"late{i}/fills.parquet")
+        bus.while_alive(proc, lambda: ack_floor(bus) == 7, 90, "all seven acked")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log()[-3000:]

@@ -31,7 +31,7 @@ from support import BUSD, Bus, wait_for
 
 from busd import config, source
 from busd.config import NatsSettings, Settings
-from busd.embedded import EmbeddedServer
+from busd.embedded import EmbeddedServer, server_config
 from busd.errors import ConfigError
 
 HOST = socket.gethostname()
@@ -640,12 +640,16 @@ def test_a_denied_submit_names_the_refusal(tmp_path: Path) -> None:
         assert "NATS refused" in out.stderr and "artifacts." in out.stderr, out.stderr
 
 
-def test_credentials_refused_while_reconnecting_end_busd_naming_them(tmp_path: Path) -> None:
-    """busd is connected, then nats-server restarts with busd's password changed: nats-py
-    tries to reconnect forever and no try will be let in. busd logs the refusal and exits 1
-    once stall_s passes without a reconnect, as a start with those credentials would.
-    Before: only 'nats disconnected', no exit and the watchdog pinged on (a reviewer
-    helper's script, 2 of 2 runs)."""
+@pytest.mark.parametrize("how", ["restart", "reload"])
+def test_credentials_refused_while_reconnecting_end_busd_naming_them(
+    tmp_path: Path, how: str
+) -> None:
+    """busd is connected, then nats-server restarts with busd's password changed (nats-py
+    tries to reconnect forever, and no try will be let in; busd logs the refusal), or
+    reloads its config with it (SIGHUP: nats-py closes the connection for good). busd exits
+    1 once stall_s passes without a reconnect, as a start with those credentials would.
+    Before: only 'nats disconnected', no exit and the watchdog pinged on (reviewer
+    helpers' scripts, 2 of 2 and 3 of 3 runs)."""
 
     def users(password: str) -> str:
         return (
@@ -665,15 +669,24 @@ def test_credentials_refused_while_reconnecting_end_busd_naming_them(tmp_path: P
         proc = bus.spawn("serve", "--config", str(cfg))
         try:
             bus.while_alive(proc, lambda: "busd ready" in bus.log(), 30, "ready")
-            server.kill()
             server.extra_config = users("rotated")
-            server.start()
+            if how == "restart":
+                server.kill()
+                server.start()
+            else:
+                conf = server.store_dir / "nats-server.conf"
+                conf.write_text(
+                    server_config(server.host, server.port, server.store_dir, users("rotated"))
+                )
+                assert server.proc is not None
+                server.proc.send_signal(signal.SIGHUP)
             assert proc.wait(60) == 1, bus.log()[-3000:]
         finally:
             proc.kill()
             proc.wait(10)
         log = bus.log()
-        assert "check its credentials and permissions" in log, log[-3000:]
+        if how == "restart":
+            assert "check its credentials and permissions" in log, log[-3000:]
         assert "NATS has refused busd's reconnects for 3s: credentials refused" in log, log[-3000:]
     finally:
         server.stop()

@@ -169,11 +169,10 @@ class Keeper:
                 self.progress.mark()
             # nothing waits, or NATS is away (nats-py reconnects; nothing could progress
             # meanwhile, and the backlog is as last measured): no stall
-            if source.turned_away(self.nc):  # no reconnect will be let in: say so, exit
+            if (refused := source.turned_away(self.nc)) is not None:  # no way back in
                 if time.monotonic() - self.progress.at > stall_s:
                     raise Stalled(
-                        f"NATS has refused busd's reconnects for {stall_s:.0f}s: "
-                        f"{source.refusal(self.nc)}"
+                        f"NATS has refused busd's reconnects for {stall_s:.0f}s: {refused}"
                     )
             elif (self.backlog == 0 and not self.ledger) or not self.nc.is_connected:
                 self.progress.mark()
@@ -193,8 +192,10 @@ class Keeper:
         deliver them again (a nak's delay, the back-off after a crash), not for busd."""
         if self.backlog_asked_at <= self.progress.at:
             return False
-        held = bool(self.ledger) or source.refusal(self.nc) is not None
-        return self.undelivered > 0 or (held and self.backlog > 0)
+        held = bool(self.ledger) or bool(self.src.buffered()) or source.refusal(self.nc)
+        # past max_ack_pending the server delivers nothing new until those are settled
+        deliverable = self.backlog - self.undelivered < self.settings.consumer.max_ack_pending
+        return (self.undelivered > 0 and deliverable) or (bool(held) and self.backlog > 0)
 
     async def _progress_loop(self) -> None:
         """In-progress signals for everything in hand, and acks that could not go out: no

@@ -27,6 +27,7 @@ from busd import log, model, source
 from busd.checker import Checker
 from busd.config import Settings
 from busd.errors import (
+    BusdError,
     ConsumerGone,
     FatalStorageError,
     Outcome,
@@ -391,10 +392,20 @@ async def stand_by(
         turned_at = time.monotonic()
         alive()
 
+    refused_for_s = follower.settings.consumer.stall_s  # as an active's keeper allows
+
     async def ping() -> None:
+        refused_since: float | None = None
         while True:
             await anyio.sleep(ping_every_s)
-            if time.monotonic() - turned_at < patience_s:
+            refused = source.turned_away(follower.nc)  # no way back in: say so, exit
+            now = time.monotonic()
+            refused_since = None if refused is None else (refused_since or now)
+            if refused_since is not None and now - refused_since > refused_for_s:
+                raise BusdError(
+                    f"NATS has refused the standby's reconnects for {refused_for_s:.0f}s: {refused}"
+                )
+            if now - turned_at < patience_s:
                 alive()
             else:
                 log.get().error("standby: no progress; no more watchdog pings", waited_s=patience_s)

@@ -240,10 +240,15 @@ def _refused_to_logging(violation: str, times: int) -> None:
     )
 
 
-def turned_away(nc: Client) -> bool:
-    """Whether the server refuses ``nc``'s reconnects (its credentials or certificates):
-    nats-py retries forever, and no retry will connect."""
-    return isinstance(nc, _Client) and not nc.is_connected and nc.turned_away
+def turned_away(nc: Client) -> str | None:
+    """Why the server refuses ``nc``'s reconnects (its credentials or certificates), or
+    None: nats-py retries a refused reconnect forever, and closes the connection for good
+    when the server refuses the credentials on a live one (a reload of its config)."""
+    if not isinstance(nc, _Client) or nc.is_connected:
+        return None
+    if nc.is_closed and isinstance(nc.last_error, nats.errors.AuthorizationError):
+        return f"credentials refused ({nc.last_error}); the server closed the connection"
+    return nc.refused if nc.turned_away else None
 
 
 def refusal(nc: Client) -> str | None:
@@ -332,12 +337,15 @@ async def connect(  # noqa: C901 - the options nats-py takes, one by one
             last_error[:] = [exc]
             if _refusal(n, exc) is not None:
                 raise exc
-        elif (why := _refusal(n, exc)) is not None or "permissions violation" in str(exc).lower():
-            # reconnecting with credentials the server refuses now: no retry will mend it
-            nc.turned_away = nc.turned_away or why is not None
-            said = nc.denied(why or exc)
-            if said is not None:
-                (on_refused or _refused_to_logging)(*said)
+        else:
+            # a reconnect refused for its credentials: no retry will mend it (any other
+            # failure, such as no server there, is an outage again)
+            why = _refusal(n, exc)
+            nc.turned_away = why is not None
+            if why is not None or "permissions violation" in str(exc).lower():
+                said = nc.denied(why or exc)
+                if said is not None:
+                    (on_refused or _refused_to_logging)(*said)
 
     servers = [u.strip() for u in url.split(",") if u.strip()]
     options: dict[str, Any] = {
