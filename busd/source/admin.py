@@ -30,6 +30,7 @@ MAX_MSG_BYTES = 1024 * 1024
 DUPLICATE_WINDOW_S = 3600.0
 # JetStream API error codes (nats-server's errors.json)
 STREAM_NOT_FOUND = 10059
+CONSUMER_NOT_FOUND = 10014
 GENERAL_ERROR = 10012  # JetStream's "general error": a 500, here the server's own storage
 
 
@@ -40,9 +41,6 @@ def files_lost(exc: BaseException) -> bool:
     return getattr(exc, "err_code", None) == GENERAL_ERROR and "no such file or directory" in str(
         getattr(exc, "description", "")
     )
-
-
-CONSUMER_NOT_FOUND = 10014
 
 
 class BindOnlyMissing(BusdError):
