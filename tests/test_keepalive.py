@@ -442,15 +442,21 @@ def test_a_stuck_fetch_loop_with_messages_buffered_is_a_stall(bus: Bus) -> None:
         proc.wait(10)
 
 
-def test_late_files_filling_max_ack_pending_are_no_stall(bus: Bus) -> None:
+@pytest.mark.parametrize("bound", [False, True], ids=["own", "bind-only"])
+def test_late_files_filling_max_ack_pending_are_no_stall(bus: Bus, bound: bool) -> None:
     """Four events wait for late files (nak'ed with delays) and fill max_ack_pending (4);
     three more cannot be delivered until they settle. busd holds nothing and only waits for
     the server: no stall (stall_s 2) through 12 s, and all seven commit once the files are
     there. Before: exit 1 'no progress for 2s with 7 messages waiting' (a reviewer helper's
-    script, 2 of 2 runs)."""
+    script, 2 of 2 runs). Bound to a consumer made elsewhere with that limit, busd's own
+    setting left at its default, the same (before: the same exit, 3 of 3 runs of a
+    third reviewer's script: the rule read busd's setting, not the consumer's)."""
     consumer = {"stall_s": 2, "batch_max": 2, "commit_max": 2, "max_ack_pending": 4}
     bus.init(consumer=consumer)
-    cfg = bus.write_config(consumer=consumer, verify={"file_wait_s": 120})
+    if bound:
+        del consumer["max_ack_pending"]
+    nats_settings = {"bind_only": True} if bound else {}
+    cfg = bus.write_config(consumer=consumer, verify={"file_wait_s": 120}, nats=nats_settings)
     proc = bus.spawn("serve", "--config", str(cfg))
     late = [bus.artifacts / f"late{i}" / "fills.parquet" for i in range(4)]
     try:

@@ -121,6 +121,7 @@ class Keeper:
         self.watchdog = watchdog
         self.backlog = 0  # pending + ack pending, as last measured
         self.undelivered = 0  # of which never delivered yet (pending)
+        self.max_ack_pending = s.consumer.max_ack_pending  # the consumer's, as read
         self.backlog_asked_at = 0.0  # when the request that measured it went out
         self.running = False  # its watchdog loop pings (before: the daemon's start does)
 
@@ -133,7 +134,7 @@ class Keeper:
 
     async def measure_lag(self) -> None:
         s, asked_at = self.settings, time.monotonic()
-        pending, ack_pending = await source.consumer_state(self.nc, s)
+        pending, ack_pending, self.max_ack_pending = await source.consumer_limits(self.nc, s)
         self.backlog, self.backlog_asked_at = pending + ack_pending, asked_at
         self.undelivered = pending
         self.metrics.pending.set(pending)
@@ -194,7 +195,7 @@ class Keeper:
             return False
         held = bool(self.ledger) or bool(self.src.buffered()) or source.refusal(self.nc)
         # past max_ack_pending the server delivers nothing new until those are settled
-        deliverable = self.backlog - self.undelivered < self.settings.consumer.max_ack_pending
+        deliverable = self.backlog - self.undelivered < self.max_ack_pending
         return (self.undelivered > 0 and deliverable) or (bool(held) and self.backlog > 0)
 
     async def _progress_loop(self) -> None:

@@ -14,6 +14,7 @@ from busd.source.admin import add_reader as add_reader
 from busd.source.admin import backoff_s as backoff_s
 from busd.source.admin import broken_promises as broken_promises
 from busd.source.admin import consumer_config as consumer_config
+from busd.source.admin import consumer_limits as consumer_limits
 from busd.source.admin import consumer_state as consumer_state
 from busd.source.admin import delete_consumer as delete_consumer
 from busd.source.admin import delivered_seq as delivered_seq

@@ -194,11 +194,23 @@ async def redeclare_consumer(
 async def consumer_state(nc: Client, s: Settings) -> tuple[int, int]:
     """(num_pending, num_ack_pending) of the durable consumer; ConsumerGone when it (or its
     stream) no longer exists."""
+    info = await consumer_limits(nc, s)
+    return info[0], info[1]
+
+
+async def consumer_limits(nc: Client, s: Settings) -> tuple[int, int, int]:
+    """(num_pending, num_ack_pending, max_ack_pending) of the durable consumer as the
+    server has it (a bound consumer keeps a limit of its own); ConsumerGone when gone."""
     try:
         info = await jetstream(nc).consumer_info(s.nats.stream, s.nats.consumer)
     except NotFoundError as exc:
         raise ConsumerGone(f"consumer {s.nats.consumer} not found: {exc}") from None
-    return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+    limit = info.config.max_ack_pending if info.config else None
+    return (
+        int(info.num_pending or 0),
+        int(info.num_ack_pending or 0),
+        int(limit) if limit and limit > 0 else s.consumer.max_ack_pending,
+    )
 
 
 async def stored_payload(nc: Client, stream: str, seq: int) -> bytes:

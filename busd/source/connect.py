@@ -119,7 +119,7 @@ class _Client(Client):
     refused_at = -DENIAL_SAID_EVERY_S  # when (monotonic), and when it was last logged
     refused_said_at = -DENIAL_SAID_EVERY_S
     refused_since_said = 0
-    turned_away = False  # a reconnect was refused (credentials, certificates) since the cut
+    turned_away: str | None = None  # why the last reconnect was refused (credentials...)
 
     def refusal(self) -> str | None:
         """The server's last word that busd may not publish or subscribe somewhere, if
@@ -127,14 +127,22 @@ class _Client(Client):
         recent = time.monotonic() - self.refused_at < DENIAL_RECENT_S
         return self.refused if recent else None
 
-    def denied(self, exc: BaseException | str) -> tuple[str, int] | None:
+    def denied(self, exc: BaseException) -> tuple[str, int] | None:
         """A permissions violation, reported by nats-py only to the error callback (the
-        publish itself succeeds), or a reconnect refused: recorded, and returned with how
-        many there were since it was last returned, at most once a period (each ack has a
-        subject of its own)."""
+        publish itself succeeds): recorded, and returned with how many there were since it
+        was last returned, at most once a period (each ack has a subject of its own)."""
         text = str(exc).removeprefix("nats: ").strip()
+        self.refused, self.refused_at = text, time.monotonic()
+        return self._say(text)
+
+    def turned(self, why: str) -> tuple[str, int] | None:
+        """A reconnect refused (credentials, certificates): kept until a reconnect or a
+        failure of another kind, and returned as :meth:`denied` returns its violations."""
+        self.turned_away = why
+        return self._say(why)
+
+    def _say(self, text: str) -> tuple[str, int] | None:
         now = time.monotonic()
-        self.refused, self.refused_at = text, now
         self.refused_since_said += 1
         if now - self.refused_said_at < DENIAL_SAID_EVERY_S:
             return None
@@ -248,7 +256,7 @@ def turned_away(nc: Client) -> str | None:
         return None
     if nc.is_closed and isinstance(nc.last_error, nats.errors.AuthorizationError):
         return f"credentials refused ({nc.last_error}); the server closed the connection"
-    return nc.refused if nc.turned_away else None
+    return nc.turned_away
 
 
 def refusal(nc: Client) -> str | None:
@@ -327,7 +335,7 @@ async def connect(  # noqa: C901 - the options nats-py takes, one by one
             on_state(False)
 
     async def reconnected() -> None:
-        nc.turned_away = False
+        nc.turned_away = None
         if on_state:
             on_state(True)
 
@@ -341,11 +349,14 @@ async def connect(  # noqa: C901 - the options nats-py takes, one by one
             # a reconnect refused for its credentials: no retry will mend it (any other
             # failure, such as no server there, is an outage again)
             why = _refusal(n, exc)
-            nc.turned_away = why is not None
-            if why is not None or "permissions violation" in str(exc).lower():
-                said = nc.denied(why or exc)
-                if said is not None:
-                    (on_refused or _refused_to_logging)(*said)
+            nc.turned_away = None
+            said = None
+            if why is not None:
+                said = nc.turned(why)
+            elif "permissions violation" in str(exc).lower():
+                said = nc.denied(exc)
+            if said is not None:
+                (on_refused or _refused_to_logging)(*said)
 
     servers = [u.strip() for u in url.split(",") if u.strip()]
     options: dict[str, Any] = {
