@@ -119,8 +119,7 @@ class Keeper:
         self.send, self.ack_late = send, ack_late
         self.recreate_consumer = recreate_consumer
         self.watchdog = watchdog
-        self.backlog = 0  # pending + ack pending, as last measured
-        self.undelivered = 0  # of which never delivered yet (pending)
+        self.pending = self.ack_pending = 0  # the consumer's, as last measured
         self.max_ack_pending = s.consumer.max_ack_pending  # the consumer's, as read
         self.backlog_asked_at = 0.0  # when the request that measured it went out
         self.running = False  # its watchdog loop pings (before: the daemon's start does)
@@ -132,11 +131,15 @@ class Keeper:
             tg.start_soon(self._progress_loop)
             tg.start_soon(self._lag_loop)
 
+    @property
+    def backlog(self) -> int:
+        """Messages not settled yet (pending + ack pending), as last measured."""
+        return self.pending + self.ack_pending
+
     async def measure_lag(self) -> None:
         s, asked_at = self.settings, time.monotonic()
         pending, ack_pending, self.max_ack_pending = await source.consumer_limits(self.nc, s)
-        self.backlog, self.backlog_asked_at = pending + ack_pending, asked_at
-        self.undelivered = pending
+        self.pending, self.ack_pending, self.backlog_asked_at = pending, ack_pending, asked_at
         self.metrics.pending.set(pending)
         self.metrics.ack_pending.set(ack_pending)
         self.metrics.bound(s.nats.stream, s.nats.consumer)
@@ -195,8 +198,8 @@ class Keeper:
             return False
         held = bool(self.ledger) or bool(self.src.buffered()) or source.refusal(self.nc)
         # past max_ack_pending the server delivers nothing new until those are settled
-        deliverable = self.backlog - self.undelivered < self.max_ack_pending
-        return (self.undelivered > 0 and deliverable) or (bool(held) and self.backlog > 0)
+        deliverable = self.ack_pending < self.max_ack_pending
+        return (self.pending > 0 and deliverable) or (bool(held) and self.backlog > 0)
 
     async def _progress_loop(self) -> None:
         """In-progress signals for everything in hand, and acks that could not go out: no
