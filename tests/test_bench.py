@@ -109,6 +109,11 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     _positive(s["soak"], "events", "events_per_s", "peak_rss_mb", "peak_worker_rss_mb")
     assert len(s["soak"]["samples"]) == 10
     _positive(s["soak"], "peak_total_mb", "flat_base_mb", "flat_end_mb")
+    # every sample was kept beside the report as it was taken (a long soak cut short keeps them)
+    lines = (tmp_path / "out.json.soak.jsonl").read_text().splitlines()
+    kept = [json.loads(line) for line in lines]
+    assert len(kept) >= 10 and kept[-1]["settled"] <= s["soak"]["events"], kept[-1]
+    assert max(k["total"] for k in kept) == pytest.approx(s["soak"]["peak_total_mb"], abs=0.1)
     # every target of the issue, with the figure of this run next to it; a quick run is too
     # short to judge the soak's flatness (1M to 5M events) or 10M artifacts
     met = {t["target"]: t["met"] for t in report["targets"]}
@@ -188,3 +193,18 @@ def test_a_short_soak_still_names_its_end() -> None:
     flat = flatness(samples, 3000)
     assert flat["flat_base_mb"] == 190.0  # 600 ± 300 -> none; nearest is 1000
     assert flat["flat_end_mb"] == 200.0  # 2700-3000 held only the stopping sample
+
+
+def test_a_soak_out_of_time_reports_what_it_reached() -> None:
+    """A long soak that runs out of time is summarized over the events it reached, saying
+    so; one that reached under a tenth of them is an error, not a figure."""
+    from busd.bench.soak import Sample, cut_short
+    from busd.errors import TimedOut
+
+    samples = [Sample(k * 100_000, k, 250.0 + k, 57.0, None, 364.0 + k, 2) for k in range(1, 44)]
+    cut = cut_short(samples, 5_000_000, 3600.0, "ran out of its 3600s at 4,300,000 events")
+    assert cut["events"] == 4_300_000 and cut["stopped_early"].startswith("ran out")
+    assert cut["samples"][-1]["events"] == 4_300_000
+    assert cut["flat_from_events"] == 1_000_000 and cut["flat_end_mb"] >= 364.0 + 39
+    with pytest.raises(TimedOut, match="ran out"):
+        cut_short(samples[:3], 5_000_000, 60.0, "ran out of its 60s at 300,000 events")

@@ -41,6 +41,7 @@ class Ctx:
     pool: list[PoolFile] = field(default_factory=list)
     stream: StreamSpec | None = None  # the catch-up stream, holding ``events`` events
     soak: int = 0  # events of the RSS soak (0: not run)
+    samples_path: Path | None = None  # the soak's samples, a JSON line each as taken
     artifacts: int = 0  # artifacts of the partitioned-exports soak (0: not run)
     catchup_catalog: Path | None = None  # the catalog a catch-up run wrote (replays reuse it)
     only: list[str] | None = None  # the sections to run (None: all)

@@ -10,15 +10,23 @@ keeps one sample per tenth of the run, the growth from the first tenth to the en
 the target asks (issue 15): busd with all its workers flat within 10 % from 1,000,000 events
 to the end (5,000,000) and under 400 MiB — medians of the samples around each point, since
 one sample catches a refresh's buffers or not.
+
+A long soak keeps what it measured: with ``--json PATH`` every sample is appended to
+``PATH.soak.jsonl`` as it is taken, and a soak that runs out of time ends busd and reports
+the events it reached (``stopped_early``) instead of nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import sys
 import time
-from typing import Any, NamedTuple
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, NamedTuple
 
 from busd import model, source
 from busd.bench.env import children, event, memory_mb, publish
@@ -77,26 +85,30 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
     deadline = started + 120 + n / 200  # a loaded machine drains at 500 events/s
     done = 0
     every_s = min(1.0, max(0.1, n / 1_000_000))  # a short soak is sampled more often
-    try:
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise TimedOut(f"the soak did not finish within {deadline - started:.0f}s")
-            await asyncio.sleep(every_s)
-            rss = memory_mb(proc.pid, "VmRSS")
-            workers = [
-                r for r in (memory_mb(k, "VmRSS") for k in children(proc.pid)) if r is not None
-            ]
-            try:
-                pending, ack_pending = await source.consumer_state(env.nc, s)
-            except Exception:  # noqa: BLE001 - not declared yet: nothing settled
-                pending, ack_pending = n, 0
-            now_done = max(0, n - pending - ack_pending)
-            ctx.tick("", now_done - done, None)
-            done = now_done
-            duck = await _duckdb_mb(env.nc, s.nats.consumer)
-            if rss is not None:
-                samples.append(
-                    Sample(
+    stopped_early = None
+    with _samples_file(ctx.samples_path) as out:
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    stopped_early = (
+                        f"ran out of its {deadline - started:.0f}s at {done:,} of {n:,} events"
+                    )
+                    break
+                await asyncio.sleep(every_s)
+                rss = memory_mb(proc.pid, "VmRSS")
+                workers = [
+                    r for r in (memory_mb(k, "VmRSS") for k in children(proc.pid)) if r is not None
+                ]
+                try:
+                    pending, ack_pending = await source.consumer_state(env.nc, s)
+                except Exception:  # noqa: BLE001 - not declared yet: nothing settled
+                    pending, ack_pending = n, 0
+                now_done = max(0, n - pending - ack_pending)
+                ctx.tick("", now_done - done, None)
+                done = now_done
+                duck = await _duckdb_mb(env.nc, s.nats.consumer)
+                if rss is not None:
+                    sample = Sample(
                         done,
                         time.monotonic() - started,
                         rss,
@@ -105,13 +117,39 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
                         rss + sum(workers),
                         len(workers),
                     )
-                )
-    finally:
-        code = env.end(proc, 30.0)
+                    samples.append(sample)
+                    if out is not None:
+                        out.write(json.dumps(sample._asdict()) + "\n")
+                        out.flush()
+        finally:
+            code = env.end(proc, 30.0)
     seconds = time.monotonic() - started
+    if stopped_early is not None:
+        return cut_short(samples, n, seconds, stopped_early)
     if code != 0:
         raise BusdError(f"busd serve --drain exited {code}: {env.log_tail('soak.log')}")
     return summarize(samples, n, seconds)
+
+
+def cut_short(samples: list[Sample], n: int, seconds: float, why: str) -> dict[str, Any]:
+    """The summary of a soak that ran out of time, over the events it reached; an error when
+    it reached under a tenth of them (too little to say anything)."""
+    done = samples[-1].settled if samples else 0
+    if done < n / 10:
+        raise TimedOut(f"the soak {why}")
+    summary = summarize(samples, done, seconds)
+    summary["stopped_early"] = why
+    return summary
+
+
+@contextlib.contextmanager
+def _samples_file(path: Path | None) -> Iterator[IO[str] | None]:
+    """Where each sample goes as it is taken (None: nowhere)."""
+    if path is None:
+        yield None
+        return
+    with open(path, "w", encoding="utf-8") as out:
+        yield out
 
 
 async def _duckdb_mb(nc: Any, consumer: str) -> float | None:

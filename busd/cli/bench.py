@@ -115,6 +115,7 @@ def bench(
                 quick=quick,
                 tick=ticker,
                 soak=soak,
+                samples_path=None if json_path is None else soak_samples(json_path),
                 artifacts=artifacts,
                 only=chosen,
             )
@@ -130,6 +131,11 @@ def bench(
     if bad:
         typer.echo(f"busd: bench: failed: {', '.join(bad)}", err=True)
         raise typer.Exit(int(ExitCode.RUNTIME))
+
+
+def soak_samples(json_path: Path) -> Path:
+    """Where the soak appends its samples as it takes them: beside the report."""
+    return json_path.with_name(json_path.name + ".soak.jsonl")
 
 
 def register(app: typer.Typer) -> None:
