@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from busd.catalog.schema import (
     ARTIFACT_LOG_COLUMNS,
@@ -194,7 +195,12 @@ class Catalog:
             if not self._held:
                 con.execute("BEGIN")
             self._held = hold
-            changed = self._apply(bool(batch.demotions), derive, _unique_keys(batch))
+            seqs = [row[0] for row in batch.events]
+            staged["fresh"] = fresh = self._fresh(seqs)
+            con.register("fresh", fresh)
+            changed = self._apply(
+                bool(batch.demotions), derive, _unique_keys(batch), fresh.num_rows == len(seqs)
+            )
             if batch.exports:
                 con.executemany(EXPORTS_D_INSERT, batch.exports)
             if not hold:
@@ -215,7 +221,11 @@ class Catalog:
         return changed
 
     def _apply(
-        self, demotions: bool, derive: bool = True, unique: tuple[bool, bool] = (False, False)
+        self,
+        demotions: bool,
+        derive: bool = True,
+        unique: tuple[bool, bool] = (False, False),
+        all_fresh: bool = False,
     ) -> Changed:
         """``unique``: no artifact key, no run appears twice in the batch (the usual case):
         their rows need no aggregate."""
@@ -223,36 +233,18 @@ class Catalog:
         # A sequence below what the catalog holds (a file that appeared late, a redelivery)
         # can lower a key's first_seq: its row moves to a lower part of a partitioned
         # export and its old part must be rewritten too. Rare: then everything is.
-        row = first_row(
-            con,
-            "SELECT (SELECT min(seq) FROM stage_events) "
-            "< (SELECT coalesce(max(seq), 0) FROM catalog.events_f)",
+        late = derive and bool(
+            first_row(
+                con,
+                "SELECT 1 FROM catalog.events_f WHERE seq > (SELECT min(seq) FROM fresh) LIMIT 1",
+            )
         )
-        late = bool(row and row[0])
-        # Sequences already applied (a redelivery racing its own first delivery) are dropped
-        # here, so nothing below ever counts one twice.
-        con.execute("""
-            CREATE OR REPLACE TEMP TABLE fresh AS
-            SELECT seq FROM stage_events
-            WHERE seq NOT IN (SELECT seq FROM catalog.events_f
-                              WHERE seq BETWEEN (SELECT min(seq) FROM stage_events)
-                                            AND (SELECT max(seq) FROM stage_events))""")
-        con.execute(
-            "INSERT INTO catalog.events_f SELECT * FROM stage_events "
-            "WHERE seq IN (SELECT seq FROM fresh)"
-        )
-        con.execute(
-            "INSERT INTO catalog.rejections_f SELECT * FROM stage_rejections "
-            "WHERE seq IN (SELECT seq FROM fresh)"
-        )
-        con.execute(
-            "INSERT INTO catalog.artifact_log SELECT * FROM stage_artifacts "
-            "WHERE seq IN (SELECT seq FROM fresh)"
-        )
-        con.execute(
-            "INSERT INTO catalog.run_log SELECT * FROM stage_runs "
-            "WHERE seq IN (SELECT seq FROM fresh)"
-        )
+        # the usual batch: every sequence is new, and the statements need no filter
+        only_fresh = "" if all_fresh else "WHERE seq IN (SELECT seq FROM fresh)"
+        con.execute(f"INSERT INTO catalog.events_f SELECT * FROM stage_events {only_fresh}")
+        con.execute(f"INSERT INTO catalog.rejections_f SELECT * FROM stage_rejections {only_fresh}")
+        con.execute(f"INSERT INTO catalog.artifact_log SELECT * FROM stage_artifacts {only_fresh}")
+        con.execute(f"INSERT INTO catalog.run_log SELECT * FROM stage_runs {only_fresh}")
         # a batch of sequences all applied before changes nothing: exports stay fresh
         con.execute(
             "UPDATE catalog.meta SET value = (value::UBIGINT + 1)::VARCHAR "
@@ -288,6 +280,22 @@ class Catalog:
             con.execute(MARK_MOVED)
             return Changed(None, None)
         return Changed(runs, artifacts)
+
+    def _fresh(self, seqs: Sequence[int]) -> pa.Table:
+        """The batch's sequences the catalog does not hold yet: a redelivery racing its own
+        first delivery is dropped here, so nothing in :meth:`_apply` ever counts one twice.
+        One range read (the catalog's sequences are nearly in order: its zone maps skip the
+        rest), and the answer a small Arrow table the statements join."""
+        if seqs:
+            held = {
+                int(r[0])
+                for r in self.con.execute(
+                    "SELECT seq FROM catalog.events_f WHERE seq BETWEEN ? AND ?",
+                    [min(seqs), max(seqs)],
+                ).fetchall()
+            }
+            seqs = [q for q in seqs if q not in held] if held else seqs
+        return pa.table({"seq": pa.array(seqs, pa.uint64())})
 
     def _merge(self, m: Merge, *, unique: bool) -> tuple[set[int], str]:
         """Merge the batch into ``m.table`` (see Merge in schema.py): the ``first_seq`` of
