@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from busd import log
 from busd.catalog.schema import (
     ARTIFACT_LOG_COLUMNS,
     DEMOTION_COLUMNS,
@@ -181,6 +182,28 @@ class Catalog:
         back every batch held."""
         if not batch:
             return Changed()
+        try:
+            return self._commit(batch, derive, hold)
+        except _OutOfMemory as exc:
+            halves = None if hold else _halves(batch)
+            if halves is None:
+                raise StorageError(f"catalog commit failed: {exc}") from None
+            log.get().warning(
+                "a batch did not fit the catalog's memory limit; committing it in two "
+                "transactions (a larger catalog.memory_limit_mb avoids this)",
+                events=len(batch.events),
+                first_seq=min(row[0] for row in batch.events),
+                error=str(exc),
+            )
+        # Rows too large for DuckDB's memory limit in one transaction (a 5,000-event group
+        # of 300-column artifacts needs ~70 MiB for their `columns` alone): each half in a
+        # transaction of its own, as if they had arrived as two batches (a crash between
+        # them redelivers the second, and the first is recorded: the fold skips it).
+        changed = self.commit(halves[0], derive=derive)
+        changed.update(self.commit(halves[1], derive=derive))
+        return changed
+
+    def _commit(self, batch: Batch, derive: bool, hold: bool) -> Changed:
         con = self.con
         staged = {
             "stage_events": to_arrow(batch.events, EVENT_COLUMNS),
@@ -213,6 +236,8 @@ class Catalog:
                 con.execute("ROLLBACK")
             if "fatal" in str(exc).lower() or "invalidated" in str(exc).lower():
                 raise FatalStorageError(f"catalog: {exc}") from exc
+            if isinstance(exc, duckdb.OutOfMemoryException):
+                raise _OutOfMemory(str(exc).splitlines()[0]) from exc
             raise StorageError(f"catalog commit failed: {exc}") from exc
         finally:
             for name in staged:
@@ -404,6 +429,34 @@ class Catalog:
 
 _ART_KEY = tuple(i for i, (c, _) in enumerate(ARTIFACT_LOG_COLUMNS) if c in ("run_id", "name"))
 _RUN_KEY = next(i for i, (c, _) in enumerate(RUN_LOG_COLUMNS) if c == "run_id")
+
+
+_SEQ_TABLES = (
+    ("events", EVENT_COLUMNS),
+    ("rejections", REJECTION_COLUMNS),
+    ("artifacts", ARTIFACT_LOG_COLUMNS),
+    ("runs", RUN_LOG_COLUMNS),
+)
+
+
+class _OutOfMemory(Exception):
+    """A transaction that did not fit DuckDB's memory limit (rolled back)."""
+
+
+def _halves(batch: Batch) -> tuple[Batch, Batch] | None:
+    """The batch as two, by sequence; None when it cannot be split: one event, or a
+    demotion (it must commit with the lower sequence that took its event_id over)."""
+    seqs = sorted({row[0] for row in batch.events})
+    if len(seqs) < 2 or batch.demotions:
+        return None
+    cut = seqs[len(seqs) // 2 - 1]  # the first half: sequences up to this one
+    first, second = Batch(exports=batch.exports), Batch()
+    for name, columns in _SEQ_TABLES:
+        at = [column for column, _ in columns].index("seq")
+        rows: list[tuple[Any, ...]] = getattr(batch, name)
+        setattr(first, name, [r for r in rows if r[at] <= cut])
+        setattr(second, name, [r for r in rows if r[at] > cut])
+    return first, second
 
 
 def _unique_keys(batch: Batch) -> tuple[bool, bool]:
