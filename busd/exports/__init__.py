@@ -471,12 +471,15 @@ class Exporter:
         )
 
     def _copy(self, sql: str, tmp: Path) -> int:
-        """``COPY (sql)`` to a Parquet file; the number of rows written."""
+        """``COPY (sql)`` to a Parquet file; the number of rows written. Row groups of 30,720
+        rows: each writer thread holds one in memory, and at DuckDB's default of 122,880 a
+        1M-artifact refresh did not fit the catalog's 64 MiB (at 128 MiB it took 2.0 s
+        against 0.9 s, evicting as it went); a point lookup reads less of them, too."""
         try:
             row = first_row(
                 self.cur,  # COPY answers with the number of rows written
                 f"COPY ({sql}) TO {sql_str(str(tmp))} "
-                "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)",
+                "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 30720)",
             )
         except duckdb.Error:
             tmp.unlink(missing_ok=True)
