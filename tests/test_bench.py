@@ -108,7 +108,8 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     assert s["soak"]["status"] == "ok", s["soak"]
     _positive(s["soak"], "events", "events_per_s", "peak_rss_mb", "peak_worker_rss_mb")
     assert len(s["soak"]["samples"]) == 10
-    _positive(s["soak"], "peak_total_mb", "flat_base_mb", "flat_end_mb")
+    _positive(s["soak"], "peak_total_mb", "flat_base_mb", "flat_end_mb", "peak_total_pss_mb")
+    assert s["soak"]["peak_total_pss_mb"] < s["soak"]["peak_total_mb"]  # shared pages once
     # every sample was kept beside the report as it was taken (a long soak cut short keeps them)
     lines = (tmp_path / "out.json.soak.jsonl").read_text().splitlines()
     kept = [json.loads(line) for line in lines]

@@ -277,6 +277,14 @@ def memory_mb(pid: int, field: str = "VmHWM") -> float | None:
     return round(int(text[0]) / 1024, 1) if text else None
 
 
+def pss_mb(pid: int) -> float | None:
+    """A running process's proportional set size in MiB: its resident pages, each page it
+    shares with other processes (the libraries busd and its workers all map) divided among
+    them, so that the PSS of a group adds up to the memory it occupies."""
+    text = _proc_field(f"/proc/{pid}/smaps_rollup", "Pss").split()
+    return round(int(text[0]) / 1024, 1) if text else None
+
+
 def peak_rss_mb(pid: int) -> float | None:
     return memory_mb(pid)
 

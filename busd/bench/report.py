@@ -198,6 +198,10 @@ def _s(value: float | None) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} MiB"
+
+
 def _mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.0f} MiB"
 
@@ -332,7 +336,8 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"{_mib(r['rss_less_duckdb_growth_mb'])}); RSS per tenth {marks} MiB; "
                 f"peak {r['peak_rss_mb']:.0f} MiB + {r['peak_worker_rss_mb']:.0f} MiB per "
                 f"worker (growth {r['worker_rss_growth_mb']:+.0f}); with all the workers per "
-                f"tenth {totals} MiB, peak {r['peak_total_mb']:.0f}; "
+                f"tenth {totals} MiB, peak {r['peak_total_mb']:.0f} (their PSS, shared "
+                f"pages counted once: peak {_mb(r.get('peak_total_pss_mb'))}); "
                 f"{_n(r['events_per_s'])} ev/s",
             )
         )

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from busd import model, source
-from busd.bench.env import children, event, memory_mb, publish
+from busd.bench.env import children, event, memory_mb, pss_mb, publish
 from busd.bench.measure import Ctx
 from busd.errors import BusdError, TimedOut
 
@@ -49,6 +49,7 @@ class Sample(NamedTuple):
     duckdb: float | None  # DuckDB's own accounting inside busd
     total: float  # busd and all its workers
     workers: int  # how many workers were running
+    pss_total: float | None = None  # busd and its workers, shared pages counted once
 
 
 async def measure_soak(ctx: Ctx) -> dict[str, Any]:
@@ -96,9 +97,9 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
                     break
                 await asyncio.sleep(every_s)
                 rss = memory_mb(proc.pid, "VmRSS")
-                workers = [
-                    r for r in (memory_mb(k, "VmRSS") for k in children(proc.pid)) if r is not None
-                ]
+                kids = children(proc.pid)
+                workers = [r for r in (memory_mb(k, "VmRSS") for k in kids) if r is not None]
+                pss = [pss_mb(k) for k in (proc.pid, *kids)]
                 try:
                     pending, ack_pending = await source.consumer_state(env.nc, s)
                 except Exception:  # noqa: BLE001 - not declared yet: nothing settled
@@ -116,6 +117,7 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
                         duck,
                         rss + sum(workers),
                         len(workers),
+                        None if None in pss else round(sum(p or 0.0 for p in pss), 1),
                     )
                     samples.append(sample)
                     if out is not None:
@@ -229,6 +231,9 @@ def summarize(samples: list[Sample], n: int, seconds: float) -> dict[str, Any]:
         "peak_rss_mb": max(x.rss for x in samples),
         "peak_worker_rss_mb": max(x.worker_rss for x in samples),
         "peak_total_mb": round(max(x.total for x in samples), 1),
+        # the same group's proportional set size: the memory it occupies (RSS counts the
+        # libraries busd and each worker map once per process)
+        "peak_total_pss_mb": max((x.pss_total for x in samples if x.pss_total), default=None),
         "rss_growth_mb": round(last["rss_mb"] - first["rss_mb"], 1),
         "duckdb_growth_mb": _less(last["duckdb_mb"], first["duckdb_mb"]),
         "rss_less_duckdb_growth_mb": _less(
