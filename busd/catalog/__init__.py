@@ -219,10 +219,15 @@ class Catalog:
                 con.execute("BEGIN")
             self._held = hold
             seqs = [row[0] for row in batch.events]
-            staged["fresh"] = fresh = self._fresh(seqs)
-            con.register("fresh", fresh)
+            fresh = self._fresh(seqs)
+            staged["fresh"] = pa.table({"seq": pa.array(fresh, pa.uint64())})
+            con.register("fresh", staged["fresh"])
             changed = self._apply(
-                bool(batch.demotions), derive, _unique_keys(batch), fresh.num_rows == len(seqs)
+                bool(batch.demotions),
+                derive,
+                _unique_keys(batch),
+                min(fresh, default=None),
+                len(fresh) == len(seqs),
             )
             if batch.exports:
                 con.executemany(EXPORTS_D_INSERT, batch.exports)
@@ -250,6 +255,7 @@ class Catalog:
         demotions: bool,
         derive: bool = True,
         unique: tuple[bool, bool] = (False, False),
+        lowest: int | None = None,
         all_fresh: bool = False,
     ) -> Changed:
         """``unique``: no artifact key, no run appears twice in the batch (the usual case):
@@ -258,10 +264,12 @@ class Catalog:
         # A sequence below what the catalog holds (a file that appeared late, a redelivery)
         # can lower a key's first_seq: its row moves to a lower part of a partitioned
         # export and its old part must be rewritten too. Rare: then everything is.
-        late = derive and bool(
-            first_row(
-                con,
-                "SELECT 1 FROM catalog.events_f WHERE seq > (SELECT min(seq) FROM fresh) LIMIT 1",
+        # (``lowest``: the lowest new sequence, a parameter so that zone maps skip the rest)
+        late = (
+            derive
+            and lowest is not None
+            and bool(
+                first_row(con, "SELECT 1 FROM catalog.events_f WHERE seq > ? LIMIT 1", [lowest])
             )
         )
         # the usual batch: every sequence is new, and the statements need no filter
@@ -306,21 +314,21 @@ class Catalog:
             return Changed(None, None)
         return Changed(runs, artifacts)
 
-    def _fresh(self, seqs: Sequence[int]) -> pa.Table:
+    def _fresh(self, seqs: list[int]) -> list[int]:
         """The batch's sequences the catalog does not hold yet: a redelivery racing its own
         first delivery is dropped here, so nothing in :meth:`_apply` ever counts one twice.
         One range read (the catalog's sequences are nearly in order: its zone maps skip the
-        rest), and the answer a small Arrow table the statements join."""
-        if seqs:
-            held = {
-                int(r[0])
-                for r in self.con.execute(
-                    "SELECT seq FROM catalog.events_f WHERE seq BETWEEN ? AND ?",
-                    [min(seqs), max(seqs)],
-                ).fetchall()
-            }
-            seqs = [q for q in seqs if q not in held] if held else seqs
-        return pa.table({"seq": pa.array(seqs, pa.uint64())})
+        rest); the statements join the answer as a small Arrow table."""
+        if not seqs:
+            return seqs
+        held = {
+            int(r[0])
+            for r in self.con.execute(
+                "SELECT seq FROM catalog.events_f WHERE seq BETWEEN ? AND ?",
+                [min(seqs), max(seqs)],
+            ).fetchall()
+        }
+        return [q for q in seqs if q not in held] if held else seqs
 
     def _merge(self, m: Merge, *, unique: bool) -> tuple[set[int], str]:
         """Merge the batch into ``m.table`` (see Merge in schema.py): the ``first_seq`` of
