@@ -72,7 +72,7 @@ class CatalogSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # DuckDB's memory for the catalog (cached blocks, query state) in MiB: past it DuckDB evicts
     # or spills to <data_dir>/catalog.duckdb.tmp, so busd's memory does not grow with the
     # catalog. 0: DuckDB's own default (80 % of the machine's memory).
-    memory_limit_mb: int = 64
+    memory_limit_mb: int = 128
 
 
 class MetricsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

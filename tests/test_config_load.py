@@ -376,4 +376,4 @@ def test_the_catalog_memory_limit_reaches_duckdb(tmp_path: Path) -> None:
         catalog.close()
     assert limit.replace(" ", "") in ("96.0MiB", "96MiB")
     assert temp == f"{s.catalog_path}.tmp"
-    assert config.load(env={}).catalog.memory_limit_mb == 64
+    assert config.load(env={}).catalog.memory_limit_mb == 128
