@@ -144,10 +144,8 @@ class Catalog:
     def known(self, seqs: Sequence[int]) -> dict[int, Known]:
         if not seqs:
             return {}
-        rows = self.con.execute(
-            "SELECT seq, outcome, reason FROM catalog.events_f WHERE seq BETWEEN ? AND ?",
-            [min(seqs), max(seqs)],
-        ).fetchall()
+        where, params = _among(seqs)
+        rows = self.con.execute(f"SELECT seq, outcome, reason FROM {where}", params).fetchall()
         wanted = set(seqs)
         return {int(s): Known(o, r) for s, o, r in rows if s in wanted}
 
@@ -182,10 +180,11 @@ class Catalog:
         back every batch held."""
         if not batch:
             return Changed()
+        held_before = self._held  # batches held open: they roll back with this one
         try:
             return self._commit(batch, derive, hold)
         except _OutOfMemory as exc:
-            halves = None if hold else _halves(batch)
+            halves = None if hold or held_before else _halves(batch)
             if halves is None:
                 raise StorageError(f"catalog commit failed: {exc}") from None
             log.get().warning(
@@ -321,13 +320,8 @@ class Catalog:
         rest); the statements join the answer as a small Arrow table."""
         if not seqs:
             return seqs
-        held = {
-            int(r[0])
-            for r in self.con.execute(
-                "SELECT seq FROM catalog.events_f WHERE seq BETWEEN ? AND ?",
-                [min(seqs), max(seqs)],
-            ).fetchall()
-        }
+        where, params = _among(seqs)
+        held = {int(r[0]) for r in self.con.execute(f"SELECT seq FROM {where}", params).fetchall()}
         return [q for q in seqs if q not in held] if held else seqs
 
     def _merge(self, m: Merge, *, unique: bool) -> tuple[set[int], str]:
@@ -437,6 +431,20 @@ class Catalog:
 
 _ART_KEY = tuple(i for i, (c, _) in enumerate(ARTIFACT_LOG_COLUMNS) if c in ("run_id", "name"))
 _RUN_KEY = next(i for i, (c, _) in enumerate(RUN_LOG_COLUMNS) if c == "run_id")
+
+
+def _among(seqs: Sequence[int]) -> tuple[str, list[Any]]:
+    """``catalog.events_f WHERE`` its rows of these sequences, and the parameters. The range
+    lets DuckDB's zone maps skip the rest; the list keeps a sparse batch (one late low
+    sequence among new ones: the range is then most of the catalog) from bringing back every
+    row in between (3M rows, 0.74 s and ~400 MiB, against 4.5 ms for the one row)."""
+    lo, hi = min(seqs), max(seqs)
+    if hi - lo < 2 * len(seqs):  # dense, the usual batch: at most twice the rows asked for
+        return "catalog.events_f WHERE seq BETWEEN ? AND ?", [lo, hi]
+    return (
+        "catalog.events_f WHERE seq BETWEEN ? AND ? AND seq IN (SELECT unnest(?::UBIGINT[]))",
+        [lo, hi, list(seqs)],
+    )
 
 
 _SEQ_TABLES = (
