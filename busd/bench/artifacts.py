@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from busd import source
 from busd.bench.env import PoolFile, children, memory_mb, publish
-from busd.bench.measure import Ctx, median
+from busd.bench.measure import Ctx, median, settled
 from busd.catalog import Catalog
 from busd.catalog.schema import ARTIFACT_LOG_COLUMNS, EVENT_COLUMNS, RUN_LOG_COLUMNS, Columns
 from busd.errors import BusdError
@@ -154,11 +153,7 @@ async def _fill(ctx: Ctx, n: int) -> dict[str, Any]:
                 r for r in (memory_mb(p, "VmRSS") for p in [proc.pid, *children(proc.pid)]) if r
             )
             peak = max(peak, rss)
-            try:
-                pending, ack_pending = await source.consumer_state(env.nc, s)
-            except Exception:  # noqa: BLE001 - not declared yet: nothing settled
-                pending, ack_pending = events, 0
-            now_done = max(0, events - pending - ack_pending)
+            now_done = await settled(env.nc, s, events)
             ctx.tick("", now_done - done, None)
             done = now_done
     finally:

@@ -26,6 +26,7 @@ import duckdb
 
 from busd import source
 from busd.bench.env import BenchEnv, PoolFile, StreamSpec
+from busd.config import Settings
 from busd.errors import BusdError, TimedOut
 
 Tick = Callable[[str, float, float | None], None]
@@ -313,6 +314,16 @@ def catchup_child() -> None:  # pragma: no cover - runs in the child process
 
 
 CHILD_CODE = "from busd.bench.measure import catchup_child; catchup_child()"
+
+
+async def settled(nc: Any, s: Settings, n: int) -> int:
+    """How many of the ``n`` events on the stream the consumer has settled (none before it
+    is declared)."""
+    try:
+        pending, ack_pending = await source.consumer_state(nc, s)
+    except Exception:  # noqa: BLE001 - not declared yet: nothing settled
+        return 0
+    return max(0, n - pending - ack_pending)
 
 
 async def wait_exit(env: BenchEnv, proc: Any, timeout_s: float, what: str) -> int:

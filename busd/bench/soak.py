@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from busd import model, source
+from busd import model
 from busd.bench.env import children, event, memory_mb, pss_mb, publish
-from busd.bench.measure import Ctx
+from busd.bench.measure import Ctx, settled
 from busd.errors import BusdError, TimedOut
 
 POOL_FILES = 1000  # distinct files the soak's events name
@@ -100,11 +100,7 @@ async def measure_soak(ctx: Ctx) -> dict[str, Any]:
                 kids = children(proc.pid)
                 workers = [r for r in (memory_mb(k, "VmRSS") for k in kids) if r is not None]
                 pss = [pss_mb(k) for k in (proc.pid, *kids)]
-                try:
-                    pending, ack_pending = await source.consumer_state(env.nc, s)
-                except Exception:  # noqa: BLE001 - not declared yet: nothing settled
-                    pending, ack_pending = n, 0
-                now_done = max(0, n - pending - ack_pending)
+                now_done = await settled(env.nc, s, n)
                 ctx.tick("", now_done - done, None)
                 done = now_done
                 duck = await _duckdb_mb(env.nc, s.nats.consumer)
