@@ -177,9 +177,11 @@ def test_reasons_and_outcomes_match_python(node: str) -> None:
     assert "export type Reason" in declared
 
 
-def test_node_unit_suite(node: str) -> None:
-    counts, text = node_test(node, ["unit"])
+def test_node_unit_suite(node: str, tmp_path: Path) -> None:
+    counts, text = node_test(node, ["unit"], env={"TMPDIR": str(tmp_path)})
     assert counts.get("pass", 0) >= 10 and counts.get("skipped") == 0, text[-3000:]
+    # its scratch folders are gone with it (a few were left in the system's /tmp each run)
+    assert list(tmp_path.glob("artifact-bus-test-*")) == [], text[-3000:]
 
 
 def test_inbox_prefix_within_the_shipped_permissions(node: str, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 /** Shared by the tests: fixtures, the environment the Python wrapper sets, busd's CLI. */
 
 import { execFile } from "node:child_process";
+import { rmSync } from "node:fs";
 import { copyFile, mkdir, mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -42,8 +43,17 @@ export async function place(fixture: string, root: string, rel: string): Promise
   return dest;
 }
 
+/** Scratch folders of this test file's process, removed when it exits (they piled up in
+ * the system's temporary folder, a few per run). */
+const scratched: string[] = [];
+process.on("exit", () => {
+  for (const dir of scratched) rmSync(dir, { recursive: true, force: true });
+});
+
 export async function scratch(prefix = "artifact-bus-test-"): Promise<string> {
-  return mkdtemp(path.join(tmpdir(), prefix));
+  const dir = await mkdtemp(path.join(tmpdir(), prefix));
+  scratched.push(dir);
+  return dir;
 }
 
 /** Run busd's CLI with the config under test; resolves with exit code, stdout, stderr. */
