@@ -8,7 +8,9 @@ including duplicates and event_id conflicts, and compares every table with the i
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,8 @@ from busd.catalog.schema import COMPARED
 from busd.fold import Folder
 from busd.model import Delivery, Sibling
 
-ROOT = Path(tempfile.mkdtemp(prefix="busd-fold-"))
+ROOT = Path(tempfile.mkdtemp(prefix="busd-fold-"))  # made at import (hypothesis needs it)
+atexit.register(shutil.rmtree, ROOT, ignore_errors=True)  # ...and left in /tmp before
 FILES = {}
 for _name, _rows in (("a", 1), ("b", 2), ("c", 3)):
     FILES[_name] = ROOT / f"{_name}.parquet"
