@@ -188,8 +188,9 @@ class Catalog:
             if halves is None:
                 raise StorageError(f"catalog commit failed: {exc}") from None
             log.get().warning(
-                "a batch did not fit the catalog's memory limit; committing it in two "
-                "transactions (a larger catalog.memory_limit_mb avoids this)",
+                "a batch did not fit the catalog's memory limit; committing it in halves, "
+                "each split again if it does not fit (a larger catalog.memory_limit_mb "
+                "avoids this)",
                 events=len(batch.events),
                 first_seq=min(row[0] for row in batch.events),
                 error=str(exc),
