@@ -223,11 +223,7 @@ class Catalog:
             staged["fresh"] = pa.table({"seq": pa.array(fresh, pa.uint64())})
             con.register("fresh", staged["fresh"])
             changed = self._apply(
-                bool(batch.demotions),
-                derive,
-                _unique_keys(batch),
-                min(fresh, default=None),
-                len(fresh) == len(seqs),
+                bool(batch.demotions), derive, _unique_keys(batch), fresh, len(fresh) == len(seqs)
             )
             if batch.exports:
                 con.executemany(EXPORTS_D_INSERT, batch.exports)
@@ -255,7 +251,7 @@ class Catalog:
         demotions: bool,
         derive: bool = True,
         unique: tuple[bool, bool] = (False, False),
-        lowest: int | None = None,
+        fresh: Sequence[int] = (),
         all_fresh: bool = False,
     ) -> Changed:
         """``unique``: no artifact key, no run appears twice in the batch (the usual case):
@@ -264,12 +260,12 @@ class Catalog:
         # A sequence below what the catalog holds (a file that appeared late, a redelivery)
         # can lower a key's first_seq: its row moves to a lower part of a partitioned
         # export and its old part must be rewritten too. Rare: then everything is.
-        # (``lowest``: the lowest new sequence, a parameter so that zone maps skip the rest)
+        # (the lowest new sequence a parameter, so that zone maps skip the rest)
         late = (
             derive
-            and lowest is not None
+            and bool(fresh)
             and bool(
-                first_row(con, "SELECT 1 FROM catalog.events_f WHERE seq > ? LIMIT 1", [lowest])
+                first_row(con, "SELECT 1 FROM catalog.events_f WHERE seq > ? LIMIT 1", [min(fresh)])
             )
         )
         # the usual batch: every sequence is new, and the statements need no filter
@@ -448,11 +444,15 @@ def _among(seqs: Sequence[int]) -> tuple[str, list[Any]]:
     )
 
 
-_SEQ_TABLES = (
-    ("events", EVENT_COLUMNS),
-    ("rejections", REJECTION_COLUMNS),
-    ("artifacts", ARTIFACT_LOG_COLUMNS),
-    ("runs", RUN_LOG_COLUMNS),
+# the batch's tables of rows by sequence, and where the sequence is in their rows
+_SEQ_TABLES = tuple(
+    (name, [column for column, _ in columns].index("seq"))
+    for name, columns in (
+        ("events", EVENT_COLUMNS),
+        ("rejections", REJECTION_COLUMNS),
+        ("artifacts", ARTIFACT_LOG_COLUMNS),
+        ("runs", RUN_LOG_COLUMNS),
+    )
 )
 
 
@@ -468,8 +468,7 @@ def _halves(batch: Batch) -> tuple[Batch, Batch] | None:
         return None
     cut = seqs[len(seqs) // 2 - 1]  # the first half: sequences up to this one
     first, second = Batch(exports=batch.exports), Batch()
-    for name, columns in _SEQ_TABLES:
-        at = [column for column, _ in columns].index("seq")
+    for name, at in _SEQ_TABLES:
         rows: list[tuple[Any, ...]] = getattr(batch, name)
         setattr(first, name, [r for r in rows if r[at] <= cut])
         setattr(second, name, [r for r in rows if r[at] > cut])

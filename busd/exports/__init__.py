@@ -472,10 +472,7 @@ class Exporter:
 
     def _copy(self, sql: str, tmp: Path) -> int:
         """``COPY (sql)`` to a Parquet file; the number of rows written. Each writer thread
-        holds a row group in memory until it is written: at most 30,720 rows (DuckDB's
-        default of 122,880 made a 1M-artifact refresh take 2.0 s against 0.9 s under the
-        catalog's 128 MiB, evicting as it went) and 8 MB (6,000 artifacts of 300-column
-        schemas, 13.5 KB of `columns` each, did not fit 128 MiB in one group)."""
+        holds a row group in memory: at most 30,720 rows and 8 MB (docs/scale.md: why)."""
         try:
             row = first_row(
                 self.cur,  # COPY answers with the number of rows written
