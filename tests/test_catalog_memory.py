@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import Bus, ack_floor
 
 from busd.catalog import Catalog
-from busd.catalog.schema import ARTIFACT_LOG_COLUMNS, EVENT_COLUMNS, RUN_LOG_COLUMNS, Columns
+from busd.catalog.schema import (
+    ARTIFACT_LOG_COLUMNS,
+    EVENT_COLUMNS,
+    REJECTION_COLUMNS,
+    RUN_LOG_COLUMNS,
+    Columns,
+)
 from busd.errors import StorageError
 from busd.model import Batch
 from busd.sql import STAMP
@@ -106,13 +113,30 @@ def test_a_group_too_large_for_the_memory_limit_commits_in_parts(tmp_path: Path)
         free.close()
 
 
-def test_one_event_too_large_for_the_memory_limit_is_a_storage_error(tmp_path: Path) -> None:
-    """A single event cannot be split: the commit fails (the daemon retries it, and says
-    so) without leaving anything half-written."""
+def test_one_event_too_large_for_the_memory_limit_commits_with_the_limit_raised(
+    tmp_path: Path,
+) -> None:
+    """A single event cannot be split: its transaction alone runs with the limit doubled
+    until it fits (up to ``stretch`` times it), and the limit is set back after. It failed
+    on every retry before, and busd stalled on a valid event."""
     catalog = Catalog(tmp_path / "catalog.duckdb", memory_limit_mb=64)
     try:
-        with pytest.raises(StorageError, match="Out of Memory"):  # 1,000 artifacts, 90 MB
-            catalog.commit(_batch(range(1, 2), artifacts=1000, columns=_schema(2000)))
+        catalog.commit(_batch(range(1, 2), artifacts=1000, columns=_schema(400)))  # 18 MB
+        assert catalog.catalog_seq() == 1
+        assert catalog.con.execute("SELECT count(*) FROM catalog.artifacts_f").fetchone() == (1000,)
+        limit = catalog.con.execute("SELECT current_setting('memory_limit')").fetchone()
+        assert limit == ("64.0 MiB",)
+    finally:
+        catalog.close()
+
+
+def test_one_event_beyond_the_stretched_limit_is_a_storage_error(tmp_path: Path) -> None:
+    """Past ``stretch`` times the limit the commit fails (the daemon retries it, and says
+    so) without leaving anything half-written, and the limit is back where it was."""
+    catalog = Catalog(tmp_path / "catalog.duckdb", memory_limit_mb=64, stretch=1)
+    try:
+        with pytest.raises(StorageError, match=r"Out of Memory.*raise catalog\.memory_limit_mb"):
+            catalog.commit(_batch(range(1, 2), artifacts=1000, columns=_schema(400)))
         assert catalog.catalog_seq() == 0
         catalog.commit(_batch(range(10, 12)))  # the catalog is still usable
         assert catalog.catalog_seq() == 11
@@ -168,3 +192,77 @@ def test_known_sequences_of_a_sparse_batch(tmp_path: Path) -> None:
         assert catalog.catalog_seq() == 2000
     finally:
         catalog.close()
+
+
+def _rejections(seqs: range, size: int) -> Batch:
+    """Rejected events whose payloads (kept for inspection) are ``size`` bytes each."""
+    at = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    batch = Batch()
+    for seq in seqs:
+        common = {"seq": seq, "event_id": f"e-{seq}", "published_at": at}
+        batch.events.append(
+            _row(EVENT_COLUMNS, **common, payload_sha256=f"{seq:064x}", outcome="rejected")
+        )
+        batch.rejections.append(
+            _row(
+                REJECTION_COLUMNS,
+                **common,
+                subject="artifacts.lab.features",
+                reason="malformed",
+                payload=seq.to_bytes(8) + b"x" * size,
+                deliveries=1,
+                rejected_at=at,
+            )
+        )
+    return batch
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda seqs: _rejections(seqs, 100_000), id="payloads-100KB"),
+        pytest.param(lambda seqs: _batch(seqs, columns=_schema(2000)), id="columns-90KB"),
+    ],
+)
+def test_wide_values_past_a_failed_checkpoint_keep_committing(tmp_path: Path, make: Any) -> None:
+    """DuckDB's checkpoint needs memory for the widest values it rewrites: at 128 MiB the
+    COMMIT after ~3,500 rows of 100 KB values failed with its checkpoint ("durable, but the
+    autocheckpoint failed", or "Failed to commit"), and DuckDB invalidated the database. busd
+    exited 1; restarted, it failed at its next checkpoint, every time, and then at every
+    commit: a permanent stall, reached by bad input (malformed 100 KB payloads) as well as by
+    valid data (2,000-column schemas). The catalog is attached again and the checkpoint run
+    with the limit stretched; the batch is committed once, the limit set back."""
+    catalog = Catalog(tmp_path / "catalog.duckdb", memory_limit_mb=128)
+    reader = catalog.cursor()  # another thread's connection, opened before
+    try:
+        for lo in range(1, 4001, 100):
+            catalog.commit(make(range(lo, lo + 100)))
+        assert catalog.con.execute(
+            "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM catalog.events_f"
+        ).fetchone() == (4000, 4000, 1, 4000)
+        assert reader.execute("SELECT max(seq) FROM catalog.events_f").fetchone() == (4000,)
+        limit = catalog.con.execute("SELECT current_setting('memory_limit')").fetchone()
+        assert limit == ("128.0 MiB",)
+    finally:
+        catalog.close()
+
+
+def test_serve_keeps_running_through_malformed_wide_payloads(bus: Bus) -> None:
+    """Bad input must not stop busd: 1,200 malformed 200 KB payloads, kept for inspection,
+    made the catalog's checkpoint fail at `busd serve`'s 64 MiB, and busd exited 1 (then,
+    restarted, at every checkpoint). Now every one is rejected with its payload whole, the
+    daemon keeps running, and a good event after them commits."""
+    n, size = 1200, 200_000
+    cfg = bus.write_config(catalog={"memory_limit_mb": 64}, consumer={"batch_max": 100})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    bus.while_alive(proc, lambda: "busd ready" in bus.log(), 60, "busd ready")
+    bad = [i.to_bytes(4) + b"x" * size for i in range(n)]  # not JSON: `malformed`
+    last = bus.publish([*bad, bus.event("run-after")])[-1]
+    bus.while_alive(proc, lambda: ack_floor(bus) >= last, 120, "every event settled")
+    proc.terminate()
+    assert proc.wait(60) == 0
+    assert bus.sql(
+        "SELECT reason, count(*), min(octet_length(payload)), max(octet_length(payload)) "
+        "FROM catalog.rejections_f GROUP BY reason"
+    ) == [("malformed", n, size + 4, size + 4)]
+    assert bus.sql("SELECT outcome FROM catalog.events_f WHERE seq = ?", [last]) == [("committed",)]

@@ -44,14 +44,26 @@ from busd.errors import CatalogLocked, FatalStorageError, StorageError
 from busd.model import Batch, Changed, Claim, Known, Sibling
 from busd.sql import COMMITS_KEY, commit_count, first_row, sql_str
 
+STRETCH = 8  # one event may take up to 8 x the memory limit for its own commit
+
 
 class Catalog:
     """The read-write catalog. Not thread-safe: one writer thread owns it."""
 
-    def __init__(self, path: Path, *, read_only: bool = False, memory_limit_mb: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        read_only: bool = False,
+        memory_limit_mb: int = 0,
+        stretch: int = STRETCH,
+    ) -> None:
         """``memory_limit_mb``: DuckDB's memory limit (0: its default, 80 % of the machine's);
-        past it DuckDB evicts cached blocks or spills to ``<path>.tmp``."""
+        past it DuckDB evicts cached blocks or spills to ``<path>.tmp``. ``stretch``: how
+        many times that limit one event that cannot fit it may take for its own commit."""
         self.path = path
+        self.memory_limit_mb = int(memory_limit_mb)
+        self.stretch = stretch
         path.parent.mkdir(parents=True, exist_ok=True)
         # The file is attached under another name: a database called "catalog" (the file's
         # stem) would make the schema name `catalog` ambiguous.
@@ -73,7 +85,7 @@ class Catalog:
         if not read_only:  # the main database is in memory: its default would be ./.tmp
             self.con.execute(f"SET temp_directory = {sql_str(str(path) + '.tmp')}")
         if memory_limit_mb:
-            self.con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MiB'")
+            self._limit(self.memory_limit_mb)
         self._held = False  # a transaction left open by commit(hold=True)
         if not read_only:
             self.migrate()
@@ -182,11 +194,23 @@ class Catalog:
             return Changed()
         held_before = self._held  # batches held open: they roll back with this one
         try:
+            return self._fitted(batch, derive, hold)
+        except _Recovered:
+            if hold or held_before:
+                raise  # the batches held rolled back with it: the replay fails whole
+            return self._fitted(batch, derive, hold)  # once more, on the catalog attached again
+
+    def _fitted(self, batch: Batch, derive: bool, hold: bool) -> Changed:
+        """One transaction, or, when it does not fit the memory limit, its halves."""
+        held_before = self._held
+        try:
             return self._commit(batch, derive, hold)
         except _OutOfMemory as exc:
-            halves = None if hold or held_before else _halves(batch)
-            if halves is None:
+            if hold or held_before:
                 raise StorageError(f"catalog commit failed: {exc}") from None
+            halves = _halves(batch)
+            if halves is None:
+                return self._stretched(batch, derive, exc)
             log.get().warning(
                 "a batch did not fit the catalog's memory limit; committing it in halves, "
                 "each split again if it does not fit (a larger catalog.memory_limit_mb "
@@ -199,12 +223,70 @@ class Catalog:
         # of 300-column artifacts needs ~70 MiB for their `columns` alone): each half in a
         # transaction of its own, as if they had arrived as two batches (a crash between
         # them redelivers the second, and the first is recorded: the fold skips it).
-        changed = self.commit(halves[0], derive=derive)
-        changed.update(self.commit(halves[1], derive=derive))
+        changed = self._fitted(halves[0], derive, False)
+        changed.update(self._fitted(halves[1], derive, False))
         return changed
+
+    def _stretched(self, batch: Batch, derive: bool, exc: _OutOfMemory) -> Changed:
+        """A batch that cannot be split (one event, or a demotion with the event that took
+        its event_id over) committed with the memory limit doubled, up to ``stretch`` times
+        it, then set back: a valid event larger than the limit would otherwise stall busd."""
+        limit, ceiling = self.memory_limit_mb, self.memory_limit_mb * self.stretch
+        while 0 < limit < ceiling:
+            limit = min(limit * 2, ceiling)
+            log.get().warning(
+                "an event did not fit the catalog's memory limit; committing it with the "
+                "limit raised for this transaction alone",
+                first_seq=min(row[0] for row in batch.events),
+                limit_mb=limit,
+                error=str(exc),
+            )
+            self._limit(limit)
+            try:
+                return self._commit(batch, derive, False)
+            except _OutOfMemory as again:
+                exc = again
+            finally:
+                self._limit(self.memory_limit_mb)
+        raise StorageError(
+            f"catalog commit failed: {exc} (an event larger than "
+            f"{self.stretch} x catalog.memory_limit_mb; raise catalog.memory_limit_mb)"
+        ) from None
+
+    def _reattach(self, exc: duckdb.Error) -> None:
+        """DuckDB invalidates a database whose checkpoint failed until it is detached and
+        attached again (which replays its WAL). A checkpoint needs memory for the widest
+        values it rewrites (at 128 MiB, ~3,500 rows of 100 KB payloads did not fit): it runs
+        again at once with the limit stretched, then the limit is set back. A process that
+        restarted instead failed the same way at its next checkpoint, every time."""
+        log.get().warning(
+            "the catalog's checkpoint failed; attaching the catalog again and checkpointing "
+            "with the memory limit raised for it alone",
+            error=str(exc).splitlines()[0],
+        )
+        other = self.con.cursor()  # this connection's statements fail until then
+        try:
+            other.execute("DETACH busd")
+            other.execute(f"ATTACH {sql_str(str(self.path))} AS busd")
+            self.con.execute("USE busd")
+            if self.memory_limit_mb:
+                self._limit(self.memory_limit_mb * self.stretch)
+            self.con.execute("CHECKPOINT")
+        except duckdb.Error as again:
+            raise FatalStorageError(f"catalog: a failed checkpoint: {again}") from again
+        finally:
+            if self.memory_limit_mb:
+                with contextlib.suppress(duckdb.Error):
+                    self._limit(self.memory_limit_mb)
+            other.close()
+
+    def _limit(self, mb: int) -> None:
+        self.con.execute(f"SET memory_limit = '{int(mb)}MiB'")
 
     def _commit(self, batch: Batch, derive: bool, hold: bool) -> Changed:
         con = self.con
+        changed: Changed | None = None
+        fresh: list[int] = []
         staged = {
             "stage_events": to_arrow(batch.events, EVENT_COLUMNS),
             "stage_rejections": to_arrow(batch.rejections, REJECTION_COLUMNS),
@@ -235,9 +317,14 @@ class Catalog:
             self._held = False
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
+            if _checkpoint_failed(exc):
+                self._reattach(exc)
+                if changed is not None and fresh and self.known(fresh[:1]):
+                    return changed  # the COMMIT was durable; only its checkpoint failed
+                raise _Recovered(f"catalog commit failed (its checkpoint): {exc}") from exc
             if "fatal" in str(exc).lower() or "invalidated" in str(exc).lower():
                 raise FatalStorageError(f"catalog: {exc}") from exc
-            if isinstance(exc, duckdb.OutOfMemoryException):
+            if _out_of_memory(exc):
                 raise _OutOfMemory(str(exc).splitlines()[0]) from exc
             raise StorageError(f"catalog commit failed: {exc}") from exc
         finally:
@@ -456,7 +543,25 @@ _SEQ_TABLES = tuple(
 )
 
 
-class _OutOfMemory(Exception):
+def _checkpoint_failed(exc: duckdb.Error) -> bool:
+    """A COMMIT whose checkpoint failed (durable or not: "COMMIT succeeded and is durable,
+    but the autocheckpoint failed", "Failed to commit: Checkpoint failed")."""
+    text = str(exc).lower()
+    return "checkpoint" in text and "invalidated" in text
+
+
+def _out_of_memory(exc: duckdb.Error) -> bool:
+    """A statement, or a COMMIT ("Failed to commit: failed to pin block"), that did not fit
+    DuckDB's memory limit."""
+    text = str(exc).lower()
+    return isinstance(exc, duckdb.OutOfMemoryException) or "failed to pin block" in text
+
+
+class _Recovered(StorageError):
+    """A COMMIT that failed with its checkpoint, not durable; the catalog is usable again."""
+
+
+class _OutOfMemory(StorageError):
     """A transaction that did not fit DuckDB's memory limit (rolled back)."""
 
 
