@@ -8,7 +8,7 @@ import signal
 import urllib.request
 from typing import Any
 
-from support import Bus, wait_for
+from support import Bus, ack_floor, wait_for
 from test_cli import free_port
 
 from busd.catalog.schema import COMPARED
@@ -237,3 +237,22 @@ def test_outbox_survives_an_outage_without_loss_or_doubles(bus: Bus) -> None:
     stats = bus.drain()
     assert stats.outcomes == {"committed": 3}  # the resent copy was dropped by JetStream
     assert sorted(r for (r,) in bus.sql("SELECT run_id FROM catalog.runs_d")) == ["o0", "o1", "o2"]
+
+
+def test_events_of_a_megabyte_replay_and_drain_without_losing_the_connection(bus: Bus) -> None:
+    """A pull request asks for a whole batch (a replay's is 5,000 events): of 1 MB events,
+    150 MB, past the 64 MiB nats-server lets a client's outbound buffer hold, and the server
+    cut busd off as a slow consumer: `busd rebuild` exited 1 ("the NATS connection closed
+    during replay") and `serve` reconnected over and over. A request now carries max_bytes."""
+    n, size = 150, 1_000_000
+    cfg = bus.write_config()
+    payloads: list[Any] = [i.to_bytes(4) + b"x" * size for i in range(n)]  # `malformed`
+    last = bus.publish([*payloads, bus.event("run-after")])[-1]
+    rebuilt = bus.cli("rebuild", "--config", str(cfg), timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert bus.sql("SELECT count(*) FROM catalog.rejections_f") == [(n,)]
+    proc = bus.spawn("serve", "--config", str(cfg), "--drain")
+    assert proc.wait(120) == 0
+    assert ack_floor(bus) == last
+    assert "slow consumer" not in bus.log().lower()
+    assert bus.log().count('"nats disconnected"') <= 1  # its own close at the end

@@ -23,6 +23,12 @@ from busd.errors import ConsumerGone, PullUnanswered
 from busd.model import Delivery
 from busd.source.connect import Client, js_api_prefix
 
+# Bytes one pull request may bring (the server ends it with a 409 status past this). The
+# server cuts a client whose outbound buffer passes its max_pending (64 MiB by default) as
+# a slow consumer: a replay's 5,000-message request of 100 KB events asked for 500 MB and
+# lost its connection. Two requests can be in flight (the prefetch); an event is <= 1 MiB.
+REQUEST_BYTES = 16 << 20
+
 
 def parse_ack_subject(reply: str) -> tuple[int, int, int]:
     """``$JS.ACK...`` → (delivered count, stream sequence, timestamp in ns), v1 or v2 form."""
@@ -92,7 +98,9 @@ class PullSource:
         self._token += 1
         self._want = want
         self._outstanding = True
-        body = json.dumps({"batch": batch, "expires": wait_ms * 1_000_000}).encode()
+        body = json.dumps(
+            {"batch": batch, "expires": wait_ms * 1_000_000, "max_bytes": REQUEST_BYTES}
+        ).encode()
         await self.nc.publish(self.next_subject, body, reply=f"{self.inbox}.{self._token}")
 
     async def fetch(
