@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from faultfs import FaultFS
-from support import SLOW_EXPORT_SQL, Bus, on_jetstream, wait_for
+from support import SLOW_EXPORT_SQL, Bus, ack_floor, on_jetstream, wait_for
 
 from busd.deaths import Deaths
 from busd.durable import write_bytes_atomic
@@ -294,3 +294,37 @@ def test_a_record_write_in_flight_at_a_clean_stop_does_not_land_after_it(
     finally:
         bus.reap()
     assert "died holding" not in bus.log("second.log")
+
+
+def test_an_eio_reading_the_catalog_is_retried_and_counts_no_death(
+    bus: Bus, slow_disk: FaultFS
+) -> None:
+    """The fold reads the catalog (who holds an event_id) before a commit. An EIO there
+    reached busd as DuckDB's own error: busd exited 1 "unexpected", a death of every message
+    held, and once the disk was back the valid event became `poison` (a reviewer's script,
+    ``max_deliver`` 3). Now the read is retried with the batch in hand, as a commit is."""
+    bus.overrides["data_dir"] = str(slow_disk.mountpoint / "d")
+    cfg = bus.write_config()
+    # a history whose event_id column fills blocks of its own: the lookup reads the disk
+    shared = [{"name": "fills", "path": str(bus.parquet("shared/fills.parquet"))}]
+    bus.publish([bus.event(f"hist-{i}", shared) for i in range(20_000)])  # ids: SHA-256s
+    first = bus.spawn("serve", "--config", str(cfg))
+    bus.while_alive(first, lambda: ack_floor(bus) >= 20_000, 120, "the history acked")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(60) == 0, bus.log()[-3000:]
+    # a second busd: its cache of the catalog is empty
+    proc = bus.spawn("serve", "--config", str(cfg), log="second.log")
+    try:
+        log = "second.log"
+        bus.while_alive(proc, lambda: "busd ready" in bus.log(log), 60, "busd ready", log)
+        slow_disk.set("d/catalog.duckdb", read=errno.EIO)
+        seq = bus.publish([bus.event("run-good")])[0]  # its id among theirs: no zone map skips
+        retried = "catalog read failed; retrying"
+        bus.while_alive(proc, lambda: retried in bus.log(log), 60, "a retry", log)
+        slow_disk.clear()
+        bus.while_alive(proc, lambda: ack_floor(bus) >= seq, 60, "the event acked", log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, bus.log(log)[-3000:]
+    finally:
+        bus.reap()
+    assert bus.sql("SELECT outcome FROM catalog.events_f WHERE seq = ?", [seq]) == [("committed",)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,8 @@ class Catalog:
         if not seqs:
             return {}
         where, params = _among(seqs)
-        rows = self.con.execute(f"SELECT seq, outcome, reason FROM {where}", params).fetchall()
+        with _reading():
+            rows = self.con.execute(f"SELECT seq, outcome, reason FROM {where}", params).fetchall()
         wanted = set(seqs)
         return {int(s): Known(o, r) for s, o, r in rows if s in wanted}
 
@@ -165,20 +166,22 @@ class Catalog:
         ids = list(set(event_ids))
         if not ids:
             return {}
-        rows = self.con.execute(
-            "SELECT event_id, payload_sha256, seq FROM catalog.events_f "
-            "WHERE outcome = 'committed' AND event_id IN (SELECT unnest(?::VARCHAR[]))",
-            [ids],
-        ).fetchall()
+        with _reading():
+            rows = self.con.execute(
+                "SELECT event_id, payload_sha256, seq FROM catalog.events_f "
+                "WHERE outcome = 'committed' AND event_id IN (SELECT unnest(?::VARCHAR[]))",
+                [ids],
+            ).fetchall()
         return {str(e): Claim(str(h), int(s)) for e, h, s in rows}
 
     def siblings(self, event_id: str, after_seq: int) -> list[Sibling]:
-        rows = self.con.execute(
-            "SELECT seq, payload_sha256, outcome, reason FROM catalog.events_f "
-            "WHERE event_id = ? AND seq > ? AND (outcome IN ('committed', 'duplicate') "
-            "OR reason = 'event_id_conflict') ORDER BY seq",
-            [event_id, after_seq],
-        ).fetchall()
+        with _reading():
+            rows = self.con.execute(
+                "SELECT seq, payload_sha256, outcome, reason FROM catalog.events_f "
+                "WHERE event_id = ? AND seq > ? AND (outcome IN ('committed', 'duplicate') "
+                "OR reason = 'event_id_conflict') ORDER BY seq",
+                [event_id, after_seq],
+            ).fetchall()
         return [Sibling(int(q), str(h), str(o), r) for q, h, o, r in rows]
 
     def commit(self, batch: Batch, *, derive: bool = True, hold: bool = False) -> Changed:
@@ -541,6 +544,19 @@ _SEQ_TABLES = tuple(
         ("runs", RUN_LOG_COLUMNS),
     )
 )
+
+
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    """A read of the fold's: DuckDB's errors as busd's (an EIO of the catalog's disk, out of
+    memory), so that they are retried, never taken for a death of the messages held."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        text = str(exc).lower()
+        if isinstance(exc, duckdb.FatalException) or "fatal" in text or "invalidated" in text:
+            raise FatalStorageError(f"catalog: {exc}") from exc
+        raise StorageError(f"catalog read failed: {str(exc).splitlines()[0]}") from exc
 
 
 def _checkpoint_failed(exc: duckdb.Error) -> bool:

@@ -11,9 +11,11 @@ import anyio
 
 from busd import log, source
 from busd.catalog import Catalog
+from busd.errors import FatalStorageError, StorageError
 from busd.model import Claim, Known, Sibling
 
 PAYLOAD_RETRY_S = (0.5, 5.0)  # the first and the longest pause between two reads
+READ_RETRY_S = (0.5, 10.0)  # ... of the catalog, as between two commits
 
 
 class LiveStore:
@@ -31,14 +33,29 @@ class LiveStore:
     async def lookup(
         self, seqs: Sequence[int], event_ids: Sequence[str]
     ) -> tuple[dict[int, Known], dict[str, Claim]]:
-        found: tuple[dict[int, Known], dict[str, Claim]] = await self.on_writer(
+        found: tuple[dict[int, Known], dict[str, Claim]] = await self._read(
             self.catalog.lookup, seqs, event_ids
         )
         return found
 
     async def siblings(self, event_id: str, after_seq: int) -> list[Sibling]:
-        found: list[Sibling] = await self.on_writer(self.catalog.siblings, event_id, after_seq)
+        found: list[Sibling] = await self._read(self.catalog.siblings, event_id, after_seq)
         return found
+
+    async def _read(self, read: Callable[..., Any], *args: Any) -> Any:
+        """A catalog read, asked again while it fails (a disk that returns EIO): the batch
+        stays in hand meanwhile, as for a failing commit; an exit would count a death of
+        every message held, and enough of them make a valid event `poison`."""
+        delay_s = READ_RETRY_S[0]
+        while True:
+            try:
+                return await self.on_writer(read, *args)
+            except FatalStorageError:
+                raise
+            except StorageError as exc:
+                log.get().error("catalog read failed; retrying", error=str(exc), retry_in_s=delay_s)
+            await anyio.sleep(delay_s)
+            delay_s = min(delay_s * 2, READ_RETRY_S[1])
 
     async def payload(self, seq: int) -> bytes:
         """A stored payload (an event_id taken over: the demoted one's, for its rejection).
