@@ -147,22 +147,28 @@ def check_artifact(
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # a symlink appeared after realpath: resolve again
                 continue
-            raise _os_error(exc, art.name, resolved) from None
+            raise _os_error(exc, art.name, resolved, roots) from None
         try:
             try:
                 actual, st = _confirm_open_file(fd, resolved, art, roots)
             except OSError as exc:
-                raise _os_error(exc, art.name, resolved) from None
+                raise _os_error(exc, art.name, resolved, roots) from None
             return _judge(fd, actual, st, art, checksum, settle_s)
         finally:
             os.close(fd)
     if failed is not None and failed.errno not in _ABOUT_THE_PATH:
-        raise _os_error(failed, art.name, art.path)
+        raise _os_error(failed, art.name, art.path, roots)
     raise InvalidEvent(Reason.PATH_OUTSIDE_ROOTS, f"{art.name}: {art.path!r} keeps changing")
 
 
-def _os_error(exc: OSError, name: str, path: str) -> InvalidEvent | FileUnavailable:
+def _os_error(
+    exc: OSError, name: str, path: str, roots: Sequence[Path] = ()
+) -> InvalidEvent | FileUnavailable:
     """What an error from opening or reading a file means for its event."""
+    if exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM):
+        down = _root_down(path, roots)
+        if down is not None:  # every file under it fails alike: the machine's fault
+            return FileUnavailable(f"{name}: {path}: {down}")
     if exc.errno == errno.ENOENT:
         return FileNotYetThere(f"{name}: {path} does not exist")
     if exc.errno in (errno.EACCES, errno.EPERM):
@@ -171,6 +177,19 @@ def _os_error(exc: OSError, name: str, path: str) -> InvalidEvent | FileUnavaila
         return InvalidEvent(Reason.NOT_PARQUET, f"{name}: {path}: {exc.strerror}")
     code = errno.errorcode.get(exc.errno or 0, "no errno")
     return FileUnavailable(f"{name}: {path}: {exc.strerror or exc} ({code})")
+
+
+def _root_down(path: str, roots: Sequence[Path]) -> str | None:
+    """Why busd cannot reach the artifact root that holds ``path`` (a share unmounted, its
+    permissions changed), or None when it can: then a missing or unreadable file is the
+    event's (a reviewer's script: with the root made unreadable every event was rejected
+    `file_unreadable` once ``verify.file_wait_s`` ran out)."""
+    for root in roots:
+        if inside(path, [root]) and not os.access(root, os.X_OK):
+            if not os.path.isdir(root):
+                return f"the artifact root {root} is gone"
+            return f"busd cannot enter the artifact root {root}"
+    return None
 
 
 def _judge(

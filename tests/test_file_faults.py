@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from faultfs import FaultFS
-from support import Bus, wait_for
+from support import Bus, ack_floor, wait_for
 
 from busd.errors import ConfigError
 
@@ -234,3 +234,34 @@ def test_a_stop_does_not_wait_for_a_file_check_that_hangs(bus: Bus, faultfs: Fau
     faultfs.clear()
     assert _serve_drain(bus).wait(60) == 0, bus.log()[-3000:]
     assert _outcomes(bus) == [("stuck", "committed", None)]
+
+
+def test_an_artifact_root_that_vanishes_holds_its_events_until_it_is_back(bus: Bus) -> None:
+    """A share unmounted or renamed away (or its permissions changed): every file under the
+    root fails alike, the machine's fault, not the events'. Each event was rejected
+    `file_missing` (`file_unreadable` for EACCES, a reviewer's script) once
+    ``verify.file_wait_s`` ran out; now each is held in hand and committed once the root is
+    back."""
+    root, away = bus.artifacts, bus.root / "unmounted"
+    bus.publish([bus.event("before")])
+    lost = bus.event("during")  # its file written before the root goes
+    cfg = bus.write_config(consumer={"max_deliver": 3}, verify={"file_wait_s": 1})
+    proc = bus.spawn("serve", "--config", str(cfg))
+    try:
+        bus.while_alive(proc, lambda: ack_floor(bus) >= 1, 30, "the first event acked")
+        root.rename(away)
+        bus.publish([lost])
+        wait_for(
+            lambda: bus.log().count("the machine failed to read files") >= 4,  # 0.5+1+2 s
+            30,
+            "the check to be retried past file_wait_s",
+        )
+        assert proc.poll() is None, bus.log()[-3000:]
+        assert f"the artifact root {root} is gone" in bus.log()
+    finally:
+        if away.exists():
+            away.rename(root)
+    bus.while_alive(proc, lambda: ack_floor(bus) >= 2, 30, "the second event acked")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, bus.log()[-3000:]
+    assert _outcomes(bus) == [("before", "committed", None), ("during", "committed", None)]
