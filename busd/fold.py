@@ -103,6 +103,22 @@ class Recorded(Protocol):
     ) -> list[list[CheckedArtifact] | None]: ...
 
 
+TURN_ARTIFACTS = 2000  # decoded or folded between two turns of the event loop
+
+
+class Turns:
+    """Gives the event loop a turn every ``TURN_ARTIFACTS`` artifacts of work."""
+
+    def __init__(self) -> None:
+        self.since = 0
+
+    async def after(self, event: model.ArtifactEvent | None) -> None:
+        self.since += 1 if event is None else len(event.artifacts)
+        if self.since >= TURN_ARTIFACTS:
+            self.since = 0
+            await asyncio.sleep(0)
+
+
 class Folder:
     """Decides a batch."""
 
@@ -141,11 +157,13 @@ class Folder:
         self._rechecked: dict[int, int] = {}  # seq → times kept in hand for a recheck
 
     async def fold(self, batch: Sequence[Delivery]) -> Folded:
-        return await self.finish(self.prepare(batch))
+        return await self.finish(await self.prepare(batch))
 
-    def prepare(self, batch: Sequence[Delivery]) -> Prepared:
+    async def prepare(self, batch: Sequence[Delivery]) -> Prepared:
         """Decode, and start checking files on worker threads; nothing here reads the
-        catalog, so a daemon can prepare batch N+1 while batch N commits."""
+        catalog, so a daemon can prepare batch N+1 while batch N commits. The event loop
+        gets a turn every ``TURN_ARTIFACTS`` artifacts: 500 events of 1,000 artifacts each
+        took it for seconds, and the watchdog's and in-progress pings waited."""
         # A sequence delivered twice in one batch (a redelivery overtaking the first) is
         # decided once; its copies are settled the same way.
         firsts: dict[int, Delivery] = {}
@@ -155,7 +173,11 @@ class Folder:
                 copies.append(d)
             else:
                 firsts[d.seq] = d
-        decoded = [self._decode(d) for d in firsts.values()]
+        decoded: list[tuple[Decided, model.ArtifactEvent | None]] = []
+        turn = Turns()
+        for d in firsts.values():
+            decoded.append(self._decode(d))
+            await turn.after(decoded[-1][1])
         faults.hit("after_decode")
         # Every event's files are checked, duplicates included: an invalid event is rejected
         # for its own reason whatever else the stream holds, which keeps the fold independent
@@ -215,7 +237,9 @@ class Folder:
         now = dt.datetime.now(dt.UTC)
         rows = Batch()
         touched: set[str] = set()
+        turn = Turns()
         for item, event in sorted(fresh, key=lambda pair: pair[0].d.seq):
+            await turn.after(event)
             assert item.event_id is not None
             result = checked[id(item)]
             if isinstance(result, FileUnavailable):

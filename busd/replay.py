@@ -158,7 +158,7 @@ async def _replay_into(
                     raise BusdError("the NATS connection closed during replay")
                 continue
             # batch N is decoded and its files checked while batch N-1 commits
-            prepared = folder.prepare(batch)
+            prepared = await folder.prepare(batch)
             if pending is not None:
                 try:
                     await pending

@@ -163,3 +163,46 @@ def test_any_delivery_order_gives_the_replayed_catalog(
         live.close()
         replay.close()
         derived.close()
+
+
+def test_a_fold_of_large_events_gives_the_event_loop_turns(tmp_path: Path) -> None:
+    """Decoding events and building their rows ran on the event loop in one go: 2,000
+    events of 1,000 artifacts each kept the watchdog's pings 4.35 s apart in a reviewer's
+    run (1.67 s for 1,000 here). The fold now yields every 2,000 artifacts: counted by a
+    task that runs whenever it gets a turn, in decoding and in deciding alike."""
+    art = [{"name": f"a{k:03d}", "path": str(FILES["a"])} for k in range(1000)]
+    run = {"kind": "sim", "status": "ok"}
+    stream: list[Any] = [
+        {"schema_version": 1, "run": {"run_id": f"r{i}", **run}, "artifacts": art}
+        for i in range(10)
+    ]
+
+    async def go() -> tuple[int, int, int]:
+        turns = 0
+
+        async def count() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.ensure_future(count())
+        await asyncio.sleep(0)
+        catalog = Catalog(tmp_path / "catalog.duckdb")
+        try:
+            folder = Folder(SETTINGS, MemoryStore(catalog, stream), replay=True)
+            before = turns
+            prepared = await folder.prepare([delivery(i + 1, p) for i, p in enumerate(stream)])
+            decoding = turns - before
+            await prepared.checks  # done: the decision below awaits nothing else
+            before = turns
+            folded = await folder.finish(prepared)
+            deciding = turns - before
+        finally:
+            counter.cancel()
+            catalog.close()
+        return decoding, deciding, len(folded.rows.artifacts)
+
+    decoding, deciding, artifacts = asyncio.run(go())
+    assert artifacts == 10_000
+    assert decoding >= 4 and deciding >= 4  # 10,000 artifacts: a turn every 2,000

@@ -87,7 +87,7 @@ class Committer:
         held = list(batch)
         self.ledger.hold(batch, time.monotonic())
         await self.record_held()
-        parts = [self.folder.prepare(batch)]
+        parts = [await self.folder.prepare(batch)]
         try:
             await self._gather(held, parts)
             # stopped while the commit before it or its files' checks outlast the grace
@@ -165,7 +165,7 @@ class Committer:
                 return
             self.ledger.hold(more, time.monotonic())
             await self.record_held()
-            parts.append(self.folder.prepare(more))
+            parts.append(await self.folder.prepare(more))
             held.extend(more)
             size += sum(len(d.data) for d in more)
 
