@@ -8,9 +8,11 @@ and busd stalled on it."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 from support import Bus, ack_floor
 
@@ -266,3 +268,25 @@ def test_serve_keeps_running_through_malformed_wide_payloads(bus: Bus) -> None:
         "FROM catalog.rejections_f GROUP BY reason"
     ) == [("malformed", n, size + 4, size + 4)]
     assert bus.sql("SELECT outcome FROM catalog.events_f WHERE seq = ?", [last]) == [("committed",)]
+
+
+def test_the_catalog_is_attached_again_while_another_thread_reads(tmp_path: Path) -> None:
+    """An export refresh reads in a transaction of its own cursor, on its own thread. When
+    the catalog was attached again (after a failed checkpoint) while one was open, the
+    ATTACH failed ("already attached") and busd exited 1 (a reviewer's script; an open
+    transaction keeps DuckDB from checkpointing on its own, so the window is the moment
+    between the failure and the DETACH, staged here). The ATTACH now waits for it."""
+    catalog = Catalog(tmp_path / "catalog.duckdb", memory_limit_mb=128)
+    reader = catalog.cursor()
+    try:
+        catalog.commit(_rejections(range(1, 101), 1000))
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM catalog.events_f").fetchone() == (100,)
+        ended = threading.Timer(0.5, lambda: reader.execute("ROLLBACK"))
+        ended.start()
+        catalog._reattach(duckdb.Error("Checkpoint failed: the database has been invalidated"))
+        ended.join()
+        catalog.commit(_rejections(range(101, 201), 1000))
+        assert reader.execute("SELECT count(*) FROM catalog.events_f").fetchone() == (200,)
+    finally:
+        catalog.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from busd.model import Batch, Changed, Claim, Known, Sibling
 from busd.sql import COMMITS_KEY, commit_count, first_row, sql_str
 
 STRETCH = 8  # one event may take up to 8 x the memory limit for its own commit
+ATTACH_WAIT_S = 30.0  # for another thread's transaction on the detached catalog to end
 
 
 class Catalog:
@@ -157,7 +159,7 @@ class Catalog:
         if not seqs:
             return {}
         where, params = _among(seqs)
-        with _reading():
+        with self._reading():
             rows = self.con.execute(f"SELECT seq, outcome, reason FROM {where}", params).fetchall()
         wanted = set(seqs)
         return {int(s): Known(o, r) for s, o, r in rows if s in wanted}
@@ -166,7 +168,7 @@ class Catalog:
         ids = list(set(event_ids))
         if not ids:
             return {}
-        with _reading():
+        with self._reading():
             rows = self.con.execute(
                 "SELECT event_id, payload_sha256, seq FROM catalog.events_f "
                 "WHERE outcome = 'committed' AND event_id IN (SELECT unnest(?::VARCHAR[]))",
@@ -175,7 +177,7 @@ class Catalog:
         return {str(e): Claim(str(h), int(s)) for e, h, s in rows}
 
     def siblings(self, event_id: str, after_seq: int) -> list[Sibling]:
-        with _reading():
+        with self._reading():
             rows = self.con.execute(
                 "SELECT seq, payload_sha256, outcome, reason FROM catalog.events_f "
                 "WHERE event_id = ? AND seq > ? AND (outcome IN ('committed', 'duplicate') "
@@ -270,7 +272,7 @@ class Catalog:
         other = self.con.cursor()  # this connection's statements fail until then
         try:
             other.execute("DETACH busd")
-            other.execute(f"ATTACH {sql_str(str(self.path))} AS busd")
+            self._attach(other)
             self.con.execute("USE busd")
             if self.memory_limit_mb:
                 self._limit(self.memory_limit_mb * self.stretch)
@@ -282,6 +284,35 @@ class Catalog:
                 with contextlib.suppress(duckdb.Error):
                     self._limit(self.memory_limit_mb)
             other.close()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read of the fold's: DuckDB's errors as busd's (an EIO of the catalog's disk, out
+        of memory), so that they are retried, never taken for a death of the messages held.
+        A catalog invalidated by a checkpoint that failed elsewhere is attached again."""
+        try:
+            yield
+        except duckdb.Error as exc:
+            text = str(exc).lower()
+            if _checkpoint_failed(exc):
+                self._reattach(exc)
+            elif isinstance(exc, duckdb.FatalException) or "fatal" in text or "invalidated" in text:
+                raise FatalStorageError(f"catalog: {exc}") from exc
+            raise StorageError(f"catalog read failed: {str(exc).splitlines()[0]}") from exc
+
+    def _attach(self, other: duckdb.DuckDBPyConnection) -> None:
+        """ATTACH again. Another thread's transaction still open on the detached database (an
+        export refresh) keeps its file in use until it ends: asked again for up to
+        ``ATTACH_WAIT_S`` (it failed at once before, and busd exited 1)."""
+        deadline = time.monotonic() + ATTACH_WAIT_S
+        while True:
+            try:
+                other.execute(f"ATTACH {sql_str(str(self.path))} AS busd")
+                return
+            except duckdb.Error as exc:
+                if "already attached" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
 
     def _limit(self, mb: int) -> None:
         self.con.execute(f"SET memory_limit = '{int(mb)}MiB'")
@@ -513,6 +544,8 @@ class Catalog:
         except duckdb.Error as exc:
             with contextlib.suppress(duckdb.Error):
                 self.con.execute("ROLLBACK")
+            if _checkpoint_failed(exc):
+                self._reattach(exc)  # the rows are asked for again (or were durable)
             raise StorageError(f"recording exports_d failed: {exc}") from exc
 
 
@@ -544,19 +577,6 @@ _SEQ_TABLES = tuple(
         ("runs", RUN_LOG_COLUMNS),
     )
 )
-
-
-@contextlib.contextmanager
-def _reading() -> Iterator[None]:
-    """A read of the fold's: DuckDB's errors as busd's (an EIO of the catalog's disk, out of
-    memory), so that they are retried, never taken for a death of the messages held."""
-    try:
-        yield
-    except duckdb.Error as exc:
-        text = str(exc).lower()
-        if isinstance(exc, duckdb.FatalException) or "fatal" in text or "invalidated" in text:
-            raise FatalStorageError(f"catalog: {exc}") from exc
-        raise StorageError(f"catalog read failed: {str(exc).splitlines()[0]}") from exc
 
 
 def _checkpoint_failed(exc: duckdb.Error) -> bool:

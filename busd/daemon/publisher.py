@@ -226,5 +226,9 @@ class Publisher:
             rows = self.take_rows()
             try:
                 await self.on_writer(self.catalog.record_exports, rows)
+            except FatalStorageError:
+                raise
             except StorageError as exc:
                 self.log.warning("could not record exports_d", error=str(exc))
+                for row in rows:  # kept for the next transaction, unless a newer one came
+                    self._rows.setdefault(row[0], row)
