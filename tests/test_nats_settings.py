@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import nkeys
 import pytest
 from support import BUSD, Bus, wait_for
@@ -690,3 +691,42 @@ def test_credentials_refused_while_reconnecting_end_busd_naming_them(
         assert "NATS has refused busd's reconnects for 3s: credentials refused" in log, log[-3000:]
     finally:
         server.stop()
+
+
+def test_a_message_larger_than_a_pull_requests_byte_limit_is_still_delivered(
+    tmp_path: Path,
+) -> None:
+    """A pull request asks for at most 16 MiB. On a stream busd did not create, on a server
+    that takes larger payloads, a 17 MiB message came to no request: the server answered
+    each with 409 "Message Size Exceeds MaxBytes" and busd stalled before it, silently (a
+    reviewer's script). busd now asks without the limit, and says so."""
+    server = EmbeddedServer(
+        "127.0.0.1", 0, tmp_path / "store", extra_config="max_payload: 32MB\nmax_pending: 128MB\n"
+    )
+    server.start()
+
+    async def go() -> list[list[int]]:
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name="BIG", subjects=["big.>"], max_msg_size=-1)
+            await js.publish("big.a", b"x" * (17 << 20))
+            await js.publish("big.b", b"small")
+            await source.add_reader(nc, "BIG", "reader", 1, idle_s=60.0)
+            pull = source.PullSource(nc, "BIG", "reader")
+            await pull.start()
+            got: list[list[int]] = []
+            for _ in range(6):  # bounded: the first fetch meets the 409, the next asks again
+                got.append([len(d.data) for d in await pull.fetch(10, 500)])
+                if sum(len(g) for g in got) == 2:
+                    break
+            await pull.stop()
+            return got
+        finally:
+            await nc.close()
+
+    try:
+        got = asyncio.run(go())
+    finally:
+        server.stop()
+    assert [n for batch in got for n in batch] == [17 << 20, 5]

@@ -19,6 +19,7 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
+from busd import log
 from busd.errors import ConsumerGone, PullUnanswered
 from busd.model import Delivery
 from busd.source.connect import Client, js_api_prefix
@@ -52,6 +53,7 @@ class PullSource:
         self._done_token = -1
         self._gone: ConsumerGone | None = None
         self._outstanding = False
+        self.max_bytes = REQUEST_BYTES  # 0: none, after a message larger than it
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
@@ -79,6 +81,15 @@ class PullSource:
             # a status reply is typed by its code; 409 and 404 carry several meanings that
             # only the server's description tells apart (there is no error code in them)
             description = headers.get("Description", "")
+            if status == "409" and "maxbytes" in description.lower() and self.max_bytes:
+                # a message larger than a request may bring (a stream busd did not create,
+                # on a server that takes larger payloads): it came to no request, ever
+                self.max_bytes = 0
+                log.get().warning(
+                    "a message is larger than a pull request's byte limit; asking without it",
+                    limit=REQUEST_BYTES,
+                    description=description,
+                )
             if status == "409" and "deleted" in description.lower():
                 self._gone = ConsumerGone(f"the consumer is gone: {description}")
             elif status == "404" and "consumer" in description.lower():
@@ -98,9 +109,10 @@ class PullSource:
         self._token += 1
         self._want = want
         self._outstanding = True
-        body = json.dumps(
-            {"batch": batch, "expires": wait_ms * 1_000_000, "max_bytes": REQUEST_BYTES}
-        ).encode()
+        request = {"batch": batch, "expires": wait_ms * 1_000_000}
+        if self.max_bytes:
+            request["max_bytes"] = self.max_bytes
+        body = json.dumps(request).encode()
         await self.nc.publish(self.next_subject, body, reply=f"{self.inbox}.{self._token}")
 
     async def fetch(
