@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import gc
 import math
+import os
 import signal
 import time
 from collections import Counter
@@ -319,6 +320,13 @@ class Daemon:
             catalog=str(s.catalog_path),
             catalog_seq=seq,
         )
+        for root in s.roots:
+            if not os.access(root, os.X_OK) or not root.is_dir():
+                self.log.warning(
+                    "busd cannot enter an artifact root: events naming files under it are "
+                    "held in hand until it can (they take up consumer.max_ack_pending)",
+                    root=str(root),
+                )
         self.metrics.ready.set(1)
         self.notify.ready()
         return True
