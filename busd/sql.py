@@ -13,6 +13,9 @@ COMMITS_KEY = "commits"
 # the last commit that moved rows of runs_d or artifacts_f between export parts, or removed some
 MOVED_KEY = "moved_commit"
 ID_KEY = "catalog_id"  # new with each catalog (a replay's too)
+# one event, a checkpoint or an export refresh that does not fit DuckDB's memory limit may
+# take up to this many times it, for itself alone
+STRETCH = 8
 STAMP = "changed_commit"  # in runs_d and artifacts_f: the commit that last changed the row
 
 

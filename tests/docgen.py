@@ -128,9 +128,9 @@ KEY_DOCS = {
     "catalog.memory_limit_mb": "DuckDB's memory for the catalog, in MiB (its cache of the "
     "catalog's blocks, the state of queries and export refreshes): past it DuckDB evicts cached "
     "blocks or spills to `<data_dir>/catalog.duckdb.tmp`, so busd's memory stays flat as the "
-    "catalog grows. One event that does not fit, and a checkpoint of very wide values, run "
-    "with it raised up to 8× for that transaction alone. `0` is DuckDB's own default, 80 % of "
-    "the machine's memory.",
+    "catalog grows. One event that does not fit, a checkpoint of very wide values and an "
+    "export refresh that does not fit run with it raised up to 8× for themselves alone. `0` "
+    "is DuckDB's own default, 80 % of the machine's memory.",
     "metrics.listen": 'Address of `/metrics`, `/healthz` and `/readyz`; `""` turns the HTTP '
     "endpoint off.",
     "ha.enabled": "Hot standby: a lease in a NATS KV bucket picks the active instance.",

@@ -161,6 +161,30 @@ def test_a_replay_transaction_out_of_memory_fails_whole(tmp_path: Path) -> None:
         catalog.close()
 
 
+def test_an_export_too_wide_for_the_memory_limit_refreshes_with_it_raised(
+    tmp_path: Path,
+) -> None:
+    """4,000 artifacts of 2,000-column schemas (90 KB of `columns` each): their refresh
+    asked DuckDB for one 256 MiB allocation under the default 128 MiB, failed every time,
+    and the acks waited for good (a reviewer's run). The refresh alone now runs with the
+    limit doubled until it fits, and the limit is set back."""
+    from busd import config
+    from busd.exports import Exporter
+
+    s = config.load(env={}, overrides={"data_dir": str(tmp_path)})
+    catalog = Catalog(tmp_path / "catalog.duckdb", memory_limit_mb=s.catalog.memory_limit_mb)
+    try:
+        for lo in range(1, 4001, 200):
+            catalog.commit(_batch(range(lo, lo + 200), columns=_schema(2000)))
+        cur = catalog.cursor()
+        exporter = Exporter.of(cur, s)
+        results, _ = exporter.refresh(["runs", "artifacts"])
+        assert {r.name: r.rows for r in results} == {"runs": 4000, "artifacts": 4000}
+        assert cur.execute("SELECT current_setting('memory_limit')").fetchone() == ("128.0 MiB",)
+    finally:
+        catalog.close()
+
+
 def test_an_export_of_wide_artifacts_fits_the_default_memory_limit(tmp_path: Path) -> None:
     """6,000 artifacts of distinct 300-column schemas (13.5 KB of `columns` each): the
     artifacts export held them in one row group and its refresh ran out of memory under

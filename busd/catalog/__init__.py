@@ -43,9 +43,8 @@ from busd.catalog.schema import (
 )
 from busd.errors import CatalogLocked, FatalStorageError, StorageError
 from busd.model import Batch, Changed, Claim, Known, Sibling
-from busd.sql import COMMITS_KEY, commit_count, first_row, sql_str
+from busd.sql import COMMITS_KEY, STRETCH, commit_count, first_row, sql_str
 
-STRETCH = 8  # one event may take up to 8 x the memory limit for its own commit
 ATTACH_WAIT_S = 30.0  # for another thread's transaction on the detached catalog to end
 
 

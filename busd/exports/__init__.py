@@ -22,7 +22,7 @@ from pathlib import Path
 
 import duckdb
 
-from busd import faults
+from busd import faults, log
 from busd.config import ExportSettings, Settings
 from busd.durable import durable_replace, fsync_dir, readable_dir, write_bytes_atomic
 from busd.errors import ConfigError, FatalStorageError, StorageError
@@ -38,7 +38,16 @@ from busd.manifest import (
     reader_sql,
 )
 from busd.model import Changed
-from busd.sql import ID_KEY, MOVED_KEY, commit_count, first_row, meta_value, quote_ident, sql_str
+from busd.sql import (
+    ID_KEY,
+    MOVED_KEY,
+    STRETCH,
+    commit_count,
+    first_row,
+    meta_value,
+    quote_ident,
+    sql_str,
+)
 
 # In no particular order: sorting a million artifacts took a third of a refresh.
 BUILTIN: tuple[ExportSettings, ...] = (
@@ -79,11 +88,15 @@ class Exporter:
         check_timeout_s: float = 30.0,
         file_wait_s: float = 60.0,
         hold_s: float = 0.0,
+        memory_limit_mb: int = 0,
     ) -> None:
         """``check_timeout_s`` bounds each look at an artifact's file; a file the machine
         fails to read is reported after ``file_wait_s``, and a new one is named in
-        ``files.holding`` for ``hold_s`` (the daemon's acks wait for it that long)."""
+        ``files.holding`` for ``hold_s`` (the daemon's acks wait for it that long).
+        ``memory_limit_mb``: the catalog's (DuckDB's, shared), stretched for a refresh
+        that does not fit it."""
         self.cur = cursor
+        self.memory_limit_mb = memory_limit_mb
         self.folder = folder
         self.partition_seqs = partition_seqs
         # a partitioned export's parts reflect this catalog commit once this exporter has
@@ -128,6 +141,7 @@ class Exporter:
             check_timeout_s=s.verify.check_timeout_s,
             file_wait_s=s.verify.file_wait_s,
             hold_s=min(s.verify.file_wait_s, s.consumer.stall_s / 2),
+            memory_limit_mb=s.catalog.memory_limit_mb,
         )
 
     def remove_leftovers(self) -> None:
@@ -309,22 +323,49 @@ class Exporter:
         since its last refresh (a field None: every part). ``changed`` None: nothing known,
         the part files on disk are looked at again (:mod:`busd.exports.parts`)."""
         self.refreshing_since = time.monotonic()
+        limit = self.memory_limit_mb
         try:
             if self.files.sweep_due(inline=True):
                 self.files.sweep()
             self.files.begin()
-            for left in range(_PASSES - 1, -1, -1):
+            while True:
                 try:
-                    done = self._refresh_pass(names, changed)
-                    self.files.listed()  # what it listed is no longer new to its exports
-                    return done
-                except _DamagedFile as exc:
-                    if not left:  # the export loop retries; what was found stays left out
-                        raise StorageError(f"export refresh failed: {exc}") from None
-            raise AssertionError("unreachable")
+                    return self._passes(names, changed)
+                except StorageError as exc:
+                    # rows too wide for the cap (4,000 artifacts of 2,000-column schemas:
+                    # one 256 MiB allocation at 128 MiB, every time, and acks waited for
+                    # good): this refresh alone runs with it doubled, up to STRETCH times
+                    if "out of memory" not in str(exc).lower() or not 0 < limit < (
+                        self.memory_limit_mb * STRETCH
+                    ):
+                        raise
+                    limit *= 2
+                    log.get().warning(
+                        "an export refresh did not fit the catalog's memory limit; "
+                        "refreshing with the limit raised for it alone",
+                        limit_mb=limit,
+                        error=str(exc),
+                    )
+                    self.cur.execute(f"SET memory_limit = '{limit}MiB'")
         finally:
+            if limit != self.memory_limit_mb:
+                with contextlib.suppress(duckdb.Error):
+                    self.cur.execute(f"SET memory_limit = '{self.memory_limit_mb}MiB'")
             self.files.end()
             self.refreshing_since = None
+
+    def _passes(
+        self, names: Sequence[str], changed: Changed | None
+    ) -> tuple[list[ExportResult], int]:
+        for left in range(_PASSES - 1, -1, -1):
+            try:
+                done = self._refresh_pass(names, changed)
+                self.files.listed()  # what it listed is no longer new to its exports
+                return done
+            except _DamagedFile as exc:
+                if not left:  # the export loop retries; what was found stays left out
+                    raise StorageError(f"export refresh failed: {exc}") from None
+        raise AssertionError("unreachable")
 
     def _refresh_pass(
         self, names: Sequence[str], changed: Changed | None
