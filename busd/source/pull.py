@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import nats
 from nats.aio.msg import Msg
 
-from busd import log
 from busd.errors import ConsumerGone, PullUnanswered
 from busd.model import Delivery
 from busd.source.connect import Client, js_api_prefix
@@ -54,6 +54,7 @@ class PullSource:
         self._gone: ConsumerGone | None = None
         self._outstanding = False
         self.max_bytes = REQUEST_BYTES  # 0: none, after a message larger than it
+        self._since_request = 0  # messages since the last request went out
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
@@ -81,14 +82,19 @@ class PullSource:
             # a status reply is typed by its code; 409 and 404 carry several meanings that
             # only the server's description tells apart (there is no error code in them)
             description = headers.get("Description", "")
-            if status == "409" and "maxbytes" in description.lower() and self.max_bytes:
-                # a message larger than a request may bring (a stream busd did not create,
-                # on a server that takes larger payloads): it came to no request, ever
+            if (
+                status == "409"
+                and "maxbytes" in description.lower()
+                and self.max_bytes
+                and not self._since_request
+            ):
+                # the usual end of a request that brought its bytes' worth; with nothing
+                # brought, the next message alone is larger than a request may bring (a
+                # stream busd did not create, on a server that takes larger payloads)
                 self.max_bytes = 0
-                log.get().warning(
-                    "a message is larger than a pull request's byte limit; asking without it",
-                    limit=REQUEST_BYTES,
-                    description=description,
+                logging.getLogger("busd.nats").warning(
+                    "a message is larger than a pull request's byte limit (%d); asking without it",
+                    REQUEST_BYTES,
                 )
             if status == "409" and "deleted" in description.lower():
                 self._gone = ConsumerGone(f"the consumer is gone: {description}")
@@ -101,12 +107,14 @@ class PullSource:
                 self._wake.set()
             return
         self._buf.append(msg)
+        self._since_request += 1
         if len(self._buf) >= self._want:
             self._wake.set()
 
     async def _request(self, batch: int, wait_ms: int, *, want: int) -> None:
         """Ask the server for ``batch`` more; wake the fetch once ``want`` are buffered."""
         self._token += 1
+        self._since_request = 0
         self._want = want
         self._outstanding = True
         request = {"batch": batch, "expires": wait_ms * 1_000_000}
