@@ -3,7 +3,7 @@ first row of a query, and the catalog's commit counter, which judges export fres
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +47,17 @@ def sql_str(text: str | Path) -> str:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def stretched(base_mb: int, times: int = STRETCH) -> Iterator[int]:
+    """The memory limits to try after ``base_mb`` did not fit: doubled each time, up to
+    ``times`` times it (none when there is no limit to stretch)."""
+    limit = base_mb
+    while 0 < limit < base_mb * times:
+        limit = min(limit * 2, base_mb * times)
+        yield limit
+
+
+def set_memory_limit(con: duckdb.DuckDBPyConnection, mb: int) -> None:
+    """DuckDB's memory limit (one for every connection of the database)."""
+    con.execute(f"SET memory_limit = '{int(mb)}MiB'")

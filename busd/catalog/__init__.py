@@ -43,7 +43,15 @@ from busd.catalog.schema import (
 )
 from busd.errors import CatalogLocked, FatalStorageError, StorageError
 from busd.model import Batch, Changed, Claim, Known, Sibling
-from busd.sql import COMMITS_KEY, STRETCH, commit_count, first_row, sql_str
+from busd.sql import (
+    COMMITS_KEY,
+    STRETCH,
+    commit_count,
+    first_row,
+    set_memory_limit,
+    sql_str,
+    stretched,
+)
 
 ATTACH_WAIT_S = 30.0  # for another thread's transaction on the detached catalog to end
 
@@ -235,9 +243,7 @@ class Catalog:
         """A batch that cannot be split (one event, or a demotion with the event that took
         its event_id over) committed with the memory limit doubled, up to ``stretch`` times
         it, then set back: a valid event larger than the limit would otherwise stall busd."""
-        limit, ceiling = self.memory_limit_mb, self.memory_limit_mb * self.stretch
-        while 0 < limit < ceiling:
-            limit = min(limit * 2, ceiling)
+        for limit in stretched(self.memory_limit_mb, self.stretch):
             log.get().warning(
                 "an event did not fit the catalog's memory limit; committing it with the "
                 "limit raised for this transaction alone",
@@ -292,10 +298,9 @@ class Catalog:
         try:
             yield
         except duckdb.Error as exc:
-            text = str(exc).lower()
             if _checkpoint_failed(exc):
                 self._reattach(exc)
-            elif isinstance(exc, duckdb.FatalException) or "fatal" in text or "invalidated" in text:
+            elif _fatal(exc):
                 raise FatalStorageError(f"catalog: {exc}") from exc
             raise StorageError(f"catalog read failed: {str(exc).splitlines()[0]}") from exc
 
@@ -314,7 +319,7 @@ class Catalog:
             time.sleep(0.05)
 
     def _limit(self, mb: int) -> None:
-        self.con.execute(f"SET memory_limit = '{int(mb)}MiB'")
+        set_memory_limit(self.con, mb)
 
     def _commit(self, batch: Batch, derive: bool, hold: bool) -> Changed:
         con = self.con
@@ -355,7 +360,7 @@ class Catalog:
                 if changed is not None and fresh and self.known(fresh[:1]):
                     return changed  # the COMMIT was durable; only its checkpoint failed
                 raise _Recovered(f"catalog commit failed (its checkpoint): {exc}") from exc
-            if "fatal" in str(exc).lower() or "invalidated" in str(exc).lower():
+            if _fatal(exc):
                 raise FatalStorageError(f"catalog: {exc}") from exc
             if _out_of_memory(exc):
                 raise _OutOfMemory(str(exc).splitlines()[0]) from exc
@@ -576,6 +581,12 @@ _SEQ_TABLES = tuple(
         ("runs", RUN_LOG_COLUMNS),
     )
 )
+
+
+def _fatal(exc: duckdb.Error) -> bool:
+    """An error after which DuckDB refuses the database until it is opened again."""
+    text = str(exc).lower()
+    return isinstance(exc, duckdb.FatalException) or "fatal" in text or "invalidated" in text
 
 
 def _checkpoint_failed(exc: duckdb.Error) -> bool:

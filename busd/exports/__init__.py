@@ -41,12 +41,13 @@ from busd.model import Changed
 from busd.sql import (
     ID_KEY,
     MOVED_KEY,
-    STRETCH,
     commit_count,
     first_row,
     meta_value,
     quote_ident,
+    set_memory_limit,
     sql_str,
+    stretched,
 )
 
 # In no particular order: sorting a million artifacts took a third of a refresh.
@@ -323,7 +324,7 @@ class Exporter:
         since its last refresh (a field None: every part). ``changed`` None: nothing known,
         the part files on disk are looked at again (:mod:`busd.exports.parts`)."""
         self.refreshing_since = time.monotonic()
-        limit = self.memory_limit_mb
+        limits, raised = stretched(self.memory_limit_mb), False
         try:
             if self.files.sweep_due(inline=True):
                 self.files.sweep()
@@ -335,22 +336,21 @@ class Exporter:
                     # rows too wide for the cap (4,000 artifacts of 2,000-column schemas:
                     # one 256 MiB allocation at 128 MiB, every time, and acks waited for
                     # good): this refresh alone runs with it doubled, up to STRETCH times
-                    if "out of memory" not in str(exc).lower() or not 0 < limit < (
-                        self.memory_limit_mb * STRETCH
-                    ):
+                    limit = next(limits, None) if "out of memory" in str(exc).lower() else None
+                    if limit is None:
                         raise
-                    limit *= 2
                     log.get().warning(
                         "an export refresh did not fit the catalog's memory limit; "
                         "refreshing with the limit raised for it alone",
                         limit_mb=limit,
                         error=str(exc),
                     )
-                    self.cur.execute(f"SET memory_limit = '{limit}MiB'")
+                    set_memory_limit(self.cur, limit)
+                    raised = True
         finally:
-            if limit != self.memory_limit_mb:
+            if raised:
                 with contextlib.suppress(duckdb.Error):
-                    self.cur.execute(f"SET memory_limit = '{self.memory_limit_mb}MiB'")
+                    set_memory_limit(self.cur, self.memory_limit_mb)
             self.files.end()
             self.refreshing_since = None
 
