@@ -86,6 +86,7 @@ class PullSource:
                 status == "409"
                 and "maxbytes" in description.lower()
                 and self.max_bytes
+                and token == str(self._token)  # not a late end of an earlier request
                 and not self._since_request
             ):
                 # the usual end of a request that brought its bytes' worth; with nothing
